@@ -1,0 +1,714 @@
+//! `train`, `eval`, `sample` and `demo`.
+
+use anyhow::{bail, Context, Result};
+use attend::config::ModelConfig;
+use attend::decode::{beam_search, generate, Sampler, SamplingParams};
+use attend::eval::{evaluate, EvalOptions, Metrics};
+use attend::tasks::{Example, Task, TaskConfig, BOS, EOS};
+use attend::train::presets::preset;
+use attend::train::{load_model, Schedule, StepInfo, TrainConfig, Trainer};
+use attend::Transformer;
+use candle_core::{Device, Tensor};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::de::DeserializeOwned;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Parse a flag value with the same names the JSON config uses.
+fn parse_enum<T: DeserializeOwned>(s: &str) -> std::result::Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|e| e.to_string())
+}
+
+#[derive(Args, Clone)]
+pub struct TrainArgs {
+    /// Task: copy | reverse (encoder–decoder), mqar | text (decoder).
+    #[arg(long)]
+    task: String,
+    /// Where checkpoints go.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue from the checkpoint in --out (same data, same optimizer state).
+    #[arg(long)]
+    resume: bool,
+    /// Model configuration JSON (fields as in `ModelConfig`); flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Text file for `--task text`.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Print the final metrics as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Skip the held-out evaluation at the end.
+    #[arg(long)]
+    no_eval: bool,
+
+    // --- training ---
+    /// Total optimisation steps.
+    #[arg(long, help_heading = "Training")]
+    steps: Option<u64>,
+    #[arg(long, help_heading = "Training")]
+    batch_size: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long, help_heading = "Training")]
+    lr: Option<f64>,
+    /// constant | inverse_sqrt (the paper's) | cosine
+    #[arg(long, value_parser = parse_enum::<Schedule>, help_heading = "Training")]
+    schedule: Option<Schedule>,
+    /// Linear warmup steps.
+    #[arg(long, help_heading = "Training")]
+    warmup: Option<u64>,
+    #[arg(long, help_heading = "Training")]
+    weight_decay: Option<f64>,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long, help_heading = "Training")]
+    clip: Option<f64>,
+    /// Label smoothing ε (the paper used 0.1).
+    #[arg(long, help_heading = "Training")]
+    label_smoothing: Option<f64>,
+    /// Seed for initialisation, data and dropout: same seed, same run.
+    #[arg(long, help_heading = "Training")]
+    seed: Option<u64>,
+    /// Checkpoint every N steps (0 = only at the end).
+    #[arg(long, help_heading = "Training")]
+    checkpoint_every: Option<u64>,
+    /// Held-out examples to evaluate on.
+    #[arg(long, help_heading = "Training")]
+    n_eval: Option<usize>,
+    /// Stop after this step, as if interrupted (the schedule still spans --steps).
+    #[arg(long, hide = true)]
+    stop_after: Option<u64>,
+
+    // --- model ---
+    #[arg(long, help_heading = "Model")]
+    d_model: Option<usize>,
+    /// Layers in each stack (encoder and decoder).
+    #[arg(long, help_heading = "Model")]
+    layers: Option<usize>,
+    #[arg(long, help_heading = "Model")]
+    encoder_layers: Option<usize>,
+    #[arg(long, help_heading = "Model")]
+    decoder_layers: Option<usize>,
+    #[arg(long, help_heading = "Model")]
+    n_heads: Option<usize>,
+    /// Key/value heads (n_heads: multi-head, 1: multi-query, between: grouped-query).
+    #[arg(long, help_heading = "Model")]
+    n_kv_heads: Option<usize>,
+    #[arg(long, help_heading = "Model")]
+    d_ff: Option<usize>,
+    /// sinusoidal | learned | rope | alibi | none
+    #[arg(long, value_parser = parse_enum::<attend::config::PositionKind>, help_heading = "Model")]
+    position: Option<attend::config::PositionKind>,
+    #[arg(long, help_heading = "Model")]
+    rope_theta: Option<f64>,
+    /// relu | gelu | swiglu
+    #[arg(long, value_parser = parse_enum::<attend::config::FfnKind>, help_heading = "Model")]
+    ffn: Option<attend::config::FfnKind>,
+    /// layernorm | rmsnorm
+    #[arg(long, value_parser = parse_enum::<attend::config::NormKind>, help_heading = "Model")]
+    norm: Option<attend::config::NormKind>,
+    /// pre | post (the paper's)
+    #[arg(long, value_parser = parse_enum::<attend::config::NormPosition>, help_heading = "Model")]
+    norm_position: Option<attend::config::NormPosition>,
+    #[arg(long, help_heading = "Model")]
+    dropout: Option<f64>,
+    /// Untie the output projection from the token embedding.
+    #[arg(long, help_heading = "Model")]
+    untie: bool,
+    /// Longest sequence the model handles (position tables).
+    #[arg(long, help_heading = "Model")]
+    context: Option<usize>,
+
+    // --- task ---
+    /// Vocabulary size (transduction: including PAD/BOS/EOS; mqar: keys + values).
+    #[arg(long, help_heading = "Task")]
+    vocab: Option<usize>,
+    /// Shortest source sequence (copy, reverse).
+    #[arg(long, help_heading = "Task")]
+    min_len: Option<usize>,
+    /// Longest source sequence (copy, reverse).
+    #[arg(long, help_heading = "Task")]
+    max_len: Option<usize>,
+    /// Sequence length (mqar, text).
+    #[arg(long, help_heading = "Task")]
+    seq_len: Option<usize>,
+    /// Key–value pairs per sequence (mqar).
+    #[arg(long, help_heading = "Task")]
+    n_pairs: Option<usize>,
+    /// Held-out fraction of the text file (text).
+    #[arg(long, help_heading = "Task")]
+    val_fraction: Option<f64>,
+}
+
+/// Resolve the preset for the task, then the config file, then flags.
+fn resolve(a: &TrainArgs) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
+    let (mut m, mut t, mut tr) = preset(&a.task)?;
+    if let Some(path) = &a.config {
+        m = ModelConfig::from_file(path)?;
+    }
+    macro_rules! set {
+        ($dst:expr, $src:expr) => {
+            if let Some(v) = $src {
+                $dst = v;
+            }
+        };
+    }
+    set!(tr.steps, a.steps);
+    set!(tr.batch_size, a.batch_size);
+    set!(tr.lr, a.lr);
+    set!(tr.schedule, a.schedule);
+    set!(tr.warmup, a.warmup);
+    set!(tr.weight_decay, a.weight_decay);
+    set!(tr.clip, a.clip);
+    set!(tr.label_smoothing, a.label_smoothing);
+    set!(tr.seed, a.seed);
+    set!(tr.checkpoint_every, a.checkpoint_every);
+    set!(tr.n_eval, a.n_eval);
+    set!(m.d_model, a.d_model);
+    if let Some(l) = a.layers {
+        if m.has_encoder() {
+            m.n_encoder_layers = l;
+        }
+        if m.has_decoder() {
+            m.n_decoder_layers = l;
+        }
+    }
+    set!(m.n_encoder_layers, a.encoder_layers);
+    set!(m.n_decoder_layers, a.decoder_layers);
+    set!(m.n_heads, a.n_heads);
+    if a.n_kv_heads.is_some() {
+        m.n_kv_heads = a.n_kv_heads;
+    }
+    set!(m.d_ff, a.d_ff);
+    set!(m.position, a.position);
+    set!(m.rope_theta, a.rope_theta);
+    set!(m.ffn, a.ffn);
+    set!(m.norm, a.norm);
+    set!(m.norm_position, a.norm_position);
+    set!(m.dropout, a.dropout);
+    set!(m.max_len, a.context);
+    if a.untie {
+        m.tie_embeddings = false;
+    }
+    match &mut t {
+        TaskConfig::Copy(c) | TaskConfig::Reverse(c) => {
+            set!(c.vocab, a.vocab);
+            set!(c.min_len, a.min_len);
+            set!(c.max_len, a.max_len);
+            if a.config.is_none() {
+                m.vocab_size = c.vocab;
+                m.max_len = m.max_len.max(c.max_len + 1);
+            }
+        }
+        TaskConfig::Mqar(c) => {
+            set!(c.vocab, a.vocab);
+            set!(c.seq_len, a.seq_len);
+            set!(c.n_pairs, a.n_pairs);
+            if a.config.is_none() {
+                m.vocab_size = c.vocab;
+                m.max_len = m.max_len.max(c.seq_len);
+            }
+        }
+        TaskConfig::Text(c) => {
+            set!(c.path, a.data.clone());
+            set!(c.seq_len, a.seq_len);
+            set!(c.val_fraction, a.val_fraction);
+            if a.config.is_none() {
+                m.max_len = m.max_len.max(c.seq_len);
+            }
+        }
+    }
+    if a.data.is_some() && !matches!(t, TaskConfig::Text(_)) {
+        bail!("--data applies only to --task text");
+    }
+    Ok((m, t, tr))
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+fn progress(total: u64, start: u64, label: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} (ETA {eta})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(label.to_string());
+    pb.set_position(start);
+    pb
+}
+
+/// Train to completion (or `stop_after`), checkpointing into `out`.
+/// Returns (last step info, tokens/s, seconds).
+fn run_training(
+    tr: &mut Trainer,
+    out: &Path,
+    stop_after: Option<u64>,
+    label: &str,
+) -> Result<(Option<StepInfo>, f64, f64)> {
+    let total = tr.train_cfg.steps;
+    let until = stop_after.unwrap_or(total).min(total);
+    let pb = progress(total, tr.step, label);
+    let start = Instant::now();
+    let (mut tokens, mut last, mut ema) = (0usize, None, None::<f64>);
+    while tr.step < until {
+        let info = tr.train_step()?;
+        tokens += info.tokens;
+        let e = ema.map_or(info.loss, |e| 0.9 * e + 0.1 * info.loss);
+        ema = Some(e);
+        let tps = tokens as f64 / start.elapsed().as_secs_f64();
+        pb.set_position(info.step);
+        pb.set_message(format!("loss {e:.4} | {:.1}k tok/s", tps / 1e3));
+        let every = tr.train_cfg.checkpoint_every;
+        if every > 0 && info.step % every == 0 && info.step < until {
+            tr.save(out, serde_json::json!({ "train_loss": info.loss }))?;
+        }
+        last = Some(info);
+    }
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    Ok((last, tokens as f64 / secs.max(1e-9), secs))
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let mut tr = if a.resume {
+        Trainer::resume(&a.out, a.steps)
+            .with_context(|| format!("cannot resume from {}", a.out.display()))?
+    } else {
+        let (m, t, c) = resolve(&a)?;
+        Trainer::new(m, t, c)?
+    };
+    if !a.json {
+        eprintln!(
+            "training {} on `{}`: {} parameters, {} steps of {} (from step {})",
+            shape_name(&tr.model_cfg),
+            tr.task.cfg.name(),
+            tr.store.num_params(),
+            tr.train_cfg.steps,
+            tr.train_cfg.batch_size,
+            tr.step
+        );
+    }
+    let (last, tps, secs) = run_training(&mut tr, &a.out, a.stop_after, "train")?;
+    let metrics = if a.no_eval || tr.step < tr.train_cfg.steps {
+        None
+    } else {
+        Some(evaluate(&tr.model, &tr.task, &EvalOptions::default())?)
+    };
+    let summary = serde_json::json!({
+        "task": tr.task.cfg.name(),
+        "step": tr.step,
+        "params": tr.store.num_params(),
+        "train_loss": last.as_ref().map(|l| l.loss),
+        "tokens_per_sec": tps,
+        "seconds": secs,
+        "eval": metrics,
+        "checkpoint": a.out,
+    });
+    tr.save(&a.out, summary.clone())?;
+    if a.json {
+        println!("{summary}");
+    } else {
+        if let Some(l) = &last {
+            eprintln!(
+                "step {}: train loss {:.4}, {:.0} tokens/s, {:.1} s",
+                l.step, l.loss, tps, secs
+            );
+        }
+        if let Some(m) = &metrics {
+            println!("held-out: {}", format_metrics(m));
+        }
+        println!("checkpoint: {}", a.out.display());
+    }
+    Ok(())
+}
+
+fn shape_name(m: &ModelConfig) -> String {
+    match m.shape {
+        attend::config::Shape::Encoder => format!(
+            "an encoder ({} layers, d_model {})",
+            m.n_encoder_layers, m.d_model
+        ),
+        attend::config::Shape::Decoder => format!(
+            "a decoder ({} layers, d_model {})",
+            m.n_decoder_layers, m.d_model
+        ),
+        attend::config::Shape::EncoderDecoder => format!(
+            "an encoder–decoder ({}+{} layers, d_model {})",
+            m.n_encoder_layers, m.n_decoder_layers, m.d_model
+        ),
+    }
+}
+
+fn format_metrics(m: &Metrics) -> String {
+    let mut parts = vec![];
+    let pct = |x: f64| format!("{:.2}%", 100.0 * x);
+    if let Some(x) = m.exact_match {
+        parts.push(format!("exact match {} (greedy)", pct(x)));
+    }
+    if let Some(x) = m.beam_exact_match {
+        parts.push(format!("exact match {} (beam)", pct(x)));
+    }
+    if let Some(x) = m.token_accuracy {
+        parts.push(format!("token accuracy {}", pct(x)));
+    }
+    if let Some(x) = m.accuracy {
+        parts.push(format!("accuracy {}", pct(x)));
+    }
+    if let Some(x) = m.loss {
+        parts.push(format!("loss {x:.4}"));
+    }
+    if let Some(x) = m.perplexity {
+        parts.push(format!("perplexity {x:.3}"));
+    }
+    format!("{} on {} examples", parts.join(", "), m.n_examples)
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Checkpoint directory written by `attend train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Also decode with beam search of this width (transduction tasks; the paper used 4).
+    #[arg(long, default_value_t = 0)]
+    beam: usize,
+    /// Length penalty α for beam search (the paper used 0.6).
+    #[arg(long, default_value_t = 0.6)]
+    alpha: f64,
+    /// Override the text file (text task).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn load_task(meta: &attend::train::CheckpointMeta, data: Option<&PathBuf>) -> Result<Task> {
+    let mut cfg = meta.task.clone();
+    if let (TaskConfig::Text(c), Some(d)) = (&mut cfg, data) {
+        c.path = d.clone();
+    }
+    Ok(Task::new(cfg, meta.train.seed, meta.train.n_eval)?)
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let (model, meta) = load_model(&a.checkpoint, &Device::Cpu)?;
+    let task = load_task(&meta, a.data.as_ref())?;
+    let opts = EvalOptions {
+        beam: (a.beam > 0).then_some((a.beam, a.alpha)),
+        ..Default::default()
+    };
+    let m = evaluate(&model, &task, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&m)?);
+    } else {
+        println!(
+            "{} (step {}): {}",
+            task.cfg.name(),
+            meta.step,
+            format_metrics(&m)
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// Checkpoint directory written by `attend train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Text for `text` models; space-separated token ids for the other tasks.
+    /// Without it: a few held-out examples.
+    #[arg(long)]
+    prompt: Option<String>,
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Keep the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Beam width for encoder–decoder models (0 = use the sampler).
+    #[arg(long, default_value_t = 0)]
+    beam: usize,
+    #[arg(long, default_value_t = 0.6)]
+    alpha: f64,
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_ids(s: &str, vocab: usize) -> Result<Vec<u32>> {
+    s.split_whitespace()
+        .map(|w| {
+            let id: u32 = w
+                .parse()
+                .with_context(|| format!("--prompt: `{w}` is not a token id"))?;
+            if id as usize >= vocab {
+                bail!("--prompt: token id {id} is outside the vocabulary (0..{vocab})");
+            }
+            Ok(id)
+        })
+        .collect()
+}
+
+/// Decode one transduction source: greedy/sampled or beam.
+fn transduce(
+    model: &Transformer,
+    src: &[u32],
+    a: &SampleArgs,
+    sampler: &mut Sampler,
+    max_len: usize,
+) -> Result<Vec<u32>> {
+    let ids = Tensor::new(src, &Device::Cpu)?.unsqueeze(0)?;
+    let memory = model.encode(&ids, None)?;
+    let mut out = if a.beam > 0 {
+        beam_search(model, &memory, BOS, EOS, a.beam, a.alpha, max_len)?
+    } else {
+        generate(
+            model,
+            &[BOS],
+            Some(&memory),
+            max_len,
+            sampler,
+            Some(EOS),
+            |_| Ok(()),
+        )?
+    };
+    if out.last() == Some(&EOS) {
+        out.pop();
+    }
+    Ok(out)
+}
+
+fn join(ids: &[u32]) -> String {
+    ids.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn sample(a: SampleArgs) -> Result<()> {
+    let (model, meta) = load_model(&a.checkpoint, &Device::Cpu)?;
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    })?;
+    match &meta.task {
+        TaskConfig::Copy(c) | TaskConfig::Reverse(c) => {
+            let sources: Vec<Vec<u32>> = match &a.prompt {
+                Some(p) => vec![parse_ids(p, model.cfg.vocab_size)?],
+                None => Task::new(meta.task.clone(), meta.train.seed, 5)?
+                    .eval_set()
+                    .into_iter()
+                    .filter_map(|e| {
+                        if let Example::Pair { src, .. } = e {
+                            Some(src)
+                        } else {
+                            None
+                        }
+                    })
+                    .collect(),
+            };
+            let mut rows = vec![];
+            for src in sources {
+                let out = transduce(&model, &src, &a, &mut sampler, c.max_len + 1)?;
+                if !a.json {
+                    println!("{}  ->  {}", join(&src), join(&out));
+                }
+                rows.push(serde_json::json!({ "prompt_ids": src, "ids": out }));
+            }
+            if a.json {
+                println!("{}", serde_json::Value::Array(rows));
+            }
+        }
+        TaskConfig::Mqar(_) => {
+            let prompt = match &a.prompt {
+                Some(p) => parse_ids(p, model.cfg.vocab_size)?,
+                None => bail!("--prompt is required for mqar checkpoints (try `attend eval`)"),
+            };
+            let out = generate(
+                &model,
+                &prompt,
+                None,
+                a.max_tokens,
+                &mut sampler,
+                None,
+                |_| Ok(()),
+            )?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "prompt_ids": prompt, "ids": out })
+                );
+            } else {
+                println!("{}", join(&out));
+            }
+        }
+        TaskConfig::Text(_) => {
+            let prompt_text = a.prompt.clone().unwrap_or_else(|| "\n".to_string());
+            let prompt: Vec<u32> = prompt_text.bytes().map(|b| b as u32).collect();
+            let mut stdout = std::io::stdout();
+            if !a.json {
+                print!("{prompt_text}");
+            }
+            let mut pending: Vec<u8> = vec![];
+            let out = generate(
+                &model,
+                &prompt,
+                None,
+                a.max_tokens,
+                &mut sampler,
+                None,
+                |id| {
+                    if !a.json {
+                        // bytes may split a UTF-8 character: print whole characters only
+                        pending.push(id as u8);
+                        if let Ok(s) = std::str::from_utf8(&pending) {
+                            print!("{s}");
+                            stdout.flush().ok();
+                            pending.clear();
+                        }
+                    }
+                    Ok(())
+                },
+            )?;
+            let text = String::from_utf8_lossy(&out.iter().map(|&i| i as u8).collect::<Vec<_>>())
+                .to_string();
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "prompt_ids": prompt, "ids": out, "text": text })
+                );
+            } else {
+                println!();
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where the two demo checkpoints go.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn demo(a: DemoArgs) -> Result<()> {
+    let mut report = serde_json::Map::new();
+    for task in ["reverse", "mqar"] {
+        let (m, t, c) = preset(task)?;
+        let mut tr = Trainer::new(m, t, c)?;
+        if !a.json {
+            println!(
+                "== {task}: {} ({} parameters), {} steps of {}",
+                shape_name(&tr.model_cfg),
+                tr.store.num_params(),
+                tr.train_cfg.steps,
+                tr.train_cfg.batch_size
+            );
+        }
+        let out = a.out.join(task);
+        let (last, tps, secs) = run_training(&mut tr, &out, None, task)?;
+        let opts = EvalOptions {
+            beam: (task == "reverse").then_some((4, 0.6)),
+            ..Default::default()
+        };
+        let metrics = evaluate(&tr.model, &tr.task, &opts)?;
+        let summary = serde_json::json!({
+            "train_loss": last.map(|l| l.loss), "tokens_per_sec": tps, "seconds": secs, "eval": metrics,
+        });
+        tr.save(&out, summary.clone())?;
+        if !a.json {
+            println!(
+                "trained in {secs:.0} s ({tps:.0} tokens/s); held-out: {}",
+                format_metrics(&metrics)
+            );
+            demo_examples(&tr)?;
+            println!("checkpoint: {}\n", out.display());
+        }
+        report.insert(task.to_string(), summary);
+    }
+    if a.json {
+        println!("{}", serde_json::Value::Object(report));
+    }
+    Ok(())
+}
+
+/// Print a few decoded held-out examples.
+fn demo_examples(tr: &Trainer) -> Result<()> {
+    let held = tr.task.eval_set();
+    match &tr.task.cfg {
+        TaskConfig::Copy(c) | TaskConfig::Reverse(c) => {
+            let args = SampleArgs {
+                checkpoint: PathBuf::new(),
+                prompt: None,
+                max_tokens: 0,
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                seed: 0,
+                beam: 4,
+                alpha: 0.6,
+                json: false,
+            };
+            let mut sampler = Sampler::new(SamplingParams::default())?;
+            for e in held.iter().take(3) {
+                let Example::Pair { src, tgt } = e else {
+                    continue;
+                };
+                let out = transduce(&tr.model, src, &args, &mut sampler, c.max_len + 1)?;
+                let mark = if &out == tgt { "ok" } else { "WRONG" };
+                println!("  {}  ->  {}  [{mark}]", join(src), join(&out));
+            }
+        }
+        TaskConfig::Mqar(_) => {
+            for e in held.iter().take(2) {
+                let Example::Lm {
+                    input,
+                    target,
+                    weight,
+                } = e
+                else {
+                    continue;
+                };
+                let ids = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+                let pred = tr
+                    .model
+                    .decode(&ids, None)?
+                    .argmax(candle_core::D::Minus1)?
+                    .squeeze(0)?
+                    .to_vec1::<u32>()?;
+                let pairs: Vec<String> = (0..4)
+                    .map(|i| format!("{}:{}", input[2 * i], input[2 * i + 1]))
+                    .collect();
+                let queries: Vec<String> = weight
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &w)| w > 0.0)
+                    .take(4)
+                    .map(|(p, _)| format!("{}? -> {} (want {})", input[p], pred[p], target[p]))
+                    .collect();
+                println!(
+                    "  pairs {} …  queries {} …",
+                    pairs.join(" "),
+                    queries.join(", ")
+                );
+            }
+        }
+        TaskConfig::Text(_) => {}
+    }
+    Ok(())
+}

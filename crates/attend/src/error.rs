@@ -1,0 +1,42 @@
+//! Typed errors for the library. The CLI wraps them with context (anyhow) and
+//! exits non-zero; nothing in the library panics on bad input.
+
+use std::path::PathBuf;
+
+#[derive(thiserror::Error, Debug)]
+pub enum Error {
+    /// A configuration value is out of range or inconsistent with another one.
+    #[error("invalid config: `{field}` {msg}")]
+    Config { field: String, msg: String },
+
+    /// A file could not be read, written or parsed.
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+
+    /// Anything else the caller asked for that cannot be done.
+    #[error("{0}")]
+    Msg(String),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn config(field: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config {
+            field: field.into(),
+            msg: msg.into(),
+        }
+    }
+    pub fn file(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
+        Error::File {
+            path: path.into(),
+            msg: msg.to_string(),
+        }
+    }
+    pub fn msg(msg: impl Into<String>) -> Self {
+        Error::Msg(msg.into())
+    }
+}

@@ -1,0 +1,371 @@
+//! The Transformer: one definition for encoder-only, decoder-only and
+//! encoder–decoder models. A block is token mixing (self-attention, plus
+//! cross-attention in an encoder–decoder's decoder) and a channel mixer (FFN),
+//! each wrapped in a residual and a norm placed before (`pre`) or after
+//! (`post`, as in the paper) the sublayer.
+
+use crate::attention::Attention;
+use crate::cache::{DecodeState, LayerState};
+use crate::config::{ModelConfig, NormPosition, PositionKind};
+use crate::error::{Error, Result};
+use crate::ffn::Ffn;
+use crate::nn::{Builder, Dropout, Embedding, Linear, ParamStore};
+use crate::norm::Norm;
+use crate::position::{Additive, Rope};
+use candle_core::Tensor;
+use std::sync::Arc;
+
+/// Encoder output as the decoder sees it.
+#[derive(Clone, Debug)]
+pub struct Memory {
+    /// (b, s, d)
+    pub hidden: Tensor,
+    /// (b, s), 1 = token, 0 = padding
+    pub padding: Option<Tensor>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub ln_1: Norm,
+    pub self_attn: Attention,
+    pub ln_cross: Option<Norm>,
+    pub cross_attn: Option<Attention>,
+    pub ln_2: Norm,
+    pub ffn: Ffn,
+    norm_position: NormPosition,
+    dropout: Dropout,
+}
+
+impl Block {
+    fn new(
+        vb: &Builder,
+        cfg: &ModelConfig,
+        causal: bool,
+        cross: bool,
+        rope: Option<Arc<Rope>>,
+        dropout: Dropout,
+    ) -> Result<Self> {
+        let norm = |name: &str| Norm::new(&vb.pp(name), cfg.norm, cfg.d_model, cfg.norm_eps);
+        Ok(Self {
+            ln_1: norm("ln_1")?,
+            self_attn: Attention::new(&vb.pp("self_attn"), cfg, causal, true, rope)?,
+            ln_cross: if cross { Some(norm("ln_cross")?) } else { None },
+            cross_attn: if cross {
+                Some(Attention::new(
+                    &vb.pp("cross_attn"),
+                    cfg,
+                    false,
+                    false,
+                    None,
+                )?)
+            } else {
+                None
+            },
+            ln_2: norm("ln_2")?,
+            ffn: Ffn::new(&vb.pp("ffn"), cfg)?,
+            norm_position: cfg.norm_position,
+            dropout,
+        })
+    }
+
+    /// x + f(norm(x)) for pre-norm, norm(x + f(x)) for post-norm.
+    fn sublayer(
+        &self,
+        x: &Tensor,
+        norm: &Norm,
+        f: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        match self.norm_position {
+            NormPosition::Pre => Ok((x + self.dropout.forward(&f(&norm.forward(x)?)?)?)?),
+            NormPosition::Post => norm.forward(&(x + self.dropout.forward(&f(x)?)?)?),
+        }
+    }
+
+    /// x: (b, t, d) at positions offset..offset+t -> (b, t, d).
+    /// `cross_kv`: the encoder memory's keys/values for this layer.
+    fn forward(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        key_padding: Option<&Tensor>,
+        state: Option<&mut crate::attention::MixerState>,
+        cross_kv: Option<&(Tensor, Tensor)>,
+        memory_padding: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let x = self.sublayer(x, &self.ln_1, |h| {
+            self.self_attn.forward(h, offset, key_padding, state)
+        })?;
+        let x = match (&self.cross_attn, &self.ln_cross, cross_kv) {
+            (Some(attn), Some(ln), Some(kv)) => {
+                self.sublayer(&x, ln, |h| attn.cross(h, kv, memory_padding))?
+            }
+            (Some(_), _, _) => {
+                return Err(Error::msg(
+                    "encoder–decoder model called without encoder memory",
+                ))
+            }
+            _ => x,
+        };
+        self.sublayer(&x, &self.ln_2, |h| self.ffn.forward(h))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    /// Token embedding, shared by encoder, decoder (and output when tied).
+    pub embed: Embedding,
+    pos_enc: Additive,
+    pos_dec: Additive,
+    pub encoder: Vec<Block>,
+    pub decoder: Vec<Block>,
+    /// Final norms (pre-norm models only; post-norm blocks end normalised).
+    enc_norm: Option<Norm>,
+    dec_norm: Option<Norm>,
+    lm_head: Option<Linear>,
+    dropout: Dropout,
+}
+
+impl Transformer {
+    /// Build the model, taking tensors already in `store` (a checkpoint) and
+    /// initialising the rest from the store's seeded RNG.
+    pub fn new(cfg: &ModelConfig, store: &ParamStore) -> Result<Self> {
+        cfg.validate()?;
+        let vb = store.builder();
+        let dropout = Dropout::new(cfg.dropout);
+        let rope = (cfg.position == PositionKind::Rope)
+            .then(|| {
+                Rope::new(
+                    cfg.head_dim(),
+                    cfg.max_len,
+                    cfg.rope_theta,
+                    store.dtype,
+                    &store.device,
+                )
+            })
+            .transpose()?
+            .map(Arc::new);
+        let pre = cfg.norm_position == NormPosition::Pre;
+        let final_norm = |name: &str| -> Result<Option<Norm>> {
+            if pre {
+                Ok(Some(Norm::new(
+                    &vb.pp(name),
+                    cfg.norm,
+                    cfg.d_model,
+                    cfg.norm_eps,
+                )?))
+            } else {
+                Ok(None)
+            }
+        };
+        let stack = |name: &str, n: usize, causal: bool, cross: bool| -> Result<Vec<Block>> {
+            (0..n)
+                .map(|i| {
+                    Block::new(
+                        &vb.pp(name).pp(i),
+                        cfg,
+                        causal,
+                        cross,
+                        rope.clone(),
+                        dropout.clone(),
+                    )
+                })
+                .collect()
+        };
+        let cross = cfg.has_encoder() && cfg.has_decoder();
+        let enc_layers = if cfg.has_encoder() {
+            cfg.n_encoder_layers
+        } else {
+            0
+        };
+        let dec_layers = if cfg.has_decoder() {
+            cfg.n_decoder_layers
+        } else {
+            0
+        };
+        Ok(Self {
+            embed: Embedding::new(&vb.pp("embed"), cfg.vocab_size, cfg.d_model)?,
+            pos_enc: Additive::new(
+                &vb.pp("pos_enc"),
+                if cfg.has_encoder() {
+                    cfg.position
+                } else {
+                    PositionKind::None
+                },
+                cfg.max_len,
+                cfg.d_model,
+            )?,
+            pos_dec: Additive::new(
+                &vb.pp("pos_dec"),
+                if cfg.has_decoder() {
+                    cfg.position
+                } else {
+                    PositionKind::None
+                },
+                cfg.max_len,
+                cfg.d_model,
+            )?,
+            encoder: stack("encoder", enc_layers, false, false)?,
+            decoder: stack("decoder", dec_layers, true, cross)?,
+            enc_norm: if cfg.has_encoder() {
+                final_norm("enc_norm")?
+            } else {
+                None
+            },
+            dec_norm: if cfg.has_decoder() {
+                final_norm("dec_norm")?
+            } else {
+                None
+            },
+            lm_head: if cfg.tie_embeddings {
+                None
+            } else {
+                Some(Linear::new(
+                    &vb.pp("lm_head"),
+                    cfg.d_model,
+                    cfg.vocab_size,
+                    false,
+                )?)
+            },
+            dropout,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// `Some(seed)` turns dropout on with masks from that seed; `None` is
+    /// evaluation mode.
+    pub fn set_train_seed(&self, seed: Option<u64>) {
+        self.dropout.set_seed(seed);
+    }
+
+    /// ids (b, t) at positions offset.. -> (b, t, d): √d_model-scaled token
+    /// embeddings plus additive positions, with dropout.
+    fn embed_tokens(&self, ids: &Tensor, offset: usize, pos: &Additive) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        if offset + t > self.cfg.max_len {
+            return Err(Error::msg(format!(
+                "sequence of {} tokens exceeds the model's max_len {}",
+                offset + t,
+                self.cfg.max_len
+            )));
+        }
+        let x = (self.embed.forward(ids)? * (self.cfg.d_model as f64).sqrt())?;
+        self.dropout.forward(&pos.forward(&x, offset)?)
+    }
+
+    /// src (b, s) u32, padding (b, s) 1 = token -> memory (b, s, d)
+    pub fn encode(&self, src: &Tensor, padding: Option<&Tensor>) -> Result<Memory> {
+        if self.encoder.is_empty() {
+            return Err(Error::msg("this model has no encoder"));
+        }
+        let mut x = self.embed_tokens(src, 0, &self.pos_enc)?;
+        for block in &self.encoder {
+            x = block.forward(&x, 0, padding, None, None, None)?;
+        }
+        if let Some(n) = &self.enc_norm {
+            x = n.forward(&x)?;
+        }
+        Ok(Memory {
+            hidden: x,
+            padding: padding.cloned(),
+        })
+    }
+
+    /// Output projection: h (b, t, d) -> logits (b, t, vocab)
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => Linear {
+                w: self.embed.table.clone(),
+                b: None,
+            }
+            .forward(h),
+        }
+    }
+
+    /// Whole-sequence causal decoder pass (training, scoring):
+    /// tgt (b, t) u32 -> logits (b, t, vocab).
+    pub fn decode(&self, tgt: &Tensor, memory: Option<&Memory>) -> Result<Tensor> {
+        if self.decoder.is_empty() {
+            return Err(Error::msg("this model has no decoder"));
+        }
+        let mut x = self.embed_tokens(tgt, 0, &self.pos_dec)?;
+        for block in &self.decoder {
+            let kv = match (&block.cross_attn, memory) {
+                (Some(attn), Some(m)) => Some(attn.memory_kv(&m.hidden)?),
+                _ => None,
+            };
+            x = block.forward(
+                &x,
+                0,
+                None,
+                None,
+                kv.as_ref(),
+                memory.and_then(|m| m.padding.as_ref()),
+            )?;
+        }
+        if let Some(n) = &self.dec_norm {
+            x = n.forward(&x)?;
+        }
+        self.logits(&x)
+    }
+
+    /// A fresh decode state for `batch` sequences (cross-attention keys and
+    /// values of `memory` computed once here).
+    pub fn new_state(&self, memory: Option<&Memory>) -> Result<DecodeState> {
+        let layers = self
+            .decoder
+            .iter()
+            .map(|b| {
+                Ok(LayerState {
+                    mixer: b.self_attn.new_state(),
+                    cross_kv: match (&b.cross_attn, memory) {
+                        (Some(attn), Some(m)) => Some(attn.memory_kv(&m.hidden)?),
+                        (Some(_), None) => {
+                            return Err(Error::msg(
+                                "encoder–decoder decoding needs the encoder memory",
+                            ))
+                        }
+                        _ => None,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DecodeState {
+            layers,
+            pos: 0,
+            memory_padding: memory.and_then(|m| m.padding.clone()),
+        })
+    }
+
+    /// Incremental decoding: feed ids (b, t) after the `state.pos` tokens
+    /// already in the state -> logits (b, t, vocab); the state advances by t.
+    pub fn step(&self, ids: &Tensor, state: &mut DecodeState) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let offset = state.pos;
+        let mut x = self.embed_tokens(ids, offset, &self.pos_dec)?;
+        let padding = state.memory_padding.clone();
+        for (block, ls) in self.decoder.iter().zip(state.layers.iter_mut()) {
+            x = block.forward(
+                &x,
+                offset,
+                None,
+                Some(&mut ls.mixer),
+                ls.cross_kv.as_ref(),
+                padding.as_ref(),
+            )?;
+        }
+        if let Some(n) = &self.dec_norm {
+            x = n.forward(&x)?;
+        }
+        state.pos += t;
+        self.logits(&x)
+    }
+
+    /// Encoder-only models: per-token logits over the vocabulary,
+    /// src (b, s) -> (b, s, vocab).
+    pub fn encoder_logits(&self, src: &Tensor, padding: Option<&Tensor>) -> Result<Tensor> {
+        let m = self.encode(src, padding)?;
+        self.logits(&m.hidden)
+    }
+}

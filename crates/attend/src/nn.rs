@@ -1,0 +1,293 @@
+//! Parameters and the small layers everything else is built from.
+//!
+//! `ParamStore` owns every trainable tensor by name (the names are the
+//! checkpoint's names). A model is built through a `Builder`, which returns a
+//! stored tensor when one of that name exists (a loaded checkpoint) and
+//! otherwise initialises a fresh one from the store's seeded RNG, so the same
+//! seed always builds the same model.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// How a fresh parameter is initialised.
+#[derive(Clone, Copy, Debug)]
+pub enum Init {
+    Zeros,
+    Ones,
+    Normal(f64),
+    /// U(-b, b) with b = sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio 2010).
+    XavierUniform,
+}
+
+pub struct ParamStore {
+    vars: Mutex<BTreeMap<String, Var>>,
+    rng: Mutex<ChaCha8Rng>,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl ParamStore {
+    pub fn new(seed: u64, dtype: DType, device: Device) -> Self {
+        Self {
+            vars: Mutex::new(BTreeMap::new()),
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
+            dtype,
+            device,
+        }
+    }
+
+    pub fn builder(&self) -> Builder<'_> {
+        Builder {
+            store: self,
+            prefix: String::new(),
+        }
+    }
+
+    /// All parameters, sorted by name.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        let vars = self.vars.lock().unwrap();
+        vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Insert tensors (e.g. from a checkpoint) before building the model.
+    pub fn insert(&self, tensors: BTreeMap<String, Tensor>) -> Result<()> {
+        let mut vars = self.vars.lock().unwrap();
+        for (name, t) in tensors {
+            let t = t.to_dtype(self.dtype)?.to_device(&self.device)?;
+            vars.insert(name, Var::from_tensor(&t)?);
+        }
+        Ok(())
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let map: std::collections::HashMap<String, Tensor> = self
+            .vars()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect();
+        crate::util::write_atomic_with(path, |tmp| {
+            candle_core::safetensors::save(&map, tmp).map_err(|e| Error::file(tmp, e))
+        })
+    }
+
+    /// Load a safetensors file into the store; every tensor must be used by the
+    /// model that is built afterwards (checked by `check_all_used`).
+    pub fn load(&self, path: &Path) -> Result<()> {
+        let tensors = load_safetensors(path, &self.device)?;
+        self.insert(tensors.into_iter().collect())
+    }
+
+    fn get_or_init(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let mut vars = self.vars.lock().unwrap();
+        if let Some(v) = vars.get(name) {
+            if v.dims() != shape {
+                return Err(Error::msg(format!(
+                    "parameter `{name}` has shape {:?} in the checkpoint, the model needs {:?}",
+                    v.dims(),
+                    shape
+                )));
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let n: usize = shape.iter().product();
+        let mut rng = self.rng.lock().unwrap();
+        let data: Vec<f64> = match init {
+            Init::Zeros => vec![0.0; n],
+            Init::Ones => vec![1.0; n],
+            Init::Normal(std) => (0..n).map(|_| std * normal(&mut *rng)).collect(),
+            Init::XavierUniform => {
+                let (fan_out, fan_in) = match shape {
+                    [o, i] => (*o, *i),
+                    _ => (n, n),
+                };
+                let b = (6.0 / (fan_in + fan_out) as f64).sqrt();
+                (0..n).map(|_| rng.random_range(-b..b)).collect()
+            }
+        };
+        let t = Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?;
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        vars.insert(name.to_string(), var);
+        Ok(out)
+    }
+}
+
+/// Read a safetensors file with a clear error for missing or corrupt files.
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    if !path.exists() {
+        return Err(Error::file(path, "file not found"));
+    }
+    let map = candle_core::safetensors::load(path, device)
+        .map_err(|e| Error::file(path, format!("not a valid safetensors file ({e})")))?;
+    Ok(map.into_iter().collect())
+}
+
+/// A standard normal sample (Box–Muller), from any RNG.
+pub fn normal(rng: &mut impl Rng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(1e-300);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// A view into the store under a name prefix (`decoder.layers.0.attn.`).
+#[derive(Clone)]
+pub struct Builder<'a> {
+    store: &'a ParamStore,
+    prefix: String,
+}
+
+impl<'a> Builder<'a> {
+    pub fn pp(&self, name: impl std::fmt::Display) -> Builder<'a> {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        Builder {
+            store: self.store,
+            prefix,
+        }
+    }
+
+    pub fn get(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let full = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        self.store.get_or_init(&full, shape, init)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.store.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.store.dtype
+    }
+}
+
+/// y = x Wᵀ + b, with W of shape (out, in) as in PyTorch.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub w: Tensor,
+    pub b: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(vb: &Builder, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
+        let w = vb.get("weight", &[d_out, d_in], Init::XavierUniform)?;
+        let b = if bias {
+            Some(vb.get("bias", &[d_out], Init::Zeros)?)
+        } else {
+            None
+        };
+        Ok(Self { w, b })
+    }
+
+    /// x: (..., in) -> (..., out)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d_in = *dims.last().unwrap();
+        let rows = x.elem_count() / d_in;
+        let y = x.reshape((rows, d_in))?.matmul(&self.w.t()?)?;
+        let y = match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.w.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// Token embedding table (vocab, d).
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    pub table: Tensor,
+}
+
+impl Embedding {
+    pub fn new(vb: &Builder, vocab: usize, d: usize) -> Result<Self> {
+        let table = vb.get("weight", &[vocab, d], Init::Normal((d as f64).powf(-0.5)))?;
+        Ok(Self { table })
+    }
+
+    /// ids: (b, t) u32 -> (b, t, d)
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let d = self.table.dim(1)?;
+        let flat = ids.flatten_all()?;
+        Ok(self.table.index_select(&flat, 0)?.reshape((b, t, d))?)
+    }
+}
+
+/// Inverted dropout with its own seeded RNG, shared by every layer of a model.
+/// Identity unless an RNG is installed (`train_mode(Some(seed))`).
+#[derive(Clone, Debug, Default)]
+pub struct Dropout {
+    pub p: f64,
+    rng: Arc<Mutex<Option<ChaCha8Rng>>>,
+}
+
+impl Dropout {
+    pub fn new(p: f64) -> Self {
+        Self {
+            p,
+            rng: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// `Some(seed)`: training, masks drawn from this seed; `None`: evaluation.
+    pub fn set_seed(&self, seed: Option<u64>) {
+        *self.rng.lock().unwrap() = seed.map(ChaCha8Rng::seed_from_u64);
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let mut guard = self.rng.lock().unwrap();
+        let Some(rng) = guard.as_mut() else {
+            return Ok(x.clone());
+        };
+        let keep = 1.0 - self.p;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.random::<f64>() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
+    }
+}
+
+/// Numerically stable softmax over the last dimension, built from primitive
+/// ops so that autograd flows through it.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+/// log-softmax over the last dimension.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}

@@ -1,0 +1,51 @@
+//! LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich 2019).
+
+use crate::config::NormKind;
+use crate::error::Result;
+use crate::nn::{Builder, Init};
+use candle_core::{Tensor, D};
+
+#[derive(Clone, Debug)]
+pub struct Norm {
+    kind: NormKind,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl Norm {
+    pub fn new(vb: &Builder, kind: NormKind, d: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get("weight", &[d], Init::Ones)?;
+        let bias = match kind {
+            NormKind::Layernorm => Some(vb.get("bias", &[d], Init::Zeros)?),
+            NormKind::Rmsnorm => None,
+        };
+        Ok(Self {
+            kind,
+            weight,
+            bias,
+            eps,
+        })
+    }
+
+    /// x: (..., d) -> (..., d), normalised over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = match self.kind {
+            NormKind::Layernorm => {
+                let mean = x.mean_keepdim(D::Minus1)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+                xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
+            }
+            NormKind::Rmsnorm => {
+                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+                x.broadcast_div(&(ms + self.eps)?.sqrt()?)?
+            }
+        };
+        let x = x.broadcast_mul(&self.weight)?;
+        Ok(match &self.bias {
+            Some(b) => x.broadcast_add(b)?,
+            None => x,
+        })
+    }
+}

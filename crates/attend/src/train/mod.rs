@@ -1,0 +1,407 @@
+//! Training from scratch: the loss, the `Trainer` loop and checkpoints.
+//!
+//! A checkpoint is a directory holding `checkpoint.json` (configs, step,
+//! metrics, and the names of the two tensor files), `model-STEP.safetensors`
+//! and `optim-STEP.safetensors`. Every file is written atomically and
+//! `checkpoint.json` last, so the directory always describes one complete,
+//! consistent checkpoint even if the process dies mid-write.
+
+pub mod optim;
+pub mod presets;
+
+use crate::config::{ModelConfig, Shape};
+use crate::error::{Error, Result};
+use crate::model::Transformer;
+use crate::nn::{load_safetensors, log_softmax_last, ParamStore};
+use crate::tasks::{Batch, Task, TaskConfig};
+use crate::util::{derive_seed, write_atomic};
+use candle_core::{DType, Device, Tensor, D};
+pub use optim::{learning_rate, AdamW, Schedule};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+const STREAM_INIT: u64 = 10;
+const STREAM_DROPOUT: u64 = 11;
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub steps: u64,
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup: u64,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0 = off).
+    pub clip: f64,
+    pub label_smoothing: f64,
+    pub seed: u64,
+    /// Write a checkpoint every this many steps (0 = only at the end).
+    pub checkpoint_every: u64,
+    /// Held-out examples for evaluation.
+    pub n_eval: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch_size: 64,
+            lr: 1e-3,
+            schedule: Schedule::Cosine,
+            warmup: 100,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-9,
+            clip: 1.0,
+            label_smoothing: 0.0,
+            seed: 0,
+            checkpoint_every: 0,
+            n_eval: 1000,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::config("batch_size", "must be at least 1"));
+        }
+        if !(self.lr > 0.0) {
+            return Err(Error::config("lr", "must be positive"));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(Error::config("label_smoothing", "must be in [0, 1)"));
+        }
+        if self.clip < 0.0 {
+            return Err(Error::config("clip", "must be 0 (off) or positive"));
+        }
+        Ok(())
+    }
+}
+
+/// Mean cross-entropy over weighted positions, with label smoothing ε:
+/// (1-ε)·(-log p_target) + ε·mean_v(-log p_v) (Szegedy et al. 2016).
+/// logits (b, t, V), target (b, t) u32, weight (b, t) f32 -> scalar
+pub fn cross_entropy(
+    logits: &Tensor,
+    target: &Tensor,
+    weight: &Tensor,
+    smoothing: f64,
+) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let logp = log_softmax_last(&logits.reshape((b * t, v))?)?;
+    let nll = logp
+        .gather(&target.reshape((b * t, 1))?, 1)?
+        .squeeze(1)?
+        .neg()?;
+    let per_pos = if smoothing > 0.0 {
+        let uniform = logp.mean(D::Minus1)?.neg()?;
+        ((nll * (1.0 - smoothing))? + (uniform * smoothing)?)?
+    } else {
+        nll
+    };
+    let w = weight.reshape(b * t)?.to_dtype(logits.dtype())?;
+    let total = w.sum_all()?;
+    Ok((per_pos * &w)?.sum_all()?.broadcast_div(&total)?)
+}
+
+/// The model's loss on a batch (teacher forcing).
+pub fn batch_loss(model: &Transformer, batch: &Batch, smoothing: f64) -> Result<Tensor> {
+    match batch {
+        Batch::Seq2Seq {
+            src,
+            src_pad,
+            tgt_in,
+            tgt_out,
+            weight,
+        } => {
+            let memory = model.encode(src, Some(src_pad))?;
+            let logits = model.decode(tgt_in, Some(&memory))?;
+            cross_entropy(&logits, tgt_out, weight, smoothing)
+        }
+        Batch::Lm {
+            input,
+            target,
+            weight,
+        } => {
+            let logits = model.decode(input, None)?;
+            cross_entropy(&logits, target, weight, smoothing)
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct CheckpointMeta {
+    pub format: String,
+    pub step: u64,
+    pub model: ModelConfig,
+    pub task: TaskConfig,
+    pub train: TrainConfig,
+    pub weights: String,
+    pub optimizer: String,
+    /// Last training loss, and anything else worth keeping.
+    pub metrics: serde_json::Value,
+}
+
+const FORMAT: &str = "attend-checkpoint-v1";
+
+impl CheckpointMeta {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("checkpoint.json");
+        if !dir.is_dir() {
+            return Err(Error::file(dir, "checkpoint directory not found"));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::file(
+                &path,
+                format!("cannot read ({e}); is this an attend checkpoint directory?"),
+            )
+        })?;
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        let meta: CheckpointMeta = serde_path_to_error::deserialize(de)
+            .map_err(|e| Error::file(&path, format!("field `{}`: {}", e.path(), e.inner())))?;
+        if meta.format != FORMAT {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "unknown checkpoint format `{}` (expected `{FORMAT}`)",
+                    meta.format
+                ),
+            ));
+        }
+        meta.model.validate()?;
+        Ok(meta)
+    }
+}
+
+/// Load a trained model for evaluation or sampling.
+pub fn load_model(dir: &Path, device: &Device) -> Result<(Transformer, CheckpointMeta)> {
+    let meta = CheckpointMeta::read(dir)?;
+    let store = ParamStore::new(0, DType::F32, device.clone());
+    store.insert(load_safetensors(&dir.join(&meta.weights), device)?)?;
+    let n_loaded = store.vars().len();
+    let model = Transformer::new(&meta.model, &store)?;
+    if store.vars().len() != n_loaded {
+        return Err(Error::file(
+            dir.join(&meta.weights),
+            "is missing parameters the model config needs",
+        ));
+    }
+    model.set_train_seed(None);
+    Ok((model, meta))
+}
+
+/// What one training step reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepInfo {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+}
+
+pub struct Trainer {
+    pub model: Transformer,
+    pub store: ParamStore,
+    pub opt: AdamW,
+    pub task: Task,
+    pub model_cfg: ModelConfig,
+    pub train_cfg: TrainConfig,
+    /// Steps completed.
+    pub step: u64,
+    pub device: Device,
+}
+
+impl Trainer {
+    pub fn new(
+        model_cfg: ModelConfig,
+        task_cfg: TaskConfig,
+        train_cfg: TrainConfig,
+    ) -> Result<Self> {
+        Self::build(model_cfg, task_cfg, train_cfg, None)
+    }
+
+    fn build(
+        model_cfg: ModelConfig,
+        task_cfg: TaskConfig,
+        train_cfg: TrainConfig,
+        resume: Option<(&Path, &CheckpointMeta)>,
+    ) -> Result<Self> {
+        model_cfg.validate()?;
+        train_cfg.validate()?;
+        let task = Task::new(task_cfg, train_cfg.seed, train_cfg.n_eval)?;
+        check_compatible(&model_cfg, &task)?;
+        let device = Device::Cpu;
+        let store = ParamStore::new(
+            derive_seed(train_cfg.seed, STREAM_INIT, 0),
+            DType::F32,
+            device.clone(),
+        );
+        if let Some((dir, meta)) = resume {
+            store.insert(load_safetensors(&dir.join(&meta.weights), &device)?)?;
+        }
+        let model = Transformer::new(&model_cfg, &store)?;
+        let mut opt = AdamW::new(
+            store.vars(),
+            train_cfg.beta1,
+            train_cfg.beta2,
+            train_cfg.eps,
+            train_cfg.weight_decay,
+        )?;
+        let mut step = 0;
+        if let Some((dir, meta)) = resume {
+            opt.load_state(
+                &load_safetensors(&dir.join(&meta.optimizer), &device)?,
+                meta.step,
+            )?;
+            step = meta.step;
+        }
+        Ok(Self {
+            model,
+            store,
+            opt,
+            task,
+            model_cfg,
+            train_cfg,
+            step,
+            device,
+        })
+    }
+
+    /// Continue from the checkpoint in `dir`; `steps` (if given) replaces the
+    /// total number of steps to train for.
+    pub fn resume(dir: &Path, steps: Option<u64>) -> Result<Self> {
+        let meta = CheckpointMeta::read(dir)?;
+        let mut train = meta.train.clone();
+        if let Some(s) = steps {
+            train.steps = s;
+        }
+        Self::build(
+            meta.model.clone(),
+            meta.task.clone(),
+            train,
+            Some((dir, &meta)),
+        )
+    }
+
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let c = &self.train_cfg;
+        learning_rate(c.schedule, c.lr, step, c.warmup, c.steps, c.min_lr_ratio)
+    }
+
+    /// One optimisation step on batch number `self.step`.
+    pub fn train_step(&mut self) -> Result<StepInfo> {
+        let c = &self.train_cfg;
+        let batch = self
+            .task
+            .train_batch(self.step, c.batch_size, &self.device)?;
+        self.model
+            .set_train_seed(Some(derive_seed(c.seed, STREAM_DROPOUT, self.step)));
+        let loss = batch_loss(&self.model, &batch, c.label_smoothing)?;
+        let grads = loss.backward()?;
+        let norm = self.opt.grad_norm(&grads)?;
+        let scale = if c.clip > 0.0 && norm > c.clip {
+            c.clip / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        let lr = self.lr_at(self.step + 1);
+        self.opt.step(&grads, lr, scale)?;
+        self.step += 1;
+        self.model.set_train_seed(None);
+        Ok(StepInfo {
+            step: self.step,
+            loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            lr,
+            grad_norm: norm,
+            tokens: batch.n_tokens(),
+        })
+    }
+
+    /// Write a checkpoint to `dir` (created if needed).
+    pub fn save(&self, dir: &Path, metrics: serde_json::Value) -> Result<PathBuf> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+        let weights = format!("model-{:08}.safetensors", self.step);
+        let optimizer = format!("optim-{:08}.safetensors", self.step);
+        self.store.save(&dir.join(&weights))?;
+        let opt_map: std::collections::HashMap<String, Tensor> =
+            self.opt.state_tensors().into_iter().collect();
+        let opt_path = dir.join(&optimizer);
+        crate::util::write_atomic_with(&opt_path, |tmp| {
+            candle_core::safetensors::save(&opt_map, tmp).map_err(|e| Error::file(tmp, e))
+        })?;
+        let meta = CheckpointMeta {
+            format: FORMAT.into(),
+            step: self.step,
+            model: self.model_cfg.clone(),
+            task: self.task.cfg.clone(),
+            train: self.train_cfg.clone(),
+            weights: weights.clone(),
+            optimizer: optimizer.clone(),
+            metrics,
+        };
+        let json = serde_json::to_string_pretty(&meta).map_err(|e| Error::msg(e.to_string()))?;
+        let path = dir.join("checkpoint.json");
+        write_atomic(&path, json.as_bytes())?;
+        // Only now that checkpoint.json points at the new files, drop old ones.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let ours = name.starts_with("model-") || name.starts_with("optim-");
+                if ours && name.ends_with(".safetensors") && name != weights && name != optimizer {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(path)
+    }
+}
+
+/// The task decides the model shape it needs.
+pub fn check_compatible(cfg: &ModelConfig, task: &Task) -> Result<()> {
+    if task.is_seq2seq() && cfg.shape != Shape::EncoderDecoder {
+        return Err(Error::config(
+            "shape",
+            format!(
+                "task `{}` needs an `encoder_decoder` model",
+                task.cfg.name()
+            ),
+        ));
+    }
+    if !task.is_seq2seq() && cfg.shape != Shape::Decoder {
+        return Err(Error::config(
+            "shape",
+            format!("task `{}` needs a `decoder` model", task.cfg.name()),
+        ));
+    }
+    if cfg.vocab_size < task.vocab_size() {
+        return Err(Error::config(
+            "vocab_size",
+            format!(
+                "({}) is smaller than the task's vocabulary ({})",
+                cfg.vocab_size,
+                task.vocab_size()
+            ),
+        ));
+    }
+    if cfg.max_len < task.max_positions() {
+        return Err(Error::config(
+            "max_len",
+            format!(
+                "({}) is shorter than the task's sequences ({})",
+                cfg.max_len,
+                task.max_positions()
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -16,6 +16,7 @@
 //! | decoding | [`decode`] |
 //! | learning | [`train`], [`tasks`] |
 //! | evidence | [`eval`] |
+//! | speed | [`kernels`] |
 
 pub mod attention;
 pub mod cache;
@@ -24,6 +25,7 @@ pub mod decode;
 pub mod error;
 pub mod eval;
 pub mod ffn;
+pub mod kernels;
 pub mod model;
 pub mod nn;
 pub mod norm;

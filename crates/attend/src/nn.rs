@@ -7,7 +7,7 @@
 //! seed always builds the same model.
 
 use crate::error::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
@@ -275,19 +275,12 @@ impl Dropout {
     }
 }
 
-/// Numerically stable softmax over the last dimension, built from primitive
-/// ops so that autograd flows through it.
+/// Softmax over the last dimension (fused kernel, differentiable).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&s)?)
+    Ok(crate::kernels::softmax_last(x)?)
 }
 
-/// log-softmax over the last dimension.
+/// log-softmax over the last dimension (fused kernel, differentiable).
 pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
+    Ok(crate::kernels::log_softmax_last(x)?)
 }

@@ -3,7 +3,7 @@
 use crate::config::NormKind;
 use crate::error::Result;
 use crate::nn::{Builder, Init};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 #[derive(Clone, Debug)]
 pub struct Norm {
@@ -31,16 +31,8 @@ impl Norm {
     /// x: (..., d) -> (..., d), normalised over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = match self.kind {
-            NormKind::Layernorm => {
-                let mean = x.mean_keepdim(D::Minus1)?;
-                let xc = x.broadcast_sub(&mean)?;
-                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-                xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
-            }
-            NormKind::Rmsnorm => {
-                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-                x.broadcast_div(&(ms + self.eps)?.sqrt()?)?
-            }
+            NormKind::Layernorm => crate::kernels::layer_normalize(x, self.eps)?,
+            NormKind::Rmsnorm => crate::kernels::rms_normalize(x, self.eps)?,
         };
         let x = x.broadcast_mul(&self.weight)?;
         Ok(match &self.bias {

@@ -1,0 +1,354 @@
+//! Fused CPU kernels behind the same interfaces as the composed tensor ops
+//! they replace. candle builds softmax and norms out of 5–9 primitive ops,
+//! each allocating a full tensor (and twice as many again in the backward
+//! pass); these do one pass over each row, forward and backward.
+//!
+//! Every kernel is tested against its composed form (values and gradients)
+//! in `tests/kernels.rs`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Rows below this many elements in total run on one thread.
+const PAR_MIN: usize = 1 << 15;
+
+fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("fused kernel input must be contiguous"),
+    }
+}
+
+/// Apply `f(src_row, dst_row)` to every row of the last dimension.
+fn map_rows<T: Send + Sync + Copy + Default>(
+    src: &[T],
+    n: usize,
+    f: impl Fn(&[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut dst = vec![T::default(); src.len()];
+    if src.len() >= PAR_MIN {
+        src.par_chunks(n)
+            .zip(dst.par_chunks_mut(n))
+            .for_each(|(s, d)| f(s, d));
+    } else {
+        src.chunks(n)
+            .zip(dst.chunks_mut(n))
+            .for_each(|(s, d)| f(s, d));
+    }
+    dst
+}
+
+/// As `map_rows` with a second input of the same shape.
+fn map_rows2<T: Send + Sync + Copy + Default>(
+    a: &[T],
+    b: &[T],
+    n: usize,
+    f: impl Fn(&[T], &[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut dst = vec![T::default(); a.len()];
+    if a.len() >= PAR_MIN {
+        a.par_chunks(n)
+            .zip(b.par_chunks(n))
+            .zip(dst.par_chunks_mut(n))
+            .for_each(|((x, y), d)| f(x, y, d));
+    } else {
+        a.chunks(n)
+            .zip(b.chunks(n))
+            .zip(dst.chunks_mut(n))
+            .for_each(|((x, y), d)| f(x, y, d));
+    }
+    dst
+}
+
+macro_rules! dispatch1 {
+    ($storage:expr, $layout:expr, $body:ident) => {
+        match $storage {
+            CpuStorage::F32(s) => Ok((
+                CpuStorage::F32($body::<f32>(contiguous(s, $layout)?, $layout)?),
+                $layout.shape().clone(),
+            )),
+            CpuStorage::F64(s) => Ok((
+                CpuStorage::F64($body::<f64>(contiguous(s, $layout)?, $layout)?),
+                $layout.shape().clone(),
+            )),
+            other => candle_core::bail!("fused kernel: unsupported dtype {:?}", other.dtype()),
+        }
+    };
+}
+
+macro_rules! dispatch2 {
+    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => Ok((
+                CpuStorage::F32($body(contiguous(a, $l1)?, contiguous(b, $l2)?, $l1)?),
+                $l1.shape().clone(),
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => Ok((
+                CpuStorage::F64($body(contiguous(a, $l1)?, contiguous(b, $l2)?, $l1)?),
+                $l1.shape().clone(),
+            )),
+            _ => candle_core::bail!("fused kernel: unsupported or mismatched dtypes"),
+        }
+    };
+}
+
+fn last_dim(l: &Layout) -> usize {
+    *l.dims().last().unwrap_or(&1)
+}
+
+// ---------------------------------------------------------------- softmax
+
+/// y = softmax(x) over the last dimension.
+struct Softmax;
+
+fn softmax_rows<T: Float + Send + Sync + Default>(x: &[T], l: &Layout) -> Result<Vec<T>> {
+    Ok(map_rows(x, last_dim(l), |s, d| {
+        let max = s.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+        let mut sum = T::zero();
+        for (o, &v) in d.iter_mut().zip(s) {
+            *o = (v - max).exp();
+            sum = sum + *o;
+        }
+        let inv = T::one() / sum;
+        d.iter_mut().for_each(|o| *o = *o * inv);
+    }))
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "attend-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch1!(s, l, softmax_rows)
+    }
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+/// dx = y ⊙ (g - Σ g ⊙ y)
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "attend-softmax-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn f<T: Float + Send + Sync + Default>(y: &[T], g: &[T], l: &Layout) -> Result<Vec<T>> {
+            Ok(map_rows2(y, g, last_dim(l), |y, g, d| {
+                let dot = y.iter().zip(g).fold(T::zero(), |a, (&y, &g)| a + y * g);
+                for ((o, &y), &g) in d.iter_mut().zip(y).zip(g) {
+                    *o = y * (g - dot);
+                }
+            }))
+        }
+        dispatch2!(s1, l1, s2, l2, f)
+    }
+}
+
+/// Softmax over the last dimension. x: (..., n) -> (..., n)
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+// ------------------------------------------------------------ log-softmax
+
+struct LogSoftmax;
+
+fn log_softmax_rows<T: Float + Send + Sync + Default>(x: &[T], l: &Layout) -> Result<Vec<T>> {
+    Ok(map_rows(x, last_dim(l), |s, d| {
+        let max = s.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+        let sum = s.iter().fold(T::zero(), |a, &v| a + (v - max).exp());
+        let lse = max + sum.ln();
+        for (o, &v) in d.iter_mut().zip(s) {
+            *o = v - lse;
+        }
+    }))
+}
+
+impl CustomOp1 for LogSoftmax {
+    fn name(&self) -> &'static str {
+        "attend-log-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch1!(s, l, log_softmax_rows)
+    }
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &LogSoftmaxBwd)?))
+    }
+}
+
+/// dx = g - exp(y) Σ g
+struct LogSoftmaxBwd;
+
+impl CustomOp2 for LogSoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "attend-log-softmax-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn f<T: Float + Send + Sync + Default>(y: &[T], g: &[T], l: &Layout) -> Result<Vec<T>> {
+            Ok(map_rows2(y, g, last_dim(l), |y, g, d| {
+                let sum = g.iter().fold(T::zero(), |a, &g| a + g);
+                for ((o, &y), &g) in d.iter_mut().zip(y).zip(g) {
+                    *o = g - y.exp() * sum;
+                }
+            }))
+        }
+        dispatch2!(s1, l1, s2, l2, f)
+    }
+}
+
+/// log-softmax over the last dimension. x: (..., n) -> (..., n)
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(LogSoftmax)
+}
+
+// ------------------------------------------------------------------ norms
+
+/// Normalisation without the affine part: LayerNorm y = (x - μ) / √(σ² + ε),
+/// RMSNorm y = x / √(mean(x²) + ε), over the last dimension.
+#[derive(Clone, Copy)]
+struct Normalize {
+    center: bool,
+    eps: f64,
+}
+
+impl Normalize {
+    /// (mean, 1/std) of one row.
+    fn stats<T: Float>(&self, x: &[T]) -> (T, T) {
+        let n = T::from(x.len()).unwrap();
+        let mean = if self.center {
+            x.iter().fold(T::zero(), |a, &v| a + v) / n
+        } else {
+            T::zero()
+        };
+        let var = x
+            .iter()
+            .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
+            / n;
+        (mean, T::one() / (var + T::from(self.eps).unwrap()).sqrt())
+    }
+}
+
+impl CustomOp1 for Normalize {
+    fn name(&self) -> &'static str {
+        "attend-normalize"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        match s {
+            CpuStorage::F32(x) => Ok((
+                CpuStorage::F32(norm_rows(*self, contiguous(x, l)?, l)),
+                l.shape().clone(),
+            )),
+            CpuStorage::F64(x) => Ok((
+                CpuStorage::F64(norm_rows(*self, contiguous(x, l)?, l)),
+                l.shape().clone(),
+            )),
+            other => candle_core::bail!("fused kernel: unsupported dtype {:?}", other.dtype()),
+        }
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &NormalizeBwd(*self),
+        )?))
+    }
+}
+
+fn norm_rows<T: Float + Send + Sync + Default>(op: Normalize, x: &[T], l: &Layout) -> Vec<T> {
+    map_rows(x, last_dim(l), |s, d| {
+        let (mean, inv) = op.stats(s);
+        for (o, &v) in d.iter_mut().zip(s) {
+            *o = (v - mean) * inv;
+        }
+    })
+}
+
+/// dx = inv · (g - mean(g)·[center] - y · mean(g ⊙ y)), y recomputed from x.
+struct NormalizeBwd(Normalize);
+
+impl CustomOp2 for NormalizeBwd {
+    fn name(&self) -> &'static str {
+        "attend-normalize-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.0;
+        match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => Ok((
+                CpuStorage::F32(norm_bwd_rows(
+                    op,
+                    contiguous(a, l1)?,
+                    contiguous(b, l2)?,
+                    l1,
+                )),
+                l1.shape().clone(),
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => Ok((
+                CpuStorage::F64(norm_bwd_rows(
+                    op,
+                    contiguous(a, l1)?,
+                    contiguous(b, l2)?,
+                    l1,
+                )),
+                l1.shape().clone(),
+            )),
+            _ => candle_core::bail!("fused kernel: unsupported or mismatched dtypes"),
+        }
+    }
+}
+
+fn norm_bwd_rows<T: Float + Send + Sync + Default>(
+    op: Normalize,
+    x: &[T],
+    g: &[T],
+    l: &Layout,
+) -> Vec<T> {
+    map_rows2(x, g, last_dim(l), |x, g, d| {
+        let n = T::from(x.len()).unwrap();
+        let (mean, inv) = op.stats(x);
+        let g_mean = if op.center {
+            g.iter().fold(T::zero(), |a, &v| a + v) / n
+        } else {
+            T::zero()
+        };
+        let gy_mean = x
+            .iter()
+            .zip(g)
+            .fold(T::zero(), |a, (&x, &g)| a + g * (x - mean) * inv)
+            / n;
+        for ((o, &x), &g) in d.iter_mut().zip(x).zip(g) {
+            let y = (x - mean) * inv;
+            *o = inv * (g - g_mean - y * gy_mean);
+        }
+    })
+}
+
+/// (x - mean) / √(var + ε) over the last dimension (LayerNorm without affine).
+pub fn layer_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Normalize { center: true, eps })
+}
+
+/// x / √(mean(x²) + ε) over the last dimension (RMSNorm without affine).
+pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Normalize { center: false, eps })
+}

@@ -1,0 +1,137 @@
+//! Fused kernels against the composed tensor ops they replace: values and
+//! gradients (through candle's autograd of the composed form).
+
+use attend::kernels;
+use candle_core::{DType, Device, Tensor, Var, D};
+
+fn composed_softmax(x: &Tensor) -> Tensor {
+    let e = x
+        .broadcast_sub(&x.max_keepdim(D::Minus1).unwrap())
+        .unwrap()
+        .exp()
+        .unwrap();
+    e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+}
+
+fn composed_log_softmax(x: &Tensor) -> Tensor {
+    let s = x.broadcast_sub(&x.max_keepdim(D::Minus1).unwrap()).unwrap();
+    s.broadcast_sub(
+        &s.exp()
+            .unwrap()
+            .sum_keepdim(D::Minus1)
+            .unwrap()
+            .log()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn composed_norm(x: &Tensor, center: bool, eps: f64) -> Tensor {
+    let xc = if center {
+        x.broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap())
+            .unwrap()
+    } else {
+        x.clone()
+    };
+    let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    xc.broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+        .unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Compare fused vs composed on values and on the gradient of a random
+/// weighted sum, for shapes below and above the parallel threshold.
+fn check(fused: impl Fn(&Tensor) -> Tensor, composed: impl Fn(&Tensor) -> Tensor, name: &str) {
+    for (rows, n) in [(3usize, 7usize), (256, 200)] {
+        for dtype in [DType::F32, DType::F64] {
+            let x = Var::from_tensor(
+                &(Tensor::randn(0f32, 3.0, (rows, n), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()),
+            )
+            .unwrap();
+            let w = Tensor::randn(0f32, 1.0, (rows, n), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let yf = fused(x.as_tensor());
+            let yc = composed(x.as_tensor());
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+            assert!(
+                max_diff(&yf, &yc) < tol,
+                "{name} {dtype:?} values: {}",
+                max_diff(&yf, &yc)
+            );
+            let gf = (yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (yc * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gf, gc) = (
+                gf.get(x.as_tensor()).unwrap(),
+                gc.get(x.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_diff(gf, gc) < tol * 10.0,
+                "{name} {dtype:?} grads: {}",
+                max_diff(gf, gc)
+            );
+        }
+    }
+}
+
+#[test]
+fn softmax_matches_composed() {
+    check(
+        |x| kernels::softmax_last(x).unwrap(),
+        composed_softmax,
+        "softmax",
+    );
+}
+
+#[test]
+fn log_softmax_matches_composed() {
+    check(
+        |x| kernels::log_softmax_last(x).unwrap(),
+        composed_log_softmax,
+        "log_softmax",
+    );
+}
+
+#[test]
+fn norms_match_composed() {
+    check(
+        |x| kernels::layer_normalize(x, 1e-5).unwrap(),
+        |x| composed_norm(x, true, 1e-5),
+        "layernorm",
+    );
+    check(
+        |x| kernels::rms_normalize(x, 1e-6).unwrap(),
+        |x| composed_norm(x, false, 1e-6),
+        "rmsnorm",
+    );
+}
+
+#[test]
+fn kernels_accept_non_contiguous_inputs() {
+    let x = Tensor::randn(0f32, 1.0, (5, 6), &Device::Cpu).unwrap();
+    let xt = x.t().unwrap();
+    assert!(
+        max_diff(
+            &kernels::softmax_last(&xt).unwrap(),
+            &composed_softmax(&xt.contiguous().unwrap())
+        ) < 1e-6
+    );
+}

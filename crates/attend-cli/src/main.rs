@@ -23,6 +23,12 @@ Start with `attend demo`, then `attend train --task reverse --out runs/rev` and 
 `attend eval --checkpoint runs/rev`."
 )]
 struct Cli {
+    /// Threads. Training splits each batch into this many shards, one per
+    /// thread (data parallel); each shard's tensor ops run single-threaded,
+    /// since at these model sizes candle's per-op thread barrier costs more
+    /// than a second core saves (BENCHMARKS.md). Default: all cores.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -30,7 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train a model from scratch on a built-in task (copy, reverse, mqar, text).
-    Train(train_cmd::TrainArgs),
+    Train(Box<train_cmd::TrainArgs>),
     /// Evaluate a checkpoint on its task's held-out set.
     Eval(train_cmd::EvalArgs),
     /// Decode from a checkpoint: greedy, sampling or beam search.
@@ -43,8 +49,16 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    // candle reads this once, at its first tensor op: ops run on the calling
+    // thread, and parallelism comes from the shards.
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
+    train_cmd::THREADS.store(threads, std::sync::atomic::Ordering::Relaxed);
     let result: Result<()> = match cli.cmd {
-        Cmd::Train(a) => train_cmd::train(a).context("train failed"),
+        Cmd::Train(a) => train_cmd::train(*a).context("train failed"),
         Cmd::Eval(a) => train_cmd::eval(a).context("eval failed"),
         Cmd::Sample(a) => train_cmd::sample(a).context("sample failed"),
         Cmd::Demo(a) => train_cmd::demo(a).context("demo failed"),

@@ -16,6 +16,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// `--threads`, set once by `main`.
+pub static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+fn threads() -> usize {
+    THREADS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Parse a flag value with the same names the JSON config uses.
 fn parse_enum<T: DeserializeOwned>(s: &str) -> std::result::Result<T, String> {
     serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|e| e.to_string())
@@ -24,12 +31,13 @@ fn parse_enum<T: DeserializeOwned>(s: &str) -> std::result::Result<T, String> {
 #[derive(Args, Clone)]
 pub struct TrainArgs {
     /// Task: copy | reverse (encoder–decoder), mqar | text (decoder).
-    #[arg(long)]
-    task: String,
+    #[arg(long, required_unless_present = "resume")]
+    task: Option<String>,
     /// Where checkpoints go.
     #[arg(long)]
     out: PathBuf,
     /// Continue from the checkpoint in --out (same data, same optimizer state).
+    /// The configuration comes from the checkpoint; only --steps may change it.
     #[arg(long)]
     resume: bool,
     /// Model configuration JSON (fields as in `ModelConfig`); flags below override it.
@@ -77,6 +85,10 @@ pub struct TrainArgs {
     /// Held-out examples to evaluate on.
     #[arg(long, help_heading = "Training")]
     n_eval: Option<usize>,
+    /// Also evaluate on the held-out set every N steps (and before the first);
+    /// the figures go into the progress output and `--json`'s "history".
+    #[arg(long, default_value_t = 0, help_heading = "Training")]
+    eval_every: u64,
     /// Stop after this step, as if interrupted (the schedule still spans --steps).
     #[arg(long, hide = true)]
     stop_after: Option<u64>,
@@ -144,7 +156,8 @@ pub struct TrainArgs {
 
 /// Resolve the preset for the task, then the config file, then flags.
 fn resolve(a: &TrainArgs) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
-    let (mut m, mut t, mut tr) = preset(&a.task)?;
+    let task = a.task.as_deref().context("--task is required")?;
+    let (mut m, mut t, mut tr) = preset(task)?;
     if let Some(path) = &a.config {
         m = ModelConfig::from_file(path)?;
     }
@@ -241,36 +254,71 @@ fn progress(total: u64, start: u64, label: &str) -> ProgressBar {
     pb
 }
 
-/// Train to completion (or `stop_after`), checkpointing into `out`.
-/// Returns (last step info, tokens/s, seconds).
+/// What a training run reports.
+struct RunReport {
+    last: Option<StepInfo>,
+    tokens_per_sec: f64,
+    seconds: f64,
+    /// Held-out metrics every `eval_every` steps: {"step", "eval"}.
+    history: Vec<serde_json::Value>,
+}
+
+/// Train to completion (or `stop_after`), checkpointing into `out`; with
+/// `eval_every` > 0, evaluate on the held-out set along the way (not timed).
 fn run_training(
     tr: &mut Trainer,
     out: &Path,
     stop_after: Option<u64>,
+    eval_every: u64,
     label: &str,
-) -> Result<(Option<StepInfo>, f64, f64)> {
+) -> Result<RunReport> {
     let total = tr.train_cfg.steps;
     let until = stop_after.unwrap_or(total).min(total);
     let pb = progress(total, tr.step, label);
-    let start = Instant::now();
     let (mut tokens, mut last, mut ema) = (0usize, None, None::<f64>);
+    let mut history = vec![];
+    let mut train_time = std::time::Duration::ZERO;
+    let eval_point = |tr: &Trainer, history: &mut Vec<serde_json::Value>| -> Result<()> {
+        let m = evaluate(&tr.model, &tr.task, &EvalOptions::default())?;
+        let line = format!("step {}: held-out {}", tr.step, format_metrics(&m));
+        if pb.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            pb.println(line);
+        }
+        history.push(serde_json::json!({ "step": tr.step, "eval": m }));
+        Ok(())
+    };
+    if eval_every > 0 && tr.step == 0 {
+        eval_point(tr, &mut history)?;
+    }
     while tr.step < until {
+        let start = Instant::now();
         let info = tr.train_step()?;
+        train_time += start.elapsed();
         tokens += info.tokens;
         let e = ema.map_or(info.loss, |e| 0.9 * e + 0.1 * info.loss);
         ema = Some(e);
-        let tps = tokens as f64 / start.elapsed().as_secs_f64();
+        let tps = tokens as f64 / train_time.as_secs_f64();
         pb.set_position(info.step);
         pb.set_message(format!("loss {e:.4} | {:.1}k tok/s", tps / 1e3));
         let every = tr.train_cfg.checkpoint_every;
-        if every > 0 && info.step % every == 0 && info.step < until {
+        if every > 0 && info.step.is_multiple_of(every) && info.step < until {
             tr.save(out, serde_json::json!({ "train_loss": info.loss }))?;
         }
         last = Some(info);
+        if eval_every > 0 && tr.step.is_multiple_of(eval_every) && tr.step < total {
+            eval_point(tr, &mut history)?;
+        }
     }
     pb.finish_and_clear();
-    let secs = start.elapsed().as_secs_f64();
-    Ok((last, tokens as f64 / secs.max(1e-9), secs))
+    let seconds = train_time.as_secs_f64();
+    Ok(RunReport {
+        last,
+        tokens_per_sec: tokens as f64 / seconds.max(1e-9),
+        seconds,
+        history,
+    })
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
@@ -281,6 +329,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         let (m, t, c) = resolve(&a)?;
         Trainer::new(m, t, c)?
     };
+    tr.shards = threads();
     if !a.json {
         eprintln!(
             "training {} on `{}`: {} parameters, {} steps of {} (from step {})",
@@ -292,7 +341,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
             tr.step
         );
     }
-    let (last, tps, secs) = run_training(&mut tr, &a.out, a.stop_after, "train")?;
+    let RunReport {
+        last,
+        tokens_per_sec: tps,
+        seconds: secs,
+        history,
+    } = run_training(&mut tr, &a.out, a.stop_after, a.eval_every, "train")?;
     let metrics = if a.no_eval || tr.step < tr.train_cfg.steps {
         None
     } else {
@@ -306,6 +360,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         "tokens_per_sec": tps,
         "seconds": secs,
         "eval": metrics,
+        "history": history,
         "checkpoint": a.out,
     });
     tr.save(&a.out, summary.clone())?;
@@ -611,6 +666,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     for task in ["reverse", "mqar"] {
         let (m, t, c) = preset(task)?;
         let mut tr = Trainer::new(m, t, c)?;
+        tr.shards = threads();
         if !a.json {
             println!(
                 "== {task}: {} ({} parameters), {} steps of {}",
@@ -621,7 +677,12 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             );
         }
         let out = a.out.join(task);
-        let (last, tps, secs) = run_training(&mut tr, &out, None, task)?;
+        let RunReport {
+            last,
+            tokens_per_sec: tps,
+            seconds: secs,
+            ..
+        } = run_training(&mut tr, &out, None, 0, task)?;
         let opts = EvalOptions {
             beam: (task == "reverse").then_some((4, 0.6)),
             ..Default::default()

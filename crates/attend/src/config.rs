@@ -121,6 +121,11 @@ impl Default for ModelConfig {
     }
 }
 
+/// `x > 0`, false for NaN: the check every positive float setting needs.
+pub fn is_positive(x: f64) -> bool {
+    x > 0.0
+}
+
 impl ModelConfig {
     pub fn kv_heads(&self) -> usize {
         self.n_kv_heads.unwrap_or(self.n_heads)
@@ -168,7 +173,7 @@ impl ModelConfig {
         positive("d_ff", self.d_ff)?;
         positive("vocab_size", self.vocab_size)?;
         positive("max_len", self.max_len)?;
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "d_model",
                 format!(
@@ -179,7 +184,7 @@ impl ModelConfig {
         }
         let kv = self.kv_heads();
         positive("n_kv_heads", kv)?;
-        if self.n_heads % kv != 0 {
+        if !self.n_heads.is_multiple_of(kv) {
             return Err(Error::config(
                 "n_heads",
                 format!("({}) must be divisible by n_kv_heads ({kv})", self.n_heads),
@@ -210,17 +215,17 @@ impl ModelConfig {
             }
         }
         if self.position == PositionKind::Rope {
-            if self.head_dim() % 2 != 0 {
+            if !self.head_dim().is_multiple_of(2) {
                 return Err(Error::config(
                     "position",
                     format!("rope needs an even head dimension, got {}", self.head_dim()),
                 ));
             }
-            if !(self.rope_theta > 0.0) {
+            if !is_positive(self.rope_theta) {
                 return Err(Error::config("rope_theta", "must be positive"));
             }
         }
-        if self.position == PositionKind::Sinusoidal && self.d_model % 2 != 0 {
+        if self.position == PositionKind::Sinusoidal && !self.d_model.is_multiple_of(2) {
             return Err(Error::config(
                 "d_model",
                 "sinusoidal positions need an even d_model",
@@ -229,7 +234,7 @@ impl ModelConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(Error::config("dropout", "must be in [0, 1)"));
         }
-        if !(self.norm_eps > 0.0) {
+        if !is_positive(self.norm_eps) {
             return Err(Error::config("norm_eps", "must be positive"));
         }
         Ok(())

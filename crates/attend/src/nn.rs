@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 /// How a fresh parameter is initialised.
 #[derive(Clone, Copy, Debug)]
@@ -231,47 +231,55 @@ impl Embedding {
     }
 }
 
-/// Inverted dropout with its own seeded RNG, shared by every layer of a model.
-/// Identity unless an RNG is installed (`train_mode(Some(seed))`).
-#[derive(Clone, Debug, Default)]
+thread_local! {
+    /// The dropout RNG of this thread: `Some` while training. Thread-local so
+    /// that data-parallel shards draw independent, reproducible masks.
+    static DROPOUT_RNG: std::cell::RefCell<Option<ChaCha8Rng>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Turn dropout on for the current thread with masks drawn from `seed`
+/// (training), or off with `None` (evaluation).
+pub fn set_dropout_seed(seed: Option<u64>) {
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = seed.map(ChaCha8Rng::seed_from_u64));
+}
+
+/// Inverted dropout: identity unless this thread is training
+/// (`set_dropout_seed(Some(..))`).
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Dropout {
     pub p: f64,
-    rng: Arc<Mutex<Option<ChaCha8Rng>>>,
 }
 
 impl Dropout {
     pub fn new(p: f64) -> Self {
-        Self {
-            p,
-            rng: Arc::new(Mutex::new(None)),
-        }
-    }
-
-    /// `Some(seed)`: training, masks drawn from this seed; `None`: evaluation.
-    pub fn set_seed(&self, seed: Option<u64>) {
-        *self.rng.lock().unwrap() = seed.map(ChaCha8Rng::seed_from_u64);
+        Self { p }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.p == 0.0 {
             return Ok(x.clone());
         }
-        let mut guard = self.rng.lock().unwrap();
-        let Some(rng) = guard.as_mut() else {
-            return Ok(x.clone());
-        };
         let keep = 1.0 - self.p;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.random::<f64>() < keep {
-                    (1.0 / keep) as f32
-                } else {
-                    0.0
-                }
+        let mask: Option<Vec<f32>> = DROPOUT_RNG.with(|r| {
+            r.borrow_mut().as_mut().map(|rng| {
+                (0..x.elem_count())
+                    .map(|_| {
+                        if rng.random::<f64>() < keep {
+                            (1.0 / keep) as f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
             })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok((x * mask)?)
+        });
+        match mask {
+            None => Ok(x.clone()),
+            Some(mask) => {
+                let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+                Ok((x * mask)?)
+            }
+        }
     }
 }
 

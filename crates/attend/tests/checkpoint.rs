@@ -181,3 +181,28 @@ fn broken_checkpoints_give_clear_errors() {
     assert!(e.contains("checkpoint.json"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn data_parallel_shards_give_the_same_training() {
+    // dropout off: shards then differ from one thread only in the order of sums
+    let (m, t, c) = small_reverse();
+    let m = ModelConfig { dropout: 0.0, ..m };
+    let mut one = Trainer::new(m.clone(), t.clone(), c.clone()).unwrap();
+    let mut two = Trainer::new(m, t, c).unwrap();
+    two.shards = 3;
+    for _ in 0..6 {
+        let (a, b) = (one.train_step().unwrap(), two.train_step().unwrap());
+        assert!(
+            (a.loss - b.loss).abs() < 1e-5 * a.loss.abs(),
+            "{} vs {}",
+            a.loss,
+            b.loss
+        );
+        assert!(
+            (a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm,
+            "{} vs {}",
+            a.grad_norm,
+            b.grad_norm
+        );
+    }
+}

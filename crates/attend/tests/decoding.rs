@@ -98,10 +98,10 @@ fn batched_greedy_equals_one_at_a_time() {
     let src = random_ids(&mut rng(7), 3, 6, cfg.vocab_size);
     let memory = model.encode(&src, None).unwrap();
     let batched = greedy_batch(&model, &memory, 1, 2, 8).unwrap();
-    for i in 0..3 {
+    for (i, want) in batched.iter().enumerate() {
         let m1 = model.encode(&src.narrow(0, i, 1).unwrap(), None).unwrap();
         let one = greedy_batch(&model, &m1, 1, 2, 8).unwrap();
-        assert_eq!(one[0], batched[i]);
+        assert_eq!(&one[0], want);
     }
 }
 

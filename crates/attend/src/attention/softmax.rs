@@ -4,7 +4,7 @@
 //!
 //! * `naive`   — the textbook formula in plain loops (reference for tests);
 //! * `forward` — batched tensor form, used for whole sequences and for decode
-//!               steps alike (a decode step is a forward over the KV cache);
+//!   steps alike (a decode step is a forward over the KV cache);
 //! * `KvCache` — the decode state; `state_bytes` is its real buffer size.
 
 use crate::error::Result;
@@ -75,6 +75,7 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Res
 }
 
 /// The quadratic textbook form, one score at a time, in f64.
+#[allow(clippy::needless_range_loop)] // indices mirror the formula
 /// q: [b][h][tq][d], k/v: [b][h_kv][tk][d]; `allowed(b, i, j)` says whether
 /// query i may see key j; `bias(h, i, j)` is added to the score.
 pub fn naive(

@@ -32,7 +32,7 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
-        if !(self.temperature >= 0.0) {
+        if self.temperature.is_nan() || self.temperature < 0.0 {
             return Err(Error::config(
                 "temperature",
                 "must be 0 (greedy) or positive",

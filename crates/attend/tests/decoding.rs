@@ -139,3 +139,38 @@ fn decoder_is_causal_and_encoder_is_not() {
     );
     assert!(max_abs_diff(&ea.narrow(1, 0, 1).unwrap(), &eb.narrow(1, 0, 1).unwrap()) > 1e-5);
 }
+
+#[test]
+fn generation_runs_past_the_context_by_sliding() {
+    let cfg = attend::ModelConfig {
+        max_len: 8,
+        ..variants(Shape::Decoder).remove(6)
+    };
+    let (model, _) = build(&cfg, 5, DType::F32);
+    let mut sampler = Sampler::new(SamplingParams::default()).unwrap();
+    let out = generate(&model, &[1, 2, 3], None, 20, &mut sampler, None, |_| Ok(())).unwrap();
+    assert_eq!(out.len(), 20);
+    // seq[8] fills the context; the token after it is what a fresh pass over
+    // the kept half-context seq[5..9] predicts
+    let mut seq = vec![1u32, 2, 3];
+    seq.extend(&out);
+    let kept = &seq[5..9];
+    let ids = Tensor::new(kept, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let want = model
+        .decode(&ids, None)
+        .unwrap()
+        .narrow(1, 3, 1)
+        .unwrap()
+        .argmax(D::Minus1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()[0];
+    assert_eq!(seq[9], want);
+    let long: Vec<u32> = (0..9).collect();
+    assert!(generate(&model, &long, None, 1, &mut sampler, None, |_| Ok(())).is_err());
+}

@@ -110,6 +110,8 @@ pub fn argmax(v: &[f32]) -> u32 {
 
 /// Continue `prompt` (one sequence) by up to `max_new` tokens, stopping after
 /// `stop`; `on_token` sees each token as it is produced (for streaming).
+/// When the sequence fills the model's context (`max_len`), the state is
+/// rebuilt from the most recent half of the context and generation goes on.
 pub fn generate(
     model: &Transformer,
     prompt: &[u32],
@@ -119,16 +121,21 @@ pub fn generate(
     stop: Option<u32>,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
+    let max_len = model.cfg.max_len;
     if prompt.is_empty() {
         return Err(Error::msg("the prompt is empty"));
     }
+    if prompt.len() > max_len {
+        return Err(Error::msg(format!(
+            "the prompt has {} tokens, more than the model's context of {max_len}",
+            prompt.len()
+        )));
+    }
     let dev = model.embed.table.device();
     let mut state = model.new_state(memory)?;
-    let ids = Tensor::new(prompt, dev)?.unsqueeze(0)?;
-    let mut logits = model.step(&ids, &mut state)?;
-    let mut out = vec![];
-    let limit = max_new.min(model.cfg.max_len.saturating_sub(prompt.len()) + 1);
-    for _ in 0..limit {
+    let mut logits = model.step(&Tensor::new(prompt, dev)?.unsqueeze(0)?, &mut state)?;
+    let mut seq = prompt.to_vec();
+    for _ in 0..max_new {
         let t = logits.dim(1)?;
         let row: Vec<f32> = logits
             .narrow(1, t - 1, 1)?
@@ -136,14 +143,20 @@ pub fn generate(
             .to_dtype(DType::F32)?
             .to_vec1()?;
         let next = sampler.sample(&row);
-        out.push(next);
+        seq.push(next);
         on_token(next)?;
-        if Some(next) == stop || state.pos >= model.cfg.max_len {
+        if Some(next) == stop {
             break;
         }
-        logits = model.step(&Tensor::new(&[[next]], dev)?, &mut state)?;
+        logits = if state.pos < max_len {
+            model.step(&Tensor::new(&[[next]], dev)?, &mut state)?
+        } else {
+            let keep = &seq[seq.len() - (max_len / 2).max(1)..];
+            state = model.new_state(memory)?;
+            model.step(&Tensor::new(keep, dev)?.unsqueeze(0)?, &mut state)?
+        };
     }
-    Ok(out)
+    Ok(seq.split_off(prompt.len()))
 }
 
 /// Greedy decoding of a batch of encoder–decoder sources: every sequence

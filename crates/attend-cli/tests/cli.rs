@@ -25,7 +25,7 @@ fn fails_with(args: &[&str], needles: &[&str]) {
     assert!(!out.status.success(), "{args:?} should fail");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(!lines.is_empty(), "{args:?}: no message");
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {err}");
     let first = lines[0];
     for n in needles {
         assert!(

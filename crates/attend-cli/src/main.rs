@@ -1,6 +1,7 @@
 //! `attend`: the command line. Each subcommand parses flags, calls the
 //! library and prints; no model logic lives here.
 
+mod run_cmd;
 mod train_cmd;
 
 /// candle allocates a fresh buffer for every op; glibc's malloc returns large
@@ -45,6 +46,16 @@ enum Cmd {
     /// `reverse` and a small decoder on `mqar`, then print held-out scores
     /// and decoded examples (about 3 minutes on 2 cores).
     Demo(train_cmd::DemoArgs),
+    /// Continue a prompt with a GGUF model, streaming the text.
+    Generate(run_cmd::GenerateArgs),
+    /// Multi-turn chat with a GGUF model's chat template (Ctrl-D ends it).
+    Chat(run_cmd::ChatArgs),
+    /// Perplexity of a GGUF model on a text file.
+    Perplexity(run_cmd::PerplexityArgs),
+    /// Token ids of a text.
+    Tokenize(run_cmd::TokenizeArgs),
+    /// Show a GGUF file's configuration as attend reads it, and its metadata.
+    Inspect(run_cmd::InspectArgs),
 }
 
 fn main() {
@@ -75,6 +86,11 @@ fn main() {
         Cmd::Eval(a) => train_cmd::eval(a).context("eval failed"),
         Cmd::Sample(a) => train_cmd::sample(a).context("sample failed"),
         Cmd::Demo(a) => train_cmd::demo(a).context("demo failed"),
+        Cmd::Generate(a) => run_cmd::generate_cmd(a).context("generate failed"),
+        Cmd::Chat(a) => run_cmd::chat_cmd(a).context("chat failed"),
+        Cmd::Perplexity(a) => run_cmd::perplexity_cmd(a).context("perplexity failed"),
+        Cmd::Tokenize(a) => run_cmd::tokenize_cmd(a).context("tokenize failed"),
+        Cmd::Inspect(a) => run_cmd::inspect_cmd(a).context("inspect failed"),
     };
     if let Err(e) = result {
         // One line: the context chain, outermost first.

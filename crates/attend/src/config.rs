@@ -93,6 +93,13 @@ pub struct ModelConfig {
     pub bias: bool,
     pub dropout: f64,
     pub mechanism: MechanismKind,
+    /// Multiply token embeddings by √d_model (the paper; not GPT/Llama/BERT).
+    pub scale_embeddings: bool,
+    /// LayerNorm the embedding sum before the first block (BERT).
+    pub embed_norm: bool,
+    /// RoPE rotates adjacent pairs (x0,x1),(x2,x3).. (GGUF/llama.cpp layout)
+    /// instead of (x_i, x_{i+d/2}) (GPT-NeoX / HF layout).
+    pub rope_interleaved: bool,
 }
 
 impl Default for ModelConfig {
@@ -117,6 +124,9 @@ impl Default for ModelConfig {
             bias: true,
             dropout: 0.0,
             mechanism: MechanismKind::Softmax,
+            scale_embeddings: true,
+            embed_norm: false,
+            rope_interleaved: false,
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod decode;
 pub mod error;
 pub mod eval;
 pub mod ffn;
+pub mod formats;
 pub mod kernels;
 pub mod model;
 pub mod nn;

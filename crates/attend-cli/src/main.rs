@@ -52,6 +52,8 @@ enum Cmd {
     Chat(run_cmd::ChatArgs),
     /// Perplexity of a GGUF model on a text file.
     Perplexity(run_cmd::PerplexityArgs),
+    /// Sentence embeddings with a Hugging Face BERT encoder (one text per stdin line).
+    Embed(run_cmd::EmbedArgs),
     /// Token ids of a text.
     Tokenize(run_cmd::TokenizeArgs),
     /// Show a GGUF file's configuration as attend reads it, and its metadata.
@@ -89,6 +91,7 @@ fn main() {
         Cmd::Generate(a) => run_cmd::generate_cmd(a).context("generate failed"),
         Cmd::Chat(a) => run_cmd::chat_cmd(a).context("chat failed"),
         Cmd::Perplexity(a) => run_cmd::perplexity_cmd(a).context("perplexity failed"),
+        Cmd::Embed(a) => run_cmd::embed_cmd(a).context("embed failed"),
         Cmd::Tokenize(a) => run_cmd::tokenize_cmd(a).context("tokenize failed"),
         Cmd::Inspect(a) => run_cmd::inspect_cmd(a).context("inspect failed"),
     };

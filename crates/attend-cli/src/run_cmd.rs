@@ -20,7 +20,10 @@ pub struct Loaded {
 
 pub fn load_gguf(path: &Path, dequantize: bool) -> Result<Loaded> {
     if !path.exists() {
-        bail!("{}: model file not found (run scripts/fetch-models?)", path.display());
+        bail!(
+            "{}: model file not found (run scripts/fetch-models?)",
+            path.display()
+        );
     }
     let g = gguf::load(path, dequantize, &Device::Cpu)?;
     let model = Transformer::new(&g.config, &g.store)?;
@@ -44,7 +47,12 @@ pub struct SamplingArgs {
 
 impl SamplingArgs {
     fn sampler(&self) -> Result<Sampler> {
-        Ok(Sampler::new(SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed })?)
+        Ok(Sampler::new(SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        })?)
     }
 }
 
@@ -72,21 +80,36 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let tok = &l.gguf.tokenizer;
     let prompt = tok.encode(&a.prompt, false)?;
     if prompt.len() >= l.model.cfg.max_len {
-        bail!("the prompt has {} tokens; the model's context is {}", prompt.len(), l.model.cfg.max_len);
+        bail!(
+            "the prompt has {} tokens; the model's context is {}",
+            prompt.len(),
+            l.model.cfg.max_len
+        );
     }
     let mut sampler = a.sampling.sampler()?;
     let mut stream = StreamDecoder::new(tok);
     let mut stdout = std::io::stdout();
-    let ids = generate(&l.model, &prompt, None, a.max_tokens, &mut sampler, tok.eos, |id| {
-        if !a.json && Some(id) != tok.eos {
-            print!("{}", stream.push(id)?);
-            stdout.flush().ok();
-        }
-        Ok(())
-    })?;
+    let ids = generate(
+        &l.model,
+        &prompt,
+        None,
+        a.max_tokens,
+        &mut sampler,
+        tok.eos,
+        |id| {
+            if !a.json && Some(id) != tok.eos {
+                print!("{}", stream.push(id)?);
+                stdout.flush().ok();
+            }
+            Ok(())
+        },
+    )?;
     let text = tok.decode(&ids)?;
     if a.json {
-        println!("{}", serde_json::json!({ "prompt_ids": prompt, "ids": ids, "text": text }));
+        println!(
+            "{}",
+            serde_json::json!({ "prompt_ids": prompt, "ids": ids, "text": text })
+        );
     } else {
         println!();
     }
@@ -112,10 +135,24 @@ pub struct ChatArgs {
 pub fn chat_cmd(a: ChatArgs) -> Result<()> {
     let l = load_gguf(&a.model, a.dequantize)?;
     let tok = &l.gguf.tokenizer;
-    let template = l.gguf.chat_template.clone().context("this model has no chat template in its metadata")?;
-    let token = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i)).unwrap_or_default();
+    let template = l
+        .gguf
+        .chat_template
+        .clone()
+        .context("this model has no chat template in its metadata")?;
+    let token = |id: Option<u32>| {
+        id.and_then(|i| tok.inner.id_to_token(i))
+            .unwrap_or_default()
+    };
     let (bos, eos) = (token(tok.bos), token(tok.eos));
-    let mut messages: Vec<Message> = a.system.iter().map(|s| Message { role: "system".into(), content: s.clone() }).collect();
+    let mut messages: Vec<Message> = a
+        .system
+        .iter()
+        .map(|s| Message {
+            role: "system".into(),
+            content: s.clone(),
+        })
+        .collect();
     let mut sampler = a.sampling.sampler()?;
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
@@ -131,22 +168,39 @@ pub fn chat_cmd(a: ChatArgs) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        messages.push(Message { role: "user".into(), content: line.to_string() });
+        messages.push(Message {
+            role: "user".into(),
+            content: line.to_string(),
+        });
         let prompt_text = render(&template, &messages, true, &bos, &eos)?;
         let prompt = tok.encode(&prompt_text, false)?;
         if prompt.len() >= l.model.cfg.max_len {
-            bail!("the conversation has grown past the model's context ({} tokens)", l.model.cfg.max_len);
+            bail!(
+                "the conversation has grown past the model's context ({} tokens)",
+                l.model.cfg.max_len
+            );
         }
         let mut stream = StreamDecoder::new(tok);
-        let ids = generate(&l.model, &prompt, None, a.max_tokens, &mut sampler, tok.eos, |id| {
-            if Some(id) != tok.eos {
-                print!("{}", stream.push(id)?);
-                stdout.flush().ok();
-            }
-            Ok(())
-        })?;
+        let ids = generate(
+            &l.model,
+            &prompt,
+            None,
+            a.max_tokens,
+            &mut sampler,
+            tok.eos,
+            |id| {
+                if Some(id) != tok.eos {
+                    print!("{}", stream.push(id)?);
+                    stdout.flush().ok();
+                }
+                Ok(())
+            },
+        )?;
         println!();
-        messages.push(Message { role: "assistant".into(), content: tok.decode(&ids)? });
+        messages.push(Message {
+            role: "assistant".into(),
+            content: tok.decode(&ids)?,
+        });
     }
 }
 
@@ -183,10 +237,16 @@ pub fn score(model: &Transformer, ids: &[u32], ctx: usize) -> Result<(f64, usize
         let target = Tensor::new(&w[1..], &Device::Cpu)?.unsqueeze(0)?;
         let logits = model.decode(&input, None)?;
         let weight = Tensor::ones(target.shape(), candle_core::DType::F32, &Device::Cpu)?;
-        let sum = attend::train::cross_entropy_sum(&logits, &target, &weight, 0.0)?.to_scalar::<f32>()? as f64;
+        let sum = attend::train::cross_entropy_sum(&logits, &target, &weight, 0.0)?
+            .to_scalar::<f32>()? as f64;
         nll += sum;
         n += w.len() - 1;
-        argmax.extend(logits.argmax(candle_core::D::Minus1)?.flatten_all()?.to_vec1::<u32>()?);
+        argmax.extend(
+            logits
+                .argmax(candle_core::D::Minus1)?
+                .flatten_all()?
+                .to_vec1::<u32>()?,
+        );
     }
     if n == 0 {
         bail!("not enough tokens to score");
@@ -197,9 +257,13 @@ pub fn score(model: &Transformer, ids: &[u32], ctx: usize) -> Result<(f64, usize
 pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     let l = load_gguf(&a.model, a.dequantize)?;
     if a.ctx < 2 || a.ctx > l.model.cfg.max_len {
-        bail!("--ctx must be in 2..={} (the model's context)", l.model.cfg.max_len);
+        bail!(
+            "--ctx must be in 2..={} (the model's context)",
+            l.model.cfg.max_len
+        );
     }
-    let text = std::fs::read_to_string(&a.file).with_context(|| format!("{}: cannot read", a.file.display()))?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("{}: cannot read", a.file.display()))?;
     let mut ids = l.gguf.tokenizer.encode(&text, false)?;
     if a.max_tokens > 0 {
         ids.truncate(a.max_tokens);
@@ -207,7 +271,10 @@ pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     let (mean_nll, n, _) = score(&l.model, &ids, a.ctx)?;
     let ppl = mean_nll.exp();
     if a.json {
-        println!("{}", serde_json::json!({ "perplexity": ppl, "n_tokens": ids.len(), "n_predictions": n, "mean_nll": mean_nll }));
+        println!(
+            "{}",
+            serde_json::json!({ "perplexity": ppl, "n_tokens": ids.len(), "n_predictions": n, "mean_nll": mean_nll })
+        );
     } else {
         println!("perplexity {ppl:.4} (mean NLL {mean_nll:.5} over {n} predictions, {} tokens, windows of {})", ids.len(), a.ctx);
     }
@@ -227,7 +294,7 @@ pub struct TokenizeArgs {
 
 pub fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
     let ids = if a.model.is_dir() {
-        let tok = attend::formats::tokenizer::Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
+        let (tok, _) = attend::formats::hf::load_tokenizer(&a.model, 512)?;
         tok.encode(&a.text, true)?
     } else {
         let l = gguf::load(&a.model, false, &Device::Cpu)?;
@@ -236,7 +303,55 @@ pub fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::json!({ "ids": ids }));
     } else {
-        println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "));
+        println!(
+            "{}",
+            ids.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EmbedArgs {
+    /// A Hugging Face sentence-transformers directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Embed this text instead of reading one text per line from stdin.
+    #[arg(long)]
+    text: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Print a JSON array of vectors, in input order.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn embed_cmd(a: EmbedArgs) -> Result<()> {
+    let e = attend::formats::hf::Embedder::load(&a.model, &Device::Cpu)?;
+    let texts: Vec<String> = match a.text {
+        Some(t) => vec![t],
+        None => std::io::stdin()
+            .lock()
+            .lines()
+            .collect::<std::io::Result<_>>()
+            .context("reading stdin")?,
+    };
+    let vecs = e.embed(&texts, a.batch_size)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&vecs)?);
+    } else {
+        for v in &vecs {
+            println!(
+                "{}",
+                v.iter()
+                    .map(|x| format!("{x:.6}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
     }
     Ok(())
 }

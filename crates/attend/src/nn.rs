@@ -64,7 +64,10 @@ impl ParamStore {
 
     /// Insert quantized weights (GGUF) before building the model.
     pub fn insert_quantized(&self, name: &str, t: QTensor) {
-        self.quantized.lock().unwrap().insert(name.to_string(), Arc::new(t));
+        self.quantized
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), Arc::new(t));
     }
 
     fn get_quantized(&self, name: &str) -> Option<Arc<QTensor>> {

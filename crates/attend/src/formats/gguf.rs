@@ -38,7 +38,12 @@ fn get_usize(ct: &Content, path: &Path, key: &str) -> Result<usize> {
         Value::U64(x) => *x,
         Value::I32(x) if *x >= 0 => *x as u64,
         Value::I64(x) if *x >= 0 => *x as u64,
-        other => return Err(Error::file(path, format!("GGUF metadata `{key}` is not a count: {other:?}"))),
+        other => {
+            return Err(Error::file(
+                path,
+                format!("GGUF metadata `{key}` is not a count: {other:?}"),
+            ))
+        }
     };
     Ok(n as usize)
 }
@@ -54,7 +59,9 @@ fn get_f64(ct: &Content, key: &str) -> Option<f64> {
 fn render(v: &Value) -> String {
     match v {
         Value::Array(a) => format!("[{} items]", a.len()),
-        Value::String(s) if s.len() > 60 => format!("{:?}…", &s.chars().take(60).collect::<String>()),
+        Value::String(s) if s.len() > 60 => {
+            format!("{:?}…", &s.chars().take(60).collect::<String>())
+        }
         other => format!("{other:?}"),
     }
 }
@@ -91,14 +98,19 @@ fn map_name(name: &str) -> Option<String> {
 /// Read a GGUF file. `dequantize`: hold every weight as f32 (exact reference
 /// numerics) instead of keeping quantized matrices for quantized matmul.
 pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-    let ct = Content::read(&mut file).map_err(|e| Error::file(path, format!("not a valid GGUF file ({e})")))?;
+    let mut file =
+        std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+    let ct = Content::read(&mut file)
+        .map_err(|e| Error::file(path, format!("not a valid GGUF file ({e})")))?;
     let arch = get(&ct, path, "general.architecture")?
         .to_string()
         .map_err(|e| Error::file(path, e))?
         .clone();
     if arch != "llama" {
-        return Err(Error::file(path, format!("unsupported architecture `{arch}` (attend runs `llama`)")));
+        return Err(Error::file(
+            path,
+            format!("unsupported architecture `{arch}` (attend runs `llama`)"),
+        ));
     }
     let key = |k: &str| format!("{arch}.{k}");
     let n_heads = get_usize(&ct, path, &key("attention.head_count"))?;
@@ -130,7 +142,13 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
     config.validate().map_err(|e| Error::file(path, e))?;
     if let Ok(rd) = get_usize(&ct, path, &key("rope.dimension_count")) {
         if rd != config.head_dim() {
-            return Err(Error::file(path, format!("partial RoPE ({rd} of {} dims) is not supported", config.head_dim())));
+            return Err(Error::file(
+                path,
+                format!(
+                    "partial RoPE ({rd} of {} dims) is not supported",
+                    config.head_dim()
+                ),
+            ));
         }
     }
 
@@ -143,10 +161,17 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
             if name.starts_with("rope_") {
                 continue; // precomputed RoPE tables; attend computes its own
             }
-            return Err(Error::file(path, format!("unexpected tensor `{name}` for architecture `{arch}`")));
+            return Err(Error::file(
+                path,
+                format!("unexpected tensor `{name}` for architecture `{arch}`"),
+            ));
         };
-        let q = ct.tensor(&mut file, name, device).map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
-        *tensor_types.entry(format!("{:?}", q.dtype()).to_lowercase()).or_insert(0) += 1;
+        let q = ct
+            .tensor(&mut file, name, device)
+            .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
+        *tensor_types
+            .entry(format!("{:?}", q.dtype()).to_lowercase())
+            .or_insert(0) += 1;
         let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         let matrix = q.shape().dims().len() == 2;
         if ours == "embed.weight" {
@@ -161,8 +186,23 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
             store.insert([(ours, q.dequantize(device)?)].into())?;
         }
     }
-    let chat_template = ct.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
-    let mut metadata: Vec<(String, String)> = ct.metadata.iter().map(|(k, v)| (k.clone(), render(v))).collect();
+    let chat_template = ct
+        .metadata
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+        .cloned();
+    let mut metadata: Vec<(String, String)> = ct
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), render(v)))
+        .collect();
     metadata.sort();
-    Ok(GgufModel { config, store, tokenizer, chat_template, metadata, tensor_types })
+    Ok(GgufModel {
+        config,
+        store,
+        tokenizer,
+        chat_template,
+        metadata,
+        tensor_types,
+    })
 }

@@ -21,25 +21,43 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::file(path, "tokenizer file not found"));
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::file(path, format!("not a valid tokenizer.json ({e})")))?;
-        Ok(Self { inner, bos: None, eos: None })
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::file(path, format!("not a valid tokenizer.json ({e})")))?;
+        Ok(Self {
+            inner,
+            bos: None,
+            eos: None,
+        })
     }
 
     /// The tokenizer GGUF metadata describes.
     pub fn from_gguf(ct: &Content, path: &Path) -> Result<Self> {
-        let mut inner = tokenizers::Tokenizer::from_gguf(ct).map_err(|e| Error::file(path, format!("tokenizer: {e}")))?;
-        let pre = ct.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let mut inner = tokenizers::Tokenizer::from_gguf(ct)
+            .map_err(|e| Error::file(path, format!("tokenizer: {e}")))?;
+        let pre = ct
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
         if pre == "smollm" {
             // SmolLM's tokenizer.json: digits split one by one, then GPT-2
             // byte-level without a prefix space.
-            let seq = Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]);
+            let seq = Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ]);
             inner.with_pre_tokenizer(Some(seq));
         }
         let id = |k: &str| match ct.metadata.get(k) {
             Some(v) => v.to_u32().ok(),
             None => None,
         };
-        Ok(Self { inner, bos: id("tokenizer.ggml.bos_token_id"), eos: id("tokenizer.ggml.eos_token_id") })
+        Ok(Self {
+            inner,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -52,12 +70,17 @@ impl Tokenizer {
 
     /// Text → ids; `special`: add the tokenizer's special tokens ([CLS]/[SEP] for BERT).
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, special).map_err(|e| Error::msg(format!("tokenizer: {e}")))?;
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| Error::msg(format!("tokenizer: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| Error::msg(format!("tokenizer: {e}")))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::msg(format!("tokenizer: {e}")))
     }
 }
 
@@ -70,7 +93,11 @@ pub struct StreamDecoder<'a> {
 
 impl<'a> StreamDecoder<'a> {
     pub fn new(tok: &'a Tokenizer) -> Self {
-        Self { tok, ids: vec![], emitted: 0 }
+        Self {
+            tok,
+            ids: vec![],
+            emitted: 0,
+        }
     }
 
     /// The new text that `id` completes (possibly empty).

@@ -227,13 +227,23 @@ impl Transformer {
             lm_head: if cfg.tie_embeddings {
                 // a quantized copy of the embedding (GGUF) keeps the output
                 // projection quantized; otherwise share the dense table
-                let w = vb.pp("embed").quantized("weight", &[cfg.vocab_size, cfg.d_model])?;
-                Linear { w: w.unwrap_or(Weight::Dense(embed.table.clone())), b: None }
+                let w = vb
+                    .pp("embed")
+                    .quantized("weight", &[cfg.vocab_size, cfg.d_model])?;
+                Linear {
+                    w: w.unwrap_or(Weight::Dense(embed.table.clone())),
+                    b: None,
+                }
             } else {
                 Linear::new(&vb.pp("lm_head"), cfg.d_model, cfg.vocab_size, false)?
             },
             embed_norm: if cfg.embed_norm {
-                Some(Norm::new(&vb.pp("embed_norm"), cfg.norm, cfg.d_model, cfg.norm_eps)?)
+                Some(Norm::new(
+                    &vb.pp("embed_norm"),
+                    cfg.norm,
+                    cfg.d_model,
+                    cfg.norm_eps,
+                )?)
             } else {
                 None
             },

@@ -1,6 +1,7 @@
 //! `attend`: the command line. Each subcommand parses flags, calls the
 //! library and prints; no model logic lives here.
 
+mod bench_cmd;
 mod run_cmd;
 mod train_cmd;
 
@@ -56,6 +57,9 @@ enum Cmd {
     Embed(run_cmd::EmbedArgs),
     /// Token ids of a text.
     Tokenize(run_cmd::TokenizeArgs),
+    /// Speed and memory: prefill and decode tokens/s of a GGUF decoder, or
+    /// sentences/s of an encoder directory.
+    Bench(bench_cmd::BenchArgs),
     /// Show a GGUF file's configuration as attend reads it, and its metadata.
     Inspect(run_cmd::InspectArgs),
 }
@@ -79,9 +83,21 @@ fn main() {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    // candle reads this once, at its first tensor op: ops run on the calling
-    // thread, and parallelism comes from the shards.
-    std::env::set_var("CANDLE_NUM_THREADS", "1");
+    // candle reads this once, at its first tensor op. Training runs candle
+    // on one thread per data-parallel shard; inference gives it every thread.
+    let training = matches!(
+        cli.cmd,
+        Cmd::Train(_) | Cmd::Demo(_) | Cmd::Eval(_) | Cmd::Sample(_)
+    );
+    std::env::set_var(
+        "CANDLE_NUM_THREADS",
+        if training {
+            "1".to_string()
+        } else {
+            threads.to_string()
+        },
+    );
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     train_cmd::THREADS.store(threads, std::sync::atomic::Ordering::Relaxed);
     let result: Result<()> = match cli.cmd {
         Cmd::Train(a) => train_cmd::train(*a).context("train failed"),
@@ -93,6 +109,7 @@ fn main() {
         Cmd::Perplexity(a) => run_cmd::perplexity_cmd(a).context("perplexity failed"),
         Cmd::Embed(a) => run_cmd::embed_cmd(a).context("embed failed"),
         Cmd::Tokenize(a) => run_cmd::tokenize_cmd(a).context("tokenize failed"),
+        Cmd::Bench(a) => bench_cmd::bench_cmd(a).context("bench failed"),
         Cmd::Inspect(a) => run_cmd::inspect_cmd(a).context("inspect failed"),
     };
     if let Err(e) = result {

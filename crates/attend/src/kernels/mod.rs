@@ -6,6 +6,8 @@
 //! Every kernel is tested against its composed form (values and gradients)
 //! in `tests/kernels.rs`.
 
+pub mod q4_1;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;

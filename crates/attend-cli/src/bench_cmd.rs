@@ -85,19 +85,15 @@ fn bench_decoder(a: &BenchArgs) -> Result<serde_json::Value> {
     for _ in 0..a.reps {
         let mut state = m.new_state(None)?;
         let t0 = Instant::now();
-        let logits = m.step(
+        let logits = m.step_last(
             &Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?,
             &mut state,
         )?;
-        let mut next = logits
-            .get(0)?
-            .get(a.prompt_tokens - 1)?
-            .argmax(0)?
-            .to_scalar::<u32>()?;
+        let mut next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
         prefill.push(a.prompt_tokens as f64 / t0.elapsed().as_secs_f64());
         let t1 = Instant::now();
         for _ in 0..a.decode_tokens {
-            let logits = m.step(&Tensor::new(&[[next]], &Device::Cpu)?, &mut state)?;
+            let logits = m.step_last(&Tensor::new(&[[next]], &Device::Cpu)?, &mut state)?;
             next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
         }
         decode.push(a.decode_tokens as f64 / t1.elapsed().as_secs_f64());

@@ -205,9 +205,9 @@ impl<'a> Builder<'a> {
                         q.shape().dims()
                     )));
                 }
-                // Q4_1 runs on attend's own kernel; other types on candle's
-                if let Some(m) = crate::kernels::q4_1::Q41Matrix::from_qtensor(&q)? {
-                    return Ok(Some(Weight::Q41(Arc::new(m))));
+                // Q4_1 and Q8_0 run on attend's own kernel; other types on candle's
+                if let Some(m) = crate::kernels::quant::QMatrix::from_qtensor(&q)? {
+                    return Ok(Some(Weight::Q(Arc::new(m))));
                 }
                 let qm = QMatMul::from_arc(q)?;
                 Ok(Some(Weight::Quantized(Arc::new(qm))))
@@ -231,8 +231,8 @@ pub enum Weight {
     Dense(Tensor),
     /// Any GGUF type candle supports, through candle's quantized matmul.
     Quantized(Arc<QMatMul>),
-    /// Q4_1 through `kernels::q4_1` (AVX2).
-    Q41(Arc<crate::kernels::q4_1::Q41Matrix>),
+    /// Q4_1 and Q8_0 through `kernels::quant` (AVX2).
+    Q(Arc<crate::kernels::quant::QMatrix>),
 }
 
 /// y = x Wᵀ + b, with W of shape (out, in) as in PyTorch.
@@ -263,7 +263,7 @@ impl Linear {
                 QMatMul::QTensor(t) => t.shape().dims()[0],
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dim(0)?,
             },
-            Weight::Q41(m) => m.rows,
+            Weight::Q(m) => m.rows,
         })
     }
 
@@ -276,7 +276,7 @@ impl Linear {
         let y = match &self.w {
             Weight::Dense(w) => x2.matmul(&w.t()?)?,
             Weight::Quantized(q) => q.forward(&x2)?,
-            Weight::Q41(m) => m.matmul(&x2)?,
+            Weight::Q(m) => m.matmul(&x2)?,
         };
         let y = match &self.b {
             Some(b) => y.broadcast_add(b)?,

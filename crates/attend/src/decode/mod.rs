@@ -133,15 +133,11 @@ pub fn generate(
     }
     let dev = model.embed.table.device();
     let mut state = model.new_state(memory)?;
-    let mut logits = model.step(&Tensor::new(prompt, dev)?.unsqueeze(0)?, &mut state)?;
+    let mut logits = model.step_last(&Tensor::new(prompt, dev)?.unsqueeze(0)?, &mut state)?;
     let mut seq = prompt.to_vec();
     for _ in 0..max_new {
-        let t = logits.dim(1)?;
-        let row: Vec<f32> = logits
-            .narrow(1, t - 1, 1)?
-            .flatten_all()?
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
+        // logits: (1, vocab) for the last position
+        let row: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let next = sampler.sample(&row);
         seq.push(next);
         on_token(next)?;
@@ -149,11 +145,11 @@ pub fn generate(
             break;
         }
         logits = if state.pos < max_len {
-            model.step(&Tensor::new(&[[next]], dev)?, &mut state)?
+            model.step_last(&Tensor::new(&[[next]], dev)?, &mut state)?
         } else {
             let keep = &seq[seq.len() - (max_len / 2).max(1)..];
             state = model.new_state(memory)?;
-            model.step(&Tensor::new(keep, dev)?.unsqueeze(0)?, &mut state)?
+            model.step_last(&Tensor::new(keep, dev)?.unsqueeze(0)?, &mut state)?
         };
     }
     Ok(seq.split_off(prompt.len()))

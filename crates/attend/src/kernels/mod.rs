@@ -6,7 +6,7 @@
 //! Every kernel is tested against its composed form (values and gradients)
 //! in `tests/kernels.rs`.
 
-pub mod q4_1;
+pub mod quant;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};

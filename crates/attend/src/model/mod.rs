@@ -368,6 +368,21 @@ impl Transformer {
     /// Incremental decoding: feed ids (b, t) after the `state.pos` tokens
     /// already in the state -> logits (b, t, vocab); the state advances by t.
     pub fn step(&self, ids: &Tensor, state: &mut DecodeState) -> Result<Tensor> {
+        self.logits(&self.step_hidden(ids, state)?)
+    }
+
+    /// As `step`, but only the last position's logits: (b, vocab). What
+    /// generation needs; a 512-token prefill then projects one row, not 512.
+    pub fn step_last(&self, ids: &Tensor, state: &mut DecodeState) -> Result<Tensor> {
+        let h = self.step_hidden(ids, state)?;
+        let t = h.dim(1)?;
+        self.logits(&h.narrow(1, t - 1, 1)?)?
+            .squeeze(1)
+            .map_err(Into::into)
+    }
+
+    /// The decoder's final hidden states for ids (b, t) fed after the state.
+    fn step_hidden(&self, ids: &Tensor, state: &mut DecodeState) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let offset = state.pos;
         let mut x = self.embed_tokens(ids, offset, &self.pos_dec)?;
@@ -386,7 +401,7 @@ impl Transformer {
             x = n.forward(&x)?;
         }
         state.pos += t;
-        self.logits(&x)
+        Ok(x)
     }
 
     /// Encoder-only models: per-token logits over the vocabulary,

@@ -30,6 +30,35 @@ pub fn load_gguf(path: &Path, dequantize: bool) -> Result<Loaded> {
     Ok(Loaded { model, gguf: g })
 }
 
+/// Generate after `prompt` until EOS or `max_new` tokens, printing the text
+/// as it comes when `print` is set.
+fn stream_generate(
+    l: &Loaded,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    print: bool,
+) -> Result<Vec<u32>> {
+    let tok = &l.gguf.tokenizer;
+    let mut stream = StreamDecoder::new(tok);
+    let mut stdout = std::io::stdout();
+    Ok(generate(
+        &l.model,
+        prompt,
+        None,
+        max_new,
+        sampler,
+        tok.eos,
+        |id| {
+            if print && Some(id) != tok.eos {
+                print!("{}", stream.push(id)?);
+                stdout.flush().ok();
+            }
+            Ok(())
+        },
+    )?)
+}
+
 #[derive(Args)]
 pub struct SamplingArgs {
     /// 0 = greedy.
@@ -87,23 +116,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
         );
     }
     let mut sampler = a.sampling.sampler()?;
-    let mut stream = StreamDecoder::new(tok);
-    let mut stdout = std::io::stdout();
-    let ids = generate(
-        &l.model,
-        &prompt,
-        None,
-        a.max_tokens,
-        &mut sampler,
-        tok.eos,
-        |id| {
-            if !a.json && Some(id) != tok.eos {
-                print!("{}", stream.push(id)?);
-                stdout.flush().ok();
-            }
-            Ok(())
-        },
-    )?;
+    let ids = stream_generate(&l, &prompt, a.max_tokens, &mut sampler, !a.json)?;
     let text = tok.decode(&ids)?;
     if a.json {
         println!(
@@ -155,7 +168,6 @@ pub fn chat_cmd(a: ChatArgs) -> Result<()> {
         .collect();
     let mut sampler = a.sampling.sampler()?;
     let stdin = std::io::stdin();
-    let mut stdout = std::io::stdout();
     eprintln!("chatting with {} (Ctrl-D to end)", a.model.display());
     loop {
         eprint!("> ");
@@ -180,22 +192,7 @@ pub fn chat_cmd(a: ChatArgs) -> Result<()> {
                 l.model.cfg.max_len
             );
         }
-        let mut stream = StreamDecoder::new(tok);
-        let ids = generate(
-            &l.model,
-            &prompt,
-            None,
-            a.max_tokens,
-            &mut sampler,
-            tok.eos,
-            |id| {
-                if Some(id) != tok.eos {
-                    print!("{}", stream.push(id)?);
-                    stdout.flush().ok();
-                }
-                Ok(())
-            },
-        )?;
+        let ids = stream_generate(&l, &prompt, a.max_tokens, &mut sampler, true)?;
         println!();
         messages.push(Message {
             role: "assistant".into(),

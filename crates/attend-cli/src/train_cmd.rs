@@ -515,17 +515,18 @@ fn parse_ids(s: &str, vocab: usize) -> Result<Vec<u32>> {
 }
 
 /// Decode one transduction source: greedy/sampled or beam.
+/// `beam` > 0 selects beam search with length penalty `alpha`.
 fn transduce(
     model: &Transformer,
     src: &[u32],
-    a: &SampleArgs,
+    (beam, alpha): (usize, f64),
     sampler: &mut Sampler,
     max_len: usize,
 ) -> Result<Vec<u32>> {
     let ids = Tensor::new(src, &Device::Cpu)?.unsqueeze(0)?;
     let memory = model.encode(&ids, None)?;
-    let mut out = if a.beam > 0 {
-        beam_search(model, &memory, BOS, EOS, a.beam, a.alpha, max_len)?
+    let mut out = if beam > 0 {
+        beam_search(model, &memory, BOS, EOS, beam, alpha, max_len)?
     } else {
         generate(
             model,
@@ -576,7 +577,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
             };
             let mut rows = vec![];
             for src in sources {
-                let out = transduce(&model, &src, &a, &mut sampler, c.max_len + 1)?;
+                let out = transduce(&model, &src, (a.beam, a.alpha), &mut sampler, c.max_len + 1)?;
                 if !a.json {
                     println!("{}  ->  {}", join(&src), join(&out));
                 }
@@ -713,24 +714,12 @@ fn demo_examples(tr: &Trainer) -> Result<()> {
     let held = tr.task.eval_set();
     match &tr.task.cfg {
         TaskConfig::Copy(c) | TaskConfig::Reverse(c) => {
-            let args = SampleArgs {
-                checkpoint: PathBuf::new(),
-                prompt: None,
-                max_tokens: 0,
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-                seed: 0,
-                beam: 4,
-                alpha: 0.6,
-                json: false,
-            };
             let mut sampler = Sampler::new(SamplingParams::default())?;
             for e in held.iter().take(3) {
                 let Example::Pair { src, tgt } = e else {
                     continue;
                 };
-                let out = transduce(&tr.model, src, &args, &mut sampler, c.max_len + 1)?;
+                let out = transduce(&tr.model, src, (4, 0.6), &mut sampler, c.max_len + 1)?;
                 let mark = if &out == tgt { "ok" } else { "WRONG" };
                 println!("  {}  ->  {}  [{mark}]", join(src), join(&out));
             }

@@ -256,17 +256,6 @@ impl Linear {
         Ok(Self { w, b })
     }
 
-    pub fn out_features(&self) -> Result<usize> {
-        Ok(match &self.w {
-            Weight::Dense(w) => w.dim(0)?,
-            Weight::Quantized(q) => match q.as_ref() {
-                QMatMul::QTensor(t) => t.shape().dims()[0],
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dim(0)?,
-            },
-            Weight::Q(m) => m.rows,
-        })
-    }
-
     /// x: (..., in) -> (..., out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();

@@ -1,8 +1,11 @@
 //! Fused kernels against the composed tensor ops they replace: values and
 //! gradients (through candle's autograd of the composed form).
 
+mod common;
+
 use attend::kernels;
 use candle_core::{DType, Device, Tensor, Var, D};
+use common::max_abs_diff as max_diff;
 
 fn composed_softmax(x: &Tensor) -> Tensor {
     let e = x
@@ -35,21 +38,6 @@ fn composed_norm(x: &Tensor, center: bool, eps: f64) -> Tensor {
     };
     let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
     xc.broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
-        .unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
         .unwrap()
 }
 

@@ -17,9 +17,13 @@ pub struct BenchArgs {
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
-    /// Tokens generated one at a time after the prompt.
+    /// Tokens generated one at a time (llama-bench's tg128).
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
+    /// Context already in the cache when decoding starts (llama-bench's
+    /// `-d`); 0 decodes from an empty cache, as llama-bench's tg does.
+    #[arg(long, default_value_t = 0)]
+    depth: usize,
     /// Repetitions; the median is reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -70,31 +74,40 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
 fn bench_decoder(a: &BenchArgs) -> Result<serde_json::Value> {
     let l = load_gguf(&a.model, a.dequantize)?;
     let m = &l.model;
-    if a.prompt_tokens + a.decode_tokens > m.cfg.max_len {
+    if a.prompt_tokens.max(a.depth + 1) + a.decode_tokens > m.cfg.max_len {
         bail!(
-            "--prompt-tokens + --decode-tokens exceed the model's context ({})",
+            "--prompt-tokens / --depth + --decode-tokens exceed the model's context ({})",
             m.cfg.max_len
         );
     }
-    // a fixed pseudo-random prompt, as llama-bench uses
+    if a.prompt_tokens == 0 {
+        bail!("--prompt-tokens must be at least 1");
+    }
+    // fixed pseudo-random tokens, as llama-bench uses
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let prompt: Vec<u32> = (0..a.prompt_tokens)
-        .map(|_| rng.random_range(0..m.cfg.vocab_size as u32))
-        .collect();
+    let mut random = |n: usize| -> Result<Tensor> {
+        let ids: Vec<u32> = (0..n)
+            .map(|_| rng.random_range(0..m.cfg.vocab_size as u32))
+            .collect();
+        Ok(Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)
+    };
+    let (prompt, context) = (random(a.prompt_tokens)?, random(a.depth + 1)?);
+    let argmax = |logits: Tensor| -> Result<u32> {
+        Ok(logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?)
+    };
     let (mut prefill, mut decode) = (vec![], vec![]);
     for _ in 0..a.reps {
+        // prefill: the whole prompt into an empty cache (pp512)
         let mut state = m.new_state(None)?;
         let t0 = Instant::now();
-        let logits = m.step_last(
-            &Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?,
-            &mut state,
-        )?;
-        let mut next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        argmax(m.step_last(&prompt, &mut state)?)?;
         prefill.push(a.prompt_tokens as f64 / t0.elapsed().as_secs_f64());
+        // decode: one token at a time after `depth` tokens of context (tg128)
+        let mut state = m.new_state(None)?;
+        let mut next = argmax(m.step_last(&context, &mut state)?)?;
         let t1 = Instant::now();
         for _ in 0..a.decode_tokens {
-            let logits = m.step_last(&Tensor::new(&[[next]], &Device::Cpu)?, &mut state)?;
-            next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+            next = argmax(m.step_last(&Tensor::new(&[[next]], &Device::Cpu)?, &mut state)?)?;
         }
         decode.push(a.decode_tokens as f64 / t1.elapsed().as_secs_f64());
     }
@@ -104,7 +117,9 @@ fn bench_decoder(a: &BenchArgs) -> Result<serde_json::Value> {
         "prefill_tokens": a.prompt_tokens,
         "prefill_tokens_per_sec": median(prefill),
         "decode_tokens": a.decode_tokens,
+        "decode_depth": a.depth,
         "decode_tokens_per_sec": median(decode),
+        "fused": m.fused.is_some(),
         "threads": crate::train_cmd::threads(),
         "peak_rss_mib": peak_rss_mib(),
     }))

@@ -28,6 +28,19 @@ impl Norm {
         })
     }
 
+    pub fn kind(&self) -> NormKind {
+        self.kind
+    }
+
+    /// The gain γ, (d).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// x: (..., d) -> (..., d), normalised over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = match self.kind {

@@ -56,8 +56,10 @@ fn smollm(dequantize: bool) -> (Transformer, gguf::GgufModel) {
     (Transformer::new(&g.config, &g.store).unwrap(), g)
 }
 
-/// Mean NLL over the fixture's 512 tokens and the teacher-forced argmax.
-fn score(model: &Transformer, tokens: &[u32]) -> (f64, Vec<u32>) {
+/// Mean NLL over the fixture's 512 tokens and the teacher-forced argmax,
+/// from the whole-sequence pass or (`prefill`) from a decode-state prefill,
+/// which runs on the fused path when the model has one.
+fn score(model: &Transformer, tokens: &[u32], prefill: bool) -> (f64, Vec<u32>) {
     let input = Tensor::new(&tokens[..tokens.len() - 1], &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
@@ -66,7 +68,12 @@ fn score(model: &Transformer, tokens: &[u32]) -> (f64, Vec<u32>) {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let logits = model.decode(&input, None).unwrap();
+    let logits = if prefill {
+        let mut state = model.new_state(None).unwrap();
+        model.step(&input, &mut state).unwrap()
+    } else {
+        model.decode(&input, None).unwrap()
+    };
     let w = Tensor::ones(target.shape(), candle_core::DType::F32, &Device::Cpu).unwrap();
     let nll = attend::train::cross_entropy(&logits, &target, &w, 0.0)
         .unwrap()
@@ -124,7 +131,16 @@ fn check_smollm(dequantize: bool) {
         .encode(p["text"].as_str().unwrap(), false)
         .unwrap();
     assert_eq!(tokens, ids(&p["input_ids"]));
-    let (nll, argmax) = score(&model, &tokens);
+    // the quantized model runs prefill and decode on the fused path
+    let paths: &[bool] = if dequantize { &[false] } else { &[false, true] };
+    assert_eq!(model.fused.is_some(), !dequantize);
+    for &prefill in paths {
+        check_score(&model, &tokens, p, dequantize, prefill);
+    }
+}
+
+fn check_score(model: &Transformer, tokens: &[u32], p: &Value, dequantize: bool, prefill: bool) {
+    let (nll, argmax) = score(model, tokens, prefill);
     let (ppl, want_ppl) = (nll.exp(), p["perplexity"].as_f64().unwrap());
     let rel = (ppl - want_ppl).abs() / want_ppl;
     let want_argmax = ids(&p["teacher_forced_argmax"]);
@@ -139,7 +155,7 @@ fn check_smollm(dequantize: bool) {
     } else {
         (0.02, 0.95)
     };
-    eprintln!("dequantize={dequantize}: perplexity {ppl:.4} vs {want_ppl} ({:.3}%), argmax agreement {:.2}%", rel * 100.0, agree * 100.0);
+    eprintln!("dequantize={dequantize} prefill={prefill}: perplexity {ppl:.4} vs {want_ppl} ({:.3}%), argmax agreement {:.2}%", rel * 100.0, agree * 100.0);
     assert!(rel <= ppl_tol, "perplexity {ppl} vs reference {want_ppl}");
     assert!(
         agree >= agree_min,

@@ -20,17 +20,33 @@ pub struct DecodeState {
     pub pos: usize,
     /// (b, s) padding mask of the encoder memory, 1 = token.
     pub memory_padding: Option<Tensor>,
+    /// The KV cache of the fused decode path (`kernels::llama`), used instead
+    /// of `layers` when the model has one and the batch is 1.
+    pub fused: Option<crate::kernels::llama::FusedKv>,
 }
 
 impl DecodeState {
     /// Bytes held by the self-attention states (KV caches); the memory axis
     /// of the trade-offs attend reports.
     pub fn state_bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.mixer.state_bytes()).sum()
+        self.layers
+            .iter()
+            .map(|l| l.mixer.state_bytes())
+            .sum::<usize>()
+            + self.fused.as_ref().map_or(0, |f| f.state_bytes())
     }
 
     /// Keep only sequences `idx` (in that order), e.g. to reorder beams.
     pub fn select(&mut self, idx: &[u32]) -> Result<()> {
+        if let Some(f) = &self.fused {
+            if f.is_empty() {
+                self.fused = None; // batched use from the start: composed path
+            } else if idx != [0] {
+                return Err(crate::error::Error::msg(
+                    "the fused decode state holds one sequence; it cannot be reordered",
+                ));
+            }
+        }
         let Some(first) = self.layers.first() else {
             return Ok(());
         };

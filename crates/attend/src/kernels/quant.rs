@@ -141,7 +141,7 @@ impl QMatrix {
         let (n, k) = x.dims2()?;
         if k != self.cols {
             candle_core::bail!(
-                "Q4_1 matmul: input has {k} columns, the weight {}",
+                "quantized matmul: input has {k} columns, the weight {}",
                 self.cols
             );
         }
@@ -149,34 +149,98 @@ impl QMatrix {
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1()?;
-        let xq = quantize_rows(&xs, n, k);
-        let nb = k / QK;
+        let xq = Q8Rows::quantize(&xs, n, k);
         let mut out = vec![0f32; n * self.rows];
-        // Parallel over output columns (weight rows): each task computes a
-        // slab of weight rows against every activation row.
-        // Few, large tasks: a decode step makes ~200 of these calls, and
-        // rayon's per-task cost shows at 16 rows a task.
-        let rows_per_task = self.rows.div_ceil(2 * rayon::current_num_threads()).max(16);
-        let mut by_row = vec![0f32; self.rows * n];
-        let dot = dot_fn();
-        by_row
-            .par_chunks_mut(rows_per_task * n)
-            .enumerate()
-            .for_each(|(t, slab)| {
-                let r0 = t * rows_per_task;
-                for (i, dst) in slab.chunks_mut(n).enumerate() {
-                    let w = self.row(r0 + i);
-                    for (j, o) in dst.iter_mut().enumerate() {
-                        *o = dot(&w, &xq[j * nb..][..nb]);
+        matmul_many(&xq, &mut [(self, &mut out)]);
+        Tensor::from_vec(out, (n, self.rows), &Device::Cpu)
+    }
+}
+
+/// Activation rows quantized once to 8 bits per block of 32, shared by every
+/// matrix that reads them (q, k and v read the same normalised input).
+pub struct Q8Rows {
+    n: usize,
+    /// Blocks per row.
+    nb: usize,
+    blocks: Vec<Q8Block>,
+}
+
+impl Q8Rows {
+    /// xs (n, k) row-major, k a multiple of 32.
+    pub fn quantize(xs: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(xs.len(), n * k, "Q8Rows::quantize: {} != {n}·{k}", xs.len());
+        Self {
+            n,
+            nb: k / QK,
+            blocks: quantize_rows(xs, n, k),
+        }
+    }
+
+    fn row(&self, j: usize) -> &[Q8Block] {
+        &self.blocks[j * self.nb..][..self.nb]
+    }
+}
+
+/// A pointer that parallel tasks write through at disjoint indices.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// Safety: every task writes a disjoint set of indices (its own weight rows).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// Activation rows per tile: a tile's blocks stay in L2 while every weight
+/// row of a task passes over them.
+const ROW_TILE: usize = 64;
+
+/// Several products over the same activations in one parallel region:
+/// for each job (W, out), out (n, W.rows) = x Wᵀ with x (n, W.cols).
+/// One region instead of one per matrix: a decode step makes ~150 of these.
+pub fn matmul_many(x: &Q8Rows, jobs: &mut [(&QMatrix, &mut [f32])]) {
+    let n = x.n;
+    let total: usize = jobs.iter().map(|(w, _)| w.rows).sum();
+    // Few, large tasks (rayon's per-task cost shows at a few rows a task).
+    let per_task = total.div_ceil(2 * rayon::current_num_threads()).max(16);
+    let mut tasks = vec![];
+    for (i, (w, out)) in jobs.iter().enumerate() {
+        assert_eq!(w.cols, x.nb * QK, "matmul_many: input width");
+        assert_eq!(out.len(), n * w.rows, "matmul_many: output size");
+        let mut r = 0;
+        while r < w.rows {
+            tasks.push((i, r, (r + per_task).min(w.rows)));
+            r += per_task;
+        }
+    }
+    let outs: Vec<SharedOut> = jobs
+        .iter_mut()
+        .map(|(_, o)| SharedOut(o.as_mut_ptr()))
+        .collect();
+    let mats: Vec<&QMatrix> = jobs.iter().map(|(w, _)| *w).collect();
+    let (dot1, dot4) = dot_fns();
+    let run = |&(i, r0, r1): &(usize, usize, usize)| {
+        let (w, out) = (mats[i], outs[i]);
+        for jt in (0..n).step_by(ROW_TILE) {
+            let jt_end = (jt + ROW_TILE).min(n);
+            for r in r0..r1 {
+                let row = w.row(r);
+                // Safety (writes): (j, r) lies in this task's rows, inside out.
+                let mut j = jt;
+                while j + 4 <= jt_end {
+                    let y = dot4(&row, std::array::from_fn(|a| x.row(j + a)));
+                    for (a, &v) in y.iter().enumerate() {
+                        unsafe { *out.0.add((j + a) * w.rows + r) = v };
                     }
+                    j += 4;
                 }
-            });
-        for r in 0..self.rows {
-            for j in 0..n {
-                out[j * self.rows + r] = by_row[r * n + j];
+                for j in j..jt_end {
+                    unsafe { *out.0.add(j * w.rows + r) = dot1(&row, x.row(j)) };
+                }
             }
         }
-        Tensor::from_vec(out, (n, self.rows), &Device::Cpu)
+    };
+    if tasks.len() > 1 {
+        tasks.par_iter().for_each(run);
+    } else {
+        tasks.iter().for_each(run);
     }
 }
 
@@ -221,21 +285,22 @@ enum Row<'a> {
     },
 }
 
-#[cfg(test)]
-fn dot(w: &Row, x: &[Q8Block]) -> f32 {
-    dot_fn()(w, x)
-}
+type Dot1 = fn(&Row, &[Q8Block]) -> f32;
+type Dot4 = fn(&Row, [&[Q8Block]; 4]) -> [f32; 4];
 
-/// The best dot product for this CPU, chosen once per matmul.
-fn dot_fn() -> fn(&Row, &[Q8Block]) -> f32 {
+/// The best 1 × 1 and 1 × 4 dot products for this CPU, chosen once per matmul.
+fn dot_fns() -> (Dot1, Dot4) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // Safety: the CPU has AVX2 and FMA (checked just above).
-            return |w, x| unsafe { dot_avx2(w, x) };
+            return (
+                |w, x| unsafe { dot_avx2(w, x) },
+                |w, x| unsafe { dot4_avx2(w, x) },
+            );
         }
     }
-    dot_scalar
+    (dot_scalar, |w, x| x.map(|x| dot_scalar(w, x)))
 }
 
 /// The portable form (and the reference for the SIMD one).
@@ -302,6 +367,67 @@ unsafe fn dot_avx2(w: &Row, x: &[Q8Block]) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     _mm_cvtss_f32(s) + msum
+}
+
+/// One weight row against four activation rows: each weight block is
+/// unpacked once and multiplied into four accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4_avx2(w: &Row, x: [&[Q8Block]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut msum = [0f32; 4];
+    let nb = x[0].len();
+    // one loop per format, so the block loop has no branch
+    match w {
+        Row::Q41 { d, m, qs } => {
+            let low = _mm_set1_epi8(0x0F);
+            for b in 0..nb {
+                let q = _mm_loadu_si128(qs[b].as_ptr() as *const __m128i);
+                let lo = _mm_and_si128(q, low);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+                let wq = _mm256_set_m128i(hi, lo); // u8 0..15, element order 0..32
+                for a in 0..4 {
+                    let xb = &x[a][b];
+                    let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                    let p16 = _mm256_maddubs_epi16(wq, xq); // ≤ 2·15·127: no saturation
+                    let p32 = _mm256_madd_epi16(p16, ones);
+                    acc[a] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(d[b] * xb.d),
+                        _mm256_cvtepi32_ps(p32),
+                        acc[a],
+                    );
+                    msum[a] += m[b] * xb.s;
+                }
+            }
+        }
+        Row::Q80 { d, qs } => {
+            for b in 0..nb {
+                // maddubs wants u8 × i8: |w| × (x · sign w)
+                let wq = _mm256_loadu_si256(qs[b].as_ptr() as *const __m256i);
+                let wabs = _mm256_sign_epi8(wq, wq);
+                for a in 0..4 {
+                    let xb = &x[a][b];
+                    let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                    let p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xq, wq));
+                    let p32 = _mm256_madd_epi16(p16, ones);
+                    acc[a] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(d[b] * xb.d),
+                        _mm256_cvtepi32_ps(p32),
+                        acc[a],
+                    );
+                }
+            }
+        }
+    }
+    std::array::from_fn(|a| {
+        let v = acc[a];
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s) + msum[a]
+    })
 }
 
 #[cfg(test)]
@@ -375,7 +501,12 @@ mod tests {
             let xq = quantize_rows(&x, 1, 256);
             for r in 0..8 {
                 let w = m.row(r);
-                let (a, b) = (dot(&w, &xq), dot_scalar(&w, &xq));
+                let (dot1, dot4) = dot_fns();
+                let (a, b) = (dot1(&w, &xq), dot_scalar(&w, &xq));
+                let c = dot4(&w, [&xq; 4]);
+                assert!(c
+                    .iter()
+                    .all(|&c| c == c.clamp(a - 1e-4 * a.abs(), a + 1e-4 * a.abs())));
                 assert!(
                     (a - b).abs() <= 1e-5 * b.abs().max(1.0),
                     "{dtype:?}: {a} vs {b}"

@@ -121,12 +121,16 @@ pub struct Transformer {
     pub decoder: Vec<Block>,
     /// Final norms (pre-norm models only; post-norm blocks end normalised).
     enc_norm: Option<Norm>,
-    dec_norm: Option<Norm>,
+    pub(crate) dec_norm: Option<Norm>,
     /// Output projection; shares the embedding's storage when tied.
     lm_head: Linear,
     /// LayerNorm of the embedding sum (BERT).
     embed_norm: Option<Norm>,
     dropout: Dropout,
+    /// The fused CPU form of this model's decoder, when it qualifies
+    /// (`kernels::llama`); batch-1 decode states use it. `None` forces the
+    /// composed path.
+    pub fused: Option<Arc<crate::kernels::llama::FusedDecoder>>,
 }
 
 impl Transformer {
@@ -190,7 +194,7 @@ impl Transformer {
             0
         };
         let embed = Embedding::new(&vb.pp("embed"), cfg.vocab_size, cfg.d_model)?;
-        Ok(Self {
+        let mut model = Self {
             embed: embed.clone(),
             pos_enc: Additive::new(
                 &vb.pp("pos_enc"),
@@ -249,7 +253,10 @@ impl Transformer {
             },
             dropout,
             cfg: cfg.clone(),
-        })
+            fused: None,
+        };
+        model.fused = crate::kernels::llama::FusedDecoder::from_model(&model).map(Arc::new);
+        Ok(model)
     }
 
     /// `Some(seed)` turns dropout on (for the calling thread) with masks
@@ -362,6 +369,7 @@ impl Transformer {
             layers,
             pos: 0,
             memory_padding: memory.and_then(|m| m.padding.clone()),
+            fused: self.fused.as_ref().map(|f| f.new_state()),
         })
     }
 
@@ -383,7 +391,20 @@ impl Transformer {
 
     /// The decoder's final hidden states for ids (b, t) fed after the state.
     fn step_hidden(&self, ids: &Tensor, state: &mut DecodeState) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
+        let (b, t) = ids.dims2()?;
+        if let (Some(f), Some(kv)) = (&self.fused, &mut state.fused) {
+            if b == 1 {
+                let h = f.forward(&ids.flatten_all()?.to_vec1()?, kv)?;
+                state.pos += t;
+                return Ok(h);
+            }
+            if state.pos > 0 {
+                return Err(Error::msg(
+                    "a batch-1 decode state cannot continue with a larger batch",
+                ));
+            }
+            state.fused = None; // a batch: the composed path
+        }
         let offset = state.pos;
         let mut x = self.embed_tokens(ids, offset, &self.pos_dec)?;
         let padding = state.memory_padding.clone();

@@ -80,16 +80,7 @@ impl Rope {
         dev: &Device,
     ) -> Result<Self> {
         let half = head_dim / 2;
-        let mut cos = vec![0f32; max_len * half];
-        let mut sin = vec![0f32; max_len * half];
-        for pos in 0..max_len {
-            for i in 0..half {
-                let freq = theta.powf(-2.0 * i as f64 / head_dim as f64);
-                let a = pos as f64 * freq;
-                cos[pos * half + i] = a.cos() as f32;
-                sin[pos * half + i] = a.sin() as f32;
-            }
-        }
+        let (cos, sin) = rope_tables(head_dim, max_len, theta);
         Ok(Self {
             cos: Tensor::from_vec(cos, (max_len, half), dev)?.to_dtype(dtype)?,
             sin: Tensor::from_vec(sin, (max_len, half), dev)?.to_dtype(dtype)?,
@@ -130,6 +121,23 @@ impl Rope {
         let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
         Ok(Tensor::cat(&[r1, r2], 3)?)
     }
+}
+
+/// cos and sin of pos · theta^(-2i/d) for pos < max_len, i < d/2: two
+/// (max_len, d/2) row-major tables.
+pub fn rope_tables(head_dim: usize, max_len: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let mut cos = vec![0f32; max_len * half];
+    let mut sin = vec![0f32; max_len * half];
+    for pos in 0..max_len {
+        for i in 0..half {
+            let freq = theta.powf(-2.0 * i as f64 / head_dim as f64);
+            let a = pos as f64 * freq;
+            cos[pos * half + i] = a.cos() as f32;
+            sin[pos * half + i] = a.sin() as f32;
+        }
+    }
+    (cos, sin)
 }
 
 /// ALiBi head slopes (Press et al. 2022): a geometric sequence starting at

@@ -1,0 +1,338 @@
+//! The fused forward pass of a Llama-shaped decoder with quantized weights
+//! (pre-norm RMSNorm, RoPE, grouped-query softmax attention, SwiGLU; the
+//! GGUF models `attend generate` runs), for prefill and decode.
+//!
+//! It computes exactly what `Transformer::step` computes, from the same
+//! weights (shared `Arc<QMatrix>`es, no copies), but on plain f32 buffers:
+//! a decode step of SmolLM2 is ~700 candle ops, each allocating a tensor and
+//! some crossing a thread barrier, and that overhead cost more than the
+//! matrix products. Here a layer is five parallel regions (q/k/v, attention,
+//! o, gate/up, down) over buffers allocated once per call, and the KV cache
+//! grows in place instead of being re-concatenated every token.
+//!
+//! `Transformer::new` builds one when the model qualifies (`from_model`);
+//! `Transformer::step` uses it for batch-1 states. Tests compare it with the
+//! composed path (`tests/fused.rs`).
+
+use crate::config::{FfnKind, MechanismKind, NormKind, NormPosition, PositionKind, Shape};
+use crate::error::{Error, Result};
+use crate::kernels::quant::{matmul_many, Q8Rows, QMatrix};
+use crate::model::Transformer;
+use crate::nn::Weight;
+use crate::norm::Norm;
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+struct Layer {
+    ln_1: Vec<f32>,
+    wq: Arc<QMatrix>,
+    wk: Arc<QMatrix>,
+    wv: Arc<QMatrix>,
+    wo: Arc<QMatrix>,
+    ln_2: Vec<f32>,
+    /// gate (silu), up, down
+    w1: Arc<QMatrix>,
+    w3: Arc<QMatrix>,
+    w2: Arc<QMatrix>,
+}
+
+/// The weights of a qualifying model, borrowed into fused form.
+pub struct FusedDecoder {
+    d: usize,
+    h: usize,
+    h_kv: usize,
+    hd: usize,
+    d_ff: usize,
+    eps: f32,
+    interleaved: bool,
+    max_len: usize,
+    /// (max_len, hd/2)
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    layers: Vec<Layer>,
+    final_norm: Vec<f32>,
+    /// (vocab, d)
+    embed: Tensor,
+}
+
+impl std::fmt::Debug for FusedDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FusedDecoder({} layers)", self.layers.len())
+    }
+}
+
+/// The KV cache of the fused path: per layer, keys and values token-major,
+/// (t, h_kv, head_dim), grown in place.
+#[derive(Clone, Debug, Default)]
+pub struct FusedKv {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl FusedKv {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes allocated by the cache's buffers.
+    pub fn state_bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|b| b.capacity() * 4).sum()
+    }
+}
+
+fn q_weight(w: &Weight) -> Option<Arc<QMatrix>> {
+    match w {
+        Weight::Q(m) => Some(m.clone()),
+        _ => None,
+    }
+}
+
+fn gain(n: &Norm) -> Option<Vec<f32>> {
+    if n.kind() != NormKind::Rmsnorm {
+        return None;
+    }
+    n.weight().to_dtype(DType::F32).ok()?.to_vec1().ok()
+}
+
+impl FusedDecoder {
+    /// The fused form of `m`, if it is a pre-norm RMSNorm/RoPE/SwiGLU softmax
+    /// decoder without biases whose linear weights are all on attend's
+    /// quantized kernel (Q4_1/Q8_0), on the CPU in f32. None otherwise.
+    pub fn from_model(m: &Transformer) -> Option<Self> {
+        let c = &m.cfg;
+        let qualifies = c.shape == Shape::Decoder
+            && c.norm == NormKind::Rmsnorm
+            && c.norm_position == NormPosition::Pre
+            && c.ffn == FfnKind::Swiglu
+            && c.position == PositionKind::Rope
+            && c.mechanism == MechanismKind::Softmax
+            && !c.bias
+            && !c.scale_embeddings
+            && !c.embed_norm
+            && c.head_dim().is_multiple_of(8)
+            && c.dropout == 0.0
+            && m.embed.table.dtype() == DType::F32
+            && m.embed.table.device().is_cpu();
+        if !qualifies {
+            return None;
+        }
+        let layers = m
+            .decoder
+            .iter()
+            .map(|b| {
+                let a = &b.self_attn;
+                Some(Layer {
+                    ln_1: gain(&b.ln_1)?,
+                    wq: q_weight(&a.q_proj.w)?,
+                    wk: q_weight(&a.k_proj.w)?,
+                    wv: q_weight(&a.v_proj.w)?,
+                    wo: q_weight(&a.o_proj.w)?,
+                    ln_2: gain(&b.ln_2)?,
+                    w1: q_weight(&b.ffn.w1.w)?,
+                    w3: q_weight(&b.ffn.w3.as_ref()?.w)?,
+                    w2: q_weight(&b.ffn.w2.w)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let (cos, sin) = crate::position::rope_tables(c.head_dim(), c.max_len, c.rope_theta);
+        Some(Self {
+            d: c.d_model,
+            h: c.n_heads,
+            h_kv: c.kv_heads(),
+            hd: c.head_dim(),
+            d_ff: c.d_ff,
+            eps: c.norm_eps as f32,
+            interleaved: c.rope_interleaved,
+            max_len: c.max_len,
+            cos,
+            sin,
+            layers,
+            final_norm: gain(m.dec_norm.as_ref()?)?,
+            embed: m.embed.table.clone(),
+        })
+    }
+
+    pub fn new_state(&self) -> FusedKv {
+        FusedKv {
+            k: vec![vec![]; self.layers.len()],
+            v: vec![vec![]; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// ids (t) fed after the state's tokens -> the final hidden states
+    /// (1, t, d), after the final norm; the state advances by t.
+    pub fn forward(&self, ids: &[u32], st: &mut FusedKv) -> Result<Tensor> {
+        // Run on a pool thread, so that the ~150 parallel regions of a step
+        // are forked from inside the pool instead of each one waking the
+        // pool and putting the calling thread to sleep.
+        let mut out = None;
+        rayon::scope(|_| out = Some(self.forward_in_pool(ids, st)));
+        out.expect("rayon::scope runs its closure")
+    }
+
+    fn forward_in_pool(&self, ids: &[u32], st: &mut FusedKv) -> Result<Tensor> {
+        let (t, d, hd) = (ids.len(), self.d, self.hd);
+        let pos0 = st.len;
+        if pos0 + t > self.max_len {
+            return Err(Error::msg(format!(
+                "sequence of {} tokens exceeds the model's max_len {}",
+                pos0 + t,
+                self.max_len
+            )));
+        }
+        let (qd, kvd) = (self.h * hd, self.h_kv * hd);
+        let idx = Tensor::new(ids, &Device::Cpu)?;
+        let mut x: Vec<f32> = self.embed.index_select(&idx, 0)?.flatten_all()?.to_vec1()?;
+        let mut hbuf = vec![0f32; t * d];
+        let (mut q, mut k, mut v) = (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd]);
+        let mut att = vec![0f32; t * qd];
+        let mut o = vec![0f32; t * d];
+        let (mut g, mut u) = (vec![0f32; t * self.d_ff], vec![0f32; t * self.d_ff]);
+        for (l, w) in self.layers.iter().enumerate() {
+            // x + W_o attention(RoPE(W_q h), RoPE(W_k h), W_v h), h = RMSNorm(x)
+            rms_norm(&x, &w.ln_1, self.eps, d, &mut hbuf);
+            let hq = Q8Rows::quantize(&hbuf, t, d);
+            matmul_many(
+                &hq,
+                &mut [(&w.wq, &mut q), (&w.wk, &mut k), (&w.wv, &mut v)],
+            );
+            self.rope(&mut q, self.h, pos0);
+            self.rope(&mut k, self.h_kv, pos0);
+            if st.k[l].capacity() < (pos0 + t) * kvd {
+                // room for the prompt and a stretch of decoding at once
+                let want = ((pos0 + t) * kvd).max(2 * st.k[l].capacity());
+                let have = st.k[l].len();
+                st.k[l].reserve_exact(want - have);
+                st.v[l].reserve_exact(want - have);
+            }
+            st.k[l].extend_from_slice(&k);
+            st.v[l].extend_from_slice(&v);
+            self.attention(&q, &st.k[l], &st.v[l], pos0, &mut att);
+            let aq = Q8Rows::quantize(&att, t, qd);
+            matmul_many(&aq, &mut [(&w.wo, &mut o)]);
+            add(&mut x, &o);
+            // x + W_2 (silu(W_1 h) ⊙ W_3 h), h = RMSNorm(x)
+            rms_norm(&x, &w.ln_2, self.eps, d, &mut hbuf);
+            let hq = Q8Rows::quantize(&hbuf, t, d);
+            matmul_many(&hq, &mut [(&w.w1, &mut g), (&w.w3, &mut u)]);
+            for (a, &b) in g.iter_mut().zip(&u) {
+                *a = *a / (1.0 + (-*a).exp()) * b;
+            }
+            let gq = Q8Rows::quantize(&g, t, self.d_ff);
+            matmul_many(&gq, &mut [(&w.w2, &mut o)]);
+            add(&mut x, &o);
+        }
+        st.len += t;
+        rms_norm(&x, &self.final_norm, self.eps, d, &mut hbuf);
+        Ok(Tensor::from_vec(hbuf, (1, t, d), &Device::Cpu)?)
+    }
+
+    /// Rotate every head of x (t, heads, hd) at positions pos0.. in place.
+    fn rope(&self, x: &mut [f32], heads: usize, pos0: usize) {
+        let (hd, half) = (self.hd, self.hd / 2);
+        for (i, row) in x.chunks_mut(heads * hd).enumerate() {
+            let cos = &self.cos[(pos0 + i) * half..][..half];
+            let sin = &self.sin[(pos0 + i) * half..][..half];
+            for head in row.chunks_mut(hd) {
+                for p in 0..half {
+                    // pair p: (x_2p, x_2p+1) interleaved, (x_p, x_p+d/2) otherwise
+                    let (a, b) = if self.interleaved {
+                        (2 * p, 2 * p + 1)
+                    } else {
+                        (p, p + half)
+                    };
+                    let (x1, x2) = (head[a], head[b]);
+                    head[a] = x1 * cos[p] - x2 * sin[p];
+                    head[b] = x2 * cos[p] + x1 * sin[p];
+                }
+            }
+        }
+    }
+
+    /// Causal grouped-query softmax attention of the t new queries
+    /// q (t, h, hd) at positions pos0.. over the cache k/v (pos0 + t, h_kv, hd)
+    /// -> out (t, h, hd). One task per (query, head).
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], pos0: usize, out: &mut [f32]) {
+        let (h, h_kv, hd) = (self.h, self.h_kv, self.hd);
+        let group = h / h_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let task = |(idx, o): (usize, &mut [f32])| {
+            let (i, head) = (idx / h, idx % h);
+            let kv = head / group;
+            let qi = &q[idx * hd..][..hd];
+            let n = pos0 + i + 1; // keys this query may see
+            let mut s: Vec<f32> = (0..n)
+                .map(|j| dot(qi, &k[(j * h_kv + kv) * hd..][..hd]) * scale)
+                .collect();
+            let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut z = 0f32;
+            for x in s.iter_mut() {
+                *x = (*x - max).exp();
+                z += *x;
+            }
+            o.fill(0.0);
+            for (j, &p) in s.iter().enumerate() {
+                axpy(o, p, &v[(j * h_kv + kv) * hd..][..hd]);
+            }
+            for x in o.iter_mut() {
+                *x /= z;
+            }
+        };
+        // a decode step near the start of the context is too little work
+        // to share out
+        if t_work(q.len() / (h * hd), pos0, h * hd) < 1 << 16 {
+            out.chunks_mut(hd).enumerate().for_each(task);
+        } else {
+            out.par_chunks_mut(hd).enumerate().for_each(task);
+        }
+    }
+}
+
+/// Multiply-adds of causal attention for t queries after pos0 keys, width w.
+fn t_work(t: usize, pos0: usize, w: usize) -> usize {
+    t * (pos0 + t) * w * 2
+}
+
+/// y = x / rms(x) · γ, row by row: x (t, d) -> y (t, d).
+fn rms_norm(x: &[f32], gain: &[f32], eps: f32, d: usize, y: &mut [f32]) {
+    for (xr, yr) in x.chunks(d).zip(y.chunks_mut(d)) {
+        let ms = xr.iter().map(|a| a * a).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(gain) {
+            *o = a * inv * g;
+        }
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Σ a_i b_i with eight independent accumulators (vectorises; head_dim is a
+/// multiple of 8).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum()
+}
+
+/// o += p · v
+fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
+    for (a, &b) in o.iter_mut().zip(v) {
+        *a += p * b;
+    }
+}

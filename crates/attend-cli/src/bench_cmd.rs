@@ -35,6 +35,12 @@ pub struct BenchArgs {
     /// Encoders: sentences per batch.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    #[command(flatten)]
+    kv: crate::kv_cmd::KvArgs,
+    /// With --kv-policy: stream random tokens one at a time and measure
+    /// decode speed at these depths into the stream.
+    #[arg(long, value_delimiter = ',', default_values_t = [1024usize, 4096, 8000])]
+    at: Vec<usize>,
     #[arg(long)]
     json: bool,
 }
@@ -73,6 +79,9 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
 
 fn bench_decoder(a: &BenchArgs) -> Result<serde_json::Value> {
     let l = load_gguf(&a.model, a.dequantize)?;
+    if let Some(c) = a.kv.resolve(&l)? {
+        return bench_capped(a, &l, &c);
+    }
     let m = &l.model;
     if a.prompt_tokens.max(a.depth + 1) + a.decode_tokens > m.cfg.max_len {
         bail!(
@@ -126,6 +135,54 @@ fn bench_decoder(a: &BenchArgs) -> Result<serde_json::Value> {
 }
 
 /// 1,000 sentences of mixed length (3–60 words) from a fixed vocabulary.
+/// Decode speed with a capped KV cache at several depths into one stream.
+fn bench_capped(
+    a: &BenchArgs,
+    l: &crate::run_cmd::Loaded,
+    c: &crate::kv_cmd::Capped,
+) -> Result<serde_json::Value> {
+    let m = &l.model;
+    let mut at = a.at.clone();
+    at.sort();
+    let end = at.last().copied().unwrap_or(0) + a.decode_tokens;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut state = m.new_state_with_policy(&c.policy, c.retrieval.as_deref())?;
+    let mut next = 0u32;
+    let (mut fed, mut rows) = (0usize, vec![]);
+    let pb = indicatif::ProgressBar::new(end as u64);
+    for &depth in &at {
+        // random context up to the depth, then timed greedy decoding
+        while fed < depth {
+            let id = rng.random_range(0..m.cfg.vocab_size as u32);
+            m.step_last(&Tensor::new(&[[id]], &Device::Cpu)?, &mut state)?;
+            fed += 1;
+            pb.inc(1);
+        }
+        let t0 = Instant::now();
+        for _ in 0..a.decode_tokens {
+            let logits = m.step_last(&Tensor::new(&[[next]], &Device::Cpu)?, &mut state)?;
+            next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        }
+        let rate = a.decode_tokens as f64 / t0.elapsed().as_secs_f64();
+        fed += a.decode_tokens;
+        pb.inc(a.decode_tokens as u64);
+        rows.push(serde_json::json!({
+            "depth": depth,
+            "decode_tokens_per_sec": rate,
+            "cache_bytes": state.state_bytes(),
+        }));
+    }
+    pb.finish_and_clear();
+    Ok(serde_json::json!({
+        "model": a.model,
+        "kv_policy": c.policy.to_string(),
+        "decode_tokens": a.decode_tokens,
+        "at": rows,
+        "threads": crate::train_cmd::threads(),
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
 fn builtin_sentences() -> Vec<String> {
     const WORDS: &[&str] = &[
         "the",

@@ -2,6 +2,7 @@
 //! library and prints; no model logic lives here.
 
 mod bench_cmd;
+mod kv_cmd;
 mod run_cmd;
 mod train_cmd;
 
@@ -62,6 +63,9 @@ enum Cmd {
     Bench(bench_cmd::BenchArgs),
     /// Show a GGUF file's configuration as attend reads it, and its metadata.
     Inspect(run_cmd::InspectArgs),
+    /// KV-cache policies × budgets on a GGUF model: streaming perplexity
+    /// against cache memory, as results.json, table.md and plot.svg.
+    KvSweep(kv_cmd::KvSweepArgs),
 }
 
 fn main() {
@@ -111,6 +115,7 @@ fn main() {
         Cmd::Tokenize(a) => run_cmd::tokenize_cmd(a).context("tokenize failed"),
         Cmd::Bench(a) => bench_cmd::bench_cmd(a).context("bench failed"),
         Cmd::Inspect(a) => run_cmd::inspect_cmd(a).context("inspect failed"),
+        Cmd::KvSweep(a) => kv_cmd::kv_sweep_cmd(a).context("kv-sweep failed"),
     };
     if let Err(e) = result {
         // One line: the context chain, outermost first.

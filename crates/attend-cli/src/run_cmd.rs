@@ -1,6 +1,7 @@
 //! Running real checkpoints: `generate`, `chat`, `perplexity`, `tokenize`,
 //! `inspect`.
 
+use crate::kv_cmd::{Capped, KvArgs};
 use anyhow::{bail, Context, Result};
 use attend::decode::{generate, Sampler, SamplingParams};
 use attend::formats::chat::{render, Message};
@@ -34,6 +35,7 @@ pub fn load_gguf(path: &Path, dequantize: bool) -> Result<Loaded> {
 /// as it comes when `print` is set.
 fn stream_generate(
     l: &Loaded,
+    capped: Option<&Capped>,
     prompt: &[u32],
     max_new: usize,
     sampler: &mut Sampler,
@@ -42,21 +44,26 @@ fn stream_generate(
     let tok = &l.gguf.tokenizer;
     let mut stream = StreamDecoder::new(tok);
     let mut stdout = std::io::stdout();
-    Ok(generate(
-        &l.model,
-        prompt,
-        None,
-        max_new,
-        sampler,
-        tok.eos,
-        |id| {
-            if print && Some(id) != tok.eos {
-                print!("{}", stream.push(id)?);
-                stdout.flush().ok();
-            }
-            Ok(())
-        },
-    )?)
+    let on_token = |id| {
+        if print && Some(id) != tok.eos {
+            print!("{}", stream.push(id)?);
+            stdout.flush().ok();
+        }
+        Ok(())
+    };
+    Ok(match capped {
+        None => generate(&l.model, prompt, None, max_new, sampler, tok.eos, on_token)?,
+        Some(c) => attend::decode::generate_with_policy(
+            &l.model,
+            &c.policy,
+            c.retrieval.as_deref(),
+            prompt,
+            max_new,
+            sampler,
+            tok.eos,
+            on_token,
+        )?,
+    })
 }
 
 #[derive(Args)]
@@ -102,13 +109,16 @@ pub struct GenerateArgs {
     /// Print {"prompt_ids", "ids", "text"} for the generated part instead of streaming.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    kv: KvArgs,
 }
 
 pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let l = load_gguf(&a.model, a.dequantize)?;
     let tok = &l.gguf.tokenizer;
     let prompt = tok.encode(&a.prompt, false)?;
-    if prompt.len() >= l.model.cfg.max_len {
+    let capped = a.kv.resolve(&l)?;
+    if prompt.len() >= l.model.cfg.max_len && capped.is_none() {
         bail!(
             "the prompt has {} tokens; the model's context is {}",
             prompt.len(),
@@ -116,7 +126,14 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
         );
     }
     let mut sampler = a.sampling.sampler()?;
-    let ids = stream_generate(&l, &prompt, a.max_tokens, &mut sampler, !a.json)?;
+    let ids = stream_generate(
+        &l,
+        capped.as_ref(),
+        &prompt,
+        a.max_tokens,
+        &mut sampler,
+        !a.json,
+    )?;
     let text = tok.decode(&ids)?;
     if a.json {
         println!(
@@ -143,6 +160,8 @@ pub struct ChatArgs {
     sampling: SamplingArgs,
     #[arg(long)]
     dequantize: bool,
+    #[command(flatten)]
+    kv: KvArgs,
 }
 
 pub fn chat_cmd(a: ChatArgs) -> Result<()> {
@@ -167,6 +186,7 @@ pub fn chat_cmd(a: ChatArgs) -> Result<()> {
         })
         .collect();
     let mut sampler = a.sampling.sampler()?;
+    let capped = a.kv.resolve(&l)?;
     let stdin = std::io::stdin();
     eprintln!("chatting with {} (Ctrl-D to end)", a.model.display());
     loop {
@@ -186,13 +206,20 @@ pub fn chat_cmd(a: ChatArgs) -> Result<()> {
         });
         let prompt_text = render(&template, &messages, true, &bos, &eos)?;
         let prompt = tok.encode(&prompt_text, false)?;
-        if prompt.len() >= l.model.cfg.max_len {
+        if prompt.len() >= l.model.cfg.max_len && capped.is_none() {
             bail!(
                 "the conversation has grown past the model's context ({} tokens)",
                 l.model.cfg.max_len
             );
         }
-        let ids = stream_generate(&l, &prompt, a.max_tokens, &mut sampler, true)?;
+        let ids = stream_generate(
+            &l,
+            capped.as_ref(),
+            &prompt,
+            a.max_tokens,
+            &mut sampler,
+            true,
+        )?;
         println!();
         messages.push(Message {
             role: "assistant".into(),
@@ -218,6 +245,13 @@ pub struct PerplexityArgs {
     max_tokens: usize,
     #[arg(long)]
     dequantize: bool,
+    /// Feed the text one token at a time through a decode state (the
+    /// StreamingLLM protocol) instead of scoring windows; with --kv-policy
+    /// the cache is capped. JSON adds cache_bytes_max.
+    #[arg(long)]
+    streaming: bool,
+    #[command(flatten)]
+    kv: KvArgs,
     #[arg(long)]
     json: bool,
 }
@@ -253,6 +287,9 @@ pub fn score(model: &Transformer, ids: &[u32], ctx: usize) -> Result<(f64, usize
 
 pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     let l = load_gguf(&a.model, a.dequantize)?;
+    if a.kv.kv_policy.is_some() && !a.streaming {
+        bail!("--kv-policy applies to --streaming perplexity (windows are scored whole)");
+    }
     if a.ctx < 2 || a.ctx > l.model.cfg.max_len {
         bail!(
             "--ctx must be in 2..={} (the model's context)",
@@ -264,6 +301,12 @@ pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     let mut ids = l.gguf.tokenizer.encode(&text, false)?;
     if a.max_tokens > 0 {
         ids.truncate(a.max_tokens);
+    }
+    if a.streaming {
+        if ids.len() < 2 {
+            bail!("{}: needs at least 2 tokens", a.file.display());
+        }
+        return crate::kv_cmd::streaming_cmd(&l, &ids, &a.kv, a.json);
     }
     let (mean_nll, n, _) = score(&l.model, &ids, a.ctx)?;
     let ppl = mean_nll.exp();

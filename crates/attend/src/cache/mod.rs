@@ -1,6 +1,8 @@
 //! What a sequence keeps between decode steps. The caller owns the
 //! `DecodeState`, so one loaded model serves many sequences.
 
+pub mod policy;
+
 use crate::attention::MixerState;
 use crate::error::Result;
 use candle_core::Tensor;

@@ -119,7 +119,7 @@ pub fn generate(
     max_new: usize,
     sampler: &mut Sampler,
     stop: Option<u32>,
-    mut on_token: impl FnMut(u32) -> Result<()>,
+    on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
     let max_len = model.cfg.max_len;
     if prompt.is_empty() {
@@ -131,8 +131,46 @@ pub fn generate(
             prompt.len()
         )));
     }
+    let state = model.new_state(memory)?;
+    generate_in(
+        model, state, prompt, memory, max_new, sampler, stop, on_token,
+    )
+}
+
+/// As `generate`, with the KV cache capped by an eviction `policy`
+/// (`cache::policy`); the context then never fills up.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with_policy(
+    model: &Transformer,
+    policy: &crate::cache::policy::KvPolicy,
+    retrieval: Option<&[Vec<bool>]>,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    stop: Option<u32>,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(Error::msg("the prompt is empty"));
+    }
+    let state = model.new_state_with_policy(policy, retrieval)?;
+    generate_in(model, state, prompt, None, max_new, sampler, stop, on_token)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate_in(
+    model: &Transformer,
+    mut state: crate::cache::DecodeState,
+    prompt: &[u32],
+    memory: Option<&Memory>,
+    max_new: usize,
+    sampler: &mut Sampler,
+    stop: Option<u32>,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
+    let max_len = model.cfg.max_len;
+    let capped = state.fused.as_ref().is_some_and(|f| f.policy.is_some());
     let dev = model.embed.table.device();
-    let mut state = model.new_state(memory)?;
     let mut logits = model.step_last(&Tensor::new(prompt, dev)?.unsqueeze(0)?, &mut state)?;
     let mut seq = prompt.to_vec();
     for _ in 0..max_new {
@@ -144,7 +182,7 @@ pub fn generate(
         if Some(next) == stop {
             break;
         }
-        logits = if state.pos < max_len {
+        logits = if capped || state.pos < max_len {
             model.step_last(&Tensor::new(&[[next]], dev)?, &mut state)?
         } else {
             let keep = &seq[seq.len() - (max_len / 2).max(1)..];

@@ -1,5 +1,8 @@
 //! Held-out evaluation of trained checkpoints.
 
+pub mod report;
+pub mod streaming;
+
 use crate::decode::{beam_search, greedy_batch};
 use crate::error::Result;
 use crate::model::{Memory, Transformer};

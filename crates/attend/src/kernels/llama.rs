@@ -14,6 +14,7 @@
 //! `Transformer::step` uses it for batch-1 states. Tests compare it with the
 //! composed path (`tests/fused.rs`).
 
+use crate::cache::policy::{KvPolicy, PolicyCache, RopeTables};
 use crate::config::{FfnKind, MechanismKind, NormKind, NormPosition, PositionKind, Shape};
 use crate::error::{Error, Result};
 use crate::kernels::quant::{matmul_many, Q8Rows, QMatrix};
@@ -46,6 +47,7 @@ pub struct FusedDecoder {
     d_ff: usize,
     eps: f32,
     interleaved: bool,
+    theta: f64,
     max_len: usize,
     /// (max_len, hd/2)
     cos: Vec<f32>,
@@ -69,6 +71,9 @@ pub struct FusedKv {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     len: usize,
+    /// Per layer, when an eviction policy caps the cache (`cache::policy`);
+    /// then `k`/`v` stay empty.
+    pub policy: Option<Vec<PolicyCache>>,
 }
 
 impl FusedKv {
@@ -83,7 +88,17 @@ impl FusedKv {
 
     /// Bytes allocated by the cache's buffers.
     pub fn state_bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|b| b.capacity() * 4).sum()
+        self.policy
+            .iter()
+            .flatten()
+            .map(|p| p.state_bytes())
+            .sum::<usize>()
+            + self
+                .k
+                .iter()
+                .chain(&self.v)
+                .map(|b| b.capacity() * 4)
+                .sum::<usize>()
     }
 }
 
@@ -150,6 +165,7 @@ impl FusedDecoder {
             d_ff: c.d_ff,
             eps: c.norm_eps as f32,
             interleaved: c.rope_interleaved,
+            theta: c.rope_theta,
             max_len: c.max_len,
             cos,
             sin,
@@ -164,6 +180,29 @@ impl FusedDecoder {
             k: vec![vec![]; self.layers.len()],
             v: vec![vec![]; self.layers.len()],
             len: 0,
+            policy: None,
+        }
+    }
+
+    /// A state whose caches follow `policy`; `retrieval[layer][kv_head]`
+    /// marks RazorAttention's retrieval heads.
+    pub fn new_policy_state(&self, policy: &KvPolicy, retrieval: Option<&[Vec<bool>]>) -> FusedKv {
+        let rope = Arc::new(RopeTables::new(
+            self.hd,
+            self.max_len,
+            self.theta,
+            self.interleaved,
+        ));
+        FusedKv {
+            policy: Some(
+                (0..self.layers.len())
+                    .map(|l| {
+                        let r = retrieval.and_then(|r| r.get(l)).map_or(&[][..], |r| r);
+                        PolicyCache::new(policy, self.h_kv, self.hd, Some(rope.clone()), r)
+                    })
+                    .collect(),
+            ),
+            ..self.new_state()
         }
     }
 
@@ -181,7 +220,7 @@ impl FusedDecoder {
     fn forward_in_pool(&self, ids: &[u32], st: &mut FusedKv) -> Result<Tensor> {
         let (t, d, hd) = (ids.len(), self.d, self.hd);
         let pos0 = st.len;
-        if pos0 + t > self.max_len {
+        if pos0 + t > self.max_len && st.policy.is_none() {
             return Err(Error::msg(format!(
                 "sequence of {} tokens exceeds the model's max_len {}",
                 pos0 + t,
@@ -204,18 +243,32 @@ impl FusedDecoder {
                 &hq,
                 &mut [(&w.wq, &mut q), (&w.wk, &mut k), (&w.wv, &mut v)],
             );
-            self.rope(&mut q, self.h, pos0);
-            self.rope(&mut k, self.h_kv, pos0);
-            if st.k[l].capacity() < (pos0 + t) * kvd {
-                // room for the prompt and a stretch of decoding at once
-                let want = ((pos0 + t) * kvd).max(2 * st.k[l].capacity());
-                let have = st.k[l].len();
-                st.k[l].reserve_exact(want - have);
-                st.v[l].reserve_exact(want - have);
+            if let Some(caches) = &mut st.policy {
+                // token by token: insert, evict, attend (RoPE by cache slot)
+                let c = &mut caches[l];
+                for i in 0..t {
+                    c.step(
+                        &q[i * qd..][..qd],
+                        &k[i * kvd..][..kvd],
+                        &v[i * kvd..][..kvd],
+                        &mut att[i * qd..][..qd],
+                    )?;
+                }
+            } else {
+                self.rope(&mut q, self.h, pos0);
+                self.rope(&mut k, self.h_kv, pos0);
+                let (kc, vc) = (&mut st.k[l], &mut st.v[l]);
+                if kc.capacity() < (pos0 + t) * kvd {
+                    // room for the prompt and a stretch of decoding at once
+                    let want = ((pos0 + t) * kvd).max(2 * kc.capacity());
+                    let have = kc.len();
+                    kc.reserve_exact(want - have);
+                    vc.reserve_exact(want - have);
+                }
+                kc.extend_from_slice(&k);
+                vc.extend_from_slice(&v);
+                self.attention(&q, kc, vc, pos0, &mut att);
             }
-            st.k[l].extend_from_slice(&k);
-            st.v[l].extend_from_slice(&v);
-            self.attention(&q, &st.k[l], &st.v[l], pos0, &mut att);
             let aq = Q8Rows::quantize(&att, t, qd);
             matmul_many(&aq, &mut [(&w.wo, &mut o)]);
             add(&mut x, &o);

@@ -373,6 +373,25 @@ impl Transformer {
         })
     }
 
+    /// A batch-1 decode state whose KV caches follow an eviction `policy`
+    /// (`cache::policy`); `retrieval[layer][kv_head]` marks the heads that
+    /// keep everything under RazorAttention (`cache::policy::retrieval_heads`).
+    pub fn new_state_with_policy(
+        &self,
+        policy: &crate::cache::policy::KvPolicy,
+        retrieval: Option<&[Vec<bool>]>,
+    ) -> Result<DecodeState> {
+        let Some(f) = &self.fused else {
+            return Err(Error::msg(
+                "KV-cache policies run on the fused decode path: a Llama-shaped \
+                 model with Q4_1/Q8_0 weights (drop --dequantize)",
+            ));
+        };
+        let mut st = self.new_state(None)?;
+        st.fused = Some(f.new_policy_state(policy, retrieval));
+        Ok(st)
+    }
+
     /// Incremental decoding: feed ids (b, t) after the `state.pos` tokens
     /// already in the state -> logits (b, t, vocab); the state advances by t.
     pub fn step(&self, ids: &Tensor, state: &mut DecodeState) -> Result<Tensor> {

@@ -4,9 +4,11 @@
 use attend::config::*;
 use attend::nn::ParamStore;
 use attend::Transformer;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
 
 pub fn tiny(shape: Shape) -> ModelConfig {
     let (enc, dec) = match shape {
@@ -96,4 +98,55 @@ pub fn variants(shape: Shape) -> Vec<ModelConfig> {
         }
     }
     out
+}
+
+/// A small Llama-shaped decoder whose projections are Q4_1 (the output
+/// projection Q8_0, tied as in GGUF), from a seeded dense initialisation.
+pub fn quantized_llama(interleaved: bool, seed: u64) -> Transformer {
+    let cfg = ModelConfig {
+        shape: Shape::Decoder,
+        d_model: 64,
+        n_decoder_layers: 2,
+        n_heads: 4,
+        n_kv_heads: Some(2),
+        d_ff: 96,
+        vocab_size: 50,
+        max_len: 64,
+        position: PositionKind::Rope,
+        rope_interleaved: interleaved,
+        ffn: FfnKind::Swiglu,
+        norm: NormKind::Rmsnorm,
+        norm_position: NormPosition::Pre,
+        bias: false,
+        scale_embeddings: false,
+        tie_embeddings: true,
+        ..ModelConfig::default()
+    };
+    let (_, dense) = build(&cfg, seed, DType::F32);
+    let store = ParamStore::new(seed, DType::F32, Device::Cpu);
+    let mut plain = BTreeMap::new();
+    for (name, var) in dense.vars() {
+        let t = var.as_tensor().clone();
+        // norms get non-trivial gains, so a missed gain shows
+        let t = if name.contains("ln_") || name.contains("norm") {
+            let n = t.elem_count();
+            let g: Vec<f32> = (0..n)
+                .map(|i| 1.0 + 0.3 * ((i * 7 + 1) as f32).sin())
+                .collect();
+            let g = Tensor::from_vec(g, t.shape(), &Device::Cpu).unwrap();
+            (t * g).unwrap()
+        } else {
+            t
+        };
+        if name == "embed.weight" {
+            store.insert_quantized(&name, QTensor::quantize(&t, GgmlDType::Q8_0).unwrap());
+            plain.insert(name, t);
+        } else if t.rank() == 2 {
+            store.insert_quantized(&name, QTensor::quantize(&t, GgmlDType::Q4_1).unwrap());
+        } else {
+            plain.insert(name, t);
+        }
+    }
+    store.insert(plain).unwrap();
+    Transformer::new(&cfg, &store).unwrap()
 }

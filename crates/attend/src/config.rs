@@ -843,4 +843,208 @@ mod tests {
             .to_string();
         assert!(e.contains("n_encoder_layers"), "{e}");
     }
+
+    #[test]
+    fn mechanism_specs_parse_and_round_trip() {
+        let m = |s: &str| s.parse::<MechanismConfig>().unwrap();
+        assert_eq!(m("softmax"), MechanismConfig::Softmax);
+        assert_eq!(
+            m("window:w=64"),
+            MechanismConfig::Window(WindowConfig { window: 64 })
+        );
+        assert_eq!(
+            m("linear:map=taylor,dim=16"),
+            MechanismConfig::Linear(LinearConfig {
+                feature_map: FeatureMap::Taylor,
+                feature_dim: 16,
+                ..LinearConfig::default()
+            })
+        );
+        assert_eq!(
+            m("based:dim=8,w=32,conv=4,chunk=16"),
+            MechanismConfig::Based(BasedConfig {
+                feature_dim: 8,
+                window: 32,
+                conv: 4,
+                chunk: 16
+            })
+        );
+        assert_eq!(
+            m("decay:gamma=0.9"),
+            MechanismConfig::Decay(DecayConfig {
+                decay: Some(0.9),
+                ..DecayConfig::default()
+            })
+        );
+        assert_eq!(m("decay"), MechanismConfig::Decay(DecayConfig::default()));
+        assert_eq!(m("gla"), MechanismConfig::Gla(GlaConfig::default()));
+        for spec in [
+            "softmax",
+            "window:w=3",
+            "linear:map=performer,dim=4,m=32,chunk=8",
+            "linear:map=relu,dim=5,chunk=64",
+            "based:dim=16,w=64,conv=3,chunk=64",
+            "decay:gamma=0.25,chunk=4",
+            "decay:gamma=retnet,chunk=64",
+            "gla:rank=4,tau=8,chunk=16",
+        ] {
+            let c = m(spec);
+            assert_eq!(c.to_string(), spec);
+            assert_eq!(m(&c.to_string()), c);
+        }
+        // one spec per layer; settings after a comma continue the mechanism
+        let l = MechanismConfig::parse_list("softmax,based:dim=16,w=16,based").unwrap();
+        assert_eq!(l.len(), 3);
+        assert_eq!(l[1], m("based:dim=16,w=16"));
+        assert_eq!(l[2], m("based"));
+        assert_eq!(
+            MechanismConfig::parse_list("gla; window:w=4").unwrap(),
+            vec![m("gla"), m("window:w=4")]
+        );
+    }
+
+    #[test]
+    fn bad_mechanism_settings_name_the_setting() {
+        let err = |s: &str| s.parse::<MechanismConfig>().unwrap_err().to_string();
+        let e = err("window:w=0");
+        assert!(e.contains("`window`") && e.contains("at least 1"), "{e}");
+        let e = err("linear:map=taylor,dim=0");
+        assert!(
+            e.contains("`feature_dim`") && e.contains("at least 1"),
+            "{e}"
+        );
+        let e = err("based:dim=0");
+        assert!(e.contains("`feature_dim`"), "{e}");
+        let e = err("based:w=0");
+        assert!(e.contains("`window`"), "{e}");
+        for g in ["1.5", "1", "0", "-0.1", "nan"] {
+            let e = err(&format!("decay:gamma={g}"));
+            assert!(e.contains("`decay`") && e.contains("(0, 1)"), "{e}");
+        }
+        let e = err("foo");
+        assert!(
+            e.contains("unknown mechanism `foo`") && e.contains("softmax, window"),
+            "{e}"
+        );
+        let e = err("window:width=3");
+        assert!(e.contains("`width`") && e.contains("window"), "{e}");
+        let e = err("linear:map=cosh");
+        assert!(
+            e.contains("`feature_map`") && e.contains("cosh") && e.contains("taylor"),
+            "{e}"
+        );
+        let e = err("linear:dim=x");
+        assert!(e.contains("`feature_dim`") && e.contains("`x`"), "{e}");
+        let e = err("gla:tau=0");
+        assert!(e.contains("`tau`"), "{e}");
+        let e = err("gla:chunk=0");
+        assert!(e.contains("`chunk`"), "{e}");
+        let e = err("window:3");
+        assert!(e.contains("key=value"), "{e}");
+    }
+
+    #[test]
+    fn mechanism_json_forms() {
+        // the old form, spec strings and the tagged form
+        assert_eq!(
+            parse(r#"{"mechanism": "softmax"}"#).unwrap().mechanism,
+            MechanismConfig::Softmax
+        );
+        let c = parse(r#"{"mechanism": {"window": {"window": 8}}}"#).unwrap();
+        assert_eq!(
+            c.mechanism,
+            MechanismConfig::Window(WindowConfig { window: 8 })
+        );
+        let c = parse(r#"{"mechanism": {"linear": {"feature_map": "taylor"}}}"#).unwrap();
+        assert_eq!(c.mechanism, "linear:map=taylor".parse().unwrap());
+        let c = parse(r#"{"mechanism": "based:dim=8,w=16"}"#).unwrap();
+        assert_eq!(c.mechanism, "based:dim=8,w=16".parse().unwrap());
+        // serialized and read back; a uniform model writes no layer list
+        let cfg = ModelConfig {
+            mechanism: "gla:rank=4".parse().unwrap(),
+            ..ModelConfig::default()
+        };
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert!(!text.contains("layer_mechanisms"), "{text}");
+        assert_eq!(parse(&text).unwrap(), cfg);
+        let text = serde_json::to_string(&ModelConfig::default()).unwrap();
+        assert!(text.contains(r#""mechanism":"softmax""#), "{text}");
+        // errors name the field and the setting
+        let e = parse(r#"{"mechanism": {"window": {"window": 0}}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("window") && e.contains("at least 1"), "{e}");
+        let e = parse(r#"{"mechanism": {"windw": {}}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`mechanism.windw`") && e.contains("unknown variant"),
+            "{e}"
+        );
+        let e = parse(r#"{"mechanism": {"linear": {"feature_dim": 0}}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("feature_dim"), "{e}");
+        let e = parse(r#"{"mechanism": "decay:gamma=2"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`mechanism`") && e.contains("decay") && e.contains("(0, 1)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mixed_stacks_are_validated_per_layer() {
+        let e = parse(r#"{"n_decoder_layers": 2, "layer_mechanisms": ["softmax"]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`layer_mechanisms`") && e.contains("2 self-attention layers"),
+            "{e}"
+        );
+        let c = parse(
+            r#"{"shape": "encoder_decoder", "n_encoder_layers": 1, "n_decoder_layers": 2,
+                "layer_mechanisms": ["linear", "gla", "window:w=4"]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.layer_mechanism(true, 0).name(), "linear");
+        assert_eq!(c.layer_mechanism(false, 0).name(), "gla");
+        assert_eq!(c.layer_mechanism(false, 1).name(), "window");
+        // decay and GLA are causal only
+        let e = parse(
+            r#"{"shape": "encoder_decoder", "n_encoder_layers": 1, "n_decoder_layers": 1,
+                "layer_mechanisms": ["gla", "gla"]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`gla`") && e.contains("causal only") && e.contains("encoder layer 0"),
+            "{e}"
+        );
+        let e = parse(r#"{"mechanism": "linear", "position": "alibi"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("alibi") && e.contains("`linear`"), "{e}");
+        let e = parse(r#"{"mechanism": "linear:dim=5", "position": "rope"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`feature_dim`") && e.contains("even"), "{e}");
+        let e = parse(r#"{"n_decoder_layers": 2, "layer_mechanisms": ["softmax", "window:w=0"]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`layer_mechanisms[1]`") && e.contains("`window` must be at least 1"),
+            "{e}"
+        );
+        let e = parse(
+            r#"{"n_decoder_layers": 2, "layer_mechanisms": ["softmax", {"window": {"window": 0}}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`window`") && e.contains("decoder layer 1"),
+            "{e}"
+        );
+    }
 }

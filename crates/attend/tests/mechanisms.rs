@@ -637,3 +637,198 @@ fn retnet_default_decays() {
         assert!((a - b).abs() < 1e-15, "{g:?}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// The whole layer: projections, BASED's convolution and window projections,
+// GLA's gates and W_o, against the same computed in f64 loops.
+
+use attend::attention::{based, softmax, Attention, Mechanism};
+use attend::nn::{Linear, Weight};
+
+/// (W (out, in), b) of a dense linear layer.
+fn weights(l: &Linear) -> (Vec<Vec<f64>>, Option<Vec<f64>>) {
+    let Weight::Dense(w) = &l.w else {
+        panic!("dense weights expected")
+    };
+    let w = w.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+    let b =
+        l.b.as_ref()
+            .map(|b| b.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap());
+    (w, b)
+}
+
+/// x [b][t][in] -> [b][t][out]
+fn project(l: &Linear, x: &[Vec<Vec<f64>>]) -> Vec<Vec<Vec<f64>>> {
+    let (w, b) = weights(l);
+    x.iter()
+        .map(|seq| {
+            seq.iter()
+                .map(|xt| {
+                    w.iter()
+                        .enumerate()
+                        .map(|(o, row)| {
+                            row.iter().zip(xt).map(|(a, b)| a * b).sum::<f64>()
+                                + b.as_ref().map_or(0.0, |b| b[o])
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// [b][t][heads·d] -> [b][heads][t][d]
+fn heads(x: &[Vec<Vec<f64>>], n: usize) -> Heads {
+    x.iter()
+        .map(|seq| {
+            let d = seq[0].len() / n;
+            (0..n)
+                .map(|h| {
+                    seq.iter()
+                        .map(|xt| xt[h * d..(h + 1) * d].to_vec())
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// [b][heads][t][d] -> [b][t][heads·d]
+fn merge(y: &Heads) -> Vec<Vec<Vec<f64>>> {
+    y.iter()
+        .map(|hs| {
+            (0..hs[0].len())
+                .map(|t| hs.iter().flat_map(|h| h[t].clone()).collect())
+                .collect()
+        })
+        .collect()
+}
+
+/// The layer in f64 loops (no positions: RoPE is checked by the decoding
+/// tests and `position`'s own).
+fn naive_layer(
+    a: &Attention,
+    x: &[Vec<Vec<f64>>],
+    key_ok: &dyn Fn(usize, usize) -> bool,
+) -> Vec<Vec<Vec<f64>>> {
+    let (h, h_kv) = (a.n_heads, a.n_kv_heads);
+    let causal = a.causal;
+    let u = match &a.mechanism {
+        Mechanism::Based(m) => {
+            let w = m
+                .conv
+                .weight
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec2::<f64>()
+                .unwrap();
+            let bias = m
+                .conv
+                .bias
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            based::naive_conv(x, &w, &bias, key_ok)
+        }
+        _ => x.to_vec(),
+    };
+    let q = heads(&project(&a.q_proj, &u), h);
+    let k = heads(&project(&a.k_proj, &u), h_kv);
+    let v = heads(&project(&a.v_proj, &u), h_kv);
+    let y = match &a.mechanism {
+        Mechanism::Softmax => softmax::naive(
+            &q,
+            &k,
+            &v,
+            &|bi, i, j| (!causal || j <= i) && key_ok(bi, j),
+            &|_, _, _| 0.0,
+        ),
+        Mechanism::Window(m) => window::naive(&q, &k, &v, m.window, causal, key_ok),
+        Mechanism::Linear(m) => {
+            let p = m
+                .projection
+                .as_ref()
+                .map(|w| w.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap());
+            let phi = |x: &[f64]| linear::phi_naive(m.feature_map, x, p.as_deref());
+            linear::naive(&q, &k, &v, &phi, causal, key_ok)
+        }
+        Mechanism::Decay(m) => decay::naive(&q, &k, &v, &m.gammas, key_ok),
+        Mechanism::Gla(m) => {
+            let z = project(&m.gate_up, &project(&m.gate_down, x));
+            let log_sigmoid = |z: f64| -(1.0 + (-z).exp()).ln();
+            let la: Vec<Vec<Vec<f64>>> = z
+                .iter()
+                .map(|s| {
+                    s.iter()
+                        .map(|zt| zt.iter().map(|&z| log_sigmoid(z) / m.tau).collect())
+                        .collect()
+                })
+                .collect();
+            gla::naive(&q, &k, &v, &heads(&la, h_kv), key_ok)
+        }
+        Mechanism::Based(m) => {
+            let qw = heads(&project(&m.q_win, &u), h);
+            let kw = heads(&project(&m.k_win, &u), h_kv);
+            based::naive(&q, &k, &qw, &kw, &v, m.window.window, causal, key_ok)
+        }
+    };
+    project(&a.o_proj, &merge(&y))
+}
+
+#[test]
+fn layer_forward_equals_naive_for_every_mechanism() {
+    let specs = [
+        "softmax",
+        "window:w=3",
+        "linear:map=elu,dim=6,chunk=4",
+        "linear:map=relu,dim=4,chunk=5",
+        "linear:map=taylor,dim=3,chunk=4",
+        "linear:map=performer,dim=4,m=10,chunk=4",
+        "based:dim=3,w=3,conv=3,chunk=4",
+        "based:dim=2,w=5,conv=1,chunk=4",
+        "decay:chunk=4",
+        "decay:gamma=0.6,chunk=5",
+        "gla:rank=3,chunk=4",
+        "gla:rank=2,tau=3,chunk=3",
+    ];
+    let (b, t) = (2, 13);
+    for spec in specs {
+        let mech: MechanismConfig = spec.parse().unwrap();
+        for kv in [4, 2] {
+            for causal in [true, false] {
+                if !causal && !mech.supports_bidirectional() {
+                    continue;
+                }
+                let cfg = ModelConfig {
+                    mechanism: mech.clone(),
+                    n_kv_heads: Some(kv),
+                    position: PositionKind::None,
+                    ..tiny(Shape::Decoder)
+                };
+                let store = ParamStore::new(21, DType::F64, Device::Cpu);
+                let attn =
+                    Attention::new(&store.builder().pp("attn"), &cfg, &mech, causal, true, None)
+                        .unwrap();
+                let (xv, xt) = rand4_scaled(&mut rng(22), (1, b, t, cfg.d_model), 1.0, DType::F64);
+                let x = xt.squeeze(0).unwrap();
+                let pad = padding(b, t);
+                let got = attn.forward(&x, 0, Some(&pad), None).unwrap();
+                let want = naive_layer(&attn, &xv[0], &|bi, j| !padded(bi, j, t));
+                let want_t = Tensor::new(want, &Device::Cpu).unwrap();
+                let err = max_abs_diff(&got, &want_t)
+                    / want_t
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap();
+                assert!(
+                    err < 1e-9,
+                    "{spec} kv {kv} causal {causal}: relative error {err}"
+                );
+            }
+        }
+    }
+}

@@ -13,7 +13,9 @@
 //!   kernels: inside a chunk of C tokens exact (masked) attention, between
 //!   chunks the state S carried forward, so the cost is O(t·C·F + t·F·d):
 //!   linear in length. z rides along as an extra column of ones in v, so
-//!   S and z are one (F, d+1) matrix per kv head;
+//!   S and z are one (F, d+1) matrix per kv head. For the Taylor map the
+//!   in-chunk weights come from the kernel, 1 + s + s²/2 (s = q·k/√d'),
+//!   not from the F = 1 + d' + d'² features;
 //! * `step`    — S += φ(k)[v, 1]ᵀ, y = φ(q)ᵀS, normalised;
 //! * `RecurrentState` — the decode state (shared with `decay` and `gla`):
 //!   b·h_kv·F·(d+1) numbers, whatever the length.
@@ -183,10 +185,31 @@ impl LinearAttention {
         })
     }
 
+    /// The attention weights φ(q_i)·φ(k_j) of a chunk: q (b, h, l, d'),
+    /// k (b, h_kv, l, d') -> (b, h_kv, g·l, l). For the Taylor map they come
+    /// from the kernel itself, 1 + s + s²/2 with s = q·k/√d', a d'-wide
+    /// matmul instead of an F = 1 + d' + d'²-wide one (the same numbers).
+    fn weights(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        let h_kv = k.dim(1)?;
+        match self.feature_map {
+            FeatureMap::Taylor => {
+                let d = q.dim(D::Minus1)? as f64;
+                let s = (fold_heads(q, h_kv)?.matmul(&k.t()?)? / d.sqrt())?;
+                Ok(((&s + 1.0)? + (s.sqr()? * 0.5)?)?)
+            }
+            _ => Ok(fold_heads(&self.phi(q)?, h_kv)?.matmul(&self.phi(k)?.t()?)?),
+        }
+    }
+
     /// Whole sequence (training, prefill). q: (b, h, t, d'), k: (b, h_kv, t,
     /// d'), v: (b, h_kv, t, d_v); key_padding: (b, t), 1 = token. With
     /// `state` (causal only), the sequence continues it and leaves it
     /// updated. -> (b, h, t, d_v)
+    ///
+    /// Chunked: per chunk of l tokens, with S the state before it,
+    ///   o = (W ⊙ M) [V, 1] + φ(Q) S,   S ← S + φ(K)ᵀ [V, 1]
+    /// where W = φ(Q)φ(K)ᵀ (see `weights`) and M the causal mask inside the
+    /// chunk; then y = o[..d] / (o[d] + ε). Bidirectional: one global S.
     pub fn forward(
         &self,
         q: &Tensor,
@@ -196,12 +219,54 @@ impl LinearAttention {
         key_padding: Option<&Tensor>,
         state: Option<&mut RecurrentState>,
     ) -> Result<Tensor> {
-        let fq = self.phi(q)?;
-        let mut fk = self.phi(k)?;
-        if let Some(m) = key_mask(key_padding, fk.dtype())? {
-            fk = fk.broadcast_mul(&m)?;
+        let (_, h, t, _) = q.dims4()?;
+        let h_kv = k.dim(1)?;
+        let g = h / h_kv;
+        let mask = key_mask(key_padding, q.dtype())?; // (b, 1, t, 1)
+                                                      // [V, 1] with padded rows zeroed: padded keys add nothing to S or z
+        let v1 = match &mask {
+            Some(m) => with_ones(v)?.broadcast_mul(m)?,
+            None => with_ones(v)?,
+        };
+        if !causal {
+            if state.is_some() {
+                return Err(Error::msg(
+                    "bidirectional linear attention has no decode state",
+                ));
+            }
+            let s = self.phi(k)?.t()?.matmul(&v1)?; // (b, h_kv, F, d + 1)
+            let o = unfold_heads(&fold_heads(&self.phi(q)?, h_kv)?.matmul(&s)?, h)?;
+            return normalize(&o);
         }
-        normalized_chunks(&fq, &fk, v, self.chunk, causal, state)
+        let keep_state = state.is_some();
+        let mut s = state.as_ref().and_then(|st| st.s.clone());
+        let chunk = self.chunk.max(1);
+        let mut outs = Vec::with_capacity(t.div_ceil(chunk));
+        for start in (0..t).step_by(chunk) {
+            let l = chunk.min(t - start);
+            let qc = q.narrow(2, start, l)?; // (b, h, l, d')
+            let kc = k.narrow(2, start, l)?; // (b, h_kv, l, d')
+            let vc = v1.narrow(2, start, l)?; // (b, h_kv, l, d + 1)
+            let causal_mask = causal_rows(g, l, q.dtype(), q.device())?;
+            let w = self.weights(&qc, &kc)?.broadcast_mul(&causal_mask)?;
+            let mut o = w.matmul(&vc)?; // (b, h_kv, g·l, d + 1)
+            if let Some(s) = &s {
+                o = (o + fold_heads(&self.phi(&qc)?, h_kv)?.matmul(s)?)?;
+            }
+            // the state after the last chunk is needed only to keep it
+            if start + l < t || keep_state {
+                let ds = self.phi(&kc)?.t()?.matmul(&vc)?; // (b, h_kv, F, d + 1)
+                s = Some(match s {
+                    Some(s) => (s + ds)?,
+                    None => ds,
+                });
+            }
+            outs.push(unfold_heads(&o, h)?);
+        }
+        if let Some(st) = state {
+            st.s = s;
+        }
+        normalize(&Tensor::cat(&outs, 2)?)
     }
 
     /// One token: q (b, h, 1, d'), k (b, h_kv, 1, d'), v (b, h_kv, 1, d_v)
@@ -230,59 +295,6 @@ fn normalize(o: &Tensor) -> Result<Tensor> {
     let num = o.narrow(D::Minus1, 0, d)?;
     let den = (o.narrow(D::Minus1, d, 1)? + EPS)?;
     Ok(num.broadcast_div(&den)?)
-}
-
-/// The chunked normalised linear attention over features already mapped:
-/// fq (b, h, t, F), fk (b, h_kv, t, F) with padded keys zeroed, v (b, h_kv,
-/// t, d) -> (b, h, t, d). Per chunk of l tokens, with S the state before it:
-///   o = (φQ φKᵀ ⊙ M) [V, 1] + φQ S,   S ← S + φKᵀ [V, 1]
-/// where M is the causal mask inside the chunk. Bidirectional: one global S.
-pub(crate) fn normalized_chunks(
-    fq: &Tensor,
-    fk: &Tensor,
-    v: &Tensor,
-    chunk: usize,
-    causal: bool,
-    state: Option<&mut RecurrentState>,
-) -> Result<Tensor> {
-    let (_, h, t, _) = fq.dims4()?;
-    let h_kv = fk.dim(1)?;
-    let g = h / h_kv;
-    let v1 = with_ones(v)?;
-    if !causal {
-        if state.is_some() {
-            return Err(Error::msg(
-                "bidirectional linear attention has no decode state",
-            ));
-        }
-        let s = fk.t()?.matmul(&v1)?; // (b, h_kv, F, d + 1)
-        let o = unfold_heads(&fold_heads(fq, h_kv)?.matmul(&s)?, h)?;
-        return normalize(&o);
-    }
-    let mut s = state.as_ref().and_then(|st| st.s.clone());
-    let mut outs = Vec::with_capacity(t.div_ceil(chunk.max(1)));
-    for start in (0..t).step_by(chunk.max(1)) {
-        let l = chunk.min(t - start);
-        let qc = fold_heads(&fq.narrow(2, start, l)?, h_kv)?; // (b, h_kv, g·l, F)
-        let kc = fk.narrow(2, start, l)?; // (b, h_kv, l, F)
-        let vc = v1.narrow(2, start, l)?; // (b, h_kv, l, d + 1)
-        let mask = causal_rows(g, l, fq.dtype(), fq.device())?;
-        let scores = qc.matmul(&kc.t()?)?.broadcast_mul(&mask)?; // (b, h_kv, g·l, l)
-        let mut o = scores.matmul(&vc)?;
-        if let Some(s) = &s {
-            o = (o + qc.matmul(s)?)?;
-        }
-        let ds = kc.t()?.matmul(&vc)?; // (b, h_kv, F, d + 1)
-        s = Some(match s {
-            Some(s) => (s + ds)?,
-            None => ds,
-        });
-        outs.push(unfold_heads(&o, h)?);
-    }
-    if let Some(st) = state {
-        st.s = s;
-    }
-    normalize(&Tensor::cat(&outs, 2)?)
 }
 
 /// One token of normalised linear attention over mapped features:

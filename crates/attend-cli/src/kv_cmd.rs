@@ -219,6 +219,14 @@ pub fn kv_sweep_cmd(mut a: KvSweepArgs) -> Result<()> {
     Ok(())
 }
 
+/// `attend <the arguments given>`, for the record.
+pub fn command_line() -> String {
+    std::iter::once("attend".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn family(spec: &str) -> &str {
     spec.split([',', '=']).next().unwrap_or(spec)
 }
@@ -238,7 +246,7 @@ fn write_reports(
         "file": file,
         "tokens": a.tokens,
         "budgets": a.budgets,
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "command": command_line(),
         "runs": results.iter().map(|(spec, r)| serde_json::json!({
             "spec": spec,
             "policy": r.policy,

@@ -1,7 +1,7 @@
 //! `train`, `eval`, `sample` and `demo`.
 
 use anyhow::{bail, Context, Result};
-use attend::config::ModelConfig;
+use attend::config::{MechanismConfig, ModelConfig};
 use attend::decode::{beam_search, generate, Sampler, SamplingParams};
 use attend::eval::{evaluate, EvalOptions, Metrics};
 use attend::tasks::{Example, Task, TaskConfig, BOS, EOS};
@@ -21,6 +21,10 @@ pub static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUs
 
 pub fn threads() -> usize {
     THREADS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn parse_mechanism(s: &str) -> std::result::Result<MechanismConfig, String> {
+    s.parse().map_err(|e: attend::Error| e.to_string())
 }
 
 /// Parse a flag value with the same names the JSON config uses.
@@ -132,6 +136,16 @@ pub struct TrainArgs {
     /// Longest sequence the model handles (position tables).
     #[arg(long, help_heading = "Model")]
     context: Option<usize>,
+    /// Token mixer of every self-attention layer: softmax | window:w=64 |
+    /// linear:map=elu|relu|taylor|performer,dim=16[,m=64] | based:dim=16,w=64,conv=3 |
+    /// decay[:gamma=0.9] | gla[:rank=16,tau=16] (each takes chunk=N too).
+    #[arg(long, value_name = "SPEC", value_parser = parse_mechanism, help_heading = "Model")]
+    mechanism: Option<MechanismConfig>,
+    /// One mechanism per self-attention layer, encoder layers first:
+    /// e.g. "softmax,based:dim=16,w=16,based" (settings after a comma belong to
+    /// the mechanism before them; `;` also separates layers).
+    #[arg(long, value_name = "SPECS", help_heading = "Model")]
+    layer_mechanisms: Option<String>,
 
     // --- task ---
     /// Vocabulary size (transduction: including PAD/BOS/EOS; mqar: keys + values).
@@ -202,6 +216,11 @@ fn resolve(a: &TrainArgs) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
     set!(m.norm_position, a.norm_position);
     set!(m.dropout, a.dropout);
     set!(m.max_len, a.context);
+    set!(m.mechanism, a.mechanism.clone());
+    if let Some(specs) = &a.layer_mechanisms {
+        m.layer_mechanisms = MechanismConfig::parse_list(specs)
+            .map_err(|e| anyhow::anyhow!("--layer-mechanisms: {e}"))?;
+    }
     if a.untie {
         m.tie_embeddings = false;
     }
@@ -382,7 +401,15 @@ pub fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn shape_name(m: &ModelConfig) -> String {
-    match m.shape {
+    let mixers = if !m.layer_mechanisms.is_empty() {
+        let specs: Vec<String> = m.layer_mechanisms.iter().map(|x| x.to_string()).collect();
+        format!(", mechanisms {}", specs.join(" | "))
+    } else if m.mechanism != MechanismConfig::Softmax {
+        format!(", {}", m.mechanism)
+    } else {
+        String::new()
+    };
+    let shape = match m.shape {
         attend::config::Shape::Encoder => format!(
             "an encoder ({} layers, d_model {})",
             m.n_encoder_layers, m.d_model
@@ -395,6 +422,10 @@ fn shape_name(m: &ModelConfig) -> String {
             "an encoder–decoder ({}+{} layers, d_model {})",
             m.n_encoder_layers, m.n_decoder_layers, m.d_model
         ),
+    };
+    match shape.strip_suffix(')') {
+        Some(s) if !mixers.is_empty() => format!("{s}{mixers})"),
+        _ => shape,
     }
 }
 

@@ -87,6 +87,119 @@ fn bad_model_settings_name_the_field() {
 }
 
 #[test]
+fn bad_mechanism_flags_name_the_setting() {
+    let out = tmp("badmech").join("x");
+    let o = out.to_str().unwrap();
+    let train = |extra: &[&str], needles: &[&str]| {
+        let mut args = vec!["train", "--task", "mqar", "--out", o];
+        args.extend(extra);
+        fails_with(&args, needles);
+    };
+    train(
+        &["--mechanism", "foo"],
+        &["--mechanism", "unknown mechanism `foo`", "softmax"],
+    );
+    train(&["--mechanism", "window:w=0"], &["window", "at least 1"]);
+    train(
+        &["--mechanism", "linear:dim=0"],
+        &["feature_dim", "at least 1"],
+    );
+    train(&["--mechanism", "decay:gamma=1.2"], &["decay", "(0, 1)"]);
+    train(
+        &["--layer-mechanisms", "softmax"],
+        &["layer_mechanisms", "2 self-attention layers"],
+    );
+    train(
+        &["--layer-mechanisms", "softmax,bogus"],
+        &["--layer-mechanisms", "bogus"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--task",
+            "reverse",
+            "--out",
+            o,
+            "--mechanism",
+            "gla",
+        ],
+        &["gla", "causal only", "encoder"],
+    );
+}
+
+#[test]
+fn train_eval_sample_with_a_mixed_stack() {
+    let dir = tmp("mixed");
+    let d = dir.to_str().unwrap();
+    let out = attend(&[
+        "train",
+        "--task",
+        "mqar",
+        "--out",
+        d,
+        "--steps",
+        "5",
+        "--batch-size",
+        "4",
+        "--d-model",
+        "16",
+        "--n-heads",
+        "2",
+        "--d-ff",
+        "32",
+        "--vocab",
+        "16",
+        "--seq-len",
+        "16",
+        "--n-pairs",
+        "2",
+        "--n-eval",
+        "10",
+        "--layer-mechanisms",
+        "based:dim=4,w=4,chunk=4,gla:rank=2,chunk=4",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["eval"]["accuracy"].is_number(), "{v}");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("checkpoint.json")).unwrap()).unwrap();
+    let layers = meta["model"]["layer_mechanisms"].to_string();
+    assert!(
+        layers.contains("based") && layers.contains("gla"),
+        "{layers}"
+    );
+    let out = attend(&["eval", "--checkpoint", d, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(m["accuracy"], v["eval"]["accuracy"]);
+    let out = attend(&[
+        "sample",
+        "--checkpoint",
+        d,
+        "--prompt",
+        "3 9 4 10",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn bad_config_file_names_the_field_and_file() {
     let dir = tmp("cfg");
     std::fs::create_dir_all(&dir).unwrap();

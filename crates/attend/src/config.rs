@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::path::Path;
 
 /// Which stacks the model has.
@@ -58,12 +59,474 @@ pub enum NormPosition {
     Post,
 }
 
-/// The token-mixing mechanism of the attention layers.
+/// The feature map φ of linear attention: attention weights are
+/// φ(q)·φ(k) instead of exp(q·k/√d).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum MechanismKind {
+pub enum FeatureMap {
+    /// elu(x) + 1 (Katharopoulos et al. 2020).
+    Elu,
+    /// max(x, 0).
+    Relu,
+    /// The 2nd-order Taylor expansion of exp used by BASED (Arora et al.
+    /// 2024): [1, x / d'^¼, (x ⊗ x) / (√2 · √d')], so φ(q)·φ(k) =
+    /// 1 + q·k/√d' + (q·k)²/(2d').
+    Taylor,
+    /// FAVOR+ positive random features (Choromanski et al. 2021):
+    /// exp(w_i·x' - |x'|²/2) / √m with x' = x / d'^¼ and m fixed, seeded,
+    /// orthogonal Gaussian rows w_i, so E[φ(q)·φ(k)] = exp(q·k/√d').
+    Performer,
+}
+
+impl FeatureMap {
+    pub const NAMES: [&'static str; 4] = ["elu", "relu", "taylor", "performer"];
+}
+
+/// Sliding-window softmax attention: query i sees keys j with
+/// i - w < j ≤ i (causal) or |i - j| < w (bidirectional).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WindowConfig {
+    pub window: usize,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        Self { window: 64 }
+    }
+}
+
+/// Linear attention with a feature map over q, k projected to
+/// `feature_dim` per head.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LinearConfig {
+    pub feature_map: FeatureMap,
+    /// d': the width of q and k per head (the input of φ).
+    pub feature_dim: usize,
+    /// m: random features of the `performer` map.
+    pub n_features: usize,
+    /// Tokens per chunk of the chunked whole-sequence form.
+    pub chunk: usize,
+}
+
+impl Default for LinearConfig {
+    fn default() -> Self {
+        Self {
+            feature_map: FeatureMap::Elu,
+            feature_dim: 16,
+            n_features: 64,
+            chunk: 64,
+        }
+    }
+}
+
+/// BASED (Arora et al. 2024) in one layer: a short causal depthwise
+/// convolution over the layer input, then Taylor linear attention and
+/// sliding-window softmax attention whose outputs are summed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BasedConfig {
+    /// d' of the Taylor linear attention.
+    pub feature_dim: usize,
+    /// Window of the sliding-window softmax branch.
+    pub window: usize,
+    /// Kernel size of the short convolution.
+    pub conv: usize,
+    pub chunk: usize,
+}
+
+impl Default for BasedConfig {
+    fn default() -> Self {
+        Self {
+            feature_dim: 16,
+            window: 64,
+            conv: 3,
+            chunk: 64,
+        }
+    }
+}
+
+/// Decayed linear attention (RetNet, Sun et al. 2023; TransNormer /
+/// Lightning Attention): S_i = γ S_{i-1} + k_i v_iᵀ, y_i = q_iᵀ S_i.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecayConfig {
+    /// One γ for every head, in (0, 1); `None`: RetNet's per-head
+    /// γ_h = 1 - 2^(-5-h).
+    pub decay: Option<f64>,
+    pub chunk: usize,
+}
+
+impl Default for DecayConfig {
+    fn default() -> Self {
+        Self {
+            decay: None,
+            chunk: 64,
+        }
+    }
+}
+
+/// Gated linear attention (GLA, Yang et al. 2024): a data-dependent
+/// per-channel decay α_t = sigmoid(W_α x_t)^(1/τ), W_α of low rank.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GlaConfig {
+    /// Rank of W_α = W_up W_down.
+    pub gate_rank: usize,
+    /// τ: the temperature of the gate (16 in the paper).
+    pub tau: f64,
+    pub chunk: usize,
+}
+
+impl Default for GlaConfig {
+    fn default() -> Self {
+        Self {
+            gate_rank: 16,
+            tau: 16.0,
+            chunk: 16,
+        }
+    }
+}
+
+/// The token-mixing mechanism of a self-attention layer, with its settings.
+///
+/// In JSON: `"softmax"`, a spec string as on the command line
+/// (`"linear:map=taylor,dim=16"`), or the tagged form
+/// (`{"linear": {"feature_map": "taylor", "feature_dim": 16}}`).
+#[derive(Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MechanismConfig {
     /// Exact softmax attention with a KV cache.
+    #[default]
     Softmax,
+    Window(WindowConfig),
+    Linear(LinearConfig),
+    Based(BasedConfig),
+    Decay(DecayConfig),
+    Gla(GlaConfig),
+}
+
+/// The name the first releases used; kept so older code still compiles.
+pub type MechanismKind = MechanismConfig;
+
+/// The tagged JSON form, deserialized by serde's derive.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum TaggedMechanism {
+    Softmax,
+    Window(WindowConfig),
+    Linear(LinearConfig),
+    Based(BasedConfig),
+    Decay(DecayConfig),
+    Gla(GlaConfig),
+}
+
+impl From<TaggedMechanism> for MechanismConfig {
+    fn from(t: TaggedMechanism) -> Self {
+        match t {
+            TaggedMechanism::Softmax => Self::Softmax,
+            TaggedMechanism::Window(c) => Self::Window(c),
+            TaggedMechanism::Linear(c) => Self::Linear(c),
+            TaggedMechanism::Based(c) => Self::Based(c),
+            TaggedMechanism::Decay(c) => Self::Decay(c),
+            TaggedMechanism::Gla(c) => Self::Gla(c),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MechanismConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = MechanismConfig;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mechanism spec string (e.g. \"softmax\", \"window:w=64\") or an object such as {\"window\": {\"window\": 64}}")
+            }
+            fn visit_str<E: serde::de::Error>(
+                self,
+                s: &str,
+            ) -> std::result::Result<Self::Value, E> {
+                s.parse().map_err(|e: Error| E::custom(e))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let t = TaggedMechanism::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(map),
+                )?;
+                Ok(t.into())
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl MechanismConfig {
+    pub const NAMES: [&'static str; 6] = ["softmax", "window", "linear", "based", "decay", "gla"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Softmax => "softmax",
+            Self::Window(_) => "window",
+            Self::Linear(_) => "linear",
+            Self::Based(_) => "based",
+            Self::Decay(_) => "decay",
+            Self::Gla(_) => "gla",
+        }
+    }
+
+    /// Decay and GLA are defined causally only (decoder layers).
+    pub fn supports_bidirectional(&self) -> bool {
+        !matches!(self, Self::Decay(_) | Self::Gla(_))
+    }
+
+    /// The width of q and k per head when it differs from the head dimension.
+    pub fn qk_dim(&self) -> Option<usize> {
+        match self {
+            Self::Linear(c) => Some(c.feature_dim),
+            Self::Based(c) => Some(c.feature_dim),
+            _ => None,
+        }
+    }
+
+    /// Check every setting; errors name it.
+    pub fn validate(&self) -> Result<()> {
+        let at_least_1 = |field: &str, v: usize| {
+            if v == 0 {
+                Err(Error::config(field, "must be at least 1"))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            Self::Softmax => {}
+            Self::Window(c) => at_least_1("window", c.window)?,
+            Self::Linear(c) => {
+                at_least_1("feature_dim", c.feature_dim)?;
+                at_least_1("n_features", c.n_features)?;
+                at_least_1("chunk", c.chunk)?;
+            }
+            Self::Based(c) => {
+                at_least_1("feature_dim", c.feature_dim)?;
+                at_least_1("window", c.window)?;
+                at_least_1("conv", c.conv)?;
+                at_least_1("chunk", c.chunk)?;
+            }
+            Self::Decay(c) => {
+                if let Some(g) = c.decay {
+                    if !(g > 0.0 && g < 1.0) {
+                        return Err(Error::config(
+                            "decay",
+                            format!("must be in (0, 1), got {g}"),
+                        ));
+                    }
+                }
+                at_least_1("chunk", c.chunk)?;
+            }
+            Self::Gla(c) => {
+                at_least_1("gate_rank", c.gate_rank)?;
+                if !is_positive(c.tau) || !c.tau.is_finite() {
+                    return Err(Error::config(
+                        "tau",
+                        format!("must be positive, got {}", c.tau),
+                    ));
+                }
+                at_least_1("chunk", c.chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Parse a comma-separated list of specs, one per layer:
+    /// `softmax,based:dim=16,w=16,based`. A piece with `=` but no `:`
+    /// continues the settings of the mechanism before it; `;` also separates.
+    pub fn parse_list(s: &str) -> Result<Vec<MechanismConfig>> {
+        let mut specs: Vec<String> = vec![];
+        for piece in s.split([',', ';']).map(str::trim) {
+            if piece.is_empty() {
+                continue;
+            }
+            match specs.last_mut() {
+                Some(last) if piece.contains('=') && !piece.contains(':') => {
+                    last.push(if last.contains(':') { ',' } else { ':' });
+                    last.push_str(piece);
+                }
+                _ => specs.push(piece.to_string()),
+            }
+        }
+        if specs.is_empty() {
+            return Err(Error::config("layer_mechanisms", "is empty"));
+        }
+        specs.iter().map(|s| s.parse()).collect()
+    }
+}
+
+/// `name[:key=value,...]`, the command-line spec of a mechanism:
+/// `softmax`, `window:w=64`, `linear:map=taylor,dim=16,chunk=32`,
+/// `based:dim=16,w=64,conv=3`, `decay:gamma=0.9` (default: RetNet's
+/// per-head decays), `gla:rank=16,tau=16`.
+impl std::str::FromStr for MechanismConfig {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        let (name, rest) = s.split_once(':').unwrap_or((s, ""));
+        let name = name.trim().to_ascii_lowercase();
+        let mut settings: Vec<(String, String)> = vec![];
+        for kv in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| {
+                Error::config("mechanism", format!("`{kv}` in `{s}` is not key=value"))
+            })?;
+            settings.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T> {
+            v.parse()
+                .map_err(|_| Error::config(key, format!("`{v}` is not a valid number")))
+        }
+        let unknown = |key: &str, allowed: &[&str]| {
+            Error::config(
+                key,
+                format!(
+                    "is not a setting of `{name}` (expected one of: {})",
+                    allowed.join(", ")
+                ),
+            )
+        };
+        let cfg = match name.as_str() {
+            "softmax" => {
+                if let Some((k, _)) = settings.first() {
+                    return Err(unknown(k, &[]));
+                }
+                Self::Softmax
+            }
+            "window" | "sliding_window" | "swa" => {
+                let mut c = WindowConfig::default();
+                for (k, v) in &settings {
+                    match k.as_str() {
+                        "w" | "window" => c.window = num("window", v)?,
+                        _ => return Err(unknown(k, &["w", "window"])),
+                    }
+                }
+                Self::Window(c)
+            }
+            "linear" => {
+                let mut c = LinearConfig::default();
+                for (k, v) in &settings {
+                    match k.as_str() {
+                        "map" | "feature_map" => {
+                            c.feature_map = match v.to_ascii_lowercase().as_str() {
+                                "elu" => FeatureMap::Elu,
+                                "relu" => FeatureMap::Relu,
+                                "taylor" => FeatureMap::Taylor,
+                                "performer" | "favor" => FeatureMap::Performer,
+                                _ => {
+                                    return Err(Error::config(
+                                        "feature_map",
+                                        format!(
+                                            "unknown feature map `{v}` (expected one of: {})",
+                                            FeatureMap::NAMES.join(", ")
+                                        ),
+                                    ))
+                                }
+                            }
+                        }
+                        "dim" | "feature_dim" => c.feature_dim = num("feature_dim", v)?,
+                        "m" | "n_features" => c.n_features = num("n_features", v)?,
+                        "chunk" => c.chunk = num("chunk", v)?,
+                        _ => return Err(unknown(k, &["map", "dim", "m", "chunk"])),
+                    }
+                }
+                Self::Linear(c)
+            }
+            "based" => {
+                let mut c = BasedConfig::default();
+                for (k, v) in &settings {
+                    match k.as_str() {
+                        "dim" | "feature_dim" => c.feature_dim = num("feature_dim", v)?,
+                        "w" | "window" => c.window = num("window", v)?,
+                        "conv" | "kernel" => c.conv = num("conv", v)?,
+                        "chunk" => c.chunk = num("chunk", v)?,
+                        _ => return Err(unknown(k, &["dim", "w", "conv", "chunk"])),
+                    }
+                }
+                Self::Based(c)
+            }
+            "decay" | "retnet" => {
+                let mut c = DecayConfig::default();
+                for (k, v) in &settings {
+                    match k.as_str() {
+                        "gamma" | "decay" => {
+                            c.decay = if v == "retnet" || v == "default" {
+                                None
+                            } else {
+                                Some(num("decay", v)?)
+                            }
+                        }
+                        "chunk" => c.chunk = num("chunk", v)?,
+                        _ => return Err(unknown(k, &["gamma", "chunk"])),
+                    }
+                }
+                Self::Decay(c)
+            }
+            "gla" => {
+                let mut c = GlaConfig::default();
+                for (k, v) in &settings {
+                    match k.as_str() {
+                        "rank" | "gate_rank" => c.gate_rank = num("gate_rank", v)?,
+                        "tau" => c.tau = num("tau", v)?,
+                        "chunk" => c.chunk = num("chunk", v)?,
+                        _ => return Err(unknown(k, &["rank", "tau", "chunk"])),
+                    }
+                }
+                Self::Gla(c)
+            }
+            _ => {
+                return Err(Error::config(
+                    "mechanism",
+                    format!(
+                        "unknown mechanism `{name}` (expected one of: {})",
+                        Self::NAMES.join(", ")
+                    ),
+                ))
+            }
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// The canonical spec, parseable by `FromStr`.
+impl fmt::Display for MechanismConfig {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Self::Softmax => write!(f, "softmax"),
+            Self::Window(c) => write!(f, "window:w={}", c.window),
+            Self::Linear(c) => {
+                let map = FeatureMap::NAMES[c.feature_map as usize];
+                write!(f, "linear:map={map},dim={}", c.feature_dim)?;
+                if c.feature_map == FeatureMap::Performer {
+                    write!(f, ",m={}", c.n_features)?;
+                }
+                write!(f, ",chunk={}", c.chunk)
+            }
+            Self::Based(c) => write!(
+                f,
+                "based:dim={},w={},conv={},chunk={}",
+                c.feature_dim, c.window, c.conv, c.chunk
+            ),
+            Self::Decay(c) => match c.decay {
+                Some(g) => write!(f, "decay:gamma={g},chunk={}", c.chunk),
+                None => write!(f, "decay:gamma=retnet,chunk={}", c.chunk),
+            },
+            Self::Gla(c) => write!(
+                f,
+                "gla:rank={},tau={},chunk={}",
+                c.gate_rank, c.tau, c.chunk
+            ),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -92,7 +555,14 @@ pub struct ModelConfig {
     /// Biases on the linear projections.
     pub bias: bool,
     pub dropout: f64,
-    pub mechanism: MechanismKind,
+    /// The token mixer of every self-attention layer (cross-attention is
+    /// always softmax): `"softmax"`, a spec string (`"based:dim=16,w=64"`) or
+    /// the tagged form (`{"window": {"window": 64}}`).
+    pub mechanism: MechanismConfig,
+    /// One mechanism per self-attention layer, encoder layers first, then
+    /// decoder layers (a mixed stack); empty = every layer uses `mechanism`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layer_mechanisms: Vec<MechanismConfig>,
     /// Multiply token embeddings by √d_model (the paper; not GPT/Llama/BERT).
     pub scale_embeddings: bool,
     /// LayerNorm the embedding sum before the first block (BERT).
@@ -123,7 +593,8 @@ impl Default for ModelConfig {
             tie_embeddings: true,
             bias: true,
             dropout: 0.0,
-            mechanism: MechanismKind::Softmax,
+            mechanism: MechanismConfig::Softmax,
+            layer_mechanisms: vec![],
             scale_embeddings: true,
             embed_norm: false,
             rope_interleaved: false,
@@ -151,6 +622,95 @@ impl ModelConfig {
 
     pub fn has_decoder(&self) -> bool {
         matches!(self.shape, Shape::Decoder | Shape::EncoderDecoder)
+    }
+
+    /// Self-attention layers in the encoder and in the decoder stacks.
+    pub fn stack_layers(&self) -> (usize, usize) {
+        (
+            if self.has_encoder() {
+                self.n_encoder_layers
+            } else {
+                0
+            },
+            if self.has_decoder() {
+                self.n_decoder_layers
+            } else {
+                0
+            },
+        )
+    }
+
+    /// The mechanism of self-attention layer `i` of the encoder (`encoder`)
+    /// or the decoder stack.
+    pub fn layer_mechanism(&self, encoder: bool, i: usize) -> &MechanismConfig {
+        if self.layer_mechanisms.is_empty() {
+            return &self.mechanism;
+        }
+        let at = if encoder {
+            i
+        } else {
+            self.stack_layers().0 + i
+        };
+        self.layer_mechanisms.get(at).unwrap_or(&self.mechanism)
+    }
+
+    /// Every self-attention layer's mechanism: (is encoder, index, mechanism).
+    fn all_layer_mechanisms(&self) -> Vec<(bool, usize, &MechanismConfig)> {
+        let (enc, dec) = self.stack_layers();
+        (0..enc)
+            .map(|i| (true, i, self.layer_mechanism(true, i)))
+            .chain((0..dec).map(|i| (false, i, self.layer_mechanism(false, i))))
+            .collect()
+    }
+
+    fn validate_mechanisms(&self) -> Result<()> {
+        let (enc, dec) = self.stack_layers();
+        let n = enc + dec;
+        if !self.layer_mechanisms.is_empty() && self.layer_mechanisms.len() != n {
+            return Err(Error::config(
+                "layer_mechanisms",
+                format!(
+                    "has {} entries; the model has {n} self-attention layers ({enc} encoder + {dec} decoder), one entry each",
+                    self.layer_mechanisms.len()
+                ),
+            ));
+        }
+        self.mechanism.validate()?;
+        for (encoder, i, m) in self.all_layer_mechanisms() {
+            let layer = format!("{} layer {i}", if encoder { "encoder" } else { "decoder" });
+            let in_layer = |e: Error| match e {
+                Error::Config { field, msg } => Error::Config {
+                    field,
+                    msg: format!("{msg} ({layer})"),
+                },
+                e => e,
+            };
+            m.validate().map_err(in_layer)?;
+            if encoder && !m.supports_bidirectional() {
+                return Err(Error::config(
+                    "mechanism",
+                    format!("`{}` attention is causal only and cannot be used in {layer} (bidirectional); use softmax, window, linear or based there", m.name()),
+                ));
+            }
+            if self.position == PositionKind::Alibi && *m != MechanismConfig::Softmax {
+                return Err(Error::config(
+                    "position",
+                    format!(
+                        "alibi biases need softmax attention, but {layer} uses `{}`",
+                        m.name()
+                    ),
+                ));
+            }
+            if let Some(d) = m.qk_dim() {
+                if self.position == PositionKind::Rope && d % 2 != 0 {
+                    return Err(Error::config(
+                        "feature_dim",
+                        format!("rope needs an even feature_dim, got {d} ({layer})"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Parse JSON text; errors name the offending field (`ffn: unknown variant ...`).
@@ -247,7 +807,7 @@ impl ModelConfig {
         if !is_positive(self.norm_eps) {
             return Err(Error::config("norm_eps", "must be positive"));
         }
-        Ok(())
+        self.validate_mechanisms()
     }
 }
 
@@ -282,5 +842,209 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("n_encoder_layers"), "{e}");
+    }
+
+    #[test]
+    fn mechanism_specs_parse_and_round_trip() {
+        let m = |s: &str| s.parse::<MechanismConfig>().unwrap();
+        assert_eq!(m("softmax"), MechanismConfig::Softmax);
+        assert_eq!(
+            m("window:w=64"),
+            MechanismConfig::Window(WindowConfig { window: 64 })
+        );
+        assert_eq!(
+            m("linear:map=taylor,dim=16"),
+            MechanismConfig::Linear(LinearConfig {
+                feature_map: FeatureMap::Taylor,
+                feature_dim: 16,
+                ..LinearConfig::default()
+            })
+        );
+        assert_eq!(
+            m("based:dim=8,w=32,conv=4,chunk=16"),
+            MechanismConfig::Based(BasedConfig {
+                feature_dim: 8,
+                window: 32,
+                conv: 4,
+                chunk: 16
+            })
+        );
+        assert_eq!(
+            m("decay:gamma=0.9"),
+            MechanismConfig::Decay(DecayConfig {
+                decay: Some(0.9),
+                ..DecayConfig::default()
+            })
+        );
+        assert_eq!(m("decay"), MechanismConfig::Decay(DecayConfig::default()));
+        assert_eq!(m("gla"), MechanismConfig::Gla(GlaConfig::default()));
+        for spec in [
+            "softmax",
+            "window:w=3",
+            "linear:map=performer,dim=4,m=32,chunk=8",
+            "linear:map=relu,dim=5,chunk=64",
+            "based:dim=16,w=64,conv=3,chunk=64",
+            "decay:gamma=0.25,chunk=4",
+            "decay:gamma=retnet,chunk=64",
+            "gla:rank=4,tau=8,chunk=16",
+        ] {
+            let c = m(spec);
+            assert_eq!(c.to_string(), spec);
+            assert_eq!(m(&c.to_string()), c);
+        }
+        // one spec per layer; settings after a comma continue the mechanism
+        let l = MechanismConfig::parse_list("softmax,based:dim=16,w=16,based").unwrap();
+        assert_eq!(l.len(), 3);
+        assert_eq!(l[1], m("based:dim=16,w=16"));
+        assert_eq!(l[2], m("based"));
+        assert_eq!(
+            MechanismConfig::parse_list("gla; window:w=4").unwrap(),
+            vec![m("gla"), m("window:w=4")]
+        );
+    }
+
+    #[test]
+    fn bad_mechanism_settings_name_the_setting() {
+        let err = |s: &str| s.parse::<MechanismConfig>().unwrap_err().to_string();
+        let e = err("window:w=0");
+        assert!(e.contains("`window`") && e.contains("at least 1"), "{e}");
+        let e = err("linear:map=taylor,dim=0");
+        assert!(
+            e.contains("`feature_dim`") && e.contains("at least 1"),
+            "{e}"
+        );
+        let e = err("based:dim=0");
+        assert!(e.contains("`feature_dim`"), "{e}");
+        let e = err("based:w=0");
+        assert!(e.contains("`window`"), "{e}");
+        for g in ["1.5", "1", "0", "-0.1", "nan"] {
+            let e = err(&format!("decay:gamma={g}"));
+            assert!(e.contains("`decay`") && e.contains("(0, 1)"), "{e}");
+        }
+        let e = err("foo");
+        assert!(
+            e.contains("unknown mechanism `foo`") && e.contains("softmax, window"),
+            "{e}"
+        );
+        let e = err("window:width=3");
+        assert!(e.contains("`width`") && e.contains("window"), "{e}");
+        let e = err("linear:map=cosh");
+        assert!(
+            e.contains("`feature_map`") && e.contains("cosh") && e.contains("taylor"),
+            "{e}"
+        );
+        let e = err("linear:dim=x");
+        assert!(e.contains("`feature_dim`") && e.contains("`x`"), "{e}");
+        let e = err("gla:tau=0");
+        assert!(e.contains("`tau`"), "{e}");
+        let e = err("gla:chunk=0");
+        assert!(e.contains("`chunk`"), "{e}");
+        let e = err("window:3");
+        assert!(e.contains("key=value"), "{e}");
+    }
+
+    #[test]
+    fn mechanism_json_forms() {
+        // the old form, spec strings and the tagged form
+        assert_eq!(
+            parse(r#"{"mechanism": "softmax"}"#).unwrap().mechanism,
+            MechanismConfig::Softmax
+        );
+        let c = parse(r#"{"mechanism": {"window": {"window": 8}}}"#).unwrap();
+        assert_eq!(
+            c.mechanism,
+            MechanismConfig::Window(WindowConfig { window: 8 })
+        );
+        let c = parse(r#"{"mechanism": {"linear": {"feature_map": "taylor"}}}"#).unwrap();
+        assert_eq!(c.mechanism, "linear:map=taylor".parse().unwrap());
+        let c = parse(r#"{"mechanism": "based:dim=8,w=16"}"#).unwrap();
+        assert_eq!(c.mechanism, "based:dim=8,w=16".parse().unwrap());
+        // serialized and read back; a uniform model writes no layer list
+        let cfg = ModelConfig {
+            mechanism: "gla:rank=4".parse().unwrap(),
+            ..ModelConfig::default()
+        };
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert!(!text.contains("layer_mechanisms"), "{text}");
+        assert_eq!(parse(&text).unwrap(), cfg);
+        let text = serde_json::to_string(&ModelConfig::default()).unwrap();
+        assert!(text.contains(r#""mechanism":"softmax""#), "{text}");
+        // errors name the field and the setting
+        let e = parse(r#"{"mechanism": {"window": {"window": 0}}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("window") && e.contains("at least 1"), "{e}");
+        let e = parse(r#"{"mechanism": {"windw": {}}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`mechanism.windw`") && e.contains("unknown variant"),
+            "{e}"
+        );
+        let e = parse(r#"{"mechanism": {"linear": {"feature_dim": 0}}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("feature_dim"), "{e}");
+        let e = parse(r#"{"mechanism": "decay:gamma=2"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`mechanism`") && e.contains("decay") && e.contains("(0, 1)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mixed_stacks_are_validated_per_layer() {
+        let e = parse(r#"{"n_decoder_layers": 2, "layer_mechanisms": ["softmax"]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`layer_mechanisms`") && e.contains("2 self-attention layers"),
+            "{e}"
+        );
+        let c = parse(
+            r#"{"shape": "encoder_decoder", "n_encoder_layers": 1, "n_decoder_layers": 2,
+                "layer_mechanisms": ["linear", "gla", "window:w=4"]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.layer_mechanism(true, 0).name(), "linear");
+        assert_eq!(c.layer_mechanism(false, 0).name(), "gla");
+        assert_eq!(c.layer_mechanism(false, 1).name(), "window");
+        // decay and GLA are causal only
+        let e = parse(
+            r#"{"shape": "encoder_decoder", "n_encoder_layers": 1, "n_decoder_layers": 1,
+                "layer_mechanisms": ["gla", "gla"]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`gla`") && e.contains("causal only") && e.contains("encoder layer 0"),
+            "{e}"
+        );
+        let e = parse(r#"{"mechanism": "linear", "position": "alibi"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("alibi") && e.contains("`linear`"), "{e}");
+        let e = parse(r#"{"mechanism": "linear:dim=5", "position": "rope"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`feature_dim`") && e.contains("even"), "{e}");
+        let e = parse(r#"{"n_decoder_layers": 2, "layer_mechanisms": ["softmax", "window:w=0"]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`layer_mechanisms[1]`") && e.contains("`window` must be at least 1"),
+            "{e}"
+        );
+        let e = parse(
+            r#"{"n_decoder_layers": 2, "layer_mechanisms": ["softmax", {"window": {"window": 0}}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`window`") && e.contains("decoder layer 1"),
+            "{e}"
+        );
     }
 }

@@ -181,6 +181,11 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// The full name `name` gets under this builder's prefix.
+    pub fn path(&self, name: &str) -> String {
+        self.full(name)
+    }
+
     fn full(&self, name: &str) -> String {
         if self.prefix.is_empty() {
             name.to_string()

@@ -174,3 +174,178 @@ fn generation_runs_past_the_context_by_sliding() {
     let long: Vec<u32> = (0..9).collect();
     assert!(generate(&model, &long, None, 1, &mut sampler, None, |_| Ok(())).is_err());
 }
+
+/// The closed form of a decoder's decode-state bytes after n tokens, f32.
+fn closed_form_bytes(cfg: &attend::ModelConfig, b: usize, n: usize) -> usize {
+    use attend::config::{FeatureMap, MechanismConfig as M};
+    let (kv, hd) = (cfg.kv_heads(), cfg.head_dim());
+    (0..cfg.n_decoder_layers)
+        .map(|i| {
+            4 * match cfg.layer_mechanism(false, i) {
+                M::Softmax => 2 * b * kv * n * hd,
+                M::Window(c) => 2 * b * kv * c.window * hd,
+                M::Linear(c) => {
+                    let f = match c.feature_map {
+                        FeatureMap::Elu | FeatureMap::Relu => c.feature_dim,
+                        FeatureMap::Taylor => 1 + c.feature_dim + c.feature_dim.pow(2),
+                        FeatureMap::Performer => c.n_features,
+                    };
+                    b * kv * f * (hd + 1)
+                }
+                M::Based(c) => {
+                    let f = 1 + c.feature_dim + c.feature_dim.pow(2);
+                    b * (c.conv - 1) * cfg.d_model
+                        + b * kv * f * (hd + 1)
+                        + 2 * b * kv * c.window * hd
+                }
+                M::Decay(_) | M::Gla(_) => b * kv * hd * hd,
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn every_mechanism_decodes_like_full_recomputation() {
+    for cfg in mechanism_variants(Shape::Decoder) {
+        let (model, _) = build(&cfg, 1, DType::F32);
+        let ids = random_ids(&mut rng(2), 2, 13, cfg.vocab_size);
+        let full = model.decode(&ids, None).unwrap();
+        // prefill 5 tokens, a second prefill of 3 that continues the state,
+        // then one at a time
+        let mut state = model.new_state(None).unwrap();
+        let mut parts = vec![
+            model
+                .step(&ids.narrow(1, 0, 5).unwrap(), &mut state)
+                .unwrap(),
+            model
+                .step(&ids.narrow(1, 5, 3).unwrap(), &mut state)
+                .unwrap(),
+        ];
+        let mut sizes = vec![];
+        for t in 8..13 {
+            parts.push(
+                model
+                    .step(&ids.narrow(1, t, 1).unwrap(), &mut state)
+                    .unwrap(),
+            );
+            sizes.push((t + 1, state.state_bytes()));
+        }
+        let inc = Tensor::cat(&parts, 1).unwrap();
+        let diff = max_abs_diff(&full, &inc);
+        assert!(diff < 1e-4, "{}: {diff}", describe(&cfg));
+        for (n, bytes) in sizes {
+            assert_eq!(
+                bytes,
+                closed_form_bytes(&cfg, 2, n),
+                "{} after {n} tokens",
+                describe(&cfg)
+            );
+        }
+    }
+}
+
+#[test]
+fn every_mechanism_in_an_encoder_decoder_decodes_like_full_recomputation() {
+    for cfg in mechanism_variants(Shape::EncoderDecoder) {
+        let (model, _) = build(&cfg, 3, DType::F32);
+        let mut r = rng(4);
+        let src = random_ids(&mut r, 2, 9, cfg.vocab_size);
+        let pad = Tensor::new(
+            &[[1f32; 9], [1., 1., 1., 1., 1., 1., 0., 0., 0.]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let memory = model.encode(&src, Some(&pad)).unwrap();
+        let tgt = random_ids(&mut r, 2, 7, cfg.vocab_size);
+        let full = model.decode(&tgt, Some(&memory)).unwrap();
+        let mut state = model.new_state(Some(&memory)).unwrap();
+        let parts: Vec<Tensor> = (0..7)
+            .map(|t| {
+                model
+                    .step(&tgt.narrow(1, t, 1).unwrap(), &mut state)
+                    .unwrap()
+            })
+            .collect();
+        let diff = max_abs_diff(&full, &Tensor::cat(&parts, 1).unwrap());
+        assert!(diff < 1e-4, "{}: {diff}", describe(&cfg));
+        // beam search reorders every kind of state
+        let one = attend::model::Memory {
+            hidden: memory.hidden.narrow(0, 0, 1).unwrap(),
+            padding: memory.padding.as_ref().map(|p| p.narrow(0, 0, 1).unwrap()),
+        };
+        let out = attend::decode::beam_search(&model, &one, 1, 2, 3, 0.6, 6);
+        assert!(out.is_ok(), "{}: {:?}", describe(&cfg), out.err());
+    }
+}
+
+#[test]
+fn every_mechanism_decoder_is_causal() {
+    for cfg in mechanism_variants(Shape::Decoder) {
+        let (model, _) = build(&cfg, 8, DType::F32);
+        let a = random_ids(&mut rng(9), 1, 10, cfg.vocab_size);
+        let mut v = a.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        for x in &mut v[6..] {
+            *x = (*x + 1) % cfg.vocab_size as u32;
+        }
+        let b = Tensor::from_vec(v, (1, 10), &Device::Cpu).unwrap();
+        let (la, lb) = (
+            model.decode(&a, None).unwrap(),
+            model.decode(&b, None).unwrap(),
+        );
+        let early = max_abs_diff(&la.narrow(1, 0, 6).unwrap(), &lb.narrow(1, 0, 6).unwrap());
+        let late = max_abs_diff(&la.narrow(1, 6, 4).unwrap(), &lb.narrow(1, 6, 4).unwrap());
+        assert!(
+            early < 1e-6,
+            "{}: future tokens changed the past by {early}",
+            describe(&cfg)
+        );
+        assert!(late > 1e-4, "{}", describe(&cfg));
+    }
+}
+
+#[test]
+fn every_bidirectional_mechanism_encoder_sees_both_ways_and_ignores_padding() {
+    for cfg in mechanism_variants(Shape::Encoder) {
+        let (model, _) = build(&cfg, 8, DType::F32);
+        let a = random_ids(&mut rng(9), 2, 10, cfg.vocab_size);
+        let pad = Tensor::new(
+            &[[1f32; 10], [1., 1., 1., 1., 1., 1., 1., 0., 0., 0.]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        // other tokens at the padded positions of sequence 1
+        let mut v = a.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        for x in &mut v[17..] {
+            *x = (*x + 1) % cfg.vocab_size as u32;
+        }
+        let b = Tensor::from_vec(v.clone(), (2, 10), &Device::Cpu).unwrap();
+        let (ea, eb) = (
+            model.encoder_logits(&a, Some(&pad)).unwrap(),
+            model.encoder_logits(&b, Some(&pad)).unwrap(),
+        );
+        let real = max_abs_diff(&ea.narrow(1, 0, 7).unwrap(), &eb.narrow(1, 0, 7).unwrap());
+        assert!(real < 1e-6, "{}: padding leaked {real}", describe(&cfg));
+        // a later token of sequence 0 (inside every window) changes the
+        // first position's output
+        v[2] = (v[2] + 1) % cfg.vocab_size as u32;
+        let c = Tensor::from_vec(v, (2, 10), &Device::Cpu).unwrap();
+        let ec = model.encoder_logits(&c, Some(&pad)).unwrap();
+        let first = max_abs_diff(&eb.narrow(1, 0, 1).unwrap(), &ec.narrow(1, 0, 1).unwrap());
+        // BASED's convolution is causal but its attention branches are not
+        assert!(first > 1e-5, "{}: not bidirectional", describe(&cfg));
+    }
+}
+
+fn describe(cfg: &attend::ModelConfig) -> String {
+    let mechs: Vec<String> = if cfg.layer_mechanisms.is_empty() {
+        vec![cfg.mechanism.to_string()]
+    } else {
+        cfg.layer_mechanisms.iter().map(|m| m.to_string()).collect()
+    };
+    format!(
+        "[{}] position {:?} kv heads {}",
+        mechs.join(" | "),
+        cfg.position,
+        cfg.kv_heads()
+    )
+}

@@ -55,6 +55,42 @@ fn gradients_match_finite_differences() {
             ..tiny(Shape::Decoder)
         },
     ];
+    check_configs(configs.to_vec());
+}
+
+/// The attention zoo: every mechanism's parameters (projections, BASED's
+/// convolution and window projections, GLA's gate) get the gradient finite
+/// differences give, through the chunked forms (chunks of 2-3 tokens, so the
+/// 4-token targets cross chunk boundaries).
+#[test]
+fn mechanism_gradients_match_finite_differences() {
+    let mech = |spec: &str, position: PositionKind| attend::ModelConfig {
+        mechanism: spec.parse().unwrap(),
+        position,
+        ..tiny(Shape::Decoder)
+    };
+    let configs = vec![
+        mech("linear:map=taylor,dim=4,chunk=3", PositionKind::Rope),
+        mech("linear:map=elu,dim=2,chunk=2", PositionKind::Learned),
+        mech("linear:map=performer,dim=4,m=6,chunk=3", PositionKind::None),
+        mech("gla:rank=2,chunk=3", PositionKind::Rope),
+        mech("gla:rank=3,tau=2,chunk=2", PositionKind::Learned),
+        mech("decay:chunk=3", PositionKind::Rope),
+        mech("window:w=2", PositionKind::Rope),
+        mech("based:dim=2,w=2,conv=3,chunk=3", PositionKind::Rope),
+        attend::ModelConfig {
+            layer_mechanisms: attend::config::MechanismConfig::parse_list(
+                "linear:map=taylor,dim=2,chunk=2,based:dim=2,w=2,chunk=2,gla:rank=2,chunk=3,window:w=2",
+            )
+            .unwrap(),
+            position: PositionKind::Rope,
+            ..tiny(Shape::EncoderDecoder)
+        },
+    ];
+    check_configs(configs);
+}
+
+fn check_configs(configs: Vec<attend::ModelConfig>) {
     for cfg in configs {
         let cfg = attend::ModelConfig {
             d_model: 8,

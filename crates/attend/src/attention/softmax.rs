@@ -55,11 +55,12 @@ pub fn score_bias(
     Ok(bias)
 }
 
-/// q: (b, h, tq, d), k/v: (b, h_kv, tk, d), bias: broadcastable to
-/// (b, h, tq, tk) -> (b, h, tq, d)
+/// q: (b, h, tq, d), k: (b, h_kv, tk, d), v: (b, h_kv, tk, d_v), bias:
+/// broadcastable to (b, h, tq, tk) -> (b, h, tq, d_v)
 pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (b, h, tq, d) = q.dims4()?;
     let (_, h_kv, tk, _) = k.dims4()?;
+    let dv = v.dim(3)?;
     let g = h / h_kv;
     let scale = 1.0 / (d as f64).sqrt();
     // Fold the g query heads of each kv group into the row dimension, so k and
@@ -71,12 +72,12 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Res
         None => scores,
     };
     let p = crate::nn::softmax_last(&scores)?.reshape((b, h_kv, g * tq, tk))?;
-    Ok(p.matmul(v)?.reshape((b, h, tq, d))?)
+    Ok(p.matmul(v)?.reshape((b, h, tq, dv))?)
 }
 
 /// The quadratic textbook form, one score at a time, in f64.
 #[allow(clippy::needless_range_loop)] // indices mirror the formula
-/// q: [b][h][tq][d], k/v: [b][h_kv][tk][d]; `allowed(b, i, j)` says whether
+/// q: [b][h][tq][d], k: [b][h_kv][tk][d], v: [b][h_kv][tk][d_v]; `allowed(b, i, j)` says whether
 /// query i may see key j; `bias(h, i, j)` is added to the score.
 pub fn naive(
     q: &[Vec<Vec<Vec<f64>>>],
@@ -114,9 +115,10 @@ pub fn naive(
                     .map(|s| s.map_or(0.0, |s| (s - max).exp()))
                     .collect();
                 let z: f64 = w.iter().sum();
-                let mut o = vec![0.0; d];
+                let dv = v[bi][kv][0].len();
+                let mut o = vec![0.0; dv];
                 for (j, wj) in w.iter().enumerate() {
-                    for c in 0..d {
+                    for c in 0..dv {
                         o[c] += wj / z * v[bi][kv][j][c];
                     }
                 }

@@ -28,7 +28,8 @@ pub struct DecodeState {
 }
 
 impl DecodeState {
-    /// Bytes held by the self-attention states (KV caches); the memory axis
+    /// Bytes held by the self-attention states (KV caches, rings, recurrent
+    /// states); the memory axis
     /// of the trade-offs attend reports.
     pub fn state_bytes(&self) -> usize {
         self.layers
@@ -52,11 +53,12 @@ impl DecodeState {
         let Some(first) = self.layers.first() else {
             return Ok(());
         };
-        let dev = match &first.mixer {
-            MixerState::Kv(c) => c.k.as_ref().map(|k| k.device().clone()),
-        }
-        .or_else(|| first.cross_kv.as_ref().map(|kv| kv.0.device().clone()))
-        .unwrap_or(candle_core::Device::Cpu);
+        let dev = self
+            .layers
+            .iter()
+            .find_map(|l| l.mixer.device())
+            .or_else(|| first.cross_kv.as_ref().map(|kv| kv.0.device().clone()))
+            .unwrap_or(candle_core::Device::Cpu);
         let idx = Tensor::new(idx, &dev)?;
         for l in &mut self.layers {
             l.mixer.select(&idx)?;

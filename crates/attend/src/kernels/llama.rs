@@ -15,7 +15,7 @@
 //! composed path (`tests/fused.rs`).
 
 use crate::cache::policy::{KvPolicy, PolicyCache, RopeTables};
-use crate::config::{FfnKind, MechanismKind, NormKind, NormPosition, PositionKind, Shape};
+use crate::config::{FfnKind, MechanismConfig, NormKind, NormPosition, PositionKind, Shape};
 use crate::error::{Error, Result};
 use crate::kernels::quant::{matmul_many, Q8Rows, QMatrix};
 use crate::model::Transformer;
@@ -127,7 +127,8 @@ impl FusedDecoder {
             && c.norm_position == NormPosition::Pre
             && c.ffn == FfnKind::Swiglu
             && c.position == PositionKind::Rope
-            && c.mechanism == MechanismKind::Softmax
+            && (0..c.n_decoder_layers)
+                .all(|i| *c.layer_mechanism(false, i) == MechanismConfig::Softmax)
             && !c.bias
             && !c.scale_embeddings
             && !c.embed_norm

@@ -6,7 +6,7 @@
 
 use crate::attention::Attention;
 use crate::cache::{DecodeState, LayerState};
-use crate::config::{ModelConfig, NormPosition, PositionKind};
+use crate::config::{MechanismConfig, ModelConfig, NormPosition, PositionKind};
 use crate::error::{Error, Result};
 use crate::ffn::Ffn;
 use crate::nn::{Builder, Dropout, Embedding, Linear, ParamStore, Weight};
@@ -40,6 +40,7 @@ impl Block {
     fn new(
         vb: &Builder,
         cfg: &ModelConfig,
+        mechanism: &MechanismConfig,
         causal: bool,
         cross: bool,
         rope: Option<Arc<Rope>>,
@@ -48,12 +49,13 @@ impl Block {
         let norm = |name: &str| Norm::new(&vb.pp(name), cfg.norm, cfg.d_model, cfg.norm_eps);
         Ok(Self {
             ln_1: norm("ln_1")?,
-            self_attn: Attention::new(&vb.pp("self_attn"), cfg, causal, true, rope)?,
+            self_attn: Attention::new(&vb.pp("self_attn"), cfg, mechanism, causal, true, rope)?,
             ln_cross: if cross { Some(norm("ln_cross")?) } else { None },
             cross_attn: if cross {
                 Some(Attention::new(
                     &vb.pp("cross_attn"),
                     cfg,
+                    &MechanismConfig::Softmax,
                     false,
                     false,
                     None,
@@ -174,6 +176,7 @@ impl Transformer {
                     Block::new(
                         &vb.pp(name).pp(i),
                         cfg,
+                        cfg.layer_mechanism(name == "encoder", i),
                         causal,
                         cross,
                         rope.clone(),

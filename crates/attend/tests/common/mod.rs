@@ -149,4 +149,143 @@ pub fn quantized_llama(interleaved: bool, seed: u64) -> Transformer {
     }
     store.insert(plain).unwrap();
     Transformer::new(&cfg, &store).unwrap()
+
+pub type T4 = Vec<Vec<Vec<Vec<f64>>>>;
+
+/// Uniform(-a, a) values as nested vectors and as a (b, h, t, d) tensor.
+pub fn rand4_scaled(
+    r: &mut impl Rng,
+    (b, h, t, d): (usize, usize, usize, usize),
+    a: f64,
+    dtype: DType,
+) -> (T4, Tensor) {
+    let v: T4 = (0..b)
+        .map(|_| {
+            (0..h)
+                .map(|_| {
+                    (0..t)
+                        .map(|_| (0..d).map(|_| r.random_range(-a..a)).collect())
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let flat: Vec<f64> = v.iter().flatten().flatten().flatten().cloned().collect();
+    let t = Tensor::from_vec(flat, (b, h, t, d), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    (v, t)
+}
+
+/// A (b, h, t, d) tensor as nested vectors.
+pub fn to4(t: &Tensor) -> T4 {
+    let (b, h, n, d) = t.dims4().unwrap();
+    let v: Vec<f64> = t
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    (0..b)
+        .map(|i| {
+            (0..h)
+                .map(|j| {
+                    (0..n)
+                        .map(|k| v[((i * h + j) * n + k) * d..][..d].to_vec())
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// max |got - want| / max |want|: the error relative to the output's scale.
+pub fn rel_err(got: &T4, want: &T4) -> f64 {
+    let flat = |x: &T4| -> Vec<f64> { x.iter().flatten().flatten().flatten().cloned().collect() };
+    let (g, w) = (flat(got), flat(want));
+    assert_eq!(g.len(), w.len(), "shapes differ");
+    let scale = w.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-300);
+    let diff = g.iter().zip(&w).fold(0f64, |m, (a, b)| {
+        if a.is_nan() || b.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max((a - b).abs())
+        }
+    });
+    diff / scale
+}
+
+/// One decoder (and encoder, where it makes sense) configuration per
+/// mechanism, small enough for every test: chunks of 4 tokens, windows of 4,
+/// feature dimension 4, so 13-token sequences cross several chunks.
+pub fn mechanism_variants(shape: Shape) -> Vec<ModelConfig> {
+    let specs: &[(&str, PositionKind, Option<usize>)] = &[
+        ("window:w=4", PositionKind::Rope, None),
+        ("window:w=3", PositionKind::Learned, Some(2)),
+        ("linear:map=elu,dim=4,chunk=4", PositionKind::Rope, None),
+        (
+            "linear:map=relu,dim=6,chunk=4",
+            PositionKind::Sinusoidal,
+            Some(2),
+        ),
+        (
+            "linear:map=taylor,dim=4,chunk=4",
+            PositionKind::Learned,
+            None,
+        ),
+        (
+            "linear:map=performer,dim=4,m=8,chunk=4",
+            PositionKind::None,
+            Some(1),
+        ),
+        ("based:dim=4,w=4,conv=3,chunk=4", PositionKind::Rope, None),
+        (
+            "based:dim=4,w=3,conv=2,chunk=5",
+            PositionKind::Learned,
+            Some(2),
+        ),
+        ("decay:chunk=4", PositionKind::Rope, None),
+        ("decay:gamma=0.8,chunk=3", PositionKind::None, Some(2)),
+        ("gla:rank=4,chunk=4", PositionKind::Rope, None),
+        ("gla:rank=2,tau=4,chunk=5", PositionKind::Learned, Some(1)),
+    ];
+    let mut out = vec![];
+    for (spec, position, kv) in specs {
+        let mechanism: MechanismConfig = spec.parse().unwrap();
+        if shape != Shape::Decoder && !mechanism.supports_bidirectional() {
+            continue;
+        }
+        out.push(ModelConfig {
+            mechanism,
+            position: *position,
+            n_kv_heads: *kv,
+            ..tiny(shape)
+        });
+    }
+    // mixed stacks
+    let n = match shape {
+        Shape::Encoder => 2,
+        Shape::Decoder => 2,
+        Shape::EncoderDecoder => 4,
+    };
+    let mixed: Vec<&str> = match shape {
+        Shape::Decoder => vec!["softmax,based:dim=4,w=4,chunk=4", "gla:chunk=4;window:w=4"],
+        Shape::Encoder => vec![
+            "softmax,based:dim=4,w=4,chunk=4",
+            "linear:map=taylor,dim=4;window:w=4",
+        ],
+        Shape::EncoderDecoder => vec!["linear:dim=4,window,decay:chunk=4,based:dim=4,w=4,chunk=4"],
+    };
+    for spec in mixed {
+        let layer_mechanisms = MechanismConfig::parse_list(spec).unwrap();
+        assert_eq!(layer_mechanisms.len(), n, "{spec}");
+        out.push(ModelConfig {
+            layer_mechanisms,
+            position: PositionKind::Rope,
+            ..tiny(shape)
+        });
+    }
+    out
 }

@@ -149,6 +149,7 @@ pub fn quantized_llama(interleaved: bool, seed: u64) -> Transformer {
     }
     store.insert(plain).unwrap();
     Transformer::new(&cfg, &store).unwrap()
+}
 
 pub type T4 = Vec<Vec<Vec<Vec<f64>>>>;
 

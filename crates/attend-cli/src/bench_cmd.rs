@@ -6,14 +6,25 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
 use rand::{Rng, SeedableRng};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Args)]
 pub struct BenchArgs {
     /// A GGUF file (decoder) or a Hugging Face encoder directory.
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "mechanisms")]
+    model: Option<PathBuf>,
+    /// Instead of a model file: time one decode step of a 2-layer,
+    /// d_model 256 decoder for each of these mechanisms (`;`-separated
+    /// specs, as `attend train --mechanism`) at growing contexts.
+    #[arg(long, value_delimiter = ';')]
+    mechanisms: Vec<String>,
+    /// Contexts for --mechanisms.
+    #[arg(long, value_delimiter = ',', default_values_t = [512usize, 1024, 2048, 4096, 8192, 16384])]
+    contexts: Vec<usize>,
+    /// Where --mechanisms writes results.json, table.md and plot.svg.
+    #[arg(long, default_value = "bench-mechanisms")]
+    out: PathBuf,
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
@@ -62,10 +73,11 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.reps == 0 {
         bail!("--reps must be at least 1");
     }
-    let report = if a.model.is_dir() {
-        bench_encoder(&a)?
-    } else {
-        bench_decoder(&a)?
+    let report = match &a.model {
+        _ if !a.mechanisms.is_empty() => bench_mechanisms(&a)?,
+        Some(m) if m.is_dir() => bench_encoder(&a, m)?,
+        Some(m) => bench_decoder(&a, m)?,
+        None => bail!("--model or --mechanisms is required"),
     };
     if a.json {
         println!("{report}");
@@ -77,8 +89,8 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_decoder(a: &BenchArgs) -> Result<serde_json::Value> {
-    let l = load_gguf(&a.model, a.dequantize)?;
+fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
+    let l = load_gguf(model, a.dequantize)?;
     if let Some(c) = a.kv.resolve(&l)? {
         return bench_capped(a, &l, &c);
     }
@@ -121,7 +133,7 @@ fn bench_decoder(a: &BenchArgs) -> Result<serde_json::Value> {
         decode.push(a.decode_tokens as f64 / t1.elapsed().as_secs_f64());
     }
     Ok(serde_json::json!({
-        "model": a.model,
+        "model": model,
         "weights": if a.dequantize { "f32".to_string() } else { format!("{:?}", l.gguf.tensor_types) },
         "prefill_tokens": a.prompt_tokens,
         "prefill_tokens_per_sec": median(prefill),
@@ -233,8 +245,8 @@ fn builtin_sentences() -> Vec<String> {
         .collect()
 }
 
-fn bench_encoder(a: &BenchArgs) -> Result<serde_json::Value> {
-    let e = attend::formats::hf::Embedder::load(&a.model, &Device::Cpu)?;
+fn bench_encoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
+    let e = attend::formats::hf::Embedder::load(model, &Device::Cpu)?;
     let sentences = match &a.file {
         Some(f) => std::fs::read_to_string(f)
             .with_context(|| format!("{}: cannot read", f.display()))?
@@ -255,11 +267,135 @@ fn bench_encoder(a: &BenchArgs) -> Result<serde_json::Value> {
         rates.push(sentences.len() as f64 / t0.elapsed().as_secs_f64());
     }
     Ok(serde_json::json!({
-        "model": a.model,
+        "model": model,
         "sentences": sentences.len(),
         "batch_size": a.batch_size,
         "sentences_per_sec": median(rates),
         "threads": crate::train_cmd::threads(),
         "peak_rss_mib": peak_rss_mib(),
     }))
+}
+
+/// Median milliseconds of one decode step, at each context, for a 2-layer
+/// d_model 256 decoder (random weights) per mechanism; the state's bytes.
+fn bench_mechanisms(a: &BenchArgs) -> Result<serde_json::Value> {
+    use attend::config::{MechanismConfig, ModelConfig, PositionKind, Shape};
+    use attend::eval::report::{markdown_table, plot_svg, Axes, Series};
+    let mut contexts = a.contexts.clone();
+    contexts.sort();
+    let max_ctx = *contexts.last().context("--contexts is empty")?;
+    let steps = a.decode_tokens.clamp(1, 32);
+    let mut runs = vec![];
+    for spec in &a.mechanisms {
+        let mechanism: MechanismConfig = spec
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--mechanisms: `{spec}`: {e}"))?;
+        let cfg = ModelConfig {
+            shape: Shape::Decoder,
+            d_model: 256,
+            n_decoder_layers: 2,
+            n_heads: 4,
+            d_ff: 1024,
+            vocab_size: 256,
+            max_len: max_ctx + steps + 1,
+            position: PositionKind::None,
+            mechanism,
+            ..ModelConfig::default()
+        };
+        let store = attend::nn::ParamStore::new(0, candle_core::DType::F32, Device::Cpu);
+        let m = attend::Transformer::new(&cfg, &store)?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let mut state = m.new_state(None)?;
+        let pb = indicatif::ProgressBar::new(max_ctx as u64);
+        pb.set_message(spec.clone());
+        let mut rows = vec![];
+        for &ctx in &contexts {
+            // prefill to the context in chunks of 512, then time single steps
+            while state.pos < ctx {
+                let n = (ctx - state.pos).min(512);
+                let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..256u32)).collect();
+                m.step_last(
+                    &Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?,
+                    &mut state,
+                )?;
+                pb.set_position(state.pos as u64);
+            }
+            let bytes = state.state_bytes();
+            let mut ms = vec![];
+            for _ in 0..steps {
+                let t0 = Instant::now();
+                m.step_last(&Tensor::new(&[[7u32]], &Device::Cpu)?, &mut state)?;
+                ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            // (the timed steps add `steps` tokens; the next prefill goes on from there)
+            rows.push(serde_json::json!({"context": ctx, "ms_per_step": median(ms), "state_bytes": bytes}));
+        }
+        pb.finish_and_clear();
+        runs.push(serde_json::json!({"mechanism": spec, "rows": rows}));
+    }
+    let report = serde_json::json!({
+        "model": "decoder, 2 layers, d_model 256, 4 heads, random weights",
+        "threads": crate::train_cmd::threads(),
+        "steps_timed": steps,
+        "command": crate::kv_cmd::command_line(),
+        "runs": runs,
+    });
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("{}: cannot create", a.out.display()))?;
+    attend::util::write_atomic(
+        &a.out.join("results.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    let mut header = vec!["mechanism".to_string()];
+    header.extend(contexts.iter().map(|c| format!("{c}")));
+    header.push("state bytes at the last context".into());
+    let mut table_rows = vec![];
+    let mut series = vec![];
+    for r in report["runs"].as_array().unwrap() {
+        let rows = r["rows"].as_array().unwrap();
+        let mut cells = vec![format!("`{}`", r["mechanism"].as_str().unwrap())];
+        cells.extend(
+            rows.iter()
+                .map(|x| format!("{:.3}", x["ms_per_step"].as_f64().unwrap())),
+        );
+        cells.push(
+            rows.last()
+                .map_or(String::new(), |x| x["state_bytes"].to_string()),
+        );
+        table_rows.push(cells);
+        series.push(Series {
+            name: r["mechanism"].as_str().unwrap().to_string(),
+            points: rows
+                .iter()
+                .map(|x| {
+                    (
+                        x["context"].as_f64().unwrap(),
+                        x["ms_per_step"].as_f64().unwrap(),
+                    )
+                })
+                .collect(),
+        });
+    }
+    let header: Vec<&str> = header.iter().map(|s| s.as_str()).collect();
+    let table = format!(
+        "Milliseconds per decode step (median of {steps}) at each context, 2-layer d_model 256 decoder, {} threads.\n\n{}",
+        crate::train_cmd::threads(),
+        markdown_table(&header, &table_rows)
+    );
+    attend::util::write_atomic(&a.out.join("table.md"), table.as_bytes())?;
+    plot_svg(
+        &a.out.join("plot.svg"),
+        &Axes {
+            title: "Decode step time vs context (2 layers, d_model 256)",
+            x: "context, tokens (log)",
+            y: "ms per decode step (log)",
+            log_x: true,
+            log_y: true,
+        },
+        &series,
+    )?;
+    if !a.json {
+        print!("{table}");
+    }
+    Ok(report)
 }

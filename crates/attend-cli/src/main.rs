@@ -2,6 +2,7 @@
 //! library and prints; no model logic lives here.
 
 mod bench_cmd;
+mod frontier_cmd;
 mod kv_cmd;
 mod run_cmd;
 mod train_cmd;
@@ -66,6 +67,10 @@ enum Cmd {
     /// KV-cache policies × budgets on a GGUF model: streaming perplexity
     /// against cache memory, as results.json, table.md and plot.svg.
     KvSweep(kv_cmd::KvSweepArgs),
+    /// Train MQAR models over attention mechanisms × sizes × key–value
+    /// pairs: recall against decode-state bytes, as results.json, table.md
+    /// and plots (`--quick`: about 2 minutes).
+    Frontier(frontier_cmd::FrontierArgs),
 }
 
 fn main() {
@@ -91,7 +96,7 @@ fn main() {
     // on one thread per data-parallel shard; inference gives it every thread.
     let training = matches!(
         cli.cmd,
-        Cmd::Train(_) | Cmd::Demo(_) | Cmd::Eval(_) | Cmd::Sample(_)
+        Cmd::Train(_) | Cmd::Demo(_) | Cmd::Eval(_) | Cmd::Sample(_) | Cmd::Frontier(_)
     );
     std::env::set_var(
         "CANDLE_NUM_THREADS",
@@ -116,6 +121,7 @@ fn main() {
         Cmd::Bench(a) => bench_cmd::bench_cmd(a).context("bench failed"),
         Cmd::Inspect(a) => run_cmd::inspect_cmd(a).context("inspect failed"),
         Cmd::KvSweep(a) => kv_cmd::kv_sweep_cmd(a).context("kv-sweep failed"),
+        Cmd::Frontier(a) => frontier_cmd::frontier_cmd(a).context("frontier failed"),
     };
     if let Err(e) = result {
         // One line: the context chain, outermost first.

@@ -744,3 +744,99 @@ fn kv_sweep_quick_writes_results_table_and_plot() {
     }
     std::fs::remove_dir_all(&out_dir).ok();
 }
+
+#[test]
+fn frontier_quick_reports_every_run_and_softmax_recalls() {
+    let out_dir = tmp("frontier");
+    let out = attend(&[
+        "frontier",
+        "--quick",
+        "--json",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4);
+    for r in runs {
+        for key in [
+            "mechanism",
+            "family",
+            "d_model",
+            "n_pairs",
+            "accuracy",
+            "state_bytes",
+        ] {
+            assert!(!r[key].is_null(), "{key} missing in {r}");
+        }
+        assert!(r["state_bytes"].as_u64().unwrap() > 0);
+    }
+    let softmax = runs.iter().find(|r| r["mechanism"] == "softmax").unwrap();
+    assert!(softmax["accuracy"].as_f64().unwrap() >= 0.99, "{softmax}");
+    // softmax's state is its KV cache: 2 layers · (k, v) · 32 tokens · 64 · f32
+    assert_eq!(softmax["state_bytes"], 2 * 2 * 32 * 64 * 4);
+    for f in ["results.json", "table.md", "plot.svg", "plot-pairs4.svg"] {
+        assert!(out_dir.join(f).exists(), "{f}");
+    }
+    std::fs::remove_dir_all(&out_dir).ok();
+}
+
+#[test]
+fn bench_mechanisms_state_is_flat_for_fixed_state_mechanisms() {
+    let out_dir = tmp("bench-mech");
+    let out = attend(&[
+        "bench",
+        "--mechanisms",
+        "softmax;based:dim=8,w=16;decay",
+        "--contexts",
+        "64,256",
+        "--decode-tokens",
+        "2",
+        "--json",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bytes = |i: usize| -> Vec<u64> {
+        v["runs"][i]["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["state_bytes"].as_u64().unwrap())
+            .collect()
+    };
+    // softmax's KV cache grows with the context, BASED's and decay's state does not
+    assert_eq!(
+        bytes(0),
+        [2 * 2 * 64 * 256 * 4, 2 * 2 * 256 * 256 * 4]
+    );
+    assert_eq!(bytes(1)[0], bytes(1)[1]);
+    assert_eq!(bytes(2)[0], bytes(2)[1]);
+    for f in ["results.json", "table.md", "plot.svg"] {
+        assert!(out_dir.join(f).exists(), "{f}");
+    }
+    fails_with(
+        &[
+            "bench",
+            "--mechanisms",
+            "window:w=0",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        &["window"],
+    );
+    fails_with(&["bench", "--mechanisms", "lightning"], &["lightning"]);
+    fails_with(&["frontier", "--mechanisms", "linear:dim=0"], &["dim"]);
+    fails_with(&["frontier", "--mechanisms", "decay:gamma=1.5"], &["gamma"]);
+    std::fs::remove_dir_all(&out_dir).ok();
+}

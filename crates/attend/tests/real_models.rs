@@ -231,6 +231,22 @@ fn broken_gguf_files_give_clear_errors() {
         e.contains("unsupported architecture") && e.contains("gemma"),
         "{e}"
     );
+    // a tensor of a type no loader knows: the tensor info of
+    // `output_norm.weight` is (name, n_dims = 1, dims[0], type, offset)
+    let name = b"output_norm.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    assert_eq!(&bytes[at..at + 4], &1u32.to_le_bytes()); // one dimension
+    let ty = at + 4 + 8;
+    assert_eq!(&bytes[ty..ty + 4], &0u32.to_le_bytes()); // F32 as stored
+    let mut bad = bytes.clone();
+    bad[ty..ty + 4].copy_from_slice(&99u32.to_le_bytes());
+    let p = dir.join("dtype.gguf");
+    std::fs::write(&p, bad).unwrap();
+    let e = gguf::load(&p, false, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("dtype.gguf") && e.contains("99"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

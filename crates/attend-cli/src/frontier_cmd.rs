@@ -121,13 +121,20 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
         pb.set_message(format!("{} pairs={}", p.mechanism, p.n_pairs));
         let base = i as u64 * setup.steps;
         let r = run_point(p, &setup, |s| pb.set_position(base + s))?;
-        pb.println(format!(
-            "{:<28} pairs {:>2}: accuracy {:6.2}%  state {:>9} bytes",
+        let line = format!(
+            "{:<28} pairs {:>2}: accuracy {:6.2}%  state {:>9} bytes  ({:.0} s)",
             r.mechanism,
             r.n_pairs,
             r.accuracy * 100.0,
-            r.state_bytes
-        ));
+            r.state_bytes,
+            r.seconds
+        );
+        // one line per run, on the terminal above the bar or in a log
+        if pb.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            pb.println(line);
+        }
         results.push(r);
     }
     pb.finish_and_clear();

@@ -203,6 +203,16 @@ pub fn kv_sweep_cmd(mut a: KvSweepArgs) -> Result<()> {
             c.retrieval = retrieval.clone();
         }
         let r = stream_score(&l, &ids, &c, &pb)?;
+        let line = format!(
+            "{spec:<28} perplexity {:9.3}  cache ≤ {:8.2} MiB",
+            r.perplexity,
+            r.cache_bytes_max as f64 / (1 << 20) as f64
+        );
+        if pb.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            pb.println(line);
+        }
         results.push((spec.clone(), r));
     }
     pb.finish_and_clear();

@@ -816,10 +816,7 @@ fn bench_mechanisms_state_is_flat_for_fixed_state_mechanisms() {
             .collect()
     };
     // softmax's KV cache grows with the context, BASED's and decay's state does not
-    assert_eq!(
-        bytes(0),
-        [2 * 2 * 64 * 256 * 4, 2 * 2 * 256 * 256 * 4]
-    );
+    assert_eq!(bytes(0), [2 * 2 * 64 * 256 * 4, 2 * 2 * 256 * 256 * 4]);
     assert_eq!(bytes(1)[0], bytes(1)[1]);
     assert_eq!(bytes(2)[0], bytes(2)[1]);
     for f in ["results.json", "table.md", "plot.svg"] {

@@ -101,7 +101,7 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
     let mut file =
         std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
     let ct = Content::read(&mut file)
-        .map_err(|e| Error::file(path, format!("not a valid GGUF file ({e})")))?;
+        .map_err(|e| Error::file(path, format!("not a valid GGUF file ({})", first_line(&e))))?;
     let arch = get(&ct, path, "general.architecture")?
         .to_string()
         .map_err(|e| Error::file(path, e))?
@@ -168,7 +168,7 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
         };
         let q = ct
             .tensor(&mut file, name, device)
-            .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
+            .map_err(|e| Error::file(path, format!("tensor `{name}`: {}", first_line(&e))))?;
         *tensor_types
             .entry(format!("{:?}", q.dtype()).to_lowercase())
             .or_insert(0) += 1;
@@ -205,4 +205,15 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
         metadata,
         tensor_types,
     })
+}
+
+/// The message of a candle error without the backtrace candle appends when
+/// RUST_BACKTRACE is set.
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }

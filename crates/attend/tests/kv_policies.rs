@@ -1,7 +1,8 @@
 //! KV-cache policies through a whole model (a small quantized Llama-shaped
-//! decoder on the fused path): every policy stays within its budget at every
-//! step; `full` streaming equals the whole-text forward pass; a budget longer
-//! than the text equals `full`. (Each policy's choice of tokens is checked on
+//! decoder, on the fused and the composed path, and a dense LayerNorm
+//! decoder): every policy stays within its budget at every step; `full`
+//! streaming equals the whole-text forward pass; a budget longer than the
+//! text equals `full`; both paths agree. (Each policy's choice of tokens is checked on
 //! hand-built score sequences in `cache::policy`'s unit tests.)
 
 mod common;
@@ -69,11 +70,15 @@ fn whole_text_nll(m: &Transformer, ids: &[u32]) -> f64 {
         .unwrap()
         .squeeze(0)
         .unwrap();
-    let rows: Vec<Vec<f32>> = logp.to_vec2().unwrap();
+    let rows: Vec<Vec<f64>> = logp
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     -rows
         .iter()
         .zip(&ids[1..])
-        .map(|(r, &t)| r[t as usize] as f64)
+        .map(|(r, &t)| r[t as usize])
         .sum::<f64>()
         / (ids.len() - 1) as f64
 }
@@ -117,12 +122,50 @@ fn a_budget_longer_than_the_text_equals_full() {
 }
 
 #[test]
-fn policies_need_the_fused_path() {
-    let mut m = quantized_llama(true, 14);
-    m.fused = None;
-    let e = m
-        .new_state_with_policy(&KvPolicy::Full, None)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("fused"), "{e}");
+fn the_composed_path_applies_the_same_policies() {
+    // the same quantized model without its fused path
+    let fused = quantized_llama(true, 14);
+    let mut composed = fused.clone();
+    composed.fused = None;
+    let ids = text(60);
+    let retrieval = retrieval_heads(&fused, 0.5).unwrap();
+    assert_eq!(retrieval, retrieval_heads(&composed, 0.5).unwrap());
+    for spec in POLICIES {
+        let p: KvPolicy = spec.parse().unwrap();
+        let a = streaming_perplexity(&fused, &ids, &p, Some(&retrieval), |_| {}).unwrap();
+        let b = streaming_perplexity(&composed, &ids, &p, Some(&retrieval), |_| {}).unwrap();
+        // same policy code, same kernels; only rounding-order differences
+        assert!(
+            (a.mean_nll - b.mean_nll).abs() <= 1e-4 * a.mean_nll,
+            "{spec}: fused {} vs composed {}",
+            a.mean_nll,
+            b.mean_nll
+        );
+        assert_eq!(a.cache_tokens, b.cache_tokens, "{spec}");
+    }
+}
+
+#[test]
+fn any_softmax_decoder_takes_a_policy() {
+    // a dense f64 model with learned positions and LayerNorm (not Llama-shaped)
+    let cfg = attend::config::ModelConfig {
+        max_len: 64,
+        vocab_size: 50,
+        position: attend::config::PositionKind::Learned,
+        ..common::tiny(attend::config::Shape::Decoder)
+    };
+    let (m, _) = common::build(&cfg, 3, candle_core::DType::F64);
+    assert!(m.fused.is_none());
+    let ids = text(40);
+    let full = streaming_perplexity(&m, &ids, &KvPolicy::Full, None, |_| {}).unwrap();
+    let want = whole_text_nll(&m, &ids);
+    assert!(
+        (full.mean_nll - want).abs() <= 1e-4 * want,
+        "{} vs {want}",
+        full.mean_nll
+    );
+    let w =
+        streaming_perplexity(&m, &ids, &"sinks=2,window=6".parse().unwrap(), None, |_| {}).unwrap();
+    assert_eq!(w.cache_tokens, 8);
+    assert!(w.cache_bytes_max < full.cache_bytes_max);
 }

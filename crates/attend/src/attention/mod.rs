@@ -90,6 +90,8 @@ pub enum MixerState {
     Recurrent(linear::RecurrentState),
     /// BASED: convolution inputs, linear state and window ring.
     Based(based::BasedState),
+    /// Softmax with a KV cache capped by an eviction policy (batch 1).
+    Policy(crate::cache::policy::PolicyCache),
 }
 
 impl MixerState {
@@ -100,6 +102,7 @@ impl MixerState {
             MixerState::Window(c) => c.state_bytes(),
             MixerState::Recurrent(s) => s.state_bytes(),
             MixerState::Based(s) => s.state_bytes(),
+            MixerState::Policy(c) => c.state_bytes(),
         }
     }
 
@@ -110,6 +113,15 @@ impl MixerState {
             MixerState::Window(c) => c.select(idx),
             MixerState::Recurrent(s) => s.select(idx),
             MixerState::Based(s) => s.select(idx),
+            MixerState::Policy(_) => {
+                if idx.to_vec1::<u32>()? == [0] {
+                    Ok(())
+                } else {
+                    Err(crate::error::Error::msg(
+                        "a policy-capped KV cache holds one sequence; it cannot be reordered",
+                    ))
+                }
+            }
         }
     }
 
@@ -120,6 +132,7 @@ impl MixerState {
             MixerState::Window(c) => c.k.as_ref(),
             MixerState::Recurrent(s) => s.s.as_ref(),
             MixerState::Based(s) => s.linear.s.as_ref().or(s.conv.buf.as_ref()),
+            MixerState::Policy(_) => None,
         };
         t.map(|t| t.device().clone())
     }
@@ -331,7 +344,10 @@ impl Attention {
         key_padding: Option<&Tensor>,
         state: Option<&mut MixerState>,
     ) -> Result<Tensor> {
-        let (_, t, _) = x.dims3()?;
+        let (b, t, _) = x.dims3()?;
+        if let Some(MixerState::Policy(cache)) = state {
+            return self.forward_policy(x, b, t, cache);
+        }
         let (q, k, v) = self.qkv(x, offset)?;
         let (k, v) = match state {
             Some(MixerState::Kv(cache)) => cache.append(&k, &v)?,
@@ -351,6 +367,51 @@ impl Attention {
         )?;
         let y = softmax::forward(&q, &k, &v, bias.as_ref())?;
         self.merge(&y)
+    }
+
+    /// Softmax attention through a policy-capped cache, token by token (the
+    /// cache applies RoPE by slot): x (1, t, d) -> (1, t, d).
+    fn forward_policy(
+        &self,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        cache: &mut crate::cache::policy::PolicyCache,
+    ) -> Result<Tensor> {
+        if b != 1 {
+            return Err(crate::error::Error::msg(
+                "a policy-capped KV cache decodes one sequence at a time (batch 1)",
+            ));
+        }
+        if self.alibi.is_some() {
+            return Err(crate::error::Error::msg(
+                "KV-cache policies take positions from RoPE or the embeddings, not ALiBi",
+            ));
+        }
+        let rows = |lin: &Linear| -> Result<Vec<f32>> {
+            Ok(lin
+                .forward(x)?
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+        let (q, k, v) = (
+            rows(&self.q_proj)?,
+            rows(&self.k_proj)?,
+            rows(&self.v_proj)?,
+        );
+        let (qd, kvd) = (q.len() / t, k.len() / t);
+        let mut out = vec![0f32; q.len()];
+        for i in 0..t {
+            cache.step(
+                &q[i * qd..][..qd],
+                &k[i * kvd..][..kvd],
+                &v[i * kvd..][..kvd],
+                &mut out[i * qd..][..qd],
+            )?;
+        }
+        let y = Tensor::from_vec(out, (1, t, qd), x.device())?.to_dtype(x.dtype())?;
+        self.o_proj.forward(&y)
     }
 
     /// Keys and values of the encoder memory for cross-attention, computed once

@@ -39,6 +39,36 @@ impl DecodeState {
             + self.fused.as_ref().map_or(0, |f| f.state_bytes())
     }
 
+    /// The policy-capped caches of the layers that have one, fused or not.
+    pub fn policy_caches(&self) -> Vec<&policy::PolicyCache> {
+        match self.fused.as_ref().and_then(|f| f.policy.as_ref()) {
+            Some(p) => p.iter().collect(),
+            None => self
+                .layers
+                .iter()
+                .filter_map(|l| match &l.mixer {
+                    MixerState::Policy(c) => Some(c),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// As `policy_caches`, mutable.
+    pub fn policy_caches_mut(&mut self) -> Vec<&mut policy::PolicyCache> {
+        match self.fused.as_mut().and_then(|f| f.policy.as_mut()) {
+            Some(p) => p.iter_mut().collect(),
+            None => self
+                .layers
+                .iter_mut()
+                .filter_map(|l| match &mut l.mixer {
+                    MixerState::Policy(c) => Some(c),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
     /// Keep only sequences `idx` (in that order), e.g. to reorder beams.
     pub fn select(&mut self, idx: &[u32]) -> Result<()> {
         if let Some(f) = &self.fused {

@@ -169,7 +169,7 @@ fn generate_in(
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
     let max_len = model.cfg.max_len;
-    let capped = state.fused.as_ref().is_some_and(|f| f.policy.is_some());
+    let capped = !state.policy_caches().is_empty();
     let dev = model.embed.table.device();
     let mut logits = model.step_last(&Tensor::new(prompt, dev)?.unsqueeze(0)?, &mut state)?;
     let mut seq = prompt.to_vec();

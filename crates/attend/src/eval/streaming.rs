@@ -50,10 +50,11 @@ pub fn streaming_perplexity(
         on_token(i + 1);
     }
     let cache_tokens = state
-        .fused
-        .as_ref()
-        .and_then(|f| f.policy.as_ref())
-        .map_or(0, |p| p.iter().map(|c| c.max_len()).max().unwrap_or(0));
+        .policy_caches()
+        .iter()
+        .map(|c| c.max_len())
+        .max()
+        .unwrap_or(0);
     let mean_nll = total / (ids.len() - 1) as f64;
     Ok(StreamingResult {
         policy: policy.to_string(),
@@ -70,7 +71,7 @@ pub fn streaming_perplexity(
 /// the repeat, a query head's attention to i − len (the same token earlier:
 /// echo) and to i − len + 1 (the token that followed it: induction), averaged
 /// over the repeat and maximised over the query heads that share the KV head.
-/// Returns scores[layer][kv_head].
+/// Returns scores[softmax layer][kv_head].
 pub fn retrieval_scores(model: &Transformer, len: usize, seed: u64) -> Result<Vec<Vec<f32>>> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -79,15 +80,7 @@ pub fn retrieval_scores(model: &Transformer, len: usize, seed: u64) -> Result<Ve
     let half: Vec<u32> = (0..len).map(|_| rng.random_range(v / 10..v)).collect();
     let seq: Vec<u32> = half.iter().chain(&half).cloned().collect();
     let mut state = model.new_state_with_policy(&KvPolicy::Full, None)?;
-    fn caches(
-        st: &mut crate::cache::DecodeState,
-    ) -> Option<&mut [crate::cache::policy::PolicyCache]> {
-        st.fused
-            .as_mut()
-            .and_then(|f| f.policy.as_mut())
-            .map(|p| p.as_mut_slice())
-    }
-    for c in caches(&mut state).into_iter().flatten() {
+    for c in state.policy_caches_mut() {
         c.record = true;
     }
     let (h, h_kv) = (model.cfg.n_heads, model.cfg.kv_heads());
@@ -99,7 +92,7 @@ pub fn retrieval_scores(model: &Transformer, len: usize, seed: u64) -> Result<Ve
         if i < len {
             continue;
         }
-        for (l, c) in caches(&mut state).into_iter().flatten().enumerate() {
+        for (l, c) in state.policy_caches().into_iter().enumerate() {
             for (qh, p) in c.last_probs.iter().enumerate() {
                 per_head[l][qh] += p[i - len] + p[i - len + 1];
             }

@@ -384,14 +384,41 @@ impl Transformer {
         policy: &crate::cache::policy::KvPolicy,
         retrieval: Option<&[Vec<bool>]>,
     ) -> Result<DecodeState> {
-        let Some(f) = &self.fused else {
-            return Err(Error::msg(
-                "KV-cache policies run on the fused decode path: a Llama-shaped \
-                 model with Q4_1/Q8_0 weights (drop --dequantize)",
-            ));
-        };
+        use crate::cache::policy::{PolicyCache, RopeTables};
+        if self.cfg.has_encoder() {
+            return Err(Error::msg("KV-cache policies apply to decoder-only models"));
+        }
         let mut st = self.new_state(None)?;
-        st.fused = Some(f.new_policy_state(policy, retrieval));
+        if let Some(f) = &self.fused {
+            st.fused = Some(f.new_policy_state(policy, retrieval));
+            return Ok(st);
+        }
+        // the composed path: every softmax layer's cache follows the policy
+        // (other mechanisms keep their own fixed-size state)
+        let c = &self.cfg;
+        let rope = (c.position == PositionKind::Rope).then(|| {
+            Arc::new(RopeTables::new(
+                c.head_dim(),
+                c.max_len,
+                c.rope_theta,
+                c.rope_interleaved,
+            ))
+        });
+        // retrieval[i] belongs to the i-th softmax layer
+        let mut i = 0;
+        for (l, ls) in st.layers.iter_mut().enumerate() {
+            if *c.layer_mechanism(false, l) == MechanismConfig::Softmax {
+                let r = retrieval.and_then(|r| r.get(i)).map_or(&[][..], |r| r);
+                i += 1;
+                ls.mixer = crate::attention::MixerState::Policy(PolicyCache::new(
+                    policy,
+                    c.kv_heads(),
+                    c.head_dim(),
+                    rope.clone(),
+                    r,
+                ));
+            }
+        }
         Ok(st)
     }
 

@@ -184,7 +184,7 @@ impl Default for GlaConfig {
         Self {
             gate_rank: 16,
             tau: 16.0,
-            chunk: 16,
+            chunk: 8,
         }
     }
 }

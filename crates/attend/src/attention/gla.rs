@@ -17,12 +17,15 @@
 //!   inter-chunk (q_i ⊙ e^(B_i)) S, intra-chunk A_ij = Σ_c q_ic k_jc
 //!   e^(B_ic - B_jc) for j ≤ i (the exponent masked before exp, so it is
 //!   never positive), and S ← diag(e^(B_C)) S + (K ⊙ e^(B_C - B_j))ᵀ V.
-//!   Every exponent is ≤ 0: nothing overflows however strong the decay;
+//!   Every exponent is ≤ 0: nothing overflows however strong the decay.
+//!   All chunks are computed at once; only the state update is a scan. The
+//!   intra-chunk term is explicit per channel, O(t·C·d_k), so chunks are
+//!   small (8 by default);
 //! * `step`    — S ← diag(α) S + k vᵀ, o = qᵀS;
 //! * the state is `RecurrentState` with S (b, h_kv, d_k, d_v).
 
 use super::decay::{head_rms_norm, head_rms_norm_naive};
-use super::linear::{causal_rows, fold_heads, key_mask, matmul_nd, unfold_heads, RecurrentState};
+use super::linear::{fold_heads, key_mask, unfold_heads, RecurrentState};
 use super::Heads;
 use crate::config::{GlaConfig, ModelConfig};
 use crate::error::Result;
@@ -78,6 +81,12 @@ impl Gla {
     /// v: (b, h_kv, t, d_v), log_alpha: (b, h_kv, t, d_k); key_padding
     /// (b, t). With `state` the sequence continues it and leaves it updated.
     /// -> (b, h, t, d_v)
+    ///
+    /// As fla's chunk kernels: the sequence is cut into n chunks of l tokens
+    /// (the last zero-padded: a zero key adds nothing, a zero log-decay
+    /// keeps the state); every chunk's intra-chunk part and state increment
+    /// are computed at once, a scan over the n chunks carries the state, and
+    /// every chunk reads its incoming state at once.
     pub fn forward(
         &self,
         q: &Tensor,
@@ -89,59 +98,67 @@ impl Gla {
     ) -> Result<Tensor> {
         let (b, h, t, dk) = q.dims4()?;
         let (_, h_kv, _, dv) = v.dims4()?;
-        let g = h / h_kv;
-        let q = (q * (1.0 / (dk as f64).sqrt()))?;
+        let (g, bk) = (h / h_kv, b * h_kv);
+        let l = self.chunk.min(t).max(1);
+        let n = t.div_ceil(l);
+        let pad = n * l - t;
         let (k, la) = match key_mask(key_padding, k.dtype())? {
             Some(m) => (k.broadcast_mul(&m)?, log_alpha.broadcast_mul(&m)?),
             None => (k.clone(), log_alpha.clone()),
         };
-        let mut s = state.as_ref().and_then(|st| st.s.clone());
-        let mut outs = vec![];
-        for start in (0..t).step_by(self.chunk) {
-            let l = self.chunk.min(t - start);
-            let qc = q.narrow(2, start, l)?; // (b, h, l, d_k)
-            let kc = k.narrow(2, start, l)?; // (b, h_kv, l, d_k)
-            let vc = v.narrow(2, start, l)?; // (b, h_kv, l, d_v)
-                                             // B_i = Σ_{s≤i} log α_s, relative to the chunk start: (b, h_kv, l, d_k)
-            let bcum = la.narrow(2, start, l)?.cumsum(2)?;
-            // intra: E_ijc = e^(B_ic - B_jc) for j ≤ i, else 0: (b, h_kv, l, l, d_k)
-            let mask = causal_rows(1, l, q.dtype(), q.device())?.reshape((1, 1, l, l, 1))?;
-            let diff = bcum.unsqueeze(3)?.broadcast_sub(&bcum.unsqueeze(2)?)?;
-            let e = diff.broadcast_mul(&mask)?.exp()?.broadcast_mul(&mask)?;
-            // (K ⊙ E) arranged (b, h_kv, i, c, j) so that, per query position i,
-            // the g heads' q rows (g, d_k) multiply it: A (b, h_kv, i, g, j)
-            let ke = e.broadcast_mul(&kc.unsqueeze(2)?)?.transpose(3, 4)?;
-            let q_rows = qc
-                .reshape((b, h_kv, g, l, dk))?
-                .transpose(2, 3)?
-                .contiguous()?; // (b, h_kv, l, g, d_k)
-            let a = matmul_nd(&q_rows, &ke)?
-                .transpose(2, 3)?
-                .reshape((b, h_kv, g * l, l))?; // (b, h_kv, g·l, l)
-            let mut o = a.matmul(&vc)?; // (b, h_kv, g·l, d_v)
-            if let Some(s) = &s {
-                // inter: (q_i ⊙ e^(B_i)) S
-                let qd = qc
-                    .reshape((b, h_kv, g, l, dk))?
-                    .broadcast_mul(&bcum.exp()?.unsqueeze(2)?)?
-                    .reshape((b, h_kv, g * l, dk))?;
-                o = (o + qd.matmul(s)?)?;
-            }
-            // S ← diag(e^(B_l)) S + (K ⊙ e^(B_l - B_j))ᵀ V
-            let b_last = bcum.narrow(2, l - 1, 1)?; // (b, h_kv, 1, d_k)
-            let kd = kc.broadcast_mul(&b_last.broadcast_sub(&bcum)?.exp()?)?;
-            let ds = kd.t()?.matmul(&vc)?; // (b, h_kv, d_k, d_v)
-            s = Some(match s {
-                Some(s) => (s.broadcast_mul(&b_last.exp()?.t()?)? + ds)?,
-                None => ds,
-            });
-            outs.push(unfold_heads(&o, h)?);
+        // chunked views: q (bk, g, n, l, d_k), the rest (bk, n, l, ·)
+        let chunks = |x: &Tensor, heads: usize| -> Result<Tensor> {
+            let d = x.dim(3)?;
+            Ok(x.pad_with_zeros(2, 0, pad)?.reshape((b * heads, n, l, d))?)
+        };
+        let q = (chunks(q, h)? * (1.0 / (dk as f64).sqrt()))?.reshape((bk, g, n, l, dk))?;
+        let (k, v, la) = (chunks(&k, h_kv)?, chunks(v, h_kv)?, chunks(&la, h_kv)?);
+        // B_i = Σ_{s≤i} log α_s inside each chunk: (bk, n, l, d_k)
+        let bcum = la.cumsum(2)?;
+        // intra: A_ij = Σ_c q_ic k_jc e^(B_ic - B_jc) for j ≤ i, the exponent
+        // masked to 0 before exp (so never positive) and the term after
+        let mask =
+            super::linear::causal_rows(1, l, q.dtype(), q.device())?.reshape((1, 1, l, l, 1))?;
+        let diff = bcum.unsqueeze(3)?.broadcast_sub(&bcum.unsqueeze(2)?)?; // (bk, n, i, j, d_k)
+        let e = diff.broadcast_mul(&mask)?.exp()?.broadcast_mul(&mask)?;
+        let ke = e.broadcast_mul(&k.unsqueeze(2)?)?; // (bk, n, i, j, d_k)
+        let a = q
+            .unsqueeze(4)? // (bk, g, n, i, 1, d_k)
+            .broadcast_mul(&ke.unsqueeze(1)?)?
+            .sum(5)? // (bk, g, n, i, j)
+            .transpose(1, 2)?
+            .reshape((bk, n, g * l, l))?;
+        let intra = a.matmul(&v)?; // (bk, n, g·l, d_v)
+                                   // per chunk: ΔS = (K ⊙ e^(B_l - B_j))ᵀ V and the decay e^(B_l) of S
+        let b_last = bcum.narrow(2, l - 1, 1)?; // (bk, n, 1, d_k)
+        let kd = k.broadcast_mul(&b_last.broadcast_sub(&bcum)?.exp()?)?;
+        let ds = kd.t()?.matmul(&v)?; // (bk, n, d_k, d_v)
+        let decay = b_last.exp()?.t()?; // (bk, n, d_k, 1)
+                                        // the scan over chunks: S entering chunk c, then S ← e^(B_l) S + ΔS
+        let mut s = match state.as_ref().and_then(|st| st.s.clone()) {
+            Some(s) => s.reshape((bk, dk, dv))?,
+            None => Tensor::zeros((bk, dk, dv), q.dtype(), q.device())?,
+        };
+        let mut entering = Vec::with_capacity(n);
+        for c in 0..n {
+            entering.push(s.clone());
+            s = (decay.get_on_dim(1, c)?.broadcast_mul(&s)? + ds.get_on_dim(1, c)?)?;
         }
-        debug_assert!(outs.iter().all(|o| o.dim(3).ok() == Some(dv)));
+        let entering = Tensor::stack(&entering, 1)?; // (bk, n, d_k, d_v)
+                                                     // inter: (q_i ⊙ e^(B_i)) S_entering
+        let qd = q
+            .broadcast_mul(&bcum.exp()?.unsqueeze(1)?)?
+            .transpose(1, 2)?
+            .reshape((bk, n, g * l, dk))?;
+        let o = (intra + qd.matmul(&entering)?)? // (bk, n, g·l, d_v)
+            .reshape((bk, n, g, l, dv))?
+            .transpose(1, 2)?
+            .reshape((b, h, n * l, dv))?
+            .narrow(2, 0, t)?;
         if let Some(st) = state {
-            st.s = s;
+            st.s = Some(s.reshape((b, h_kv, dk, dv))?);
         }
-        head_rms_norm(&Tensor::cat(&outs, 2)?)
+        head_rms_norm(&o)
     }
 
     /// One token: q (b, h, 1, d_k), k (b, h_kv, 1, d_k), v (b, h_kv, 1, d_v),

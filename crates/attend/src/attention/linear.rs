@@ -222,8 +222,9 @@ impl LinearAttention {
         let (_, h, t, _) = q.dims4()?;
         let h_kv = k.dim(1)?;
         let g = h / h_kv;
-        let mask = key_mask(key_padding, q.dtype())?; // (b, 1, t, 1)
-                                                      // [V, 1] with padded rows zeroed: padded keys add nothing to S or z
+        // [V, 1] with padded rows zeroed (mask (b, 1, t, 1)): padded keys
+        // add nothing to S or z
+        let mask = key_mask(key_padding, q.dtype())?;
         let v1 = match &mask {
             Some(m) => with_ones(v)?.broadcast_mul(m)?,
             None => with_ones(v)?,

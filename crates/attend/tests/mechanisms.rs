@@ -793,6 +793,17 @@ fn layer_forward_equals_naive_for_every_mechanism() {
         "gla:rank=2,tau=3,chunk=3",
     ];
     let (b, t) = (2, 13);
+    // built past the config's validation, a causal-only mechanism refuses
+    // to run bidirectionally
+    for spec in ["decay", "gla"] {
+        let mech: MechanismConfig = spec.parse().unwrap();
+        let cfg = tiny(Shape::Decoder);
+        let store = ParamStore::new(1, DType::F32, Device::Cpu);
+        let attn = Attention::new(&store.builder(), &cfg, &mech, false, true, None).unwrap();
+        let x = Tensor::zeros((1, 3, cfg.d_model), DType::F32, &Device::Cpu).unwrap();
+        let e = attn.forward(&x, 0, None, None).unwrap_err().to_string();
+        assert!(e.contains(spec) && e.contains("causal only"), "{e}");
+    }
     for spec in specs {
         let mech: MechanismConfig = spec.parse().unwrap();
         for kv in [4, 2] {

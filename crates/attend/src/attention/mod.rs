@@ -275,6 +275,12 @@ impl Attention {
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
         let decode = t == 1;
+        if !self.causal && matches!(self.mechanism, Mechanism::Decay(_) | Mechanism::Gla(_)) {
+            return Err(Error::msg(format!(
+                "`{}` attention is causal only; it cannot run bidirectionally",
+                self.mechanism.name()
+            )));
+        }
         let y = match &self.mechanism {
             Mechanism::Softmax => return self.forward_softmax(x, offset, key_padding, state),
             Mechanism::Window(m) => {

@@ -15,7 +15,7 @@ pub struct FrontierArgs {
     /// RetNet decay and GLA at two sizes each where they have a size knob).
     #[arg(long, value_delimiter = ';')]
     mechanisms: Vec<String>,
-    /// Key–value pairs per sequence.
+    /// Key–value pairs per sequence (default 4 and 16; 4 with --quick).
     #[arg(long, value_delimiter = ',')]
     pairs: Vec<usize>,
     /// Model width.
@@ -76,7 +76,7 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
     } else if a.quick {
         vec![4]
     } else {
-        vec![4, 8, 16]
+        vec![4, 16]
     };
     let setup = FrontierSetup {
         seq_len: a.seq_len.unwrap_or(if a.quick { 32 } else { 64 }),

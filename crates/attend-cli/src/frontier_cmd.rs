@@ -1,6 +1,7 @@
 //! `attend frontier`: the recall–memory frontier of the attention zoo on
 //! MQAR, as results.json, table.md and one plot per number of pairs.
 
+use crate::train_cmd::{log_line, print_report};
 use anyhow::{bail, Context, Result};
 use attend::eval::frontier::{run_point, FrontierPoint, FrontierResult, FrontierSetup};
 use attend::eval::report::{markdown_table, plot_svg, Axes, Series};
@@ -129,26 +130,12 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
             r.state_bytes,
             r.seconds
         );
-        // one line per run, on the terminal above the bar or in a log
-        if pb.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            pb.println(line);
-        }
+        log_line(&pb, line);
         results.push(r);
     }
     pb.finish_and_clear();
     write_reports(&a, &setup, &pairs, &results)?;
-    if a.json {
-        println!("{}", std::fs::read_to_string(a.out.join("results.json"))?);
-    } else {
-        print!("{}", std::fs::read_to_string(a.out.join("table.md"))?);
-        eprintln!(
-            "wrote {}/{{results.json,table.md,plot*.svg}}",
-            a.out.display()
-        );
-    }
-    Ok(())
+    print_report(&a.out, a.json, "results.json,table.md,plot*.svg")
 }
 
 fn write_reports(

@@ -3,12 +3,13 @@
 //! `attend kv-sweep` (perplexity against cache memory, table and plot).
 
 use crate::run_cmd::{load_gguf, Loaded};
+use crate::train_cmd::{log_line, print_report, progress};
 use anyhow::{bail, Context, Result};
 use attend::cache::policy::KvPolicy;
 use attend::eval::report::{markdown_table, plot_svg, Axes, Series};
 use attend::eval::streaming::{retrieval_heads, streaming_perplexity, StreamingResult};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Clone, Default)]
@@ -49,19 +50,6 @@ pub fn capped(l: &Loaded, spec: &str) -> Result<Capped> {
     Ok(Capped { policy, retrieval })
 }
 
-fn bar(total: u64, label: &str) -> ProgressBar {
-    let pb = ProgressBar::new(total);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} (ETA {eta})",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    pb.set_prefix(label.to_string());
-    pb
-}
-
 /// Streaming perplexity of `ids` under `c` with a progress bar.
 pub fn stream_score(
     l: &Loaded,
@@ -85,7 +73,7 @@ pub fn streaming_cmd(l: &Loaded, ids: &[u32], kv: &KvArgs, json: bool) -> Result
         Some(c) => c,
         None => capped(l, "full")?,
     };
-    let pb = bar(ids.len() as u64 - 1, "streaming");
+    let pb = progress(ids.len() as u64 - 1, 0, "streaming");
     let r = stream_score(l, ids, &c, &pb)?;
     pb.finish_and_clear();
     if json {
@@ -188,7 +176,7 @@ pub fn kv_sweep_cmd(mut a: KvSweepArgs) -> Result<()> {
     ids.truncate(a.tokens);
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("{}: cannot create", a.out.display()))?;
-    let pb = bar((specs.len() * (a.tokens - 1)) as u64, "kv-sweep");
+    let pb = progress((specs.len() * (a.tokens - 1)) as u64, 0, "kv-sweep");
     let mut results = vec![];
     let mut retrieval = None;
     for spec in &specs {
@@ -208,25 +196,12 @@ pub fn kv_sweep_cmd(mut a: KvSweepArgs) -> Result<()> {
             r.perplexity,
             r.cache_bytes_max as f64 / (1 << 20) as f64
         );
-        if pb.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            pb.println(line);
-        }
+        log_line(&pb, line);
         results.push((spec.clone(), r));
     }
     pb.finish_and_clear();
     write_reports(&a, &model, &file, &results)?;
-    if a.json {
-        println!("{}", std::fs::read_to_string(a.out.join("results.json"))?);
-    } else {
-        print!("{}", std::fs::read_to_string(a.out.join("table.md"))?);
-        eprintln!(
-            "wrote {}/{{results.json,table.md,plot.svg}}",
-            a.out.display()
-        );
-    }
-    Ok(())
+    print_report(&a.out, a.json, "results.json,table.md,plot.svg")
 }
 
 /// `attend <the arguments given>`, for the record.

@@ -259,7 +259,7 @@ fn resolve(a: &TrainArgs) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).
-fn progress(total: u64, start: u64, label: &str) -> ProgressBar {
+pub fn progress(total: u64, start: u64, label: &str) -> ProgressBar {
     let pb = ProgressBar::new(total);
     pb.set_style(
         ProgressStyle::with_template(
@@ -271,6 +271,28 @@ fn progress(total: u64, start: u64, label: &str) -> ProgressBar {
     pb.set_prefix(label.to_string());
     pb.set_position(start);
     pb
+}
+
+/// One line per finished item of a sweep: above the bar on a terminal, on
+/// stderr otherwise (logs).
+pub fn log_line(pb: &ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
+}
+
+/// After a sweep: results.json to stdout with `json`, else the table, and
+/// where the files went.
+pub fn print_report(out: &std::path::Path, json: bool, files: &str) -> Result<()> {
+    if json {
+        println!("{}", std::fs::read_to_string(out.join("results.json"))?);
+    } else {
+        print!("{}", std::fs::read_to_string(out.join("table.md"))?);
+        eprintln!("wrote {}/{{{files}}}", out.display());
+    }
+    Ok(())
 }
 
 /// What a training run reports.

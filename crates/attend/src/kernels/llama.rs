@@ -46,12 +46,9 @@ pub struct FusedDecoder {
     hd: usize,
     d_ff: usize,
     eps: f32,
-    interleaved: bool,
-    theta: f64,
     max_len: usize,
-    /// (max_len, hd/2)
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// cos/sin tables, shared with policy-capped caches
+    rope: Arc<RopeTables>,
     layers: Vec<Layer>,
     final_norm: Vec<f32>,
     /// (vocab, d)
@@ -157,7 +154,6 @@ impl FusedDecoder {
                 })
             })
             .collect::<Option<Vec<_>>>()?;
-        let (cos, sin) = crate::position::rope_tables(c.head_dim(), c.max_len, c.rope_theta);
         Some(Self {
             d: c.d_model,
             h: c.n_heads,
@@ -165,11 +161,13 @@ impl FusedDecoder {
             hd: c.head_dim(),
             d_ff: c.d_ff,
             eps: c.norm_eps as f32,
-            interleaved: c.rope_interleaved,
-            theta: c.rope_theta,
             max_len: c.max_len,
-            cos,
-            sin,
+            rope: Arc::new(RopeTables::new(
+                c.head_dim(),
+                c.max_len,
+                c.rope_theta,
+                c.rope_interleaved,
+            )),
             layers,
             final_norm: gain(m.dec_norm.as_ref()?)?,
             embed: m.embed.table.clone(),
@@ -188,18 +186,12 @@ impl FusedDecoder {
     /// A state whose caches follow `policy`; `retrieval[layer][kv_head]`
     /// marks RazorAttention's retrieval heads.
     pub fn new_policy_state(&self, policy: &KvPolicy, retrieval: Option<&[Vec<bool>]>) -> FusedKv {
-        let rope = Arc::new(RopeTables::new(
-            self.hd,
-            self.max_len,
-            self.theta,
-            self.interleaved,
-        ));
         FusedKv {
             policy: Some(
                 (0..self.layers.len())
                     .map(|l| {
                         let r = retrieval.and_then(|r| r.get(l)).map_or(&[][..], |r| r);
-                        PolicyCache::new(policy, self.h_kv, self.hd, Some(rope.clone()), r)
+                        PolicyCache::new(policy, self.h_kv, self.hd, Some(self.rope.clone()), r)
                     })
                     .collect(),
             ),
@@ -291,22 +283,9 @@ impl FusedDecoder {
 
     /// Rotate every head of x (t, heads, hd) at positions pos0.. in place.
     fn rope(&self, x: &mut [f32], heads: usize, pos0: usize) {
-        let (hd, half) = (self.hd, self.hd / 2);
-        for (i, row) in x.chunks_mut(heads * hd).enumerate() {
-            let cos = &self.cos[(pos0 + i) * half..][..half];
-            let sin = &self.sin[(pos0 + i) * half..][..half];
-            for head in row.chunks_mut(hd) {
-                for p in 0..half {
-                    // pair p: (x_2p, x_2p+1) interleaved, (x_p, x_p+d/2) otherwise
-                    let (a, b) = if self.interleaved {
-                        (2 * p, 2 * p + 1)
-                    } else {
-                        (p, p + half)
-                    };
-                    let (x1, x2) = (head[a], head[b]);
-                    head[a] = x1 * cos[p] - x2 * sin[p];
-                    head[b] = x2 * cos[p] + x1 * sin[p];
-                }
+        for (i, row) in x.chunks_mut(heads * self.hd).enumerate() {
+            for head in row.chunks_mut(self.hd) {
+                self.rope.rotate(head, pos0 + i);
             }
         }
     }

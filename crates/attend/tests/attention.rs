@@ -6,50 +6,12 @@ mod common;
 use attend::attention::softmax;
 use attend::position::alibi_slopes;
 use candle_core::{DType, Device, Tensor};
-use common::rng;
+use common::{rand4_scaled, rng, to4, T4};
 use rand::Rng;
 
-type T4 = Vec<Vec<Vec<Vec<f64>>>>;
-
+/// Uniform(-2, 2) values as nested vectors and a (b, h, t, d) f64 tensor.
 fn rand4(r: &mut impl Rng, b: usize, h: usize, t: usize, d: usize) -> (T4, Tensor) {
-    let v: T4 = (0..b)
-        .map(|_| {
-            (0..h)
-                .map(|_| {
-                    (0..t)
-                        .map(|_| (0..d).map(|_| r.random_range(-2.0..2.0)).collect())
-                        .collect()
-                })
-                .collect()
-        })
-        .collect();
-    let flat: Vec<f64> = v.iter().flatten().flatten().flatten().cloned().collect();
-    (
-        v,
-        Tensor::from_vec(flat, (b, h, t, d), &Device::Cpu).unwrap(),
-    )
-}
-
-fn to4(t: &Tensor) -> T4 {
-    let (b, h, n, d) = t.dims4().unwrap();
-    let v: Vec<f64> = t
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    (0..b)
-        .map(|i| {
-            (0..h)
-                .map(|j| {
-                    (0..n)
-                        .map(|k| v[((i * h + j) * n + k) * d..][..d].to_vec())
-                        .collect()
-                })
-                .collect()
-        })
-        .collect()
+    rand4_scaled(r, (b, h, t, d), 2.0, DType::F64)
 }
 
 fn check(h: usize, h_kv: usize, causal: bool, padded: bool, alibi: bool, tq: usize, tk: usize) {

@@ -22,6 +22,7 @@
 //! the position, so `full` equals ordinary attention.
 
 use crate::error::{Error, Result};
+use crate::kernels::{axpy, dot};
 use rayon::prelude::*;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -597,15 +598,10 @@ impl PolicyCache {
                 // reproduces it bit for bit)
                 o.fill(0.0);
                 for (i, &p) in s.iter().enumerate() {
-                    let val = &c.v[slots[g][i] as usize * hd..][..hd];
-                    for (a, &b) in o.iter_mut().zip(val) {
-                        *a += p * b;
-                    }
+                    axpy(o, p, &c.v[slots[g][i] as usize * hd..][..hd]);
                 }
                 if let (Some(pc), Some((_, vc))) = (pc, &comp_kv) {
-                    for (a, &b) in o.iter_mut().zip(vc) {
-                        *a += pc * b;
-                    }
+                    axpy(o, pc, vc);
                 }
                 for a in o.iter_mut() {
                     *a /= z;
@@ -636,18 +632,6 @@ impl PolicyCache {
         self.seen += 1;
         Ok(())
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let n = a.len() / 8 * 8;
-    for (x, y) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

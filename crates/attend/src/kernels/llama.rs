@@ -18,6 +18,7 @@ use crate::cache::policy::{KvPolicy, PolicyCache, RopeTables};
 use crate::config::{FfnKind, MechanismConfig, NormKind, NormPosition, PositionKind, Shape};
 use crate::error::{Error, Result};
 use crate::kernels::quant::{matmul_many, Q8Rows, QMatrix};
+use crate::kernels::{axpy, dot};
 use crate::model::Transformer;
 use crate::nn::Weight;
 use crate::norm::Norm;
@@ -348,24 +349,5 @@ fn rms_norm(x: &[f32], gain: &[f32], eps: f32, d: usize, y: &mut [f32]) {
 fn add(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {
         *a += b;
-    }
-}
-
-/// Σ a_i b_i with eight independent accumulators (vectorises; head_dim is a
-/// multiple of 8).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum()
-}
-
-/// o += p · v
-fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
-    for (a, &b) in o.iter_mut().zip(v) {
-        *a += p * b;
     }
 }

@@ -14,6 +14,27 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use num_traits::Float;
 use rayon::prelude::*;
 
+/// Σ a_i b_i with eight independent accumulators (vectorises), then the
+/// tail: the attention inner product of the fused path and the policy caches.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let n = a.len() / 8 * 8;
+    for (x, y) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// o += p · v
+pub fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
+    for (a, &b) in o.iter_mut().zip(v) {
+        *a += p * b;
+    }
+}
+
 /// Rows below this many elements in total run on one thread.
 const PAR_MIN: usize = 1 << 15;
 

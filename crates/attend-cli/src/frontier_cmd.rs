@@ -186,20 +186,12 @@ fn write_reports(
     attend::util::write_atomic(&a.out.join("table.md"), table.as_bytes())?;
     let max_pairs = pairs.iter().copied().max().unwrap_or(0);
     for &np in pairs {
-        let mut series: Vec<Series> = vec![];
-        for r in results.iter().filter(|r| r.n_pairs == np) {
-            let point = (r.state_bytes as f64, r.accuracy * 100.0);
-            match series.iter_mut().find(|s| s.name == r.family) {
-                Some(s) => s.points.push(point),
-                None => series.push(Series {
-                    name: r.family.clone(),
-                    points: vec![point],
-                }),
-            }
-        }
-        for s in &mut series {
-            s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        }
+        let series = Series::group(
+            results
+                .iter()
+                .filter(|r| r.n_pairs == np)
+                .map(|r| (r.family.clone(), (r.state_bytes as f64, r.accuracy * 100.0))),
+        );
         let title = format!(
             "MQAR recall vs decode-state size ({np} key-value pairs, seq {})",
             s.seq_len

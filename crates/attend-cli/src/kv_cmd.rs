@@ -280,21 +280,10 @@ fn write_reports(
         )
     );
     attend::util::write_atomic(&a.out.join("table.md"), table.as_bytes())?;
-    let mut series: Vec<Series> = vec![];
-    for (spec, r) in results {
-        let name = family(spec).to_string();
-        let point = (r.cache_bytes_max as f64 / (1 << 20) as f64, r.perplexity);
-        match series.iter_mut().find(|s| s.name == name) {
-            Some(s) => s.points.push(point),
-            None => series.push(Series {
-                name,
-                points: vec![point],
-            }),
-        }
-    }
-    for s in &mut series {
-        s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
-    }
+    let series = Series::group(results.iter().map(|(spec, r)| {
+        let mib = r.cache_bytes_max as f64 / (1 << 20) as f64;
+        (family(spec).to_string(), (mib, r.perplexity))
+    }));
     plot_svg(
         &a.out.join("plot.svg"),
         &Axes {

@@ -24,6 +24,27 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
+impl Series {
+    /// Group (name, point) pairs into one series per name, in order of first
+    /// appearance, each sorted by x.
+    pub fn group(items: impl IntoIterator<Item = (String, (f64, f64))>) -> Vec<Series> {
+        let mut series: Vec<Series> = vec![];
+        for (name, point) in items {
+            match series.iter_mut().find(|s| s.name == name) {
+                Some(s) => s.points.push(point),
+                None => series.push(Series {
+                    name,
+                    points: vec![point],
+                }),
+            }
+        }
+        for s in &mut series {
+            s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        series
+    }
+}
+
 /// Axes of a plot.
 pub struct Axes<'a> {
     pub title: &'a str,

@@ -37,6 +37,11 @@ impl Norm {
         &self.weight
     }
 
+    /// The bias β (LayerNorm only), (d).
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     pub fn eps(&self) -> f64 {
         self.eps
     }

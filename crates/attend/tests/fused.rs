@@ -91,3 +91,118 @@ fn batches_fall_back_to_the_composed_path() {
         .unwrap();
     assert!(m.step(&x, &mut st).is_err());
 }
+
+/// A BERT-shaped encoder (post-LayerNorm, biases, embedding norm) with every
+/// parameter perturbed, so that biases and norm gains are not 0/1.
+fn bert_like(d: usize, heads: usize, ffn: attend::config::FfnKind, seed: u64) -> Transformer {
+    use attend::config::*;
+    use rand::Rng;
+    let cfg = ModelConfig {
+        d_model: d,
+        n_heads: heads,
+        d_ff: 2 * d,
+        vocab_size: 23,
+        max_len: 40,
+        norm: NormKind::Layernorm,
+        norm_position: NormPosition::Post,
+        ffn,
+        bias: true,
+        embed_norm: true,
+        position: PositionKind::Learned,
+        dropout: 0.0,
+        ..common::tiny(Shape::Encoder)
+    };
+    let (model, store) = common::build(&cfg, seed, candle_core::DType::F32);
+    let mut r = common::rng(seed);
+    for (_, v) in store.vars() {
+        let t = v.as_tensor();
+        let noise: Vec<f32> = (0..t.elem_count())
+            .map(|_| r.random_range(-0.3f32..0.3))
+            .collect();
+        let noise = Tensor::from_vec(noise, t.shape(), &Device::Cpu).unwrap();
+        v.set(&(t + noise).unwrap()).unwrap();
+    }
+    model
+}
+
+#[test]
+fn fused_encoder_equals_the_composed_encoder_on_a_padded_batch() {
+    use attend::config::FfnKind;
+    use attend::kernels::encoder::FusedEncoder;
+    for (d, heads, ffn, seed) in [
+        (48, 3, FfnKind::Gelu, 1),
+        (32, 8, FfnKind::Gelu, 2),
+        (32, 4, FfnKind::Relu, 3),
+    ] {
+        let model = bert_like(d, heads, ffn, seed);
+        let fused = FusedEncoder::from_model(&model).expect("a BERT-shaped encoder qualifies");
+        // lengths 1..=37 in one batch: packed by the fused path, padded to 37
+        // with a mask by the composed one
+        let lens = [5usize, 1, 37, 12, 2, 20];
+        let t = *lens.iter().max().unwrap();
+        let seqs: Vec<Vec<u32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(s, &n)| (0..n).map(|i| ((i * 7 + s * 5 + 1) % 23) as u32).collect())
+            .collect();
+        let (mut ids, mut mask) = (vec![0u32; lens.len() * t], vec![0f32; lens.len() * t]);
+        for (s, q) in seqs.iter().enumerate() {
+            for (i, &id) in q.iter().enumerate() {
+                ids[s * t + i] = id;
+                mask[s * t + i] = 1.0;
+            }
+        }
+        let ids = Tensor::from_vec(ids, (lens.len(), t), &Device::Cpu).unwrap();
+        let mask = Tensor::from_vec(mask, (lens.len(), t), &Device::Cpu).unwrap();
+        let want = model.encode(&ids, Some(&mask)).unwrap().hidden;
+        let refs: Vec<&[u32]> = seqs.iter().map(|s| &s[..]).collect();
+        let got = fused.encode(&refs).unwrap();
+        assert_eq!(got.len(), lens.iter().sum::<usize>() * d);
+        let mut row = 0;
+        let mut worst = 0f32;
+        for (s, &n) in lens.iter().enumerate() {
+            let w: Vec<f32> = want
+                .get(s)
+                .unwrap()
+                .narrow(0, 0, n)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (a, b) in got[row * d..(row + n) * d].iter().zip(&w) {
+                worst = worst.max((a - b).abs());
+            }
+            row += n;
+        }
+        // outputs are LayerNorm-ed (unit scale): f32 summation-order noise
+        assert!(
+            worst < 2e-5,
+            "d {d}, heads {heads}, {ffn:?}: max |diff| {worst}"
+        );
+    }
+}
+
+#[test]
+fn fused_encoder_rejects_what_it_does_not_compute() {
+    use attend::config::*;
+    use attend::kernels::encoder::FusedEncoder;
+    let bert = bert_like(32, 4, FfnKind::Gelu, 4);
+    let mut cfg = bert.cfg.clone();
+    cfg.norm_position = NormPosition::Pre;
+    let (pre, _) = common::build(&cfg, 4, candle_core::DType::F32);
+    assert!(FusedEncoder::from_model(&pre).is_none(), "pre-norm");
+    let mut cfg = bert.cfg.clone();
+    cfg.ffn = FfnKind::Swiglu;
+    let (swiglu, _) = common::build(&cfg, 4, candle_core::DType::F32);
+    assert!(FusedEncoder::from_model(&swiglu).is_none(), "SwiGLU");
+    let (dec, _) = common::build(&common::tiny(Shape::Decoder), 4, candle_core::DType::F32);
+    assert!(FusedEncoder::from_model(&dec).is_none(), "a decoder");
+    // bad input: one line, no panic
+    let f = FusedEncoder::from_model(&bert).unwrap();
+    let err = f.encode(&[&[1, 2, 99]]).unwrap_err().to_string();
+    assert!(err.contains("token id 99"), "{err}");
+    let long = vec![1u32; 41];
+    let err = f.encode(&[&long]).unwrap_err().to_string();
+    assert!(err.contains("max_len 40"), "{err}");
+}

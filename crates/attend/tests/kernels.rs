@@ -123,3 +123,30 @@ fn kernels_accept_non_contiguous_inputs() {
         ) < 1e-6
     );
 }
+
+/// The fused encoder's vectorisable exp and GELU against libm in f64.
+#[test]
+fn polynomial_exp_and_gelu_match_libm() {
+    use attend::kernels::encoder::{exp, gelu};
+    let (mut worst_exp, mut worst_gelu) = (0f64, 0f64);
+    // normal results inside the clamp (below -87 they go subnormal)
+    for i in -86_000..=87_990 {
+        let x = i as f32 * 1e-3;
+        let want = (x as f64).exp();
+        worst_exp = worst_exp.max(((exp(x) as f64) - want).abs() / want);
+    }
+    for i in -20_000..=20_000 {
+        let x = i as f32 * 1e-3;
+        let xf = x as f64;
+        let want = 0.5 * xf * (1.0 + libm::erf(xf / std::f64::consts::SQRT_2));
+        let mut g = x;
+        gelu(&mut g);
+        worst_gelu = worst_gelu.max((g as f64 - want).abs() / xf.abs().max(1.0));
+    }
+    // a few f32 ulps; A&S 7.1.26's erf is within 1.5e-7
+    assert!(worst_exp < 5e-7, "exp: max rel. error {worst_exp}");
+    assert!(worst_gelu < 5e-7, "gelu: max error {worst_gelu}");
+    // saturation instead of inf/NaN outside the range
+    assert!(exp(-200.0) >= 0.0 && exp(-200.0) < 1e-37);
+    assert!(exp(200.0).is_finite());
+}

@@ -257,7 +257,8 @@ fn minilm_dir() -> PathBuf {
 #[test]
 fn minilm_matches_sentence_transformers() {
     let fx = fixture("minilm.json");
-    let e = attend::formats::hf::Embedder::load(&minilm_dir(), &Device::Cpu).unwrap();
+    let mut e = attend::formats::hf::Embedder::load(&minilm_dir(), &Device::Cpu).unwrap();
+    assert!(e.fused.is_some(), "MiniLM qualifies for the fused encoder");
     let items = fx["items"].as_array().unwrap();
     let texts: Vec<String> = items
         .iter()
@@ -270,8 +271,12 @@ fn minilm_matches_sentence_transformers() {
             "token ids of {t:?}"
         );
     }
-    // all at once (padded batches of mixed length) and one at a time
-    for batch in [3, 1] {
+    // the fused (packed) path, then the composed one; all at once (padded
+    // batches of mixed length) and one at a time
+    for (fused, batch) in [(true, 3), (true, 1), (false, 3), (false, 1)] {
+        if !fused {
+            e.fused = None;
+        }
         let got = e.embed(&texts, batch).unwrap();
         for ((t, item), v) in texts.iter().zip(items).zip(&got) {
             let want: Vec<f64> = item["embedding"]
@@ -286,7 +291,7 @@ fn minilm_matches_sentence_transformers() {
             let cos = dot / (na * nb);
             assert!(
                 cos >= 0.9999,
-                "batch {batch}: cosine {cos} for {:?}",
+                "fused {fused}, batch {batch}: cosine {cos} for {:?}",
                 &t[..t.len().min(40)]
             );
         }

@@ -5,6 +5,7 @@
 use super::tokenizer::Tokenizer;
 use crate::config::{FfnKind, ModelConfig, NormKind, NormPosition, PositionKind, Shape};
 use crate::error::{Error, Result};
+use crate::kernels::encoder::FusedEncoder;
 use crate::nn::ParamStore;
 use crate::Transformer;
 use candle_core::{DType, Device, Tensor, D};
@@ -147,6 +148,9 @@ pub fn load_tokenizer(dir: &Path, max_len: usize) -> Result<(Tokenizer, usize)> 
 /// A sentence-embedding model: BERT encoder, tokenizer, pooling.
 pub struct Embedder {
     pub model: Transformer,
+    /// The padding-free fused form of the encoder (`kernels::encoder`), when
+    /// the model qualifies; `None` runs the composed `Transformer::encode`.
+    pub fused: Option<FusedEncoder>,
     pub tokenizer: Tokenizer,
     /// Longest input in tokens; longer inputs are truncated.
     pub max_seq_length: usize,
@@ -208,6 +212,7 @@ impl Embedder {
             Err(_) => true,
         };
         Ok(Self {
+            fused: FusedEncoder::from_model(&model),
             model,
             tokenizer,
             max_seq_length,
@@ -230,6 +235,21 @@ impl Embedder {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
         let mut out = vec![vec![]; texts.len()];
+        if let Some(f) = &self.fused {
+            // packed: no padding, so length order does not matter for cost
+            // but keeps the batches the same as the composed path's
+            let d = f.d_model();
+            for chunk in order.chunks(batch_size.max(1)) {
+                let seqs: Vec<&[u32]> = chunk.iter().map(|&i| &encoded[i][..]).collect();
+                let hidden = f.encode(&seqs)?;
+                let mut start = 0;
+                for (&i, s) in chunk.iter().zip(&seqs) {
+                    out[i] = self.pool_rows(&hidden[start * d..(start + s.len()) * d], d);
+                    start += s.len();
+                }
+            }
+            return Ok(out);
+        }
         let dev = self.model.embed.table.device().clone();
         for chunk in order.chunks(batch_size.max(1)) {
             let len = chunk.iter().map(|&i| encoded[i].len()).max().unwrap_or(1);
@@ -249,6 +269,22 @@ impl Embedder {
             }
         }
         Ok(out)
+    }
+
+    /// `pool` on one sequence's packed rows: rows (len, d) -> (d)
+    fn pool_rows(&self, rows: &[f32], d: usize) -> Vec<f32> {
+        let n = rows.len() / d;
+        let mut mean = vec![0f32; d];
+        for row in rows.chunks_exact(d) {
+            mean.iter_mut().zip(row).for_each(|(m, v)| *m += v);
+        }
+        let count = (n as f32).max(1e-9);
+        mean.iter_mut().for_each(|m| *m /= count);
+        if self.normalize {
+            let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            mean.iter_mut().for_each(|m| *m /= norm);
+        }
+        mean
     }
 
     /// Mean over real tokens, then L2 normalisation.

@@ -262,6 +262,16 @@ impl Transformer {
         Ok(model)
     }
 
+    /// The encoder's additive positions (table or none).
+    pub fn pos_enc(&self) -> &Additive {
+        &self.pos_enc
+    }
+
+    /// The LayerNorm of the embedding sum (BERT), if any.
+    pub fn embed_norm(&self) -> Option<&Norm> {
+        self.embed_norm.as_ref()
+    }
+
     /// `Some(seed)` turns dropout on (for the calling thread) with masks
     /// from that seed; `None` is evaluation mode.
     pub fn set_train_seed(&self, seed: Option<u64>) {

@@ -270,38 +270,31 @@ impl FusedEncoder {
         }
         tasks.into_par_iter().for_each(|(start, len, out)| {
             let rows = &qkv[start * 3 * d..(start + len) * 3 * d];
-            // kᵀ (hd, len) per head, scores (len), accumulator (hd)
-            let mut kt = vec![0f32; hd * len];
-            let mut s = vec![0f32; len];
-            let mut acc = vec![0f32; hd];
+            let (ld, len_i) = (3 * d as isize, len as isize);
+            // scores, then probabilities: (len, len)
+            let mut s = vec![0f32; len * len];
             for h in 0..self.h {
-                for j in 0..len {
-                    let k = &rows[j * 3 * d + d + h * hd..][..hd];
-                    for (c, &v) in k.iter().enumerate() {
-                        kt[c * len + j] = v;
-                    }
+                let (q, k, v) = (
+                    &rows[h * hd..],
+                    &rows[d + h * hd..],
+                    &rows[2 * d + h * hd..],
+                );
+                // Safety: every operand lies inside `rows`, `s` or `out`
+                // with the strides given (rows of 3d, len, d).
+                unsafe {
+                    // S = scale · Q_h K_hᵀ: K_hᵀ (hd, len) read in place
+                    matmul(len, len, hd, &mut s, len_i, q, (ld, 1), k, (1, ld), scale);
                 }
-                for i in 0..len {
-                    let q = &rows[i * 3 * d + h * hd..][..hd];
-                    s.fill(0.0);
-                    for (c, &qc) in q.iter().enumerate() {
-                        let qc = qc * scale;
-                        for (sj, &kj) in s.iter_mut().zip(&kt[c * len..(c + 1) * len]) {
-                            *sj += qc * kj;
-                        }
-                    }
-                    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    s.iter_mut().for_each(|v| *v = exp(*v - max));
-                    let sum: f32 = s.iter().sum();
-                    acc.fill(0.0);
-                    for (j, &p) in s.iter().enumerate() {
-                        let v = &rows[j * 3 * d + 2 * d + h * hd..][..hd];
-                        super::axpy(&mut acc, p, v);
-                    }
-                    let o = &mut out[i * d + h * hd..][..hd];
-                    for (o, a) in o.iter_mut().zip(&acc) {
-                        *o = a / sum;
-                    }
+                for row in s.chunks_exact_mut(len) {
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    row.iter_mut().for_each(|v| *v = exp(*v - max));
+                    let inv = 1.0 / row.iter().sum::<f32>();
+                    row.iter_mut().for_each(|v| *v *= inv);
+                }
+                unsafe {
+                    // O_h = P V_h, written into the head's columns of ctx
+                    let o = &mut out[h * hd..];
+                    matmul(len, hd, len, o, d as isize, &s, (len_i, 1), v, (ld, 1), 1.0);
                 }
             }
         });
@@ -361,6 +354,47 @@ fn linear(x: &[f32], w: &Dense, y: &mut [f32], residual: Option<&[f32]>) {
             par,
         )
     }
+}
+
+/// dst (m, n) = β · lhs (m, k) · rhs (k, n) on one thread; `dst` has row
+/// stride `dst_rs`, lhs and rhs are (row, column) strided.
+///
+/// Safety: every element addressed by the sizes and strides must lie inside
+/// the slice given for it.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: isize,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (isize, isize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (isize, isize),
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        dst_rs,
+        false,
+        lhs.as_ptr(),
+        lhs_cs,
+        lhs_rs,
+        rhs.as_ptr(),
+        rhs_cs,
+        rhs_rs,
+        0.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
 }
 
 /// Apply `f` to each row of width `n`, rows split over the rayon pool.

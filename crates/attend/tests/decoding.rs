@@ -36,6 +36,65 @@ fn decoder_kv_cache_equals_full_recomputation() {
     }
 }
 
+/// The KV cache writes into buffers with spare room; a cloned state must not
+/// share them, or two branches would overwrite each other's next keys.
+#[test]
+fn cloned_decode_states_branch_independently() {
+    let cfg = tiny(Shape::Decoder);
+    let (model, _) = build(&cfg, 5, DType::F32);
+    let ids = random_ids(&mut rng(6), 1, 9, cfg.vocab_size);
+    let mut a = model.new_state(None).unwrap();
+    // prefill 5, one step: the buffers now have room for 10
+    model.step(&ids.narrow(1, 0, 5).unwrap(), &mut a).unwrap();
+    model.step(&ids.narrow(1, 5, 1).unwrap(), &mut a).unwrap();
+    let mut b = a.clone();
+    // branch a continues with ids[6..9], branch b with each of them + 1
+    let tail: Vec<u32> = ids
+        .narrow(1, 6, 3)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let other: Vec<u32> = tail
+        .iter()
+        .map(|t| (t + 1) % cfg.vocab_size as u32)
+        .collect();
+    let prefix: Vec<u32> = ids
+        .narrow(1, 0, 6)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (mut la, mut lb) = (vec![], vec![]);
+    for i in 0..3 {
+        let step = |tok: u32, st: &mut attend::cache::DecodeState| {
+            model
+                .step(&Tensor::new(&[[tok]], &Device::Cpu).unwrap(), st)
+                .unwrap()
+        };
+        // interleaved, so a shared buffer would be overwritten in between
+        la.push(step(tail[i], &mut a));
+        lb.push(step(other[i], &mut b));
+    }
+    for (branch, logits) in [(&tail, &la), (&other, &lb)] {
+        let seq: Vec<u32> = prefix.iter().chain(branch.iter()).copied().collect();
+        let full = model
+            .decode(
+                &Tensor::new(&seq[..], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                None,
+            )
+            .unwrap();
+        let inc = Tensor::cat(logits, 1).unwrap();
+        let diff = max_abs_diff(&full.narrow(1, 6, 3).unwrap(), &inc);
+        assert!(diff < 1e-4, "branch {branch:?}: {diff}");
+    }
+}
+
 #[test]
 fn encoder_decoder_kv_cache_equals_full_recomputation() {
     for cfg in variants(Shape::EncoderDecoder) {
@@ -348,4 +407,64 @@ fn describe(cfg: &attend::ModelConfig) -> String {
         cfg.position,
         cfg.kv_heads()
     )
+}
+
+/// A decode state holds values, not autograd graphs: were a recurrent state
+/// S_t to track the op that made it, it would keep S_{t-1}, S_{t-2}, … (and
+/// every step's activations) alive, and decoding would leak memory linearly
+/// (it did: ~1.5 MB a step for BASED). Backward from each state tensor must
+/// reach no parameter.
+#[test]
+fn decode_states_keep_no_autograd_graph() {
+    use attend::attention::MixerState;
+    for spec in [
+        "softmax",
+        "window:w=4",
+        "linear:map=taylor,dim=4",
+        "decay",
+        "gla",
+        "based:dim=4,w=4",
+    ] {
+        let cfg = attend::config::ModelConfig {
+            mechanism: spec.parse().unwrap(),
+            ..tiny(Shape::Decoder)
+        };
+        let (model, store) = build(&cfg, 7, DType::F32);
+        let ids = random_ids(&mut rng(8), 1, 9, cfg.vocab_size);
+        let mut state = model.new_state(None).unwrap();
+        model
+            .step(&ids.narrow(1, 0, 5).unwrap(), &mut state)
+            .unwrap();
+        for t in 5..9 {
+            model
+                .step(&ids.narrow(1, t, 1).unwrap(), &mut state)
+                .unwrap();
+        }
+        let mut held = vec![];
+        for layer in &state.layers {
+            match &layer.mixer {
+                MixerState::Kv(c) => held.extend([c.keys(), c.values()]),
+                MixerState::Window(w) => held.extend([w.k.clone(), w.v.clone()]),
+                MixerState::Recurrent(r) => held.push(r.s.clone()),
+                MixerState::Based(b) => held.extend([
+                    b.conv.buf.clone(),
+                    b.linear.s.clone(),
+                    b.window.k.clone(),
+                    b.window.v.clone(),
+                ]),
+                MixerState::Policy(_) => unreachable!("no policy here"),
+            }
+        }
+        let held: Vec<Tensor> = held.into_iter().flatten().collect();
+        assert!(!held.is_empty(), "{spec}: a state was kept");
+        for t in held {
+            let grads = t.sum_all().unwrap().backward().unwrap();
+            for (name, v) in store.vars() {
+                assert!(
+                    grads.get(v.as_tensor()).is_none(),
+                    "{spec}: the decode state still depends on `{name}` through autograd"
+                );
+            }
+        }
+    }
 }

@@ -93,7 +93,7 @@ impl ShortConv {
             y = (y + xp.narrow(1, j, t)?.broadcast_mul(&w)?)?;
         }
         if let (Some(s), true) = (state, kernel > 1) {
-            s.buf = Some(xp.narrow(1, t, kernel - 1)?.contiguous()?);
+            s.buf = Some(xp.narrow(1, t, kernel - 1)?.contiguous()?.detach());
         }
         Ok(y)
     }

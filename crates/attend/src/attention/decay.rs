@@ -135,7 +135,7 @@ impl DecayAttention {
             outs.push(unfold_heads(&o, h)?);
         }
         if let Some(st) = state {
-            st.s = s;
+            st.s = s.map(|s| s.detach()); // a decode state keeps no autograd graph
         }
         head_rms_norm(&Tensor::cat(&outs, 2)?)
     }
@@ -161,7 +161,7 @@ impl DecayAttention {
         };
         let q = (q * (1.0 / (dk as f64).sqrt()))?;
         let o = unfold_heads(&fold_heads(&q, h_kv)?.matmul(&s)?, h)?;
-        state.s = Some(s);
+        state.s = Some(s.detach()); // else each step's S would keep all earlier ones alive
         head_rms_norm(&o)
     }
 }

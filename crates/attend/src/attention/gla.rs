@@ -156,7 +156,7 @@ impl Gla {
             .reshape((b, h, n * l, dv))?
             .narrow(2, 0, t)?;
         if let Some(st) = state {
-            st.s = Some(s.reshape((b, h_kv, dk, dv))?);
+            st.s = Some(s.reshape((b, h_kv, dk, dv))?.detach()); // no autograd graph in a decode state
         }
         head_rms_norm(&o)
     }
@@ -180,7 +180,7 @@ impl Gla {
         };
         let q = (q * (1.0 / (dk as f64).sqrt()))?;
         let o = unfold_heads(&fold_heads(&q, h_kv)?.matmul(&s)?, h)?;
-        state.s = Some(s);
+        state.s = Some(s.detach()); // else each step's S would keep all earlier ones alive
         head_rms_norm(&o)
     }
 }

@@ -265,7 +265,7 @@ impl LinearAttention {
             outs.push(unfold_heads(&o, h)?);
         }
         if let Some(st) = state {
-            st.s = s;
+            st.s = s.map(|s| s.detach()); // a decode state keeps no autograd graph
         }
         normalize(&Tensor::cat(&outs, 2)?)
     }
@@ -314,7 +314,7 @@ pub(crate) fn normalized_step(
         None => ds,
     };
     let o = unfold_heads(&fold_heads(fq, h_kv)?.matmul(&s)?, h)?;
-    state.s = Some(s);
+    state.s = Some(s.detach()); // else each step's S would keep all earlier ones alive
     normalize(&o)
 }
 

@@ -128,7 +128,7 @@ impl MixerState {
     /// The device of the state's tensors (None while empty).
     pub fn device(&self) -> Option<Device> {
         let t = match self {
-            MixerState::Kv(c) => c.k.as_ref(),
+            MixerState::Kv(c) => return c.keys().map(|k| k.device().clone()),
             MixerState::Window(c) => c.k.as_ref(),
             MixerState::Recurrent(s) => s.s.as_ref(),
             MixerState::Based(s) => s.linear.s.as_ref().or(s.conv.buf.as_ref()),

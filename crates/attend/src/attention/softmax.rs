@@ -131,39 +131,92 @@ pub fn naive(
     out
 }
 
-/// The decode state of softmax attention: every past key and value.
-#[derive(Clone, Debug, Default)]
+/// The decode state of softmax attention: every past key and value, in
+/// buffers with room to grow (capacity doubles when full), written in place
+/// with `slice_set`; a step copies only its own keys and values, not the
+/// whole cache. `Clone` copies the held part, so clones never share the
+/// buffers they write into.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    pub k: Option<Tensor>, // (b, h_kv, t, d)
-    pub v: Option<Tensor>, // (b, h_kv, t, d)
+    k: Option<Tensor>, // (b, h_kv, capacity, d)
+    v: Option<Tensor>, // (b, h_kv, capacity, d_v)
+    len: usize,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        let held = |t: &Option<Tensor>| {
+            t.as_ref()
+                .map(|t| t.narrow(2, 0, self.len).and_then(|t| t.copy()))
+                .transpose()
+                .expect("narrowing a cache to its length")
+        };
+        Self {
+            k: held(&self.k),
+            v: held(&self.v),
+            len: self.len,
+        }
+    }
+}
+
+/// `x` (b, h, t, d) written at position `at` of `buf` (b, h, cap, d), into a
+/// buffer twice as large (or just large enough) when it does not fit.
+fn write_at(buf: Option<Tensor>, x: &Tensor, at: usize) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let buf = match buf {
+        Some(buf) if buf.dim(2)? >= at + t => buf,
+        old => {
+            let cap = old.as_ref().map_or(0, |o| o.dim(2).unwrap_or(0));
+            let grown = Tensor::zeros((b, h, (2 * cap).max(at + t), d), x.dtype(), x.device())?;
+            if let Some(old) = old {
+                grown.slice_set(&old.narrow(2, 0, at)?.contiguous()?, 2, 0)?;
+            }
+            grown
+        }
+    };
+    buf.slice_set(&x.contiguous()?, 2, at)?;
+    Ok(buf)
 }
 
 impl KvCache {
-    /// Append k/v (b, h_kv, t_new, d); returns the whole cache.
+    /// Append k/v (b, h_kv, t_new, d); returns the whole cache (views of
+    /// its buffers, (b, h_kv, t, d)).
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match (&self.k, &self.v) {
-            (Some(pk), Some(pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
-            _ => (k.contiguous()?, v.contiguous()?),
-        };
-        self.k = Some(k.clone());
-        self.v = Some(v.clone());
-        Ok((k, v))
+        let t_new = k.dim(2)?;
+        self.k = Some(write_at(self.k.take(), k, self.len)?);
+        self.v = Some(write_at(self.v.take(), v, self.len)?);
+        self.len += t_new;
+        Ok((self.keys().unwrap(), self.values().unwrap()))
+    }
+
+    /// Keys held: (b, h_kv, t, d).
+    pub fn keys(&self) -> Option<Tensor> {
+        self.k.as_ref().and_then(|k| k.narrow(2, 0, self.len).ok())
+    }
+
+    /// Values held: (b, h_kv, t, d_v).
+    pub fn values(&self) -> Option<Tensor> {
+        self.v.as_ref().and_then(|v| v.narrow(2, 0, self.len).ok())
     }
 
     pub fn len(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dims()[2])
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
-    /// Bytes held in the cache's buffers.
+    /// Bytes of the keys and values held (the mechanism's state; the
+    /// buffers' spare capacity, under 2×, is not counted).
     pub fn state_bytes(&self) -> usize {
         [&self.k, &self.v]
             .iter()
             .filter_map(|t| t.as_ref())
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .map(|t| {
+                let per_position = t.elem_count() / t.dim(2).unwrap_or(1).max(1);
+                per_position * self.len * t.dtype().size_in_bytes()
+            })
             .sum()
     }
 

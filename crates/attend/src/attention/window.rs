@@ -103,9 +103,11 @@ impl WindowCache {
         let idx = Tensor::new(idx.as_slice(), k.device())?;
         let ring = |x: &Tensor| -> Result<Tensor> {
             let zero = Tensor::zeros((b, h_kv, 1, x.dim(3)?), x.dtype(), x.device())?;
+            // detached: a decode state keeps no autograd graph
             Ok(Tensor::cat(&[x, &zero], 2)?
                 .index_select(&idx, 2)?
-                .contiguous()?)
+                .contiguous()?
+                .detach())
         };
         self.k = Some(ring(k)?);
         self.v = Some(ring(v)?);

@@ -367,7 +367,11 @@ impl Transformer {
                 Ok(LayerState {
                     mixer: b.self_attn.new_state(),
                     cross_kv: match (&b.cross_attn, memory) {
-                        (Some(attn), Some(m)) => Some(attn.memory_kv(&m.hidden)?),
+                        // detached: the state keeps values, not the encoder's graph
+                        (Some(attn), Some(m)) => {
+                            let (k, v) = attn.memory_kv(&m.hidden)?;
+                            Some((k.detach(), v.detach()))
+                        }
                         (Some(_), None) => {
                             return Err(Error::msg(
                                 "encoder–decoder decoding needs the encoder memory",

@@ -198,8 +198,18 @@ fn fused_encoder_rejects_what_it_does_not_compute() {
     assert!(FusedEncoder::from_model(&swiglu).is_none(), "SwiGLU");
     let (dec, _) = common::build(&common::tiny(Shape::Decoder), 4, candle_core::DType::F32);
     assert!(FusedEncoder::from_model(&dec).is_none(), "a decoder");
-    // bad input: one line, no panic
+    // an empty sequence contributes no rows; the others are unaffected
     let f = FusedEncoder::from_model(&bert).unwrap();
+    let alone = f.encode(&[&[1, 2, 3]]).unwrap();
+    let with_empty = f.encode(&[&[], &[1, 2, 3], &[]]).unwrap();
+    assert_eq!(alone.len(), with_empty.len());
+    let diff = alone
+        .iter()
+        .zip(&with_empty)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff < 1e-6, "{diff}");
+    assert!(f.encode(&[]).unwrap().is_empty());
+    // bad input: one line, no panic
     let err = f.encode(&[&[1, 2, 99]]).unwrap_err().to_string();
     assert!(err.contains("token id 99"), "{err}");
     let long = vec![1u32; 41];

@@ -269,6 +269,9 @@ impl FusedEncoder {
             start += len;
         }
         tasks.into_par_iter().for_each(|(start, len, out)| {
+            if len == 0 {
+                return;
+            }
             let rows = &qkv[start * 3 * d..(start + len) * 3 * d];
             let (ld, len_i) = (3 * d as isize, len as isize);
             // scores, then probabilities: (len, len)
@@ -306,7 +309,7 @@ impl FusedEncoder {
 fn linear(x: &[f32], w: &Dense, y: &mut [f32], residual: Option<&[f32]>) {
     let (k, n) = (w.d_in, w.d_out);
     let m = x.len() / k;
-    debug_assert_eq!(y.len(), m * n);
+    assert!(x.len() == m * k && y.len() == m * n && w.wt.len() == k * n);
     match residual {
         Some(r) => y
             .chunks_exact_mut(n)

@@ -273,7 +273,7 @@ impl Linear {
             Weight::Q(m) => m.matmul(&x2)?,
         };
         let y = match &self.b {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => crate::kernels::add_rows(&y, b)?,
             None => y,
         };
         let mut out = dims;

@@ -52,9 +52,9 @@ impl Norm {
             NormKind::Layernorm => crate::kernels::layer_normalize(x, self.eps)?,
             NormKind::Rmsnorm => crate::kernels::rms_normalize(x, self.eps)?,
         };
-        let x = x.broadcast_mul(&self.weight)?;
+        let x = crate::kernels::mul_rows(&x, &self.weight)?;
         Ok(match &self.bias {
-            Some(b) => x.broadcast_add(b)?,
+            Some(b) => crate::kernels::add_rows(&x, b)?,
             None => x,
         })
     }

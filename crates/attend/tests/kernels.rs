@@ -150,3 +150,57 @@ fn polynomial_exp_and_gelu_match_libm() {
     assert!(exp(-200.0) >= 0.0 && exp(-200.0) < 1e-37);
     assert!(exp(200.0).is_finite());
 }
+
+/// add_rows / mul_rows against candle's broadcast ops: values, and the
+/// gradients of both inputs (x and the broadcast parameter), for a 1-d
+/// parameter over 3-d input and a 2-d one (a position table) over 3-d.
+#[test]
+fn broadcast_over_rows_matches_candle() {
+    type Op = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
+    let ops: [(&str, Op, Op); 2] = [
+        ("add", kernels::add_rows, |x, p| x.broadcast_add(p)),
+        ("mul", kernels::mul_rows, |x, p| x.broadcast_mul(p)),
+    ];
+    for (name, fused, composed) in ops {
+        for p_shape in [vec![48usize], vec![13, 48]] {
+            for dtype in [DType::F32, DType::F64] {
+                let r = |shape: &[usize]| {
+                    Var::from_tensor(
+                        &Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap(),
+                    )
+                    .unwrap()
+                };
+                let (x, p) = (r(&[5, 13, 48]), r(&p_shape));
+                let w = r(&[5, 13, 48]);
+                let yf = fused(x.as_tensor(), p.as_tensor()).unwrap();
+                let yc = composed(x.as_tensor(), p.as_tensor()).unwrap();
+                let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+                assert!(
+                    max_diff(&yf, &yc) < tol,
+                    "{name} {p_shape:?} {dtype:?} values"
+                );
+                let loss = |y: Tensor| (y * w.as_tensor()).unwrap().sum_all().unwrap();
+                let (gf, gc) = (loss(yf).backward().unwrap(), loss(yc).backward().unwrap());
+                for (which, v) in [("x", &x), ("p", &p)] {
+                    let (a, b) = (
+                        gf.get(v.as_tensor()).unwrap(),
+                        gc.get(v.as_tensor()).unwrap(),
+                    );
+                    assert_eq!(a.dims(), b.dims());
+                    assert!(
+                        max_diff(a, b) < tol * 10.0,
+                        "{name} {p_shape:?} {dtype:?} grad of {which}: {}",
+                        max_diff(a, b)
+                    );
+                }
+            }
+        }
+    }
+    // a parameter that is not the tail of x's shape is refused, not broadcast
+    let x = Tensor::zeros((4, 6), DType::F32, &Device::Cpu).unwrap();
+    let p = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+    assert!(kernels::add_rows(&x, &p).is_err());
+}

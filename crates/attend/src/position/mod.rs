@@ -55,7 +55,7 @@ impl Additive {
                         offset + t
                     )));
                 }
-                Ok(x.broadcast_add(&table.narrow(0, offset, t)?)?)
+                Ok(crate::kernels::add_rows(x, &table.narrow(0, offset, t)?)?)
             }
         }
     }

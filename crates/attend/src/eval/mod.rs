@@ -48,6 +48,9 @@ impl Default for EvalOptions {
     }
 }
 
+/// Tokens per forward pass when scoring a language-model task.
+const EVAL_TOKENS: usize = 4096;
+
 pub fn evaluate(model: &Transformer, task: &Task, opts: &EvalOptions) -> Result<Metrics> {
     model.set_train_seed(None);
     let examples = task.eval_set();
@@ -95,7 +98,16 @@ pub fn evaluate(model: &Transformer, task: &Task, opts: &EvalOptions) -> Result<
         }
         TaskConfig::Mqar(_) | TaskConfig::Text(_) => {
             let (mut correct, mut counted, mut nll) = (0f64, 0f64, 0f64);
-            for chunk in examples.chunks(opts.batch_size.max(1)) {
+            // The parameters are Vars, so a forward pass keeps every
+            // activation alive (autograd) until its logits are dropped: cap a
+            // chunk at EVAL_TOKENS tokens (200 text windows at once peaked
+            // at 3.6 GB).
+            let len = match examples.first() {
+                Some(Example::Lm { input, .. }) => input.len().max(1),
+                _ => 1,
+            };
+            let rows = (EVAL_TOKENS / len).clamp(1, opts.batch_size.max(1));
+            for chunk in examples.chunks(rows) {
                 let Batch::Lm {
                     input,
                     target,

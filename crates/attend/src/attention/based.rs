@@ -83,15 +83,18 @@ impl ShortConv {
             Some(prev) => Tensor::cat(&[&prev, &x], 1)?,
             None => x.pad_with_zeros(1, kernel - 1, 0)?,
         }; // (b, K - 1 + t, d)
-        let mut y = self
-            .bias
-            .reshape((1, 1, d))?
-            .broadcast_as((b, t, d))?
-            .contiguous()?;
+           // Σ_j x_{t-K+1+j} ⊙ w_j + bias, the per-channel taps broadcast over
+           // rows (`kernels::mul_rows`: a row-sum backward, not candle's)
+        let mut y: Option<Tensor> = None;
         for j in 0..kernel {
-            let w = self.weight.narrow(1, j, 1)?.reshape((1, 1, d))?;
-            y = (y + xp.narrow(1, j, t)?.broadcast_mul(&w)?)?;
+            let w = self.weight.narrow(1, j, 1)?.reshape(d)?;
+            let term = crate::kernels::mul_rows(&xp.narrow(1, j, t)?, &w)?;
+            y = Some(match y {
+                Some(y) => (y + term)?,
+                None => term,
+            });
         }
+        let y = crate::kernels::add_rows(&y.expect("kernel >= 1"), &self.bias)?;
         if let (Some(s), true) = (state, kernel > 1) {
             s.buf = Some(xp.narrow(1, t, kernel - 1)?.contiguous()?.detach());
         }

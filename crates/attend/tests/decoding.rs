@@ -95,29 +95,39 @@ fn cloned_decode_states_branch_independently() {
     }
 }
 
+/// An encoder–decoder built from `cfg` over a padded source batch (2 × 9, the
+/// second padded after 6): its model, encoder memory, and the largest
+/// difference between full decoding and 7 single steps on the KV cache.
+fn enc_dec_step_diff(
+    cfg: &attend::config::ModelConfig,
+) -> (attend::Transformer, attend::model::Memory, f64) {
+    let (model, _) = build(cfg, 3, DType::F32);
+    let mut r = rng(4);
+    let src = random_ids(&mut r, 2, 9, cfg.vocab_size);
+    let pad = Tensor::new(
+        &[[1f32; 9], [1., 1., 1., 1., 1., 1., 0., 0., 0.]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let memory = model.encode(&src, Some(&pad)).unwrap();
+    let tgt = random_ids(&mut r, 2, 7, cfg.vocab_size);
+    let full = model.decode(&tgt, Some(&memory)).unwrap();
+    let mut state = model.new_state(Some(&memory)).unwrap();
+    let parts: Vec<Tensor> = (0..7)
+        .map(|t| {
+            model
+                .step(&tgt.narrow(1, t, 1).unwrap(), &mut state)
+                .unwrap()
+        })
+        .collect();
+    let diff = max_abs_diff(&full, &Tensor::cat(&parts, 1).unwrap());
+    (model, memory, diff)
+}
+
 #[test]
 fn encoder_decoder_kv_cache_equals_full_recomputation() {
     for cfg in variants(Shape::EncoderDecoder) {
-        let (model, _) = build(&cfg, 3, DType::F32);
-        let mut r = rng(4);
-        let src = random_ids(&mut r, 2, 9, cfg.vocab_size);
-        let pad = Tensor::new(
-            &[[1f32; 9], [1., 1., 1., 1., 1., 1., 0., 0., 0.]],
-            &Device::Cpu,
-        )
-        .unwrap();
-        let memory = model.encode(&src, Some(&pad)).unwrap();
-        let tgt = random_ids(&mut r, 2, 7, cfg.vocab_size);
-        let full = model.decode(&tgt, Some(&memory)).unwrap();
-        let mut state = model.new_state(Some(&memory)).unwrap();
-        let parts: Vec<Tensor> = (0..7)
-            .map(|t| {
-                model
-                    .step(&tgt.narrow(1, t, 1).unwrap(), &mut state)
-                    .unwrap()
-            })
-            .collect();
-        let diff = max_abs_diff(&full, &Tensor::cat(&parts, 1).unwrap());
+        let (_, _, diff) = enc_dec_step_diff(&cfg);
         assert!(diff < 1e-4, "{cfg:?}: {diff}");
     }
 }
@@ -306,26 +316,7 @@ fn every_mechanism_decodes_like_full_recomputation() {
 #[test]
 fn every_mechanism_in_an_encoder_decoder_decodes_like_full_recomputation() {
     for cfg in mechanism_variants(Shape::EncoderDecoder) {
-        let (model, _) = build(&cfg, 3, DType::F32);
-        let mut r = rng(4);
-        let src = random_ids(&mut r, 2, 9, cfg.vocab_size);
-        let pad = Tensor::new(
-            &[[1f32; 9], [1., 1., 1., 1., 1., 1., 0., 0., 0.]],
-            &Device::Cpu,
-        )
-        .unwrap();
-        let memory = model.encode(&src, Some(&pad)).unwrap();
-        let tgt = random_ids(&mut r, 2, 7, cfg.vocab_size);
-        let full = model.decode(&tgt, Some(&memory)).unwrap();
-        let mut state = model.new_state(Some(&memory)).unwrap();
-        let parts: Vec<Tensor> = (0..7)
-            .map(|t| {
-                model
-                    .step(&tgt.narrow(1, t, 1).unwrap(), &mut state)
-                    .unwrap()
-            })
-            .collect();
-        let diff = max_abs_diff(&full, &Tensor::cat(&parts, 1).unwrap());
+        let (model, memory, diff) = enc_dec_step_diff(&cfg);
         assert!(diff < 1e-4, "{}: {diff}", describe(&cfg));
         // beam search reorders every kind of state
         let one = attend::model::Memory {

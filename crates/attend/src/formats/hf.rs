@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::kernels::encoder::FusedEncoder;
 use crate::nn::ParamStore;
 use crate::Transformer;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -263,15 +263,18 @@ impl Embedder {
             }
             let ids = Tensor::from_vec(ids, (chunk.len(), len), &dev)?;
             let mask = Tensor::from_vec(mask, (chunk.len(), len), &dev)?;
-            let pooled = self.pool(&self.model.encode(&ids, Some(&mask))?.hidden, &mask)?;
+            let hidden = self.model.encode(&ids, Some(&mask))?.hidden;
             for (row, &i) in chunk.iter().enumerate() {
-                out[i] = pooled.get(row)?.to_vec1::<f32>()?;
+                let real = hidden.get(row)?.narrow(0, 0, encoded[i].len())?;
+                let rows = real.flatten_all()?.to_vec1::<f32>()?;
+                out[i] = self.pool_rows(&rows, hidden.dim(2)?);
             }
         }
         Ok(out)
     }
 
-    /// `pool` on one sequence's packed rows: rows (len, d) -> (d)
+    /// sentence-transformers pooling of one sequence's rows: the mean over
+    /// its tokens, then (if configured) L2 normalisation. rows (len, d) -> (d)
     fn pool_rows(&self, rows: &[f32], d: usize) -> Vec<f32> {
         let n = rows.len() / d;
         let mut mean = vec![0f32; d];
@@ -285,23 +288,5 @@ impl Embedder {
             mean.iter_mut().for_each(|m| *m /= norm);
         }
         mean
-    }
-
-    /// Mean over real tokens, then L2 normalisation.
-    /// hidden (b, s, d), mask (b, s) -> (b, d)
-    fn pool(&self, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let m = mask.unsqueeze(2)?;
-        let sum = hidden.broadcast_mul(&m)?.sum(1)?;
-        let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
-        let mean = sum.broadcast_div(&count)?;
-        if !self.normalize {
-            return Ok(mean);
-        }
-        let norm = mean
-            .sqr()?
-            .sum_keepdim(D::Minus1)?
-            .sqrt()?
-            .clamp(1e-12, f64::MAX)?;
-        Ok(mean.broadcast_div(&norm)?)
     }
 }

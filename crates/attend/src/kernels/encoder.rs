@@ -408,11 +408,13 @@ fn par_rows(x: &mut [f32], n: usize, f: impl Fn(&mut [f32]) + Sync) {
 
 /// In place, per row: (x - mean) / sqrt(var + eps) * gain + bias.
 fn layer_norm_rows(x: &mut [f32], n: &Ln, eps: f32) {
-    let d = n.gain.len();
-    par_rows(x, d, |row| {
-        let mean = row.iter().sum::<f32>() / d as f32;
-        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-        let inv = 1.0 / (var + eps).sqrt();
+    // the row statistics of the LayerNorm kernel the composed path runs
+    let stats = super::Normalize {
+        center: true,
+        eps: eps as f64,
+    };
+    par_rows(x, n.gain.len(), |row| {
+        let (mean, inv) = stats.stats(row);
         for ((v, g), b) in row.iter_mut().zip(&n.gain).zip(&n.bias) {
             *v = (*v - mean) * inv * g + b;
         }

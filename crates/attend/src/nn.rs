@@ -7,8 +7,8 @@
 //! seed always builds the same model.
 
 use crate::error::{Error, Result};
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
@@ -210,12 +210,10 @@ impl<'a> Builder<'a> {
                         q.shape().dims()
                     )));
                 }
-                // Q4_1 and Q8_0 run on attend's own kernel; other types on candle's
-                if let Some(m) = crate::kernels::quant::QMatrix::from_qtensor(&q)? {
-                    return Ok(Some(Weight::Q(Arc::new(m))));
-                }
-                let qm = QMatMul::from_arc(q)?;
-                Ok(Some(Weight::Quantized(Arc::new(qm))))
+                // every GGUF type runs on attend's kernels (`kernels::quant`)
+                let m = crate::kernels::quant::QMatrix::from_qtensor(&q)
+                    .map_err(|e| Error::msg(format!("weight `{full}`: {e}")))?;
+                Ok(Some(Weight::Q(Arc::new(m))))
             }
         }
     }
@@ -234,9 +232,8 @@ impl<'a> Builder<'a> {
 pub enum Weight {
     /// (out, in), as in PyTorch.
     Dense(Tensor),
-    /// Any GGUF type candle supports, through candle's quantized matmul.
-    Quantized(Arc<QMatMul>),
-    /// Q4_1 and Q8_0 through `kernels::quant` (AVX2).
+    /// A GGUF weight (any quantized or float type), repacked for
+    /// `kernels::quant` (inference only).
     Q(Arc<crate::kernels::quant::QMatrix>),
 }
 
@@ -269,7 +266,6 @@ impl Linear {
         let x2 = x.reshape((rows, d_in))?;
         let y = match &self.w {
             Weight::Dense(w) => x2.matmul(&w.t()?)?,
-            Weight::Quantized(q) => q.forward(&x2)?,
             Weight::Q(m) => m.matmul(&x2)?,
         };
         let y = match &self.b {

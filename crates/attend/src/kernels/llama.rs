@@ -17,7 +17,7 @@
 use crate::cache::policy::{KvPolicy, PolicyCache, RopeTables};
 use crate::config::{FfnKind, MechanismConfig, NormKind, NormPosition, PositionKind, Shape};
 use crate::error::{Error, Result};
-use crate::kernels::quant::{matmul_many, Q8Rows, QMatrix};
+use crate::kernels::quant::{matmul_many, Activations, QMatrix};
 use crate::kernels::{axpy, dot};
 use crate::model::Transformer;
 use crate::nn::Weight;
@@ -232,7 +232,7 @@ impl FusedDecoder {
         for (l, w) in self.layers.iter().enumerate() {
             // x + W_o attention(RoPE(W_q h), RoPE(W_k h), W_v h), h = RMSNorm(x)
             rms_norm(&x, &w.ln_1, self.eps, d, &mut hbuf);
-            let hq = Q8Rows::quantize(&hbuf, t, d);
+            let hq = Activations::new(&hbuf, t, d);
             matmul_many(
                 &hq,
                 &mut [(&w.wq, &mut q), (&w.wk, &mut k), (&w.wv, &mut v)],
@@ -263,17 +263,17 @@ impl FusedDecoder {
                 vc.extend_from_slice(&v);
                 self.attention(&q, kc, vc, pos0, &mut att);
             }
-            let aq = Q8Rows::quantize(&att, t, qd);
+            let aq = Activations::new(&att, t, qd);
             matmul_many(&aq, &mut [(&w.wo, &mut o)]);
             add(&mut x, &o);
             // x + W_2 (silu(W_1 h) ⊙ W_3 h), h = RMSNorm(x)
             rms_norm(&x, &w.ln_2, self.eps, d, &mut hbuf);
-            let hq = Q8Rows::quantize(&hbuf, t, d);
+            let hq = Activations::new(&hbuf, t, d);
             matmul_many(&hq, &mut [(&w.w1, &mut g), (&w.w3, &mut u)]);
             for (a, &b) in g.iter_mut().zip(&u) {
                 *a = *a / (1.0 + (-*a).exp()) * b;
             }
-            let gq = Q8Rows::quantize(&g, t, self.d_ff);
+            let gq = Activations::new(&g, t, self.d_ff);
             matmul_many(&gq, &mut [(&w.w2, &mut o)]);
             add(&mut x, &o);
         }

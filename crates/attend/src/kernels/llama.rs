@@ -293,8 +293,13 @@ impl FusedDecoder {
 
     /// Causal grouped-query softmax attention of the t new queries
     /// q (t, h, hd) at positions pos0.. over the cache k/v (pos0 + t, h_kv, hd)
-    /// -> out (t, h, hd). One task per (query, head).
+    /// -> out (t, h, hd). A prefill runs as GEMMs per (head, block of
+    /// queries) (`kernels::attention`); a few queries, one task per (query, head).
     fn attention(&self, q: &[f32], k: &[f32], v: &[f32], pos0: usize, out: &mut [f32]) {
+        if q.len() >= 16 * self.h * self.hd {
+            let dims = (self.h, self.h_kv, self.hd);
+            return super::attention::causal_prefill(q, k, v, dims, pos0, out);
+        }
         let (h, h_kv, hd) = (self.h, self.h_kv, self.hd);
         let group = h / h_kv;
         let scale = 1.0 / (hd as f32).sqrt();

@@ -6,6 +6,7 @@
 //! Every kernel is tested against its composed form (values and gradients)
 //! in `tests/kernels.rs`.
 
+pub mod attention;
 pub mod encoder;
 pub mod llama;
 pub mod quant;

@@ -103,6 +103,12 @@ pub fn variants(shape: Shape) -> Vec<ModelConfig> {
 /// A small Llama-shaped decoder whose projections are Q4_1 (the output
 /// projection Q8_0, tied as in GGUF), from a seeded dense initialisation.
 pub fn quantized_llama(interleaved: bool, seed: u64) -> Transformer {
+    llama_in(interleaved, seed, GgmlDType::Q4_1, GgmlDType::Q8_0)
+}
+
+/// As `quantized_llama`, with the projections in `proj` and the tied
+/// output projection in `head` (GGUF weight types, F32 included).
+pub fn llama_in(interleaved: bool, seed: u64, proj: GgmlDType, head: GgmlDType) -> Transformer {
     let cfg = ModelConfig {
         shape: Shape::Decoder,
         d_model: 64,
@@ -139,10 +145,10 @@ pub fn quantized_llama(interleaved: bool, seed: u64) -> Transformer {
             t
         };
         if name == "embed.weight" {
-            store.insert_quantized(&name, QTensor::quantize(&t, GgmlDType::Q8_0).unwrap());
+            store.insert_quantized(&name, QTensor::quantize(&t, head).unwrap());
             plain.insert(name, t);
         } else if t.rank() == 2 {
-            store.insert_quantized(&name, QTensor::quantize(&t, GgmlDType::Q4_1).unwrap());
+            store.insert_quantized(&name, QTensor::quantize(&t, proj).unwrap());
         } else {
             plain.insert(name, t);
         }

@@ -23,8 +23,8 @@ pub mod formats;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use formats::{Format, GROUP, TILE_K};
 use formats::Planes;
+pub use formats::{Format, GROUP, TILE_K};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -332,6 +332,11 @@ impl Q8Rows {
             .zip(q.s.par_chunks_mut(chunk))
             .zip(xs.par_chunks(32 * chunk))
             .for_each(|(((qs, d), s), xs)| {
+                #[cfg(target_arch = "x86_64")]
+                if Isa::best() == Isa::Avx512 {
+                    // Safety: the CPU has AVX-512 F/BW (Isa::best checked)
+                    return unsafe { x86::quantize_blocks(xs, qs, d, s) };
+                }
                 for (((qb, db), sb), xb) in qs
                     .chunks_exact_mut(32)
                     .zip(d.iter_mut())

@@ -147,6 +147,38 @@ fn rows_in(w: &QMatrix, g: usize) -> usize {
 
 // ---------------------------------------------------------------- AVX-512
 
+/// `quantize_block` over consecutive blocks of 32: the same arithmetic
+/// (d = amax / 127, p = round-to-even(x / d)), 16 lanes at a time.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn quantize_blocks(xs: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [[f32; 2]]) {
+    let abs = _mm512_set1_epi32(0x7FFF_FFFF);
+    for (b, (db, sb)) in d.iter_mut().zip(s.iter_mut()).enumerate() {
+        let x0 = _mm512_loadu_ps(xs.as_ptr().add(32 * b));
+        let x1 = _mm512_loadu_ps(xs.as_ptr().add(32 * b + 16));
+        let a = _mm512_max_ps(
+            _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x0), abs)),
+            _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x1), abs)),
+        );
+        let dd = _mm512_reduce_max_ps(a) / 127.0;
+        let inv = _mm512_set1_ps(if dd > 0.0 { 1.0 / dd } else { 0.0 });
+        let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv));
+        let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
+        _mm_storeu_si128(
+            qs.as_mut_ptr().add(32 * b) as *mut _,
+            _mm512_cvtsepi32_epi8(q0),
+        );
+        _mm_storeu_si128(
+            qs.as_mut_ptr().add(32 * b + 16) as *mut _,
+            _mm512_cvtsepi32_epi8(q1),
+        );
+        *db = dd;
+        *sb = [
+            dd * _mm512_reduce_add_epi32(q0) as f32,
+            dd * _mm512_reduce_add_epi32(q1) as f32,
+        ];
+    }
+}
+
 #[inline(always)]
 unsafe fn srl16(z: __m512i, n: u32) -> __m512i {
     _mm512_srl_epi16(z, _mm_cvtsi32_si128(n as i32))

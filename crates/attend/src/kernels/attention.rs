@@ -42,7 +42,6 @@ pub fn causal_prefill(
         .collect();
     let dst = SharedPtr(out.as_mut_ptr());
     tasks.par_iter().for_each(|&(head, i0)| {
-        let dst = dst;
         let (m, kv) = ((t - i0).min(QB), head / group);
         let n = pos0 + i0 + m; // keys the block's last query sees
         let mut s = vec![0f32; m * n];
@@ -73,7 +72,7 @@ pub fn causal_prefill(
         unsafe {
             gemm_strided(
                 (m, hd, n),
-                (dst.0.add((i0 * h + head) * hd), ld_q),
+                (dst.get().add((i0 * h + head) * hd), ld_q),
                 (s.as_ptr(), n as isize, 1),
                 (v.as_ptr().add(kv * hd), ld_kv, 1),
                 1.0,
@@ -100,6 +99,13 @@ struct SharedPtr(*mut f32);
 // Safety: the tasks given one write disjoint elements.
 unsafe impl Send for SharedPtr {}
 unsafe impl Sync for SharedPtr {}
+
+impl SharedPtr {
+    /// (A method, so that closures capture the wrapper, not the pointer.)
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// dst (m, n) = scale · lhs (m, k) · rhs (k, n) on this thread; each
 /// operand a pointer with its (row, column) strides (dst's columns are

@@ -1,4 +1,5 @@
-//! Softmax attention over plain f32 buffers: the causal prefill as GEMMs.
+//! Softmax attention over plain f32 buffers: the causal prefill as GEMMs,
+//! and decoding split along the keys (split-KV).
 //!
 //! Layouts are token-major, as the projections write them: queries
 //! q (t, h, hd), keys and values (n, h_kv, hd); query head `head` reads key
@@ -81,6 +82,115 @@ pub fn causal_prefill(
     });
 }
 
+/// Keys per task of the split-KV form.
+const KV_CHUNK: usize = 256;
+
+/// Causal attention of a few queries (decoding), split along the keys as in
+/// flash-decoding / Lean Attention: q (t, h, hd) at positions pos0.. over
+/// k, v (pos0 + t, h_kv, hd) -> out (t, h, hd).
+///
+/// Each task takes one (query, kv head, slice of ≤ 256 keys) and computes,
+/// for the query heads of the group, the slice's partial softmax statistics:
+/// its max m, Σ e^(s − m) and Σ e^(s − m) v. The slices are merged exactly:
+/// with M = max m_c, o = Σ_c e^(m_c − M) acc_c / Σ_c e^(m_c − M) l_c. So a
+/// long context's keys are shared by every core, and each key and value
+/// is read once per group, not once per query head.
+pub fn split_kv(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (h, h_kv, hd): (usize, usize, usize),
+    pos0: usize,
+    out: &mut [f32],
+) {
+    split_kv_chunked(q, k, v, (h, h_kv, hd), pos0, out, KV_CHUNK)
+}
+
+/// `split_kv` with slices of `chunk` keys (tests use small ones).
+pub fn split_kv_chunked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (h, h_kv, hd): (usize, usize, usize),
+    pos0: usize,
+    out: &mut [f32],
+    chunk: usize,
+) {
+    let t = q.len() / (h * hd);
+    assert!(
+        q.len() == t * h * hd && out.len() == q.len(),
+        "attention: q/out sizes"
+    );
+    assert!(
+        k.len() >= (pos0 + t) * h_kv * hd && v.len() >= (pos0 + t) * h_kv * hd,
+        "attention: the cache holds fewer than pos0 + t keys"
+    );
+    assert!(
+        h_kv > 0 && h.is_multiple_of(h_kv) && chunk > 0,
+        "attention: heads"
+    );
+    let g = h / h_kv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // (query, kv head, first key, end)
+    let mut tasks = vec![];
+    for i in 0..t {
+        let n = pos0 + i + 1;
+        for kv in 0..h_kv {
+            for j0 in (0..n).step_by(chunk) {
+                tasks.push((i, kv, j0, (j0 + chunk).min(n)));
+            }
+        }
+    }
+    // per task and query head of its group: (m, l, acc (hd))
+    let work = |&(i, kv, j0, j1): &(usize, usize, usize, usize)| {
+        let ld = h_kv * hd;
+        (0..g)
+            .map(|a| {
+                let qh = &q[(i * h + kv * g + a) * hd..][..hd];
+                let mut s: Vec<f32> = (j0..j1)
+                    .map(|j| super::dot(qh, &k[j * ld + kv * hd..][..hd]) * scale)
+                    .collect();
+                let m = s.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+                for x in s.iter_mut() {
+                    *x = super::encoder::exp(*x - m);
+                }
+                let mut acc = vec![0f32; hd];
+                for (j, &p) in (j0..j1).zip(&s) {
+                    super::axpy(&mut acc, p, &v[j * ld + kv * hd..][..hd]);
+                }
+                (m, sum(&s), acc)
+            })
+            .collect::<Vec<_>>()
+    };
+    // a step near the start of the context is too little work to share out
+    let parts: Vec<Vec<(f32, f32, Vec<f32>)>> = if t * (pos0 + t) * h * hd * 2 < 1 << 16 {
+        tasks.iter().map(work).collect()
+    } else {
+        tasks.par_iter().map(work).collect()
+    };
+    // merge the slices of each (query, head)
+    out.fill(0.0);
+    let mut stats = vec![(f32::NEG_INFINITY, 0f32); t * h];
+    for (&(i, kv, _, _), p) in tasks.iter().zip(&parts) {
+        for (a, (m, _, _)) in p.iter().enumerate() {
+            let st = &mut stats[i * h + kv * g + a];
+            st.0 = st.0.max(*m);
+        }
+    }
+    for (&(i, kv, _, _), p) in tasks.iter().zip(&parts) {
+        for (a, (m, l, acc)) in p.iter().enumerate() {
+            let at = i * h + kv * g + a;
+            let w = (m - stats[at].0).exp();
+            stats[at].1 += w * l;
+            super::axpy(&mut out[at * hd..][..hd], w, acc);
+        }
+    }
+    for (o, st) in out.chunks_exact_mut(hd).zip(&stats) {
+        let inv = 1.0 / st.1;
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
 /// Σ x with 16 independent accumulators (vectorises).
 fn sum(x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -141,4 +251,92 @@ unsafe fn gemm_strided(
         false,
         gemm::Parallelism::None,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The textbook form in f64: every query against every key it may see.
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (h, h_kv, hd): (usize, usize, usize),
+        pos0: usize,
+    ) -> Vec<f32> {
+        let t = q.len() / (h * hd);
+        let mut out = vec![0f32; q.len()];
+        for i in 0..t {
+            for head in 0..h {
+                let kv = head / (h / h_kv);
+                let qi = &q[(i * h + head) * hd..][..hd];
+                let s: Vec<f64> = (0..=pos0 + i)
+                    .map(|j| {
+                        let kj = &k[(j * h_kv + kv) * hd..][..hd];
+                        qi.iter()
+                            .zip(kj)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for c in 0..hd {
+                    out[(i * h + head) * hd + c] = s
+                        .iter()
+                        .enumerate()
+                        .map(|(j, x)| (x - m).exp() / z * v[(j * h_kv + kv) * hd + c] as f64)
+                        .sum::<f64>() as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    }
+
+    #[test]
+    fn split_kv_equals_unsplit_attention() {
+        // 3 query heads per kv head, contexts that don't divide the slices
+        let dims = (6, 2, 16);
+        for (pos0, t) in [(0, 1), (5, 1), (300, 1), (1000, 3), (77, 16)] {
+            let n = pos0 + t;
+            let q = random(t * 6 * 16, 1 + pos0 as u64);
+            let (k, v) = (random(n * 2 * 16, 2), random(n * 2 * 16, 3));
+            let want = naive(&q, &k, &v, dims, pos0);
+            for chunk in [1, 7, 64, 256, 100_000] {
+                let mut got = vec![f32::NAN; q.len()];
+                split_kv_chunked(&q, &k, &v, dims, pos0, &mut got, chunk);
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-5, "pos0 {pos0} t {t} chunk {chunk}: {d}");
+            }
+            let mut got = vec![f32::NAN; q.len()];
+            split_kv(&q, &k, &v, dims, pos0, &mut got);
+            assert!(max_diff(&got, &want) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn blocked_prefill_equals_the_textbook_form() {
+        let dims = (4, 1, 8);
+        for (pos0, t) in [(0, 16), (0, 130), (40, 70)] {
+            let n = pos0 + t;
+            let q = random(t * 4 * 8, 4);
+            let (k, v) = (random(n * 8, 5), random(n * 8, 6));
+            let mut got = vec![f32::NAN; q.len()];
+            causal_prefill(&q, &k, &v, dims, pos0, &mut got);
+            let d = max_diff(&got, &naive(&q, &k, &v, dims, pos0));
+            assert!(d < 1e-5, "pos0 {pos0} t {t}: {d}");
+        }
+    }
 }

@@ -18,12 +18,10 @@ use crate::cache::policy::{KvPolicy, PolicyCache, RopeTables};
 use crate::config::{FfnKind, MechanismConfig, NormKind, NormPosition, PositionKind, Shape};
 use crate::error::{Error, Result};
 use crate::kernels::quant::{matmul_many, Activations, QMatrix};
-use crate::kernels::{axpy, dot};
 use crate::model::Transformer;
 use crate::nn::Weight;
 use crate::norm::Norm;
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 use std::sync::Arc;
 
 struct Layer {
@@ -293,51 +291,15 @@ impl FusedDecoder {
 
     /// Causal grouped-query softmax attention of the t new queries
     /// q (t, h, hd) at positions pos0.. over the cache k/v (pos0 + t, h_kv, hd)
-    /// -> out (t, h, hd). A prefill runs as GEMMs per (head, block of
-    /// queries) (`kernels::attention`); a few queries, one task per (query, head).
+    /// -> out (t, h, hd) (`kernels::attention`): a prefill as GEMMs per
+    /// (head, block of queries), a few queries split along the keys.
     fn attention(&self, q: &[f32], k: &[f32], v: &[f32], pos0: usize, out: &mut [f32]) {
+        let dims = (self.h, self.h_kv, self.hd);
         if q.len() >= 16 * self.h * self.hd {
-            let dims = (self.h, self.h_kv, self.hd);
             return super::attention::causal_prefill(q, k, v, dims, pos0, out);
         }
-        let (h, h_kv, hd) = (self.h, self.h_kv, self.hd);
-        let group = h / h_kv;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let task = |(idx, o): (usize, &mut [f32])| {
-            let (i, head) = (idx / h, idx % h);
-            let kv = head / group;
-            let qi = &q[idx * hd..][..hd];
-            let n = pos0 + i + 1; // keys this query may see
-            let mut s: Vec<f32> = (0..n)
-                .map(|j| dot(qi, &k[(j * h_kv + kv) * hd..][..hd]) * scale)
-                .collect();
-            let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut z = 0f32;
-            for x in s.iter_mut() {
-                *x = (*x - max).exp();
-                z += *x;
-            }
-            o.fill(0.0);
-            for (j, &p) in s.iter().enumerate() {
-                axpy(o, p, &v[(j * h_kv + kv) * hd..][..hd]);
-            }
-            for x in o.iter_mut() {
-                *x /= z;
-            }
-        };
-        // a decode step near the start of the context is too little work
-        // to share out
-        if t_work(q.len() / (h * hd), pos0, h * hd) < 1 << 16 {
-            out.chunks_mut(hd).enumerate().for_each(task);
-        } else {
-            out.par_chunks_mut(hd).enumerate().for_each(task);
-        }
+        super::attention::split_kv(q, k, v, dims, pos0, out)
     }
-}
-
-/// Multiply-adds of causal attention for t queries after pos0 keys, width w.
-fn t_work(t: usize, pos0: usize, w: usize) -> usize {
-    t * (pos0 + t) * w * 2
 }
 
 /// y = x / rms(x) · γ, row by row: x (t, d) -> y (t, d).

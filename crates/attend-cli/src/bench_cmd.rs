@@ -90,7 +90,8 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
 }
 
 fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
-    let l = load_gguf(model, a.dequantize)?;
+    let mut l = load_gguf(model, a.dequantize)?;
+    a.kv.set_dtype(&mut l);
     if let Some(c) = a.kv.resolve(&l)? {
         return bench_capped(a, &l, &c);
     }
@@ -141,6 +142,7 @@ fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
         "decode_depth": a.depth,
         "decode_tokens_per_sec": median(decode),
         "fused": m.fused.is_some(),
+        "kv_dtype": m.kv_dtype.to_string(),
         "threads": crate::train_cmd::threads(),
         "peak_rss_mib": peak_rss_mib(),
     }))

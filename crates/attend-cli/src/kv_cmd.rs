@@ -22,6 +22,12 @@ pub struct KvArgs {
     /// positions from their slot in the cache.
     #[arg(long, value_name = "SPEC")]
     pub kv_policy: Option<String>,
+    /// What the KV cache stores keys and values in: f32 (the default: the
+    /// best perplexity and, today, the fastest decode at depth), f16 or bf16
+    /// (half the memory; +0.2-0.3% perplexity on SmolLM2) or q8_0 (about a
+    /// quarter; +0.4%). Figures in BENCHMARKS.md.
+    #[arg(long, value_name = "TYPE", default_value = "f32")]
+    pub kv_dtype: attend::kernels::kv::KvDType,
 }
 
 /// A policy and, for RazorAttention, the retrieval heads of this model.
@@ -31,6 +37,12 @@ pub struct Capped {
 }
 
 impl KvArgs {
+    /// Give the model's KV caches the type asked for.
+    pub fn set_dtype(&self, l: &mut Loaded) {
+        l.model.kv_dtype = self.kv_dtype;
+    }
+
+    /// The policy, if one was asked for.
     pub fn resolve(&self, l: &Loaded) -> Result<Option<Capped>> {
         self.kv_policy
             .as_deref()
@@ -182,6 +194,7 @@ pub fn kv_sweep_cmd(mut a: KvSweepArgs) -> Result<()> {
     for spec in &specs {
         let mut c = KvArgs {
             kv_policy: Some(spec.clone()),
+            ..Default::default()
         }
         .resolve(&l)?
         .expect("a spec is given");

@@ -114,7 +114,8 @@ pub struct GenerateArgs {
 }
 
 pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
-    let l = load_gguf(&a.model, a.dequantize)?;
+    let mut l = load_gguf(&a.model, a.dequantize)?;
+    a.kv.set_dtype(&mut l);
     let tok = &l.gguf.tokenizer;
     let prompt = tok.encode(&a.prompt, false)?;
     let capped = a.kv.resolve(&l)?;
@@ -165,7 +166,8 @@ pub struct ChatArgs {
 }
 
 pub fn chat_cmd(a: ChatArgs) -> Result<()> {
-    let l = load_gguf(&a.model, a.dequantize)?;
+    let mut l = load_gguf(&a.model, a.dequantize)?;
+    a.kv.set_dtype(&mut l);
     let tok = &l.gguf.tokenizer;
     let template = l
         .gguf
@@ -266,7 +268,9 @@ pub fn score(model: &Transformer, ids: &[u32], ctx: usize) -> Result<(f64, usize
         }
         let input = Tensor::new(&w[..w.len() - 1], &Device::Cpu)?.unsqueeze(0)?;
         let target = Tensor::new(&w[1..], &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.decode(&input, None)?;
+        // a prefill into a fresh decode state: the fused path (and its KV
+        // cache type) where the model has one, else the composed model
+        let logits = model.step(&input, &mut model.new_state(None)?)?;
         let weight = Tensor::ones(target.shape(), candle_core::DType::F32, &Device::Cpu)?;
         let sum = attend::train::cross_entropy_sum(&logits, &target, &weight, 0.0)?
             .to_scalar::<f32>()? as f64;
@@ -286,7 +290,8 @@ pub fn score(model: &Transformer, ids: &[u32], ctx: usize) -> Result<(f64, usize
 }
 
 pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
-    let l = load_gguf(&a.model, a.dequantize)?;
+    let mut l = load_gguf(&a.model, a.dequantize)?;
+    a.kv.set_dtype(&mut l);
     if a.kv.kv_policy.is_some() && !a.streaming {
         bail!("--kv-policy applies to --streaming perplexity (windows are scored whole)");
     }

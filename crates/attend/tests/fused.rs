@@ -26,6 +26,9 @@ fn fused_vs_composed(fused: &Transformer, ids: &[u32], lens: &[usize]) -> f32 {
         fused.fused.is_some(),
         "the model qualifies for the fused path"
     );
+    // the composed path keeps f32 keys and values; so does the fused one here
+    let mut fused = fused.clone();
+    fused.kv_dtype = attend::kernels::kv::KvDType::F32;
     let mut composed = fused.clone();
     composed.fused = None;
     let (mut sf, mut sc) = (
@@ -83,7 +86,8 @@ fn fused_prefill_and_steps_equal_the_composed_model() {
 
 #[test]
 fn fused_greedy_generation_equals_composed() {
-    let fused = quantized_llama(true, 3);
+    let mut fused = quantized_llama(true, 3);
+    fused.kv_dtype = attend::kernels::kv::KvDType::F32;
     let mut composed = fused.clone();
     composed.fused = None;
     let gen = |m: &Transformer| {

@@ -2,9 +2,11 @@
 //! and decoding split along the keys (split-KV).
 //!
 //! Layouts are token-major, as the projections write them: queries
-//! q (t, h, hd), keys and values (n, h_kv, hd); query head `head` reads key
-//! head `head / (h / h_kv)` (grouped-query attention).
+//! q (t, h, hd), keys and values (n, h_kv, hd) rows in the cache's type
+//! (`KvRows`); query head `head` reads key head `head / (h / h_kv)`
+//! (grouped-query attention).
 
+use super::kv::KvRows;
 use rayon::prelude::*;
 
 /// Queries per block of the prefill form.
@@ -20,8 +22,8 @@ const QB: usize = 64;
 /// out in place through strides.
 pub fn causal_prefill(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: KvRows,
+    v: KvRows,
     (h, h_kv, hd): (usize, usize, usize),
     pos0: usize,
     out: &mut [f32],
@@ -32,9 +34,11 @@ pub fn causal_prefill(
         "attention: q/out sizes"
     );
     assert!(
-        k.len() >= (pos0 + t) * h_kv * hd && v.len() >= (pos0 + t) * h_kv * hd,
+        k.width == h_kv * hd && k.rows().min(v.rows()) >= pos0 + t,
         "attention: the cache holds fewer than pos0 + t keys"
     );
+    // the keys and values as f32 for the GEMMs
+    let (k, v) = (k.to_f32(pos0 + t), v.to_f32(pos0 + t));
     assert!(h_kv > 0 && h.is_multiple_of(h_kv), "attention: heads");
     let group = h / h_kv;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -97,8 +101,8 @@ const KV_CHUNK: usize = 256;
 /// is read once per group, not once per query head.
 pub fn split_kv(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: KvRows,
+    v: KvRows,
     (h, h_kv, hd): (usize, usize, usize),
     pos0: usize,
     out: &mut [f32],
@@ -109,8 +113,8 @@ pub fn split_kv(
 /// `split_kv` with slices of `chunk` keys (tests use small ones).
 pub fn split_kv_chunked(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: KvRows,
+    v: KvRows,
     (h, h_kv, hd): (usize, usize, usize),
     pos0: usize,
     out: &mut [f32],
@@ -122,7 +126,7 @@ pub fn split_kv_chunked(
         "attention: q/out sizes"
     );
     assert!(
-        k.len() >= (pos0 + t) * h_kv * hd && v.len() >= (pos0 + t) * h_kv * hd,
+        k.width == h_kv * hd && k.rows().min(v.rows()) >= pos0 + t,
         "attention: the cache holds fewer than pos0 + t keys"
     );
     assert!(
@@ -143,20 +147,38 @@ pub fn split_kv_chunked(
     }
     // per task and query head of its group: (m, l, acc (hd))
     let work = |&(i, kv, j0, j1): &(usize, usize, usize, usize)| {
-        let ld = h_kv * hd;
+        // the slice's keys and values of this kv head as f32: in place when
+        // the cache holds f32, else decoded once for the group
+        let (ld, width) = (h_kv * hd, (j1 - j0) * hd);
+        let (mut ks, mut vs): (Vec<f32>, Vec<f32>);
+        let (kf, vf, at, stride) = match (k.as_f32(), v.as_f32()) {
+            (Some(kf), Some(vf)) => (kf, vf, j0 * ld + kv * hd, ld),
+            _ => {
+                (ks, vs) = (vec![0f32; width], vec![0f32; width]);
+                for (j, (kr, vr)) in
+                    (j0..j1).zip(ks.chunks_exact_mut(hd).zip(vs.chunks_exact_mut(hd)))
+                {
+                    k.decode(j, kv * hd, kr);
+                    v.decode(j, kv * hd, vr);
+                }
+                (&ks[..], &vs[..], 0, hd)
+            }
+        };
+        let key = |j: usize| &kf[at + j * stride..][..hd];
+        let value = |j: usize| &vf[at + j * stride..][..hd];
         (0..g)
             .map(|a| {
                 let qh = &q[(i * h + kv * g + a) * hd..][..hd];
-                let mut s: Vec<f32> = (j0..j1)
-                    .map(|j| super::dot(qh, &k[j * ld + kv * hd..][..hd]) * scale)
+                let mut s: Vec<f32> = (0..j1 - j0)
+                    .map(|j| super::dot(qh, key(j)) * scale)
                     .collect();
                 let m = s.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
                 for x in s.iter_mut() {
                     *x = super::encoder::exp(*x - m);
                 }
                 let mut acc = vec![0f32; hd];
-                for (j, &p) in (j0..j1).zip(&s) {
-                    super::axpy(&mut acc, p, &v[j * ld + kv * hd..][..hd]);
+                for (j, &p) in s.iter().enumerate() {
+                    super::axpy(&mut acc, p, value(j));
                 }
                 (m, sum(&s), acc)
             })
@@ -256,6 +278,7 @@ unsafe fn gemm_strided(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::kv::KvDType;
     use rand::{Rng, SeedableRng};
 
     /// The textbook form in f64: every query against every key it may see.
@@ -301,42 +324,80 @@ mod tests {
         (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect()
     }
 
+    /// f32 numbers encoded as cache rows in `dtype`, and what they decode
+    /// to (the numbers attention sees).
+    fn rows(x: &[f32], dtype: KvDType) -> (Vec<u8>, Vec<f32>) {
+        let mut b = vec![0u8; dtype.bytes(x.len())];
+        dtype.encode(x, &mut b);
+        let mut back = vec![0f32; x.len()];
+        dtype.decode(&b, &mut back);
+        (b, back)
+    }
+
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
     }
 
     #[test]
     fn split_kv_equals_unsplit_attention() {
-        // 3 query heads per kv head, contexts that don't divide the slices
-        let dims = (6, 2, 16);
-        for (pos0, t) in [(0, 1), (5, 1), (300, 1), (1000, 3), (77, 16)] {
-            let n = pos0 + t;
-            let q = random(t * 6 * 16, 1 + pos0 as u64);
-            let (k, v) = (random(n * 2 * 16, 2), random(n * 2 * 16, 3));
-            let want = naive(&q, &k, &v, dims, pos0);
-            for chunk in [1, 7, 64, 256, 100_000] {
+        // 3 query heads per kv head, contexts that don't divide the slices;
+        // every cache type (against the textbook form on the numbers the
+        // cache holds)
+        let dims = (6, 2, 32);
+        for dtype in [KvDType::F32, KvDType::F16, KvDType::Bf16, KvDType::Q8_0] {
+            for (pos0, t) in [(0, 1), (5, 1), (300, 1), (1000, 3), (77, 16)] {
+                let n = pos0 + t;
+                let q = random(t * 6 * 32, 1 + pos0 as u64);
+                let (kb, k) = rows(&random(n * 64, 2), dtype);
+                let (vb, v) = rows(&random(n * 64, 3), dtype);
+                let want = naive(&q, &k, &v, dims, pos0);
+                let kr = KvRows {
+                    dtype,
+                    bytes: &kb,
+                    width: 64,
+                };
+                let vr = KvRows {
+                    dtype,
+                    bytes: &vb,
+                    width: 64,
+                };
+                for chunk in [1, 7, 64, 256, 100_000] {
+                    let mut got = vec![f32::NAN; q.len()];
+                    split_kv_chunked(&q, kr, vr, dims, pos0, &mut got, chunk);
+                    let d = max_diff(&got, &want);
+                    assert!(d < 1e-5, "{dtype} pos0 {pos0} t {t} chunk {chunk}: {d}");
+                }
                 let mut got = vec![f32::NAN; q.len()];
-                split_kv_chunked(&q, &k, &v, dims, pos0, &mut got, chunk);
-                let d = max_diff(&got, &want);
-                assert!(d < 1e-5, "pos0 {pos0} t {t} chunk {chunk}: {d}");
+                split_kv(&q, kr, vr, dims, pos0, &mut got);
+                assert!(max_diff(&got, &want) < 1e-5);
             }
-            let mut got = vec![f32::NAN; q.len()];
-            split_kv(&q, &k, &v, dims, pos0, &mut got);
-            assert!(max_diff(&got, &want) < 1e-5);
         }
     }
 
     #[test]
     fn blocked_prefill_equals_the_textbook_form() {
-        let dims = (4, 1, 8);
-        for (pos0, t) in [(0, 16), (0, 130), (40, 70)] {
-            let n = pos0 + t;
-            let q = random(t * 4 * 8, 4);
-            let (k, v) = (random(n * 8, 5), random(n * 8, 6));
-            let mut got = vec![f32::NAN; q.len()];
-            causal_prefill(&q, &k, &v, dims, pos0, &mut got);
-            let d = max_diff(&got, &naive(&q, &k, &v, dims, pos0));
-            assert!(d < 1e-5, "pos0 {pos0} t {t}: {d}");
+        let dims = (4, 1, 32);
+        for dtype in [KvDType::F32, KvDType::F16, KvDType::Q8_0] {
+            for (pos0, t) in [(0, 16), (0, 130), (40, 70)] {
+                let n = pos0 + t;
+                let q = random(t * 4 * 32, 4);
+                let (kb, k) = rows(&random(n * 32, 5), dtype);
+                let (vb, v) = rows(&random(n * 32, 6), dtype);
+                let mut got = vec![f32::NAN; q.len()];
+                let kr = KvRows {
+                    dtype,
+                    bytes: &kb,
+                    width: 32,
+                };
+                let vr = KvRows {
+                    dtype,
+                    bytes: &vb,
+                    width: 32,
+                };
+                causal_prefill(&q, kr, vr, dims, pos0, &mut got);
+                let d = max_diff(&got, &naive(&q, &k, &v, dims, pos0));
+                assert!(d < 1e-5, "{dtype} pos0 {pos0} t {t}: {d}");
+            }
         }
     }
 }

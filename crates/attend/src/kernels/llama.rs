@@ -17,6 +17,7 @@
 use crate::cache::policy::{KvPolicy, PolicyCache, RopeTables};
 use crate::config::{FfnKind, MechanismConfig, NormKind, NormPosition, PositionKind, Shape};
 use crate::error::{Error, Result};
+use crate::kernels::kv::{KvDType, KvRows};
 use crate::kernels::quant::{matmul_many, Activations, QMatrix};
 use crate::model::Transformer;
 use crate::nn::Weight;
@@ -61,12 +62,13 @@ impl std::fmt::Debug for FusedDecoder {
 }
 
 /// The KV cache of the fused path: per layer, keys and values token-major,
-/// (t, h_kv, head_dim), grown in place.
+/// (t, h_kv, head_dim) rows in `dtype` (`kernels::kv`), grown in place.
 #[derive(Clone, Debug, Default)]
 pub struct FusedKv {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<u8>>,
+    v: Vec<Vec<u8>>,
     len: usize,
+    pub dtype: KvDType,
     /// Per layer, when an eviction policy caps the cache (`cache::policy`);
     /// then `k`/`v` stay empty.
     pub policy: Option<Vec<PolicyCache>>,
@@ -93,7 +95,7 @@ impl FusedKv {
                 .k
                 .iter()
                 .chain(&self.v)
-                .map(|b| b.capacity() * 4)
+                .map(|b| b.capacity())
                 .sum::<usize>()
     }
 }
@@ -173,11 +175,13 @@ impl FusedDecoder {
         })
     }
 
-    pub fn new_state(&self) -> FusedKv {
+    /// An empty cache storing keys and values in `dtype`.
+    pub fn new_state(&self, dtype: KvDType) -> FusedKv {
         FusedKv {
             k: vec![vec![]; self.layers.len()],
             v: vec![vec![]; self.layers.len()],
             len: 0,
+            dtype,
             policy: None,
         }
     }
@@ -194,7 +198,7 @@ impl FusedDecoder {
                     })
                     .collect(),
             ),
-            ..self.new_state()
+            ..self.new_state(KvDType::F32)
         }
     }
 
@@ -250,16 +254,26 @@ impl FusedDecoder {
                 self.rope(&mut q, self.h, pos0);
                 self.rope(&mut k, self.h_kv, pos0);
                 let (kc, vc) = (&mut st.k[l], &mut st.v[l]);
-                if kc.capacity() < (pos0 + t) * kvd {
+                let (dt, row) = (st.dtype, st.dtype.bytes(kvd));
+                if kc.capacity() < (pos0 + t) * row {
                     // room for the prompt and a stretch of decoding at once
-                    let want = ((pos0 + t) * kvd).max(2 * kc.capacity());
+                    let want = ((pos0 + t) * row).max(2 * kc.capacity());
                     let have = kc.len();
                     kc.reserve_exact(want - have);
                     vc.reserve_exact(want - have);
                 }
-                kc.extend_from_slice(&k);
-                vc.extend_from_slice(&v);
-                self.attention(&q, kc, vc, pos0, &mut att);
+                kc.resize((pos0 + t) * row, 0);
+                vc.resize((pos0 + t) * row, 0);
+                for (i, (kr, vr)) in k.chunks_exact(kvd).zip(v.chunks_exact(kvd)).enumerate() {
+                    dt.encode(kr, &mut kc[(pos0 + i) * row..][..row]);
+                    dt.encode(vr, &mut vc[(pos0 + i) * row..][..row]);
+                }
+                let rows = |b| KvRows {
+                    dtype: dt,
+                    bytes: b,
+                    width: kvd,
+                };
+                self.attention(&q, rows(kc), rows(vc), pos0, &mut att);
             }
             let aq = Activations::new(&att, t, qd);
             matmul_many(&aq, &mut [(&w.wo, &mut o)]);
@@ -293,7 +307,7 @@ impl FusedDecoder {
     /// q (t, h, hd) at positions pos0.. over the cache k/v (pos0 + t, h_kv, hd)
     /// -> out (t, h, hd) (`kernels::attention`): a prefill as GEMMs per
     /// (head, block of queries), a few queries split along the keys.
-    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], pos0: usize, out: &mut [f32]) {
+    fn attention(&self, q: &[f32], k: KvRows, v: KvRows, pos0: usize, out: &mut [f32]) {
         let dims = (self.h, self.h_kv, self.hd);
         if q.len() >= 16 * self.h * self.hd {
             return super::attention::causal_prefill(q, k, v, dims, pos0, out);

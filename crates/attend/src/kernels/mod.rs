@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod encoder;
+pub mod kv;
 pub mod llama;
 pub mod quant;
 

@@ -133,6 +133,8 @@ pub struct Transformer {
     /// (`kernels::llama`); batch-1 decode states use it. `None` forces the
     /// composed path.
     pub fused: Option<Arc<crate::kernels::llama::FusedDecoder>>,
+    /// What the fused path's KV cache stores keys and values in (`--kv-dtype`).
+    pub kv_dtype: crate::kernels::kv::KvDType,
 }
 
 impl Transformer {
@@ -257,6 +259,7 @@ impl Transformer {
             dropout,
             cfg: cfg.clone(),
             fused: None,
+            kv_dtype: Default::default(),
         };
         model.fused = crate::kernels::llama::FusedDecoder::from_model(&model).map(Arc::new);
         Ok(model)
@@ -386,7 +389,7 @@ impl Transformer {
             layers,
             pos: 0,
             memory_padding: memory.and_then(|m| m.padding.clone()),
-            fused: self.fused.as_ref().map(|f| f.new_state()),
+            fused: self.fused.as_ref().map(|f| f.new_state(self.kv_dtype)),
         })
     }
 

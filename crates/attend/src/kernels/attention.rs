@@ -49,7 +49,7 @@ pub fn causal_prefill(
     tasks.par_iter().for_each(|&(head, i0)| {
         let (m, kv) = ((t - i0).min(QB), head / group);
         let n = pos0 + i0 + m; // keys the block's last query sees
-        let mut s = vec![0f32; m * n];
+        let mut s = super::scratch::take(m * n);
         let (ld_q, ld_kv) = ((h * hd) as isize, (h_kv * hd) as isize);
         // Safety: q rows i0..i0+m of this head, k/v rows 0..n of this kv
         // head and out rows i0..i0+m of this head lie inside their buffers
@@ -83,6 +83,7 @@ pub fn causal_prefill(
                 1.0,
             );
         }
+        super::scratch::give(s);
     });
 }
 
@@ -150,38 +151,64 @@ pub fn split_kv_chunked(
         // the slice's keys and values of this kv head as f32: in place when
         // the cache holds f32, else decoded once for the group
         let (ld, width) = (h_kv * hd, (j1 - j0) * hd);
-        let (mut ks, mut vs): (Vec<f32>, Vec<f32>);
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
         let (kf, vf, at, stride) = match (k.as_f32(), v.as_f32()) {
             (Some(kf), Some(vf)) => (kf, vf, j0 * ld + kv * hd, ld),
             _ => {
-                (ks, vs) = (vec![0f32; width], vec![0f32; width]);
-                for (j, (kr, vr)) in
-                    (j0..j1).zip(ks.chunks_exact_mut(hd).zip(vs.chunks_exact_mut(hd)))
-                {
-                    k.decode(j, kv * hd, kr);
-                    v.decode(j, kv * hd, vr);
-                }
+                (ks, vs) = (super::scratch::take(width), super::scratch::take(width));
+                k.decode_rows(j0, kv * hd, hd, &mut ks);
+                v.decode_rows(j0, kv * hd, hd, &mut vs);
                 (&ks[..], &vs[..], 0, hd)
             }
         };
-        let key = |j: usize| &kf[at + j * stride..][..hd];
-        let value = |j: usize| &vf[at + j * stride..][..hd];
-        (0..g)
-            .map(|a| {
-                let qh = &q[(i * h + kv * g + a) * hd..][..hd];
-                let mut s: Vec<f32> = (0..j1 - j0)
-                    .map(|j| super::dot(qh, key(j)) * scale)
-                    .collect();
-                let m = s.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
-                for x in s.iter_mut() {
+        let len = j1 - j0;
+        assert!(
+            kf.len() >= at + (len - 1) * stride + hd && vf.len() >= at + (len - 1) * stride + hd
+        );
+        // S (g, len) = scale · Q_g K_sliceᵀ: the group's query heads are
+        // consecutive rows of q
+        let mut s = super::scratch::take(g * len);
+        let mut acc = vec![0f32; g * hd];
+        // Safety: q's g rows from (i, kv·g), the slice's len keys and values
+        // (asserted above) and s, acc lie inside their buffers.
+        unsafe {
+            gemm_strided(
+                (g, len, hd),
+                (s.as_mut_ptr(), len as isize),
+                (q.as_ptr().add((i * h + kv * g) * hd), hd as isize, 1),
+                (kf.as_ptr().add(at), 1, stride as isize),
+                scale,
+            );
+        }
+        let stats: Vec<(f32, f32)> = s
+            .chunks_exact_mut(len)
+            .map(|row| {
+                let m = row.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+                for x in row.iter_mut() {
                     *x = super::encoder::exp(*x - m);
                 }
-                let mut acc = vec![0f32; hd];
-                for (j, &p) in s.iter().enumerate() {
-                    super::axpy(&mut acc, p, value(j));
-                }
-                (m, sum(&s), acc)
+                (m, sum(row))
             })
+            .collect();
+        // acc (g, hd) = P V_slice
+        unsafe {
+            gemm_strided(
+                (g, hd, len),
+                (acc.as_mut_ptr(), hd as isize),
+                (s.as_ptr(), len as isize, 1),
+                (vf.as_ptr().add(at), stride as isize, 1),
+                1.0,
+            );
+        }
+        super::scratch::give(s);
+        if ks.capacity() > 0 {
+            super::scratch::give(ks);
+            super::scratch::give(vs);
+        }
+        stats
+            .into_iter()
+            .zip(acc.chunks_exact(hd))
+            .map(|((m, l), a)| (m, l, a.to_vec()))
             .collect::<Vec<_>>()
     };
     // a step near the start of the context is too little work to share out

@@ -149,6 +149,7 @@ impl KvDType {
 /// f16 (little-endian bytes) -> f32, 16 at a time with `vcvtph2ps`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 unsafe fn f16_to_f32_avx512(src: &[u8], dst: &mut [f32]) {
     use std::arch::x86_64::*;
     let n = dst.len() / 16 * 16;
@@ -158,6 +159,16 @@ unsafe fn f16_to_f32_avx512(src: &[u8], dst: &mut [f32]) {
     }
     for i in n..dst.len() {
         dst[i] = f16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32();
+    }
+}
+
+/// Rows of f16 `stride` bytes apart, n numbers from byte `at` of each ->
+/// dst (rows, n).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn f16_rows_avx512(src: &[u8], stride: usize, at: usize, n: usize, dst: &mut [f32]) {
+    for (r, d) in dst.chunks_exact_mut(n).enumerate() {
+        f16_to_f32_avx512(&src[r * stride + at..][..2 * n], d);
     }
 }
 
@@ -180,6 +191,25 @@ impl KvRows<'_> {
         let t = self.dtype;
         let row = &self.bytes[j * t.bytes(self.width)..][..t.bytes(self.width)];
         t.decode(&row[t.bytes(at)..][..t.bytes(dst.len())], dst);
+    }
+
+    /// Numbers `at..at + n` of rows j0..j0 + dst.len() / n, one after
+    /// another into dst ((rows, n)); one call for many rows, so that the
+    /// SIMD conversions are not entered once per short row.
+    pub fn decode_rows(&self, j0: usize, at: usize, n: usize, dst: &mut [f32]) {
+        let t = self.dtype;
+        let rb = t.bytes(self.width);
+        #[cfg(target_arch = "x86_64")]
+        if t == KvDType::F16 && std::is_x86_feature_detected!("avx512f") {
+            let src = &self.bytes[j0 * rb..];
+            // Safety: the CPU has AVX-512 F (checked just above); the rows
+            // lie inside `bytes` (the slice index checks the first).
+            assert!(src.len() >= (dst.len() / n - 1) * rb + 2 * (at + n));
+            return unsafe { f16_rows_avx512(src, rb, 2 * at, n, dst) };
+        }
+        for (r, d) in dst.chunks_exact_mut(n).enumerate() {
+            self.decode(j0 + r, at, d);
+        }
     }
 
     /// The rows as f32 numbers in place, when they are f32 (and aligned).

@@ -226,11 +226,12 @@ impl FusedDecoder {
         let (qd, kvd) = (self.h * hd, self.h_kv * hd);
         let idx = Tensor::new(ids, &Device::Cpu)?;
         let mut x: Vec<f32> = self.embed.index_select(&idx, 0)?.flatten_all()?.to_vec1()?;
-        let mut hbuf = vec![0f32; t * d];
-        let (mut q, mut k, mut v) = (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd]);
-        let mut att = vec![0f32; t * qd];
-        let mut o = vec![0f32; t * d];
-        let (mut g, mut u) = (vec![0f32; t * self.d_ff], vec![0f32; t * self.d_ff]);
+        use super::scratch::{give, take};
+        let mut hbuf = take(t * d);
+        let (mut q, mut k, mut v) = (take(t * qd), take(t * kvd), take(t * kvd));
+        let mut att = take(t * qd);
+        let mut o = take(t * d);
+        let (mut g, mut u) = (take(t * self.d_ff), take(t * self.d_ff));
         for (l, w) in self.layers.iter().enumerate() {
             // x + W_o attention(RoPE(W_q h), RoPE(W_k h), W_v h), h = RMSNorm(x)
             rms_norm(&x, &w.ln_1, self.eps, d, &mut hbuf);
@@ -283,7 +284,7 @@ impl FusedDecoder {
             let hq = Activations::new(&hbuf, t, d);
             matmul_many(&hq, &mut [(&w.w1, &mut g), (&w.w3, &mut u)]);
             for (a, &b) in g.iter_mut().zip(&u) {
-                *a = *a / (1.0 + (-*a).exp()) * b;
+                *a = *a / (1.0 + super::encoder::exp(-*a)) * b;
             }
             let gq = Activations::new(&g, t, self.d_ff);
             matmul_many(&gq, &mut [(&w.w2, &mut o)]);
@@ -291,7 +292,11 @@ impl FusedDecoder {
         }
         st.len += t;
         rms_norm(&x, &self.final_norm, self.eps, d, &mut hbuf);
-        Ok(Tensor::from_vec(hbuf, (1, t, d), &Device::Cpu)?)
+        let h = Tensor::new(&hbuf[..], &Device::Cpu)?.reshape((1, t, d))?;
+        for b in [hbuf, q, k, v, att, o, g, u] {
+            give(b);
+        }
+        Ok(h)
     }
 
     /// Rotate every head of x (t, heads, hd) at positions pos0.. in place.

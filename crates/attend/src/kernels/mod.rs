@@ -31,6 +31,43 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Reusable f32 buffers, one pool per thread: the hot paths ask for the
+/// same few sizes at every call (a prefill's activations, attention's score
+/// blocks), and fresh allocations of them cost page faults every time.
+pub mod scratch {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// `len` zeros, in a buffer this thread used before when one is large enough.
+    pub fn take(len: usize) -> Vec<f32> {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            match p.iter().position(|v| v.capacity() >= len) {
+                Some(i) => {
+                    let mut v = p.swap_remove(i);
+                    v.clear();
+                    v.resize(len, 0.0);
+                    v
+                }
+                None => vec![0.0; len],
+            }
+        })
+    }
+
+    /// Return a buffer for reuse (the pool keeps at most 16).
+    pub fn give(v: Vec<f32>) {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < 16 {
+                p.push(v);
+            }
+        })
+    }
+}
+
 /// o += p · v
 pub fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
     for (a, &b) in o.iter_mut().zip(v) {

@@ -100,7 +100,22 @@ unsafe fn run512<F: Fmt>(
     if F::F.is_float() {
         passes!(float512, F, w, g, x, t0, nt, out, ldo)
     } else {
-        passes!(quant512, F, w, g, x, t0, nt, out, ldo)
+        let (mut t, end) = (t0, t0 + nt);
+        while end - t >= 8 {
+            quant512_8::<F>(w, g, x, t, out, ldo);
+            t += 8;
+        }
+        if end - t >= 4 {
+            quant512_4::<F>(w, g, x, t, out, ldo);
+            t += 4;
+        }
+        if end - t >= 2 {
+            quant512_2::<F>(w, g, x, t, out, ldo);
+            t += 2;
+        }
+        if end - t >= 1 {
+            quant512_1::<F>(w, g, x, t, out, ldo);
+        }
     }
 }
 
@@ -274,58 +289,81 @@ unsafe fn scales512<F: Fmt>(
     (d, m)
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c,fma")]
-unsafe fn quant512<F: Fmt, const TT: usize>(
-    w: &QMatrix,
-    g: usize,
-    x: &Activations,
-    t0: usize,
-    out: Out,
-    ldo: usize,
+/// One token's contribution from one tile: acc += d·dx·Σup + m·dx·Σp
+/// (per 16-column half for 16-wide sub-blocks); `b` the token's block.
+#[inline(always)]
+unsafe fn tok512<F: Fmt>(
+    acc: &mut __m512,
+    wv: &[__m512i; 8],
+    dv: &[__m512; 2],
+    mv: &[__m512; 2],
+    q: &super::Q8Rows,
+    b: usize,
 ) {
-    let p = F::P;
-    let q = x.q8();
-    let nkt = w.ktiles;
-    let tb = p.tile_bytes;
-    let base = w.tiles.bytes().as_ptr().add(g * nkt * tb);
-    let mut acc = [_mm512_setzero_ps(); TT];
-    let (mut dsup, mut dmin) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    for kt in 0..nkt {
-        if F::F.is_k() && kt % 8 == 0 {
-            let (ds, dm) = w.sup(g, kt / 8);
-            dsup = _mm512_loadu_ps(ds.as_ptr());
-            dmin = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(dm.as_ptr()));
+    let xq = q.qs.as_ptr().add(b * TILE_K) as *const i32;
+    let xd = _mm512_set1_ps(*q.d.get_unchecked(b));
+    let xs = *q.s.get_unchecked(b);
+    if F::P.nsub == 1 {
+        let mut i = _mm512_setzero_si512();
+        for (j, wj) in wv.iter().enumerate() {
+            i = _mm512_dpbusd_epi32(i, *wj, _mm512_set1_epi32(*xq.add(j)));
         }
-        let t = base.add(kt * tb);
-        let wv = unpack512::<F>(t);
-        let (dv, mv) = scales512::<F>(t, dsup, dmin);
-        for (tt, a) in acc.iter_mut().enumerate() {
-            let b = (t0 + tt) * nkt + kt;
-            let xq = q.qs.as_ptr().add(b * TILE_K) as *const i32;
-            let xd = _mm512_set1_ps(*q.d.get_unchecked(b));
-            let xs = *q.s.get_unchecked(b);
-            if p.nsub == 1 {
-                let mut i = _mm512_setzero_si512();
-                for (j, wj) in wv.iter().enumerate() {
-                    i = _mm512_dpbusd_epi32(i, *wj, _mm512_set1_epi32(*xq.add(j)));
-                }
-                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dv[0], xd), *a);
-                *a = _mm512_fmadd_ps(mv[0], _mm512_set1_ps(xs[0] + xs[1]), *a);
-            } else {
-                let (mut i0, mut i1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-                for j in 0..4 {
-                    i0 = _mm512_dpbusd_epi32(i0, wv[j], _mm512_set1_epi32(*xq.add(j)));
-                    i1 = _mm512_dpbusd_epi32(i1, wv[j + 4], _mm512_set1_epi32(*xq.add(j + 4)));
-                }
-                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(dv[0], xd), *a);
-                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(dv[1], xd), *a);
-                *a = _mm512_fmadd_ps(mv[0], _mm512_set1_ps(xs[0]), *a);
-                *a = _mm512_fmadd_ps(mv[1], _mm512_set1_ps(xs[1]), *a);
-            }
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dv[0], xd), *acc);
+        *acc = _mm512_fmadd_ps(mv[0], _mm512_set1_ps(xs[0] + xs[1]), *acc);
+    } else {
+        let (mut i0, mut i1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        for j in 0..4 {
+            i0 = _mm512_dpbusd_epi32(i0, wv[j], _mm512_set1_epi32(*xq.add(j)));
+            i1 = _mm512_dpbusd_epi32(i1, wv[j + 4], _mm512_set1_epi32(*xq.add(j + 4)));
         }
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(dv[0], xd), *acc);
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(dv[1], xd), *acc);
+        *acc = _mm512_fmadd_ps(mv[0], _mm512_set1_ps(xs[0]), *acc);
+        *acc = _mm512_fmadd_ps(mv[1], _mm512_set1_ps(xs[1]), *acc);
     }
-    store512(w, g, &acc, t0, out, ldo);
 }
+
+/// The AVX-512 kernel for TT tokens a pass, one function per TT with the
+/// token loop written out (literal indices keep the accumulators in
+/// registers; a loop over them left them on the stack).
+macro_rules! quant512_pass {
+    ($name:ident, $tt:literal, [$($i:literal),*]) => {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c,fma")]
+        unsafe fn $name<F: Fmt>(
+            w: &QMatrix,
+            g: usize,
+            x: &Activations,
+            t0: usize,
+            out: Out,
+            ldo: usize,
+        ) {
+            let p = F::P;
+            let q = x.q8();
+            let nkt = w.ktiles;
+            let tb = p.tile_bytes;
+            let base = w.tiles.bytes().as_ptr().add(g * nkt * tb);
+            let mut acc = [_mm512_setzero_ps(); $tt];
+            let (mut dsup, mut dmin) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for kt in 0..nkt {
+                if F::F.is_k() && kt % 8 == 0 {
+                    let (ds, dm) = w.sup(g, kt / 8);
+                    dsup = _mm512_loadu_ps(ds.as_ptr());
+                    dmin = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(dm.as_ptr()));
+                }
+                let t = base.add(kt * tb);
+                let wv = unpack512::<F>(t);
+                let (dv, mv) = scales512::<F>(t, dsup, dmin);
+                $( tok512::<F>(&mut acc[$i], &wv, &dv, &mv, q, (t0 + $i) * nkt + kt); )*
+            }
+            store512(w, g, &acc, t0, out, ldo);
+        }
+    };
+}
+
+quant512_pass!(quant512_1, 1, [0]);
+quant512_pass!(quant512_2, 2, [0, 1]);
+quant512_pass!(quant512_4, 4, [0, 1, 2, 3]);
+quant512_pass!(quant512_8, 8, [0, 1, 2, 3, 4, 5, 6, 7]);
 
 #[inline(always)]
 unsafe fn store512<const TT: usize>(

@@ -70,6 +70,13 @@ impl ParamStore {
             .insert(name.to_string(), Arc::new(t));
     }
 
+    /// Drop the GGUF blocks once the model is built: its weights hold their
+    /// own repacked copies (`kernels::quant::QMatrix`), so keeping both
+    /// would hold every quantized weight twice.
+    pub fn release_quantized(&self) {
+        self.quantized.lock().unwrap().clear();
+    }
+
     fn get_quantized(&self, name: &str) -> Option<Arc<QTensor>> {
         self.quantized.lock().unwrap().get(name).cloned()
     }

@@ -203,17 +203,18 @@ impl FusedDecoder {
     }
 
     /// ids (t) fed after the state's tokens -> the final hidden states
-    /// (1, t, d), after the final norm; the state advances by t.
-    pub fn forward(&self, ids: &[u32], st: &mut FusedKv) -> Result<Tensor> {
+    /// (1, t, d), after the final norm, or only the last one's (1, 1, d)
+    /// when `last_only`; the state advances by t.
+    pub fn forward(&self, ids: &[u32], st: &mut FusedKv, last_only: bool) -> Result<Tensor> {
         // Run on a pool thread, so that the ~150 parallel regions of a step
         // are forked from inside the pool instead of each one waking the
         // pool and putting the calling thread to sleep.
         let mut out = None;
-        rayon::scope(|_| out = Some(self.forward_in_pool(ids, st)));
+        rayon::scope(|_| out = Some(self.forward_in_pool(ids, st, last_only)));
         out.expect("rayon::scope runs its closure")
     }
 
-    fn forward_in_pool(&self, ids: &[u32], st: &mut FusedKv) -> Result<Tensor> {
+    fn forward_in_pool(&self, ids: &[u32], st: &mut FusedKv, last_only: bool) -> Result<Tensor> {
         let (t, d, hd) = (ids.len(), self.d, self.hd);
         let pos0 = st.len;
         if pos0 + t > self.max_len && st.policy.is_none() {
@@ -224,9 +225,27 @@ impl FusedDecoder {
             )));
         }
         let (qd, kvd) = (self.h * hd, self.h_kv * hd);
-        let idx = Tensor::new(ids, &Device::Cpu)?;
-        let mut x: Vec<f32> = self.embed.index_select(&idx, 0)?.flatten_all()?.to_vec1()?;
         use super::scratch::{give, take};
+        // x (t, d): the embedding rows, copied from the table in place
+        let mut x = take(t * d);
+        {
+            let (storage, layout) = self.embed.storage_and_layout();
+            let table = match (&*storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+                    &v[a..b]
+                }
+                _ => return Err(Error::msg("the fused path needs an f32 CPU embedding")),
+            };
+            let vocab = table.len() / d;
+            for (row, &id) in x.chunks_exact_mut(d).zip(ids) {
+                if id as usize >= vocab {
+                    return Err(Error::msg(format!(
+                        "token id {id} is outside the vocabulary of {vocab}"
+                    )));
+                }
+                row.copy_from_slice(&table[id as usize * d..][..d]);
+            }
+        }
         let mut hbuf = take(t * d);
         let (mut q, mut k, mut v) = (take(t * qd), take(t * kvd), take(t * kvd));
         let mut att = take(t * qd);
@@ -291,9 +310,11 @@ impl FusedDecoder {
             add(&mut x, &o);
         }
         st.len += t;
-        rms_norm(&x, &self.final_norm, self.eps, d, &mut hbuf);
-        let h = Tensor::new(&hbuf[..], &Device::Cpu)?.reshape((1, t, d))?;
-        for b in [hbuf, q, k, v, att, o, g, u] {
+        let keep = if last_only { 1 } else { t };
+        let xl = &x[(t - keep) * d..];
+        rms_norm(xl, &self.final_norm, self.eps, d, &mut hbuf[..keep * d]);
+        let h = Tensor::new(&hbuf[..keep * d], &Device::Cpu)?.reshape((1, keep, d))?;
+        for b in [x, hbuf, q, k, v, att, o, g, u] {
             give(b);
         }
         Ok(h)

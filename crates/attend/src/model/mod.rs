@@ -442,25 +442,32 @@ impl Transformer {
     /// Incremental decoding: feed ids (b, t) after the `state.pos` tokens
     /// already in the state -> logits (b, t, vocab); the state advances by t.
     pub fn step(&self, ids: &Tensor, state: &mut DecodeState) -> Result<Tensor> {
-        self.logits(&self.step_hidden(ids, state)?)
+        self.logits(&self.step_hidden(ids, state, false)?)
     }
 
     /// As `step`, but only the last position's logits: (b, vocab). What
     /// generation needs; a 512-token prefill then projects one row, not 512.
     pub fn step_last(&self, ids: &Tensor, state: &mut DecodeState) -> Result<Tensor> {
-        let h = self.step_hidden(ids, state)?;
+        let h = self.step_hidden(ids, state, true)?;
         let t = h.dim(1)?;
         self.logits(&h.narrow(1, t - 1, 1)?)?
             .squeeze(1)
             .map_err(Into::into)
     }
 
-    /// The decoder's final hidden states for ids (b, t) fed after the state.
-    fn step_hidden(&self, ids: &Tensor, state: &mut DecodeState) -> Result<Tensor> {
+    /// The decoder's final hidden states for ids (b, t) fed after the state
+    /// (b, t, d); the fused path gives only the last position's when
+    /// `last_only` is set, (1, 1, d).
+    fn step_hidden(
+        &self,
+        ids: &Tensor,
+        state: &mut DecodeState,
+        last_only: bool,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if let (Some(f), Some(kv)) = (&self.fused, &mut state.fused) {
             if b == 1 {
-                let h = f.forward(&ids.flatten_all()?.to_vec1()?, kv)?;
+                let h = f.forward(&ids.flatten_all()?.to_vec1()?, kv, last_only)?;
                 state.pos += t;
                 return Ok(h);
             }

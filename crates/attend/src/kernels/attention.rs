@@ -28,15 +28,7 @@ pub fn causal_prefill(
     pos0: usize,
     out: &mut [f32],
 ) {
-    let t = q.len() / (h * hd);
-    assert!(
-        q.len() == t * h * hd && out.len() == q.len(),
-        "attention: q/out sizes"
-    );
-    assert!(
-        k.width == h_kv * hd && k.rows().min(v.rows()) >= pos0 + t,
-        "attention: the cache holds fewer than pos0 + t keys"
-    );
+    let t = queries(q, k, v, (h, h_kv, hd), pos0, out);
     // the keys and values as f32 for the GEMMs
     let (k, v) = (k.to_f32(pos0 + t), v.to_f32(pos0 + t));
     assert!(h_kv > 0 && h.is_multiple_of(h_kv), "attention: heads");
@@ -121,15 +113,7 @@ pub fn split_kv_chunked(
     out: &mut [f32],
     chunk: usize,
 ) {
-    let t = q.len() / (h * hd);
-    assert!(
-        q.len() == t * h * hd && out.len() == q.len(),
-        "attention: q/out sizes"
-    );
-    assert!(
-        k.width == h_kv * hd && k.rows().min(v.rows()) >= pos0 + t,
-        "attention: the cache holds fewer than pos0 + t keys"
-    );
+    let t = queries(q, k, v, (h, h_kv, hd), pos0, out);
     assert!(
         h_kv > 0 && h.is_multiple_of(h_kv) && chunk > 0,
         "attention: heads"
@@ -250,6 +234,28 @@ fn sum(x: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// The number of queries t, after checking that q and out are (t, h, hd)
+/// and that the cache holds keys and values for positions 0..pos0 + t.
+fn queries(
+    q: &[f32],
+    k: KvRows,
+    v: KvRows,
+    (h, h_kv, hd): (usize, usize, usize),
+    pos0: usize,
+    out: &[f32],
+) -> usize {
+    let t = q.len() / (h * hd);
+    assert!(
+        q.len() == t * h * hd && out.len() == q.len(),
+        "attention: q/out sizes"
+    );
+    assert!(
+        k.width == h_kv * hd && v.width == k.width && k.rows().min(v.rows()) >= pos0 + t,
+        "attention: the cache holds fewer than pos0 + t keys"
+    );
+    t
 }
 
 /// A pointer that parallel tasks write through at disjoint places.

@@ -24,6 +24,7 @@ pub mod config;
 pub mod decode;
 pub mod error;
 pub mod eval;
+pub mod exec;
 pub mod ffn;
 pub mod formats;
 pub mod kernels;

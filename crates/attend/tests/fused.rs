@@ -1,4 +1,4 @@
-//! The fused decode path (`kernels::llama`) against the composed model on the
+//! The fused decode path (`exec::decoder`) against the composed model on the
 //! same quantized weights: prefill and step logits, both RoPE layouts, GQA,
 //! and greedy generation. (On the real SmolLM2 file it is also checked
 //! against the PyTorch reference in `real_models.rs`.)
@@ -148,7 +148,7 @@ fn bert_like(d: usize, heads: usize, ffn: attend::config::FfnKind, seed: u64) ->
 #[test]
 fn fused_encoder_equals_the_composed_encoder_on_a_padded_batch() {
     use attend::config::FfnKind;
-    use attend::kernels::encoder::FusedEncoder;
+    use attend::exec::encoder::FusedEncoder;
     for (d, heads, ffn, seed) in [
         (48, 3, FfnKind::Gelu, 1),
         (32, 8, FfnKind::Gelu, 2),
@@ -206,7 +206,7 @@ fn fused_encoder_equals_the_composed_encoder_on_a_padded_batch() {
 #[test]
 fn fused_encoder_rejects_what_it_does_not_compute() {
     use attend::config::*;
-    use attend::kernels::encoder::FusedEncoder;
+    use attend::exec::encoder::FusedEncoder;
     let bert = bert_like(32, 4, FfnKind::Gelu, 4);
     let mut cfg = bert.cfg.clone();
     cfg.norm_position = NormPosition::Pre;

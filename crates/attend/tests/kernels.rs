@@ -127,7 +127,7 @@ fn kernels_accept_non_contiguous_inputs() {
 /// The fused encoder's vectorisable exp and GELU against libm in f64.
 #[test]
 fn polynomial_exp_and_gelu_match_libm() {
-    use attend::kernels::encoder::{exp, gelu};
+    use attend::kernels::dense::{exp, gelu};
     let (mut worst_exp, mut worst_gelu) = (0f64, 0f64);
     // normal results inside the clamp (below -87 they go subnormal)
     for i in -86_000..=87_990 {

@@ -22,9 +22,9 @@ pub struct DecodeState {
     pub pos: usize,
     /// (b, s) padding mask of the encoder memory, 1 = token.
     pub memory_padding: Option<Tensor>,
-    /// The KV cache of the fused decode path (`kernels::llama`), used instead
+    /// The KV cache of the fused decode path (`exec::decoder`), used instead
     /// of `layers` when the model has one and the batch is 1.
-    pub fused: Option<crate::kernels::llama::FusedKv>,
+    pub fused: Option<crate::exec::decoder::FusedKv>,
 }
 
 impl DecodeState {

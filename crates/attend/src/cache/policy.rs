@@ -263,45 +263,7 @@ impl KvPolicy {
     }
 }
 
-/// cos/sin tables of RoPE, (max_len, head_dim/2) each.
-#[derive(Debug)]
-pub struct RopeTables {
-    pub cos: Vec<f32>,
-    pub sin: Vec<f32>,
-    pub interleaved: bool,
-    pub max_len: usize,
-}
-
-impl RopeTables {
-    pub fn new(head_dim: usize, max_len: usize, theta: f64, interleaved: bool) -> Self {
-        let (cos, sin) = crate::position::rope_tables(head_dim, max_len, theta);
-        Self {
-            cos,
-            sin,
-            interleaved,
-            max_len,
-        }
-    }
-
-    /// Rotate x (head_dim) in place to position `pos`.
-    pub fn rotate(&self, x: &mut [f32], pos: usize) {
-        let half = x.len() / 2;
-        let (cos, sin) = (
-            &self.cos[pos * half..][..half],
-            &self.sin[pos * half..][..half],
-        );
-        for p in 0..half {
-            let (a, b) = if self.interleaved {
-                (2 * p, 2 * p + 1)
-            } else {
-                (p, p + half)
-            };
-            let (x1, x2) = (x[a], x[b]);
-            x[a] = x1 * cos[p] - x2 * sin[p];
-            x[b] = x2 * cos[p] + x1 * sin[p];
-        }
-    }
-}
+pub use crate::kernels::rope::RopeTables;
 
 /// One KV head's cache under a policy. Storage slots are reused after an
 /// eviction; `order` lists the occupied slots oldest first, and a token's

@@ -5,7 +5,7 @@
 use super::tokenizer::Tokenizer;
 use crate::config::{FfnKind, ModelConfig, NormKind, NormPosition, PositionKind, Shape};
 use crate::error::{Error, Result};
-use crate::kernels::encoder::FusedEncoder;
+use crate::exec::encoder::FusedEncoder;
 use crate::nn::ParamStore;
 use crate::Transformer;
 use candle_core::{DType, Device, Tensor};
@@ -148,7 +148,7 @@ pub fn load_tokenizer(dir: &Path, max_len: usize) -> Result<(Tokenizer, usize)> 
 /// A sentence-embedding model: BERT encoder, tokenizer, pooling.
 pub struct Embedder {
     pub model: Transformer,
-    /// The padding-free fused form of the encoder (`kernels::encoder`), when
+    /// The padding-free fused form of the encoder (`exec::encoder`), when
     /// the model qualifies; `None` runs the composed `Transformer::encode`.
     pub fused: Option<FusedEncoder>,
     pub tokenizer: Tokenizer,

@@ -60,7 +60,7 @@ pub fn causal_prefill(
             let (seen, future) = row.split_at_mut(valid);
             let max = seen.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             for x in seen.iter_mut() {
-                *x = super::encoder::exp(*x - max);
+                *x = super::dense::exp(*x - max);
             }
             let inv = 1.0 / sum(seen);
             seen.iter_mut().for_each(|x| *x *= inv);
@@ -169,7 +169,7 @@ pub fn split_kv_chunked(
             .map(|row| {
                 let m = row.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
                 for x in row.iter_mut() {
-                    *x = super::encoder::exp(*x - m);
+                    *x = super::dense::exp(*x - m);
                 }
                 (m, sum(row))
             })
@@ -276,9 +276,11 @@ impl SharedPtr {
 /// operand a pointer with its (row, column) strides (dst's columns are
 /// contiguous).
 ///
-/// Safety: every element the sizes and strides address lies inside the
-/// buffer behind its pointer.
-unsafe fn gemm_strided(
+/// # Safety
+///
+/// Every element the sizes and strides address lies inside the buffer
+/// behind its pointer, and dst does not overlap lhs or rhs.
+pub unsafe fn gemm_strided(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs): (*mut f32, isize),
     (lhs, lhs_rs, lhs_cs): (*const f32, isize, isize),

@@ -7,10 +7,10 @@
 //! in `tests/kernels.rs`.
 
 pub mod attention;
-pub mod encoder;
+pub mod dense;
 pub mod kv;
-pub mod llama;
 pub mod quant;
+pub mod rope;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};

@@ -130,9 +130,9 @@ pub struct Transformer {
     embed_norm: Option<Norm>,
     dropout: Dropout,
     /// The fused CPU form of this model's decoder, when it qualifies
-    /// (`kernels::llama`); batch-1 decode states use it. `None` forces the
+    /// (`exec::decoder`); batch-1 decode states use it. `None` forces the
     /// composed path.
-    pub fused: Option<Arc<crate::kernels::llama::FusedDecoder>>,
+    pub fused: Option<Arc<crate::exec::decoder::FusedDecoder>>,
     /// What the fused path's KV cache stores keys and values in (`--kv-dtype`).
     pub kv_dtype: crate::kernels::kv::KvDType,
 }
@@ -261,7 +261,7 @@ impl Transformer {
             fused: None,
             kv_dtype: Default::default(),
         };
-        model.fused = crate::kernels::llama::FusedDecoder::from_model(&model).map(Arc::new);
+        model.fused = crate::exec::decoder::FusedDecoder::from_model(&model).map(Arc::new);
         Ok(model)
     }
 

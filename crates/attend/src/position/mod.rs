@@ -123,22 +123,7 @@ impl Rope {
     }
 }
 
-/// cos and sin of pos · theta^(-2i/d) for pos < max_len, i < d/2: two
-/// (max_len, d/2) row-major tables.
-pub fn rope_tables(head_dim: usize, max_len: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let mut cos = vec![0f32; max_len * half];
-    let mut sin = vec![0f32; max_len * half];
-    for pos in 0..max_len {
-        for i in 0..half {
-            let freq = theta.powf(-2.0 * i as f64 / head_dim as f64);
-            let a = pos as f64 * freq;
-            cos[pos * half + i] = a.cos() as f32;
-            sin[pos * half + i] = a.sin() as f32;
-        }
-    }
-    (cos, sin)
-}
+pub use crate::kernels::rope::rope_tables;
 
 /// ALiBi head slopes (Press et al. 2022): a geometric sequence starting at
 /// 2^(-8/n); for n not a power of two, the extra heads take every other slope

@@ -225,7 +225,7 @@ impl FusedDecoder {
             )));
         }
         let (qd, kvd) = (self.h * hd, self.h_kv * hd);
-        use super::scratch::{give, take};
+        use crate::kernels::scratch::{give, take};
         // x (t, d): the embedding rows, copied from the table in place
         let mut x = take(t * d);
         {
@@ -303,7 +303,7 @@ impl FusedDecoder {
             let hq = Activations::new(&hbuf, t, d);
             matmul_many(&hq, &mut [(&w.w1, &mut g), (&w.w3, &mut u)]);
             for (a, &b) in g.iter_mut().zip(&u) {
-                *a = *a / (1.0 + super::encoder::exp(-*a)) * b;
+                *a = *a / (1.0 + crate::kernels::dense::exp(-*a)) * b;
             }
             let gq = Activations::new(&g, t, self.d_ff);
             matmul_many(&gq, &mut [(&w.w2, &mut o)]);
@@ -336,9 +336,9 @@ impl FusedDecoder {
     fn attention(&self, q: &[f32], k: KvRows, v: KvRows, pos0: usize, out: &mut [f32]) {
         let dims = (self.h, self.h_kv, self.hd);
         if q.len() >= 16 * self.h * self.hd {
-            return super::attention::causal_prefill(q, k, v, dims, pos0, out);
+            return crate::kernels::attention::causal_prefill(q, k, v, dims, pos0, out);
         }
-        super::attention::split_kv(q, k, v, dims, pos0, out)
+        crate::kernels::attention::split_kv(q, k, v, dims, pos0, out)
     }
 }
 

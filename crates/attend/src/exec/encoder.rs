@@ -18,26 +18,14 @@
 
 use crate::config::{FfnKind, MechanismConfig, NormKind, NormPosition, PositionKind, Shape};
 use crate::error::{Error, Result};
+use crate::kernels::attention::gemm_strided;
+use crate::kernels::dense::{exp, gelu, layer_norm_rows, linear, par_rows, Dense, Ln};
 use crate::model::Transformer;
 use crate::nn::{Linear, Weight};
 use crate::norm::Norm;
 use crate::position::Additive;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
-
-/// A LayerNorm's gain and bias.
-struct Ln {
-    gain: Vec<f32>,
-    bias: Vec<f32>,
-}
-
-/// A linear layer stored for the GEMM: wᵀ (in, out) row-major, and its bias.
-struct Dense {
-    wt: Vec<f32>,
-    b: Vec<f32>,
-    d_in: usize,
-    d_out: usize,
-}
 
 struct Layer {
     /// [W_q; W_k; W_v]ᵀ: (d, 3d)
@@ -286,7 +274,13 @@ impl FusedEncoder {
                 // with the strides given (rows of 3d, len, d).
                 unsafe {
                     // S = scale · Q_h K_hᵀ: K_hᵀ (hd, len) read in place
-                    matmul(len, len, hd, &mut s, len_i, q, (ld, 1), k, (1, ld), scale);
+                    gemm_strided(
+                        (len, len, hd),
+                        (s.as_mut_ptr(), len_i),
+                        (q.as_ptr(), ld, 1),
+                        (k.as_ptr(), 1, ld),
+                        scale,
+                    );
                 }
                 for row in s.chunks_exact_mut(len) {
                     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -297,179 +291,15 @@ impl FusedEncoder {
                 unsafe {
                     // O_h = P V_h, written into the head's columns of ctx
                     let o = &mut out[h * hd..];
-                    matmul(len, hd, len, o, d as isize, &s, (len_i, 1), v, (ld, 1), 1.0);
+                    gemm_strided(
+                        (len, hd, len),
+                        (o.as_mut_ptr(), d as isize),
+                        (s.as_ptr(), len_i, 1),
+                        (v.as_ptr(), ld, 1),
+                        1.0,
+                    );
                 }
             }
         });
     }
-}
-
-/// y (t, out) = [residual +] b + x (t, in) · wᵀ (in, out): the bias (and
-/// residual) are written first and the product accumulates onto them.
-fn linear(x: &[f32], w: &Dense, y: &mut [f32], residual: Option<&[f32]>) {
-    let (k, n) = (w.d_in, w.d_out);
-    let m = x.len() / k;
-    assert!(x.len() == m * k && y.len() == m * n && w.wt.len() == k * n);
-    match residual {
-        Some(r) => y
-            .chunks_exact_mut(n)
-            .zip(r.chunks_exact(n))
-            .for_each(|(row, r)| {
-                for ((o, a), b) in row.iter_mut().zip(r).zip(&w.b) {
-                    *o = a + b;
-                }
-            }),
-        None => y
-            .chunks_exact_mut(n)
-            .for_each(|row| row.copy_from_slice(&w.b)),
-    }
-    if m == 0 {
-        return;
-    }
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // Safety: x is (m, k), wt (k, n) and y (m, n), all row-major and
-    // contiguous (column stride 1, row stride = width), as asserted above.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.wt.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
-
-/// dst (m, n) = β · lhs (m, k) · rhs (k, n) on one thread; `dst` has row
-/// stride `dst_rs`, lhs and rhs are (row, column) strided.
-///
-/// Safety: every element addressed by the sizes and strides must lie inside
-/// the slice given for it.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: isize,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (isize, isize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (isize, isize),
-    beta: f32,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        1,
-        dst_rs,
-        false,
-        lhs.as_ptr(),
-        lhs_cs,
-        lhs_rs,
-        rhs.as_ptr(),
-        rhs_cs,
-        rhs_rs,
-        0.0,
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
-
-/// Apply `f` to each row of width `n`, rows split over the rayon pool.
-fn par_rows(x: &mut [f32], n: usize, f: impl Fn(&mut [f32]) + Sync) {
-    x.par_chunks_mut(n * 16)
-        .for_each(|block| block.chunks_exact_mut(n).for_each(&f));
-}
-
-/// In place, per row: (x - mean) / sqrt(var + eps) * gain + bias.
-fn layer_norm_rows(x: &mut [f32], n: &Ln, eps: f32) {
-    // the row statistics of the LayerNorm kernel the composed path runs
-    let stats = super::Normalize {
-        center: true,
-        eps: eps as f64,
-    };
-    par_rows(x, n.gain.len(), |row| {
-        let (mean, inv) = stats.stats(row);
-        for ((v, g), b) in row.iter_mut().zip(&n.gain).zip(&n.bias) {
-            *v = (*v - mean) * inv * g + b;
-        }
-    });
-}
-
-/// eˣ to ~1 ulp for x in [-87, 88] (clamped outside): x = n ln2 + r with
-/// |r| ≤ ln2/2, e^r by its degree-7 Taylor polynomial, 2ⁿ through the
-/// exponent bits. Branch-free, so loops over it vectorise.
-#[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let mut p = 1.0 / 5040.0;
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = p * r + c;
-    }
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
-}
-
-/// GELU(x) = x Φ(x) = ½ x (1 + erf(x / √2)), in place, with erf by
-/// Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7):
-/// erf(z) = 1 - (a₁t + … + a₅t⁵) e^{-z²}, t = 1 / (1 + p z), z ≥ 0.
-#[inline(always)]
-pub fn gelu(x: &mut f32) {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_72,
-        1.421_413_8,
-        -1.453_152_1,
-        1.061_405_4,
-    ];
-    let v = *x;
-    let z = v.abs() * std::f32::consts::FRAC_1_SQRT_2;
-    let t = 1.0 / (1.0 + P * z);
-    let mut poly = A[4];
-    for a in [A[3], A[2], A[1], A[0]] {
-        poly = poly * t + a;
-    }
-    // erfc(|z|) = q; 1 + erf(z) = 2 - q for z ≥ 0 and q for z < 0
-    let q = poly * t * exp(-z * z);
-    let c = if v >= 0.0 { 2.0 - q } else { q };
-    *x = 0.5 * v * c;
 }

@@ -1,0 +1,147 @@
+//! Dense f32 layers on plain buffers: the GEMM glue (gemm's AVX-512
+//! kernels), LayerNorm rows, and the vectorisable exp and GELU.
+
+use rayon::prelude::*;
+
+/// A LayerNorm's gain and bias.
+pub struct Ln {
+    pub gain: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+/// A linear layer stored for the GEMM: wᵀ (in, out) row-major, and its bias.
+pub struct Dense {
+    pub wt: Vec<f32>,
+    pub b: Vec<f32>,
+    pub d_in: usize,
+    pub d_out: usize,
+}
+
+/// y (t, out) = [residual +] b + x (t, in) · wᵀ (in, out): the bias (and
+/// residual) are written first and the product accumulates onto them.
+pub fn linear(x: &[f32], w: &Dense, y: &mut [f32], residual: Option<&[f32]>) {
+    let (k, n) = (w.d_in, w.d_out);
+    let m = x.len() / k;
+    assert!(x.len() == m * k && y.len() == m * n && w.wt.len() == k * n);
+    match residual {
+        Some(r) => y
+            .chunks_exact_mut(n)
+            .zip(r.chunks_exact(n))
+            .for_each(|(row, r)| {
+                for ((o, a), b) in row.iter_mut().zip(r).zip(&w.b) {
+                    *o = a + b;
+                }
+            }),
+        None => y
+            .chunks_exact_mut(n)
+            .for_each(|row| row.copy_from_slice(&w.b)),
+    }
+    if m == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // Safety: x is (m, k), wt (k, n) and y (m, n), all row-major and
+    // contiguous (column stride 1, row stride = width), as asserted above.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.wt.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Apply `f` to each row of width `n`, rows split over the rayon pool.
+pub fn par_rows(x: &mut [f32], n: usize, f: impl Fn(&mut [f32]) + Sync) {
+    x.par_chunks_mut(n * 16)
+        .for_each(|block| block.chunks_exact_mut(n).for_each(&f));
+}
+
+/// In place, per row: (x - mean) / sqrt(var + eps) * gain + bias.
+pub fn layer_norm_rows(x: &mut [f32], n: &Ln, eps: f32) {
+    // the row statistics of the LayerNorm kernel the composed path runs
+    let stats = super::Normalize {
+        center: true,
+        eps: eps as f64,
+    };
+    par_rows(x, n.gain.len(), |row| {
+        let (mean, inv) = stats.stats(row);
+        for ((v, g), b) in row.iter_mut().zip(&n.gain).zip(&n.bias) {
+            *v = (*v - mean) * inv * g + b;
+        }
+    });
+}
+
+/// eˣ to ~1 ulp for x in [-87, 88] (clamped outside): x = n ln2 + r with
+/// |r| ≤ ln2/2, e^r by its degree-7 Taylor polynomial, 2ⁿ through the
+/// exponent bits. Branch-free, so loops over it vectorise.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p * r + c;
+    }
+    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+}
+
+/// GELU(x) = x Φ(x) = ½ x (1 + erf(x / √2)), in place, with erf by
+/// Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7):
+/// erf(z) = 1 - (a₁t + … + a₅t⁵) e^{-z²}, t = 1 / (1 + p z), z ≥ 0.
+#[inline(always)]
+pub fn gelu(x: &mut f32) {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_72,
+        1.421_413_8,
+        -1.453_152_1,
+        1.061_405_4,
+    ];
+    let v = *x;
+    let z = v.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + P * z);
+    let mut poly = A[4];
+    for a in [A[3], A[2], A[1], A[0]] {
+        poly = poly * t + a;
+    }
+    // erfc(|z|) = q; 1 + erf(z) = 2 - q for z ≥ 0 and q for z < 0
+    let q = poly * t * exp(-z * z);
+    let c = if v >= 0.0 { 2.0 - q } else { q };
+    *x = 0.5 * v * c;
+}

@@ -1,0 +1,60 @@
+//! Rotary position embedding on plain buffers: the cos/sin tables and the
+//! rotation of one head vector (both layouts: adjacent pairs as GGUF stores
+//! them, or (x_i, x_{i+d/2}) as Hugging Face does).
+
+/// cos and sin of pos · theta^(-2i/d) for pos < max_len, i < d/2: two
+/// (max_len, d/2) row-major tables.
+pub fn rope_tables(head_dim: usize, max_len: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let mut cos = vec![0f32; max_len * half];
+    let mut sin = vec![0f32; max_len * half];
+    for pos in 0..max_len {
+        for i in 0..half {
+            let freq = theta.powf(-2.0 * i as f64 / head_dim as f64);
+            let a = pos as f64 * freq;
+            cos[pos * half + i] = a.cos() as f32;
+            sin[pos * half + i] = a.sin() as f32;
+        }
+    }
+    (cos, sin)
+}
+
+/// cos/sin tables of RoPE, (max_len, head_dim/2) each.
+#[derive(Debug)]
+pub struct RopeTables {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub interleaved: bool,
+    pub max_len: usize,
+}
+
+impl RopeTables {
+    pub fn new(head_dim: usize, max_len: usize, theta: f64, interleaved: bool) -> Self {
+        let (cos, sin) = rope_tables(head_dim, max_len, theta);
+        Self {
+            cos,
+            sin,
+            interleaved,
+            max_len,
+        }
+    }
+
+    /// Rotate x (head_dim) in place to position `pos`.
+    pub fn rotate(&self, x: &mut [f32], pos: usize) {
+        let half = x.len() / 2;
+        let (cos, sin) = (
+            &self.cos[pos * half..][..half],
+            &self.sin[pos * half..][..half],
+        );
+        for p in 0..half {
+            let (a, b) = if self.interleaved {
+                (2 * p, 2 * p + 1)
+            } else {
+                (p, p + half)
+            };
+            let (x1, x2) = (x[a], x[b]);
+            x[a] = x1 * cos[p] - x2 * sin[p];
+            x[b] = x2 * cos[p] + x1 * sin[p];
+        }
+    }
+}

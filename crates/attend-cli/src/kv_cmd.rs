@@ -22,11 +22,11 @@ pub struct KvArgs {
     /// positions from their slot in the cache.
     #[arg(long, value_name = "SPEC")]
     pub kv_policy: Option<String>,
-    /// What the KV cache stores keys and values in: f32 (the default: the
-    /// best perplexity and, today, the fastest decode at depth), f16 or bf16
-    /// (half the memory; +0.2-0.3% perplexity on SmolLM2) or q8_0 (about a
-    /// quarter; +0.4%). Figures in BENCHMARKS.md.
-    #[arg(long, value_name = "TYPE", default_value = "f32")]
+    /// What the KV cache stores keys and values in: f16 (the default: half
+    /// the memory of f32, as fast or faster at depth, +0.23% perplexity on
+    /// SmolLM2), f32, bf16, or q8_0 (about a quarter; +0.43%). Figures in
+    /// BENCHMARKS.md.
+    #[arg(long, value_name = "TYPE", default_value = "f16")]
     pub kv_dtype: attend::kernels::kv::KvDType,
 }
 

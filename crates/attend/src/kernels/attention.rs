@@ -136,7 +136,17 @@ pub fn split_kv_chunked(
         // the cache holds f32, else decoded once for the group
         let (ld, width) = (h_kv * hd, (j1 - j0) * hd);
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
-        let (kf, vf, at, stride) = match (k.as_f32(), v.as_f32()) {
+        let in_place = (k.as_f32(), v.as_f32());
+        // decoded slices go through the register form (measured faster for
+        // them); an f32 cache is read in place by the GEMMs (faster there)
+        #[cfg(target_arch = "x86_64")]
+        let small = in_place.0.is_none()
+            && hd.is_multiple_of(16)
+            && g * hd / 16 <= 16
+            && std::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let small = false;
+        let (kf, vf, at, stride) = match in_place {
             (Some(kf), Some(vf)) => (kf, vf, j0 * ld + kv * hd, ld),
             _ => {
                 (ks, vs) = (super::scratch::take(width), super::scratch::take(width));
@@ -153,16 +163,25 @@ pub fn split_kv_chunked(
         // consecutive rows of q
         let mut s = super::scratch::take(g * len);
         let mut acc = vec![0f32; g * hd];
+        let qg = &q[(i * h + kv * g) * hd..][..g * hd];
         // Safety: q's g rows from (i, kv·g), the slice's len keys and values
-        // (asserted above) and s, acc lie inside their buffers.
-        unsafe {
-            gemm_strided(
-                (g, len, hd),
-                (s.as_mut_ptr(), len as isize),
-                (q.as_ptr().add((i * h + kv * g) * hd), hd as isize, 1),
-                (kf.as_ptr().add(at), 1, stride as isize),
-                scale,
-            );
+        // (asserted above) and s, acc lie inside their buffers; `small`
+        // checked the CPU and the register budget of the AVX-512 form.
+        if small {
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                scores_avx512(qg, &kf[at..], stride, len, hd, scale, &mut s)
+            }
+        } else {
+            unsafe {
+                gemm_strided(
+                    (g, len, hd),
+                    (s.as_mut_ptr(), len as isize),
+                    (qg.as_ptr(), hd as isize, 1),
+                    (kf.as_ptr().add(at), 1, stride as isize),
+                    scale,
+                );
+            }
         }
         let stats: Vec<(f32, f32)> = s
             .chunks_exact_mut(len)
@@ -175,14 +194,21 @@ pub fn split_kv_chunked(
             })
             .collect();
         // acc (g, hd) = P V_slice
-        unsafe {
-            gemm_strided(
-                (g, hd, len),
-                (acc.as_mut_ptr(), hd as isize),
-                (s.as_ptr(), len as isize, 1),
-                (vf.as_ptr().add(at), stride as isize, 1),
-                1.0,
-            );
+        if small {
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                values_avx512(&s, &vf[at..], stride, len, hd, &mut acc)
+            }
+        } else {
+            unsafe {
+                gemm_strided(
+                    (g, hd, len),
+                    (acc.as_mut_ptr(), hd as isize),
+                    (s.as_ptr(), len as isize, 1),
+                    (vf.as_ptr().add(at), stride as isize, 1),
+                    1.0,
+                );
+            }
         }
         super::scratch::give(s);
         if ks.capacity() > 0 {
@@ -234,6 +260,74 @@ fn sum(x: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// s (g, len) = scale · q_g (g, hd) · kᵀ for the len keys `stride` apart
+/// in k: each key is loaded once for the g query heads, whose vectors stay
+/// in registers (g · hd / 16 ≤ 16 of them). A GEMM call here spent most of
+/// its time repacking the keys for a 3-row product.
+///
+/// Safety: the CPU has AVX-512 F; hd is a multiple of 16; k holds
+/// (len − 1)·stride + hd numbers, s g·len.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_avx512(
+    q: &[f32],
+    k: &[f32],
+    stride: usize,
+    len: usize,
+    hd: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (g, c) = (q.len() / hd, hd / 16);
+    let mut qv = [_mm512_setzero_ps(); 16];
+    for (i, v) in qv.iter_mut().enumerate().take(g * c) {
+        *v = _mm512_loadu_ps(q.as_ptr().add(16 * i));
+    }
+    for j in 0..len {
+        let kp = k.as_ptr().add(j * stride);
+        for a in 0..g {
+            let mut acc = _mm512_setzero_ps();
+            for x in 0..c {
+                acc = _mm512_fmadd_ps(qv[a * c + x], _mm512_loadu_ps(kp.add(16 * x)), acc);
+            }
+            *s.get_unchecked_mut(a * len + j) = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+}
+
+/// acc (g, hd) = p (g, len) · v for the len value rows `stride` apart: each
+/// value row is loaded once for the g heads, the accumulators in registers.
+///
+/// Safety: as `scores_avx512`, with v for k and acc holding g·hd numbers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn values_avx512(
+    p: &[f32],
+    v: &[f32],
+    stride: usize,
+    len: usize,
+    hd: usize,
+    acc: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (g, c) = (acc.len() / hd, hd / 16);
+    let mut av = [_mm512_setzero_ps(); 16];
+    for j in 0..len {
+        let vp = v.as_ptr().add(j * stride);
+        for a in 0..g {
+            let pa = _mm512_set1_ps(*p.get_unchecked(a * len + j));
+            for x in 0..c {
+                let r = &mut av[a * c + x];
+                *r = _mm512_fmadd_ps(pa, _mm512_loadu_ps(vp.add(16 * x)), *r);
+            }
+        }
+    }
+    for (i, r) in av.iter().enumerate().take(g * c) {
+        _mm512_storeu_ps(acc.as_mut_ptr().add(16 * i), *r);
+    }
 }
 
 /// The number of queries t, after checking that q and out are (t, h, hd)

@@ -236,3 +236,23 @@ fn fused_encoder_rejects_what_it_does_not_compute() {
     let err = f.encode(&[&long]).unwrap_err().to_string();
     assert!(err.contains("max_len 40"), "{err}");
 }
+
+#[test]
+fn a_q8_0_cache_refuses_heads_that_are_not_whole_blocks() {
+    // the test decoder's heads have 16 numbers; q8_0 stores blocks of 32
+    let mut m = quantized_llama(true, 4);
+    m.kv_dtype = attend::kernels::kv::KvDType::Q8_0;
+    let mut st = m.new_state(None).unwrap();
+    let x = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+    let e = m.step(&x, &mut st).unwrap_err().to_string();
+    assert!(e.contains("q8_0") && e.contains("16"), "{e}");
+    // f16 and bf16 store any width
+    for t in [
+        attend::kernels::kv::KvDType::F16,
+        attend::kernels::kv::KvDType::Bf16,
+    ] {
+        m.kv_dtype = t;
+        let mut st = m.new_state(None).unwrap();
+        assert!(m.step(&x, &mut st).is_ok());
+    }
+}

@@ -225,6 +225,13 @@ impl FusedDecoder {
             )));
         }
         let (qd, kvd) = (self.h * hd, self.h_kv * hd);
+        if !hd.is_multiple_of(st.dtype.block()) {
+            return Err(Error::msg(format!(
+                "a {} KV cache stores blocks of {} numbers per head; this model's heads have {hd}",
+                st.dtype,
+                st.dtype.block()
+            )));
+        }
         use crate::kernels::scratch::{give, take};
         // x (t, d): the embedding rows, copied from the table in place
         let mut x = take(t * d);

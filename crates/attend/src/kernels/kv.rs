@@ -69,9 +69,14 @@ impl KvDType {
         }
     }
 
-    /// src (n) -> dst (`bytes(n)`).
+    /// src (n, a multiple of `block`) -> dst (`bytes(n)`).
     pub fn encode(self, src: &[f32], dst: &mut [u8]) {
-        debug_assert_eq!(dst.len(), self.bytes(src.len()));
+        assert!(
+            src.len().is_multiple_of(self.block()) && dst.len() == self.bytes(src.len()),
+            "KvDType::encode: {} numbers into {} bytes of {self}",
+            src.len(),
+            dst.len()
+        );
         match self {
             KvDType::F32 => {
                 for (d, s) in dst.chunks_exact_mut(4).zip(src) {

@@ -261,9 +261,8 @@ impl FusedDecoder {
         for (l, w) in self.layers.iter().enumerate() {
             // x + W_o attention(RoPE(W_q h), RoPE(W_k h), W_v h), h = RMSNorm(x)
             rms_norm(&x, &w.ln_1, self.eps, d, &mut hbuf);
-            let hq = Activations::new(&hbuf, t, d);
             matmul_many(
-                &hq,
+                &Activations::new(&hbuf, t, d),
                 &mut [(&w.wq, &mut q), (&w.wk, &mut k), (&w.wv, &mut v)],
             );
             if let Some(caches) = &mut st.policy {
@@ -302,18 +301,18 @@ impl FusedDecoder {
                 };
                 self.attention(&q, rows(kc), rows(vc), pos0, &mut att);
             }
-            let aq = Activations::new(&att, t, qd);
-            matmul_many(&aq, &mut [(&w.wo, &mut o)]);
+            matmul_many(&Activations::new(&att, t, qd), &mut [(&w.wo, &mut o)]);
             add(&mut x, &o);
             // x + W_2 (silu(W_1 h) ⊙ W_3 h), h = RMSNorm(x)
             rms_norm(&x, &w.ln_2, self.eps, d, &mut hbuf);
-            let hq = Activations::new(&hbuf, t, d);
-            matmul_many(&hq, &mut [(&w.w1, &mut g), (&w.w3, &mut u)]);
+            matmul_many(
+                &Activations::new(&hbuf, t, d),
+                &mut [(&w.w1, &mut g), (&w.w3, &mut u)],
+            );
             for (a, &b) in g.iter_mut().zip(&u) {
                 *a = *a / (1.0 + crate::kernels::dense::exp(-*a)) * b;
             }
-            let gq = Activations::new(&g, t, self.d_ff);
-            matmul_many(&gq, &mut [(&w.w2, &mut o)]);
+            matmul_many(&Activations::new(&g, t, self.d_ff), &mut [(&w.w2, &mut o)]);
             add(&mut x, &o);
         }
         st.len += t;

@@ -319,13 +319,22 @@ impl Q8Rows {
             xs.len()
         );
         let nb = n * k / 32;
-        let mut q = Self {
-            n,
-            k,
-            qs: vec![0; n * k],
-            d: vec![0.0; nb],
-            s: vec![[0.0; 2]; nb],
-        };
+        // the buffers of an earlier product on this thread, when there is one
+        // (fresh ones cost page faults on every product of a prefill)
+        let mut q = SPARE_Q8.with(|c| c.borrow_mut().take()).unwrap_or(Self {
+            n: 0,
+            k: 0,
+            qs: vec![],
+            d: vec![],
+            s: vec![],
+        });
+        (q.n, q.k) = (n, k);
+        q.qs.clear();
+        q.qs.resize(n * k, 0);
+        q.d.clear();
+        q.d.resize(nb, 0.0);
+        q.s.clear();
+        q.s.resize(nb, [0.0; 2]);
         let chunk = 256; // blocks per parallel task
         q.qs.par_chunks_mut(32 * chunk)
             .zip(q.d.par_chunks_mut(chunk))
@@ -392,6 +401,19 @@ impl<'a> Activations<'a> {
     pub fn q8(&self) -> &Q8Rows {
         self.q8
             .get_or_init(|| Q8Rows::quantize(self.x, self.n, self.k))
+    }
+}
+
+thread_local! {
+    /// One set of 8-bit activation buffers per thread, kept between products.
+    static SPARE_Q8: std::cell::RefCell<Option<Q8Rows>> = const { std::cell::RefCell::new(None) };
+}
+
+impl Drop for Activations<'_> {
+    fn drop(&mut self) {
+        if let Some(q) = self.q8.take() {
+            SPARE_Q8.with(|c| *c.borrow_mut() = Some(q));
+        }
     }
 }
 

@@ -576,6 +576,10 @@ fn kv_policies_on_the_real_model() {
         ],
         &["--streaming"],
     );
+    fails_with(
+        &["bench", "--model", m, "--kv-dtype", "f8"],
+        &["--kv-dtype", "f8", "q8_0"],
+    );
     // streaming perplexity: full equals the windowed pass over the same
     // tokens up to activation rounding; a capped cache stays small
     let run = |args: &[&str]| -> serde_json::Value {

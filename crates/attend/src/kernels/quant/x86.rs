@@ -66,26 +66,20 @@ pub(super) fn group_fn(isa: Isa, fmt: Format) -> GroupFn {
     }
 }
 
-/// Tokens in passes of 8, then 4, 2, 1.
-macro_rules! passes {
-    ($kernel:ident, $F:ty, $w:expr, $g:expr, $x:expr, $t0:expr, $nt:expr, $out:expr, $ldo:expr) => {{
-        let (mut t, end) = ($t0, $t0 + $nt);
-        while end - t >= 8 {
-            $kernel::<$F, 8>($w, $g, $x, t, $out, $ldo);
-            t += 8;
+/// Tokens t0..t0 + nt in passes of 8, then 4, 2, 1: `pass(t, width)`.
+#[inline(always)]
+fn passes(t0: usize, nt: usize, mut pass: impl FnMut(usize, usize)) {
+    let (mut t, end) = (t0, t0 + nt);
+    while end - t >= 8 {
+        pass(t, 8);
+        t += 8;
+    }
+    for w in [4, 2, 1] {
+        if end - t >= w {
+            pass(t, w);
+            t += w;
         }
-        if end - t >= 4 {
-            $kernel::<$F, 4>($w, $g, $x, t, $out, $ldo);
-            t += 4;
-        }
-        if end - t >= 2 {
-            $kernel::<$F, 2>($w, $g, $x, t, $out, $ldo);
-            t += 2;
-        }
-        if end - t >= 1 {
-            $kernel::<$F, 1>($w, $g, $x, t, $out, $ldo);
-        }
-    }};
+    }
 }
 
 unsafe fn run512<F: Fmt>(
@@ -97,26 +91,16 @@ unsafe fn run512<F: Fmt>(
     out: Out,
     ldo: usize,
 ) {
-    if F::F.is_float() {
-        passes!(float512, F, w, g, x, t0, nt, out, ldo)
-    } else {
-        let (mut t, end) = (t0, t0 + nt);
-        while end - t >= 8 {
-            quant512_8::<F>(w, g, x, t, out, ldo);
-            t += 8;
-        }
-        if end - t >= 4 {
-            quant512_4::<F>(w, g, x, t, out, ldo);
-            t += 4;
-        }
-        if end - t >= 2 {
-            quant512_2::<F>(w, g, x, t, out, ldo);
-            t += 2;
-        }
-        if end - t >= 1 {
-            quant512_1::<F>(w, g, x, t, out, ldo);
-        }
-    }
+    passes(t0, nt, |t, width| match (F::F.is_float(), width) {
+        (true, 8) => float512::<F, 8>(w, g, x, t, out, ldo),
+        (true, 4) => float512::<F, 4>(w, g, x, t, out, ldo),
+        (true, 2) => float512::<F, 2>(w, g, x, t, out, ldo),
+        (true, _) => float512::<F, 1>(w, g, x, t, out, ldo),
+        (false, 8) => quant512_8::<F>(w, g, x, t, out, ldo),
+        (false, 4) => quant512_4::<F>(w, g, x, t, out, ldo),
+        (false, 2) => quant512_2::<F>(w, g, x, t, out, ldo),
+        (false, _) => quant512_1::<F>(w, g, x, t, out, ldo),
+    })
 }
 
 unsafe fn run256<F: Fmt>(

@@ -1,7 +1,7 @@
 //! `attend bench`: prefill and decode speed of a GGUF decoder, or
 //! sentences/s of an encoder, with peak memory.
 
-use crate::run_cmd::load_gguf;
+use crate::load::load_gguf;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
@@ -141,7 +141,7 @@ fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
         "decode_tokens": a.decode_tokens,
         "decode_depth": a.depth,
         "decode_tokens_per_sec": median(decode),
-        "fused": m.fused.is_some(),
+        "executor": format!("{:?}", m.executor()).to_lowercase(),
         "kv_dtype": m.kv_dtype.to_string(),
         "threads": crate::train_cmd::threads(),
         "peak_rss_mib": peak_rss_mib(),
@@ -152,7 +152,7 @@ fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
 /// Decode speed with a capped KV cache at several depths into one stream.
 fn bench_capped(
     a: &BenchArgs,
-    l: &crate::run_cmd::Loaded,
+    l: &crate::load::Loaded,
     c: &crate::kv_cmd::Capped,
 ) -> Result<serde_json::Value> {
     let m = &l.model;

@@ -2,7 +2,7 @@
 //! by generate, chat, perplexity and bench, streaming perplexity, and
 //! `attend kv-sweep` (perplexity against cache memory, table and plot).
 
-use crate::run_cmd::{load_gguf, Loaded};
+use crate::load::{load_gguf, Loaded};
 use crate::train_cmd::{log_line, print_report, progress};
 use anyhow::{bail, Context, Result};
 use attend::cache::policy::KvPolicy;

@@ -4,6 +4,7 @@
 mod bench_cmd;
 mod frontier_cmd;
 mod kv_cmd;
+mod load;
 mod run_cmd;
 mod train_cmd;
 

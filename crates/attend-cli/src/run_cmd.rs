@@ -2,6 +2,7 @@
 //! `inspect`.
 
 use crate::kv_cmd::{Capped, KvArgs};
+use crate::load::{load_gguf, Loaded};
 use anyhow::{bail, Context, Result};
 use attend::decode::{generate, Sampler, SamplingParams};
 use attend::formats::chat::{render, Message};
@@ -11,27 +12,9 @@ use attend::Transformer;
 use candle_core::{Device, Tensor};
 use clap::Args;
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// A loaded decoder checkpoint with its tokenizer.
-pub struct Loaded {
-    pub model: Transformer,
-    pub gguf: gguf::GgufModel,
-}
-
-pub fn load_gguf(path: &Path, dequantize: bool) -> Result<Loaded> {
-    if !path.exists() {
-        bail!(
-            "{}: model file not found (run scripts/fetch-models?)",
-            path.display()
-        );
-    }
-    let g = gguf::load(path, dequantize, &Device::Cpu)?;
-    let model = Transformer::new(&g.config, &g.store)?;
-    g.store.release_quantized();
-    Ok(Loaded { model, gguf: g })
-}
-
 /// Generate after `prompt` until EOS or `max_new` tokens, printing the text
 /// as it comes when `print` is set.
 fn stream_generate(

@@ -1,14 +1,16 @@
 //! KV-cache policies through a whole model (a small quantized Llama-shaped
-//! decoder, on the fused and the composed path, and a dense LayerNorm
-//! decoder): every policy stays within its budget at every step; `full`
-//! streaming equals the whole-text forward pass; a budget longer than the
-//! text equals `full`; both paths agree. (Each policy's choice of tokens is checked on
+//! decoder on both executors, and a dense LayerNorm decoder): every policy
+//! stays within its budget at every step; `full` streaming equals the
+//! whole-text forward pass; a budget longer than the text equals `full`;
+//! both executors agree; every policy works with every KV type. (Each policy's choice of tokens is checked on
 //! hand-built score sequences in `cache::policy`'s unit tests.)
 
 mod common;
 
 use attend::cache::policy::KvPolicy;
 use attend::eval::streaming::{retrieval_heads, streaming_perplexity};
+use attend::kernels::kv::KvDType;
+use attend::model::Executor;
 use attend::Transformer;
 use candle_core::{Device, Tensor, D};
 use common::quantized_llama;
@@ -36,23 +38,26 @@ fn every_policy_stays_within_its_budget_at_every_step() {
         for (i, &id) in text(60).iter().enumerate() {
             m.step_last(&Tensor::new(&[[id]], &Device::Cpu).unwrap(), &mut st)
                 .unwrap();
-            let caches = st.fused.as_ref().unwrap().policy.as_ref().unwrap();
+            let caches = st.policy_caches();
+            assert_eq!(caches.len(), m.cfg.n_decoder_layers);
             for (l, c) in caches.iter().enumerate() {
-                for (g, h) in c.heads.iter().enumerate() {
+                assert_eq!(c.kv_heads(), retrieval[l].len());
+                for (g, &marked) in retrieval[l].iter().enumerate() {
                     // razor's retrieval heads keep everything
-                    assert_eq!(h.retrieval, spec.starts_with("razor") && retrieval[l][g]);
+                    let r = c.is_retrieval(g);
+                    assert_eq!(r, spec.starts_with("razor") && marked);
                     let cap = match p.budget() {
-                        Some(b) if !h.retrieval => b,
+                        Some(b) if !r => b,
                         _ => i + 1,
                     };
+                    let held = c.head_len(g);
                     assert!(
-                        h.len() <= cap,
-                        "{spec} step {i} layer {l} head {g}: {} > {cap}",
-                        h.len()
+                        held <= cap,
+                        "{spec} step {i} layer {l} head {g}: {held} > {cap}"
                     );
                     // and what a capped head holds is the budget once full
-                    if p.budget().is_some() && i + 1 >= cap && !h.retrieval {
-                        assert_eq!(h.len(), cap, "{spec} step {i}");
+                    if p.budget().is_some() && i + 1 >= cap && !r {
+                        assert_eq!(held, cap, "{spec} step {i}");
                     }
                 }
             }
@@ -85,7 +90,8 @@ fn whole_text_nll(m: &Transformer, ids: &[u32]) -> f64 {
 
 #[test]
 fn full_streaming_equals_the_whole_text_forward_pass() {
-    let m = quantized_llama(false, 12);
+    let mut m = quantized_llama(false, 12);
+    m.kv_dtype = KvDType::F32;
     let ids = text(50);
     let s = streaming_perplexity(&m, &ids, &KvPolicy::Full, None, |_| {}).unwrap();
     let want = whole_text_nll(&m, &ids);
@@ -121,27 +127,89 @@ fn a_budget_longer_than_the_text_equals_full() {
     assert!(r.cache_bytes_max < full.cache_bytes_max);
 }
 
+/// Feed `ids` one token at a time through a `policy` state on `exec`:
+/// the logits of every step, flattened.
+fn stream(m: &Transformer, exec: Executor, p: &KvPolicy, r: &[Vec<bool>], ids: &[u32]) -> Vec<f32> {
+    let mut st = m.new_state_with_policy(p, Some(r)).unwrap();
+    let mut out = vec![];
+    for &id in ids {
+        let l = m
+            .step_on(
+                exec,
+                &Tensor::new(&[[id]], &Device::Cpu).unwrap(),
+                &mut st,
+                true,
+            )
+            .unwrap();
+        out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    out
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
 #[test]
-fn the_composed_path_applies_the_same_policies() {
-    // the same quantized model without its fused path
-    let fused = quantized_llama(true, 14);
-    let mut composed = fused.clone();
-    composed.fused = None;
-    let ids = text(60);
-    let retrieval = retrieval_heads(&fused, 0.5).unwrap();
-    assert_eq!(retrieval, retrieval_heads(&composed, 0.5).unwrap());
+fn both_executors_apply_the_same_policies_with_every_kv_type() {
+    let mut m = quantized_llama(true, 14);
+    let ids = text(40);
+    let retrieval = retrieval_heads(&m, 0.5).unwrap();
+    for dtype in [KvDType::F32, KvDType::F16, KvDType::Bf16] {
+        m.kv_dtype = dtype;
+        for spec in POLICIES {
+            let p: KvPolicy = spec.parse().unwrap();
+            let cpu = stream(&m, Executor::Cpu, &p, &retrieval, &ids);
+            let graph = stream(&m, Executor::Graph, &p, &retrieval, &ids);
+            // the same cache and policy code; the layers around it differ
+            let d = max_rel(&cpu, &graph);
+            assert!(d <= 1e-4, "{dtype} {spec}: cpu vs graph {d}");
+        }
+        // `full` under a policy equals the plain cache (in f32: in another
+        // type the plain cache rounds keys after RoPE, a policy cache before)
+        if dtype != KvDType::F32 {
+            continue;
+        }
+        let full = stream(&m, Executor::Cpu, &KvPolicy::Full, &retrieval, &ids);
+        let mut st = m.new_state(None).unwrap();
+        let mut plain = vec![];
+        for &id in &ids {
+            let l = m
+                .step_last(&Tensor::new(&[[id]], &Device::Cpu).unwrap(), &mut st)
+                .unwrap();
+            plain.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        let d = max_rel(&full, &plain);
+        assert!(d <= 1e-4, "{dtype}: full policy vs plain cache {d}");
+    }
+}
+
+#[test]
+fn policies_work_with_a_q8_0_cache() {
+    // q8_0 stores blocks of 32: a model with 32-wide heads
+    let cfg = attend::config::ModelConfig {
+        d_model: 64,
+        n_heads: 2,
+        n_kv_heads: Some(1),
+        max_len: 64,
+        vocab_size: 50,
+        ..common::tiny(attend::config::Shape::Decoder)
+    };
+    let (mut m, _) = common::build(&cfg, 5, candle_core::DType::F32);
+    let ids = text(40);
+    m.kv_dtype = KvDType::F32;
+    let exact = streaming_perplexity(&m, &ids, &KvPolicy::Full, None, |_| {}).unwrap();
+    m.kv_dtype = KvDType::Q8_0;
     for spec in POLICIES {
         let p: KvPolicy = spec.parse().unwrap();
-        let a = streaming_perplexity(&fused, &ids, &p, Some(&retrieval), |_| {}).unwrap();
-        let b = streaming_perplexity(&composed, &ids, &p, Some(&retrieval), |_| {}).unwrap();
-        // same policy code, same kernels; only rounding-order differences
-        assert!(
-            (a.mean_nll - b.mean_nll).abs() <= 1e-4 * a.mean_nll,
-            "{spec}: fused {} vs composed {}",
-            a.mean_nll,
-            b.mean_nll
-        );
-        assert_eq!(a.cache_tokens, b.cache_tokens, "{spec}");
+        let r = streaming_perplexity(&m, &ids, &p, None, |_| {}).unwrap();
+        assert!(r.mean_nll.is_finite(), "{spec}");
+        if spec == "full" {
+            // 8-bit keys and values move the loss a little, not a lot
+            let rel = (r.mean_nll - exact.mean_nll).abs() / exact.mean_nll;
+            assert!(rel < 1e-2, "q8_0 full vs f32: {rel}");
+        }
     }
 }
 
@@ -154,8 +222,9 @@ fn any_softmax_decoder_takes_a_policy() {
         position: attend::config::PositionKind::Learned,
         ..common::tiny(attend::config::Shape::Decoder)
     };
-    let (m, _) = common::build(&cfg, 3, candle_core::DType::F64);
-    assert!(m.fused.is_none());
+    let (mut m, _) = common::build(&cfg, 3, candle_core::DType::F64);
+    assert_eq!(m.executor(), Executor::Graph);
+    m.kv_dtype = KvDType::F32;
     let ids = text(40);
     let full = streaming_perplexity(&m, &ids, &KvPolicy::Full, None, |_| {}).unwrap();
     let want = whole_text_nll(&m, &ids);

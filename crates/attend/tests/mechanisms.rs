@@ -801,7 +801,10 @@ fn layer_forward_equals_naive_for_every_mechanism() {
         let store = ParamStore::new(1, DType::F32, Device::Cpu);
         let attn = Attention::new(&store.builder(), &cfg, &mech, false, true, None).unwrap();
         let x = Tensor::zeros((1, 3, cfg.d_model), DType::F32, &Device::Cpu).unwrap();
-        let e = attn.forward(&x, 0, None, None).unwrap_err().to_string();
+        let e = attn
+            .forward_graph(&x, 0, None, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(spec) && e.contains("causal only"), "{e}");
     }
     for spec in specs {
@@ -824,7 +827,7 @@ fn layer_forward_equals_naive_for_every_mechanism() {
                 let (xv, xt) = rand4_scaled(&mut rng(22), (1, b, t, cfg.d_model), 1.0, DType::F64);
                 let x = xt.squeeze(0).unwrap();
                 let pad = padding(b, t);
-                let got = attn.forward(&x, 0, Some(&pad), None).unwrap();
+                let got = attn.forward_graph(&x, 0, Some(&pad), None).unwrap();
                 let want = naive_layer(&attn, &xv[0], &|bi, j| !padded(bi, j, t));
                 let want_t = Tensor::new(want, &Device::Cpu).unwrap();
                 let err = max_abs_diff(&got, &want_t)

@@ -131,10 +131,9 @@ fn check_smollm(dequantize: bool) {
         .encode(p["text"].as_str().unwrap(), false)
         .unwrap();
     assert_eq!(tokens, ids(&p["input_ids"]));
-    // the quantized model runs prefill and decode on the fused path
-    let paths: &[bool] = if dequantize { &[false] } else { &[false, true] };
-    assert_eq!(model.fused.is_some(), !dequantize);
-    for &prefill in paths {
+    // whole-sequence scoring on the graph executor, a prefill on the CPU one
+    assert_eq!(model.executor(), attend::model::Executor::Cpu);
+    for prefill in [false, true] {
         check_score(&model, &tokens, p, dequantize, prefill);
     }
 }
@@ -257,8 +256,9 @@ fn minilm_dir() -> PathBuf {
 #[test]
 fn minilm_matches_sentence_transformers() {
     let fx = fixture("minilm.json");
-    let mut e = attend::formats::hf::Embedder::load(&minilm_dir(), &Device::Cpu).unwrap();
-    assert!(e.fused.is_some(), "MiniLM qualifies for the fused encoder");
+    let e = attend::formats::hf::Embedder::load(&minilm_dir(), &Device::Cpu).unwrap();
+    use attend::model::Executor;
+    assert_eq!(e.model.executor(), Executor::Cpu);
     let items = fx["items"].as_array().unwrap();
     let texts: Vec<String> = items
         .iter()
@@ -271,13 +271,15 @@ fn minilm_matches_sentence_transformers() {
             "token ids of {t:?}"
         );
     }
-    // the fused (packed) path, then the composed one; all at once (padded
-    // batches of mixed length) and one at a time
-    for (fused, batch) in [(true, 3), (true, 1), (false, 3), (false, 1)] {
-        if !fused {
-            e.fused = None;
-        }
-        let got = e.embed(&texts, batch).unwrap();
+    // the CPU executor (packed), then the graph one (padded batches of
+    // mixed length); all at once and one at a time
+    for (exec, batch) in [
+        (Executor::Cpu, 3),
+        (Executor::Cpu, 1),
+        (Executor::Graph, 3),
+        (Executor::Graph, 1),
+    ] {
+        let got = e.embed_on(exec, &texts, batch).unwrap();
         for ((t, item), v) in texts.iter().zip(items).zip(&got) {
             let want: Vec<f64> = item["embedding"]
                 .as_array()
@@ -291,7 +293,7 @@ fn minilm_matches_sentence_transformers() {
             let cos = dot / (na * nb);
             assert!(
                 cos >= 0.9999,
-                "fused {fused}, batch {batch}: cosine {cos} for {:?}",
+                "{exec:?}, batch {batch}: cosine {cos} for {:?}",
                 &t[..t.len().min(40)]
             );
         }

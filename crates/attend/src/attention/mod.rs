@@ -12,7 +12,7 @@
 //!
 //! | mechanism | file | decode state |
 //! | --- | --- | --- |
-//! | softmax | `softmax.rs` | every key and value (`KvCache`) |
+//! | softmax | `softmax.rs` | the KV cache (`cache::kv`), optionally under an eviction policy |
 //! | sliding window | `window.rs` | ring buffer of the last w keys/values |
 //! | linear (elu, relu, taylor, performer) | `linear.rs` | S = Σ φ(k) [v, 1]ᵀ |
 //! | BASED | `based.rs` | conv inputs + linear state + window ring |
@@ -21,6 +21,11 @@
 //!
 //! Grouped key/value heads work for every mechanism: the state is kept per
 //! kv head, and the g = n_heads / n_kv_heads query heads of a group read it.
+//!
+//! `Attention::forward` is written once for both executors (`exec`):
+//! softmax attention is the executor's `attend` op (tensors, or buffers and
+//! the KV cache in place); the other mechanisms run in their tensor form,
+//! which the CPU executor calls through `Exec::graph`.
 
 pub mod based;
 pub mod decay;
@@ -29,8 +34,11 @@ pub mod linear;
 pub mod softmax;
 pub mod window;
 
+use crate::cache::kv::KvCache;
 use crate::config::{MechanismConfig, ModelConfig, PositionKind};
 use crate::error::{Error, Result};
+use crate::exec::{AttnOp, Ctx, Exec};
+use crate::kernels::kv::KvDType;
 use crate::nn::{Builder, Linear};
 use crate::position::{alibi_slopes, Rope};
 use candle_core::{Device, Tensor};
@@ -82,57 +90,69 @@ impl Mechanism {
 /// What a self-attention layer keeps between decode steps.
 #[derive(Clone, Debug)]
 pub enum MixerState {
-    /// Softmax: every past key and value.
-    Kv(softmax::KvCache),
+    /// Softmax: the KV cache of each sequence of the batch (a fresh state
+    /// holds one empty cache, copied for every sequence at the first step).
+    Kv(Vec<KvCache>),
     /// Sliding window: the last w keys and values.
     Window(window::WindowCache),
     /// Linear, decayed and gated linear attention: one matrix per kv head.
     Recurrent(linear::RecurrentState),
     /// BASED: convolution inputs, linear state and window ring.
     Based(based::BasedState),
-    /// Softmax with a KV cache capped by an eviction policy (batch 1).
-    Policy(crate::cache::policy::PolicyCache),
 }
 
 impl MixerState {
     /// Bytes held in the state's buffers.
     pub fn state_bytes(&self) -> usize {
         match self {
-            MixerState::Kv(c) => c.state_bytes(),
+            MixerState::Kv(c) => c.iter().map(|c| c.state_bytes()).sum(),
             MixerState::Window(c) => c.state_bytes(),
             MixerState::Recurrent(s) => s.state_bytes(),
             MixerState::Based(s) => s.state_bytes(),
-            MixerState::Policy(c) => c.state_bytes(),
         }
     }
 
     /// Keep the sequences at `idx` (beam search reordering).
     pub fn select(&mut self, idx: &Tensor) -> Result<()> {
         match self {
-            MixerState::Kv(c) => c.select(idx),
+            MixerState::Kv(c) => {
+                let idx = idx.to_vec1::<u32>()?;
+                if c.iter().any(|c| c.policy.is_some()) && idx != [0] {
+                    return Err(Error::msg(
+                        "a policy-capped KV cache holds one sequence; it cannot be reordered",
+                    ));
+                }
+                if let [one] = c.as_slice() {
+                    if one.is_empty() {
+                        // nothing held yet: every sequence starts empty
+                        *c = vec![one.clone(); idx.len()];
+                        return Ok(());
+                    }
+                }
+                let picked = idx
+                    .iter()
+                    .map(|&i| {
+                        c.get(i as usize).cloned().ok_or_else(|| {
+                            Error::msg(format!("sequence {i} is not in the decode state"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                *c = picked;
+                Ok(())
+            }
             MixerState::Window(c) => c.select(idx),
             MixerState::Recurrent(s) => s.select(idx),
             MixerState::Based(s) => s.select(idx),
-            MixerState::Policy(_) => {
-                if idx.to_vec1::<u32>()? == [0] {
-                    Ok(())
-                } else {
-                    Err(crate::error::Error::msg(
-                        "a policy-capped KV cache holds one sequence; it cannot be reordered",
-                    ))
-                }
-            }
         }
     }
 
     /// The device of the state's tensors (None while empty).
     pub fn device(&self) -> Option<Device> {
         let t = match self {
-            MixerState::Kv(c) => return c.keys().map(|k| k.device().clone()),
+            MixerState::Kv(_) => return None,
             MixerState::Window(c) => c.k.as_ref(),
             MixerState::Recurrent(s) => s.s.as_ref(),
             MixerState::Based(s) => s.linear.s.as_ref().or(s.conv.buf.as_ref()),
-            MixerState::Policy(_) => None,
         };
         t.map(|t| t.device().clone())
     }
@@ -192,9 +212,14 @@ impl Attention {
         let rope = if is_self { rope } else { None };
         let rope_qk = match &rope {
             Some(r) if qk_dim != hd => {
-                let mut q =
-                    Rope::new(qk_dim, r.max_len(), cfg.rope_theta, vb.dtype(), vb.device())?;
-                q.interleaved = r.interleaved;
+                let q = Rope::new(
+                    qk_dim,
+                    r.max_len(),
+                    cfg.rope_theta,
+                    r.interleaved,
+                    vb.dtype(),
+                    vb.device(),
+                )?;
                 Some(Arc::new(q))
             }
             r => r.clone(),
@@ -216,15 +241,18 @@ impl Attention {
         })
     }
 
-    pub fn new_state(&self) -> MixerState {
-        match self.mechanism {
-            Mechanism::Softmax => MixerState::Kv(softmax::KvCache::default()),
+    /// A fresh decode state; softmax layers keep keys and values in `dtype`.
+    pub fn new_state(&self, dtype: KvDType) -> Result<MixerState> {
+        Ok(match self.mechanism {
+            Mechanism::Softmax => {
+                MixerState::Kv(vec![KvCache::new(dtype, self.n_kv_heads, self.head_dim)?])
+            }
             Mechanism::Window(_) => MixerState::Window(window::WindowCache::default()),
             Mechanism::Linear(_) | Mechanism::Decay(_) | Mechanism::Gla(_) => {
                 MixerState::Recurrent(linear::RecurrentState::default())
             }
             Mechanism::Based(_) => MixerState::Based(based::BasedState::default()),
-        }
+        })
     }
 
     /// The RoPE table for head_dim-wide vectors, if the model uses RoPE.
@@ -260,29 +288,77 @@ impl Attention {
         Ok((q, k, v))
     }
 
-    /// Self-attention over x: (b, t, d) at positions offset..offset+t.
-    /// With `state`, the new tokens are appended to it and the queries read
-    /// everything it holds (prefill; a single token takes the mechanism's
-    /// `step`); without, the sequence attends to itself (training).
-    /// `key_padding`: 1 = token, 0 = padding; (b, t_keys) for softmax (all
-    /// keys, cached ones included), (b, t) for the other mechanisms.
-    pub fn forward(
+    /// Self-attention of a batch on executor `e`: x (tokens, d), already
+    /// normed -> (tokens, d). With `state`, the new tokens are appended to it
+    /// and the queries read everything it holds (prefill; a single token
+    /// takes the mechanism's `step`); without, each sequence attends to
+    /// itself (training, encoders).
+    pub fn forward<E: Exec>(
         &self,
-        x: &Tensor,
-        offset: usize,
-        key_padding: Option<&Tensor>,
+        e: &E,
+        x: &E::X,
+        b: &E::Batch,
         state: Option<&mut MixerState>,
-    ) -> Result<Tensor> {
-        let (_, t, _) = x.dims3()?;
-        let decode = t == 1;
+    ) -> Result<E::X> {
         if !self.causal && matches!(self.mechanism, Mechanism::Decay(_) | Mechanism::Gla(_)) {
             return Err(Error::msg(format!(
                 "`{}` attention is causal only; it cannot run bidirectionally",
                 self.mechanism.name()
             )));
         }
+        if let Mechanism::Softmax = self.mechanism {
+            let caches = match state {
+                None => None,
+                Some(MixerState::Kv(c)) => Some(c),
+                Some(_) => return Err(state_mismatch(&self.mechanism)),
+            };
+            let [q, k, v] = three(e.linear(x, &[&self.q_proj, &self.k_proj, &self.v_proj])?);
+            let op = AttnOp {
+                heads: self.n_heads,
+                kv_heads: self.n_kv_heads,
+                head_dim: self.head_dim,
+                causal: self.causal,
+                rope: self.rope.as_deref(),
+                alibi: self.alibi.as_deref(),
+            };
+            let y = e.attend(&op, q, k, v, b, caches)?;
+            return Ok(one(e.linear(&y, &[&self.o_proj])?));
+        }
+        let mut state = state;
+        e.graph(x, b, &mut |x, ctx| self.mix(x, ctx, state.as_deref_mut()))
+    }
+
+    /// `forward` on the graph executor for a (b, t, d) tensor at positions
+    /// offset..; `key_padding` (b, t), 1 = token.
+    pub fn forward_graph(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        key_padding: Option<&Tensor>,
+        state: Option<&mut MixerState>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let batch = crate::exec::graph::GraphBatch {
+            ids: Tensor::zeros((b, t), candle_core::DType::U32, x.device())?,
+            offset,
+            padding: key_padding.cloned(),
+        };
+        self.forward(&crate::exec::graph::Graph, x, &batch, state)
+    }
+
+    /// The tensor form of the mechanisms other than softmax:
+    /// x (b, t, d) at positions ctx.offset.. -> (b, t, d). `ctx.padding`:
+    /// (b, t), 1 = token.
+    pub fn mix(&self, x: &Tensor, ctx: Ctx, state: Option<&mut MixerState>) -> Result<Tensor> {
+        let (offset, key_padding) = (ctx.offset, ctx.padding);
+        let (_, t, _) = x.dims3()?;
+        let decode = t == 1;
         let y = match &self.mechanism {
-            Mechanism::Softmax => return self.forward_softmax(x, offset, key_padding, state),
+            Mechanism::Softmax => {
+                return Err(Error::msg(
+                    "softmax attention is the executor's attend op, not a graph mixer",
+                ))
+            }
             Mechanism::Window(m) => {
                 let st = match state {
                     None => None,
@@ -343,83 +419,6 @@ impl Attention {
         }
     }
 
-    fn forward_softmax(
-        &self,
-        x: &Tensor,
-        offset: usize,
-        key_padding: Option<&Tensor>,
-        state: Option<&mut MixerState>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        if let Some(MixerState::Policy(cache)) = state {
-            return self.forward_policy(x, b, t, cache);
-        }
-        let (q, k, v) = self.qkv(x, offset)?;
-        let (k, v) = match state {
-            Some(MixerState::Kv(cache)) => cache.append(&k, &v)?,
-            Some(_) => return Err(state_mismatch(&self.mechanism)),
-            None => (k, v),
-        };
-        let tk = k.dim(2)?;
-        let bias = softmax::score_bias(
-            t,
-            tk,
-            tk - t,
-            self.causal,
-            key_padding,
-            self.alibi.as_deref(),
-            q.dtype(),
-            q.device(),
-        )?;
-        let y = softmax::forward(&q, &k, &v, bias.as_ref())?;
-        self.merge(&y)
-    }
-
-    /// Softmax attention through a policy-capped cache, token by token (the
-    /// cache applies RoPE by slot): x (1, t, d) -> (1, t, d).
-    fn forward_policy(
-        &self,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        cache: &mut crate::cache::policy::PolicyCache,
-    ) -> Result<Tensor> {
-        if b != 1 {
-            return Err(crate::error::Error::msg(
-                "a policy-capped KV cache decodes one sequence at a time (batch 1)",
-            ));
-        }
-        if self.alibi.is_some() {
-            return Err(crate::error::Error::msg(
-                "KV-cache policies take positions from RoPE or the embeddings, not ALiBi",
-            ));
-        }
-        let rows = |lin: &Linear| -> Result<Vec<f32>> {
-            Ok(lin
-                .forward(x)?
-                .to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_vec1()?)
-        };
-        let (q, k, v) = (
-            rows(&self.q_proj)?,
-            rows(&self.k_proj)?,
-            rows(&self.v_proj)?,
-        );
-        let (qd, kvd) = (q.len() / t, k.len() / t);
-        let mut out = vec![0f32; q.len()];
-        for i in 0..t {
-            cache.step(
-                &q[i * qd..][..qd],
-                &k[i * kvd..][..kvd],
-                &v[i * kvd..][..kvd],
-                &mut out[i * qd..][..qd],
-            )?;
-        }
-        let y = Tensor::from_vec(out, (1, t, qd), x.device())?.to_dtype(x.dtype())?;
-        self.o_proj.forward(&y)
-    }
-
     /// Keys and values of the encoder memory for cross-attention, computed once
     /// per source: memory (b, s, d) -> 2 × (b, h_kv, s, head_dim).
     pub fn memory_kv(&self, memory: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -444,4 +443,16 @@ impl Attention {
         let y = softmax::forward(&q, &kv.0, &kv.1, bias.as_ref())?;
         self.merge(&y)
     }
+}
+
+/// The one output of a single linear map.
+pub(crate) fn one<X>(mut v: Vec<X>) -> X {
+    v.pop().expect("one map, one output")
+}
+
+/// The three outputs of a q/k/v group.
+pub(crate) fn three<X>(v: Vec<X>) -> [X; 3] {
+    let mut it = v.into_iter();
+    let mut next = || it.next().expect("three maps, three outputs");
+    [next(), next(), next()]
 }

@@ -15,17 +15,15 @@
 //! (half heavy hitters, half recent), `a2sf,budget=B,forget=λ`,
 //! `razor,budget=B` (4 sinks, the compensation token, the rest window).
 //!
-//! Each (layer, KV head) keeps its own cache (`HeadCache`), so heads evict
-//! independently, as H2O and RazorAttention do. Keys are stored before RoPE
-//! and rotated by their slot in the cache ("positions taken from the slot",
-//! as StreamingLLM does for RoPE models); with nothing evicted the slot is
-//! the position, so `full` equals ordinary attention.
+//! A policy is bookkeeping over the one KV cache (`cache::kv`): each
+//! (layer, KV head) evicts independently, as H2O and RazorAttention do, and
+//! keys are rotated by their rank among the kept tokens ("positions taken
+//! from the slot", as StreamingLLM does for RoPE models); with nothing
+//! evicted the rank is the position, so `full` equals ordinary attention.
+//! Every policy works with every KV type.
 
 use crate::error::{Error, Result};
-use crate::kernels::{axpy, dot};
-use rayon::prelude::*;
 use std::str::FromStr;
-use std::sync::Arc;
 
 /// A parsed `--kv-policy` spec.
 #[derive(Clone, Debug, PartialEq)]
@@ -258,347 +256,16 @@ impl KvPolicy {
     }
 
     /// Whether the policy needs each token's attention accumulated.
-    fn scores(&self) -> bool {
+    pub(crate) fn scores(&self) -> bool {
         matches!(self, KvPolicy::H2o { .. } | KvPolicy::A2sf { .. })
-    }
-}
-
-pub use crate::kernels::rope::RopeTables;
-
-/// One KV head's cache under a policy. Storage slots are reused after an
-/// eviction; `order` lists the occupied slots oldest first, and a token's
-/// rank in it is its position for RoPE.
-#[derive(Clone, Debug, Default)]
-pub struct HeadCache {
-    /// Keys before RoPE, values: (slots, head_dim).
-    k: Vec<f32>,
-    v: Vec<f32>,
-    /// Keys rotated to `rot_rank` (reused while a slot's rank is unchanged).
-    rot: Vec<f32>,
-    rot_rank: Vec<u32>,
-    /// Accumulated attention per slot (H2O, A2SF).
-    score: Vec<f32>,
-    /// Absolute position per slot (for reports and tests).
-    pos: Vec<u32>,
-    order: Vec<u32>,
-    free: Vec<u32>,
-    /// RazorAttention's compensation token: sums of dropped keys/values.
-    comp: Option<(Vec<f32>, Vec<f32>, usize)>,
-    /// A retrieval head (RazorAttention): never evicts.
-    pub retrieval: bool,
-}
-
-impl HeadCache {
-    /// Tokens held (the compensation token counts as one).
-    pub fn len(&self) -> usize {
-        self.order.len() + usize::from(self.comp.as_ref().is_some_and(|c| c.2 > 0))
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Absolute positions of the tokens held, oldest first.
-    pub fn positions(&self) -> Vec<usize> {
-        self.order
-            .iter()
-            .map(|&s| self.pos[s as usize] as usize)
-            .collect()
-    }
-
-    /// Bytes held by the buffers (allocated capacity).
-    pub fn state_bytes(&self) -> usize {
-        4 * (self.k.capacity() + self.v.capacity() + self.rot.capacity())
-            + 4 * (self.rot_rank.capacity() + self.score.capacity() + self.pos.capacity())
-            + 4 * (self.order.capacity() + self.free.capacity())
-            + self
-                .comp
-                .as_ref()
-                .map_or(0, |c| 4 * (c.0.capacity() + c.1.capacity()))
-    }
-
-    fn insert(&mut self, k: &[f32], v: &[f32], pos: usize) {
-        let hd = k.len();
-        let slot = match self.free.pop() {
-            Some(s) => {
-                let s = s as usize;
-                self.k[s * hd..][..hd].copy_from_slice(k);
-                self.v[s * hd..][..hd].copy_from_slice(v);
-                self.rot_rank[s] = u32::MAX;
-                self.score[s] = 0.0;
-                self.pos[s] = pos as u32;
-                s
-            }
-            None => {
-                self.k.extend_from_slice(k);
-                self.v.extend_from_slice(v);
-                self.rot.extend_from_slice(k);
-                self.rot_rank.push(u32::MAX);
-                self.score.push(0.0);
-                self.pos.push(pos as u32);
-                self.pos.len() - 1
-            }
-        };
-        self.order.push(slot as u32);
-    }
-
-    /// Drop the token at rank `r` (index into `order`).
-    fn evict(&mut self, r: usize, hd: usize) {
-        let s = self.order.remove(r);
-        if let Some((ks, vs, n)) = &mut self.comp {
-            let s = s as usize;
-            for (a, &b) in ks.iter_mut().zip(&self.k[s * hd..][..hd]) {
-                *a += b;
-            }
-            for (a, &b) in vs.iter_mut().zip(&self.v[s * hd..][..hd]) {
-                *a += b;
-            }
-            *n += 1;
-        }
-        self.free.push(s);
-    }
-
-    /// Evict down to the policy's budget; the newest token always stays.
-    fn enforce(&mut self, policy: &KvPolicy, hd: usize) {
-        if self.retrieval {
-            return;
-        }
-        let Some(budget) = policy.budget() else {
-            return;
-        };
-        while self.len() > budget {
-            let r = match *policy {
-                KvPolicy::Full => unreachable!("full has no budget"),
-                KvPolicy::Window { .. } => 0,
-                KvPolicy::Sinks { sinks, .. } | KvPolicy::Razor { sinks, .. } => sinks,
-                KvPolicy::H2o { window, .. } | KvPolicy::A2sf { window, .. } => {
-                    // the lowest accumulated score outside the recent window
-                    let old = self.order.len() - window;
-                    (0..old)
-                        .min_by(|&a, &b| {
-                            let (sa, sb) = (
-                                self.score[self.order[a] as usize],
-                                self.score[self.order[b] as usize],
-                            );
-                            sa.total_cmp(&sb).then(a.cmp(&b))
-                        })
-                        .expect("a full cache has tokens outside the window")
-                }
-            };
-            self.evict(r, hd);
-        }
-    }
-
-    /// The keys and values attention reads, oldest first, with RoPE applied
-    /// at their rank: (n, hd) each. The compensation token sits after the
-    /// sinks.
-    fn prepare(&mut self, rope: Option<&RopeTables>, sinks: usize, hd: usize) -> Vec<u32> {
-        // ranks: sinks, [compensation], the rest
-        let comp = self.comp.as_ref().is_some_and(|c| c.2 > 0);
-        let mut slots = Vec::with_capacity(self.len());
-        for (i, &s) in self.order.iter().enumerate() {
-            let rank = if comp && i >= sinks { i + 1 } else { i };
-            let su = s as usize;
-            if self.rot_rank[su] != rank as u32 {
-                let (src, dst) = (&self.k[su * hd..][..hd], &mut self.rot[su * hd..][..hd]);
-                dst.copy_from_slice(src);
-                if let Some(r) = rope {
-                    r.rotate(dst, rank);
-                }
-                self.rot_rank[su] = rank as u32;
-            }
-            slots.push(s);
-        }
-        slots
-    }
-}
-
-/// The caches of one layer: one `HeadCache` per KV head.
-#[derive(Clone, Debug)]
-pub struct PolicyCache {
-    pub policy: KvPolicy,
-    pub heads: Vec<HeadCache>,
-    hd: usize,
-    rope: Option<Arc<RopeTables>>,
-    /// Tokens seen.
-    pub seen: usize,
-    /// Attention of each query head over the cache at the last step, in the
-    /// cache's order (kept only when `record` is set: the retrieval-head probe).
-    pub record: bool,
-    pub last_probs: Vec<Vec<f32>>,
-}
-
-impl PolicyCache {
-    /// `retrieval[g]`: KV head g keeps its full cache (RazorAttention).
-    pub fn new(
-        policy: &KvPolicy,
-        n_kv_heads: usize,
-        head_dim: usize,
-        rope: Option<Arc<RopeTables>>,
-        retrieval: &[bool],
-    ) -> Self {
-        let heads = (0..n_kv_heads)
-            .map(|g| {
-                let razor = matches!(policy, KvPolicy::Razor { .. });
-                let mut c = HeadCache {
-                    // only RazorAttention spares retrieval heads
-                    retrieval: razor && retrieval.get(g).copied().unwrap_or(false),
-                    comp: matches!(policy, KvPolicy::Razor { .. })
-                        .then(|| (vec![0f32; head_dim], vec![0f32; head_dim], 0)),
-                    ..Default::default()
-                };
-                if let (Some(b), false) = (policy.budget(), c.retrieval) {
-                    // a capped head holds at most budget + 1 tokens (the
-                    // newest is inserted before the eviction): allocate once
-                    let n = b + 1;
-                    c.k.reserve_exact(n * head_dim);
-                    c.v.reserve_exact(n * head_dim);
-                    c.rot.reserve_exact(n * head_dim);
-                    c.rot_rank.reserve_exact(n);
-                    c.score.reserve_exact(n);
-                    c.pos.reserve_exact(n);
-                    c.order.reserve_exact(n);
-                    c.free.reserve_exact(n);
-                }
-                c
-            })
-            .collect();
-        Self {
-            policy: policy.clone(),
-            heads,
-            hd: head_dim,
-            rope,
-            seen: 0,
-            record: false,
-            last_probs: vec![],
-        }
-    }
-
-    /// Most tokens any head holds.
-    pub fn max_len(&self) -> usize {
-        self.heads.iter().map(|h| h.len()).max().unwrap_or(0)
-    }
-
-    pub fn state_bytes(&self) -> usize {
-        self.heads.iter().map(|h| h.state_bytes()).sum()
-    }
-
-    /// One token: q (h, hd), k and v (h_kv, hd), all before RoPE -> out
-    /// (h, hd). Inserts the token, evicts to the budget, attends over what
-    /// is kept, and accumulates the attention scores the policy uses.
-    pub fn step(&mut self, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) -> Result<()> {
-        let hd = self.hd;
-        let h_kv = self.heads.len();
-        let h = q.len() / hd;
-        let group = h / h_kv;
-        let pos = self.seen;
-        let sinks = match self.policy {
-            KvPolicy::Sinks { sinks, .. } | KvPolicy::Razor { sinks, .. } => sinks,
-            _ => 0,
-        };
-        let (policy, rope) = (&self.policy, self.rope.as_deref());
-        // 1. per KV head: insert, evict, rotate keys whose rank changed
-        let slots: Vec<Vec<u32>> = self
-            .heads
-            .par_iter_mut()
-            .enumerate()
-            .map(|(g, c)| {
-                c.insert(&k[g * hd..][..hd], &v[g * hd..][..hd], pos);
-                c.enforce(policy, hd);
-                if let Some(r) = rope.filter(|r| c.len() > r.max_len) {
-                    return Err(Error::msg(format!(
-                        "the KV cache holds {} tokens, more than the model's context of {} \
-                         (cap it with a policy, e.g. sinks=4,window=1020)",
-                        c.len(),
-                        r.max_len
-                    )));
-                }
-                Ok(c.prepare(rope, sinks, hd))
-            })
-            .collect::<Result<_>>()?;
-        // 2. per query head: softmax attention over the kept tokens
-        let scale = 1.0 / (hd as f32).sqrt();
-        let heads = &self.heads;
-        let probs: Vec<Vec<f32>> = out
-            .par_chunks_mut(hd)
-            .enumerate()
-            .map(|(qh, o)| {
-                let g = qh / group;
-                let c = &heads[g];
-                let mut qv = q[qh * hd..][..hd].to_vec();
-                let comp = c.comp.as_ref().filter(|c| c.2 > 0);
-                let n = slots[g].len() + usize::from(comp.is_some());
-                if let Some(r) = rope {
-                    r.rotate(&mut qv, n - 1);
-                }
-                // the compensation token: mean dropped key (rotated to its
-                // rank, after the sinks) and value
-                let comp_kv = comp.map(|(ks, vs, cnt)| {
-                    let mut kc: Vec<f32> = ks.iter().map(|x| x / *cnt as f32).collect();
-                    if let Some(r) = rope {
-                        r.rotate(&mut kc, sinks.min(slots[g].len()));
-                    }
-                    (kc, vs.iter().map(|x| x / *cnt as f32).collect::<Vec<f32>>())
-                });
-                let key = |i: usize| -> &[f32] { &c.rot[slots[g][i] as usize * hd..][..hd] };
-                let mut s: Vec<f32> = (0..slots[g].len())
-                    .map(|i| dot(&qv, key(i)) * scale)
-                    .collect();
-                let comp_score = comp_kv.as_ref().map(|(kc, _)| dot(&qv, kc) * scale);
-                let max = s
-                    .iter()
-                    .chain(comp_score.iter())
-                    .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut z = 0f32;
-                for x in s.iter_mut() {
-                    *x = (*x - max).exp();
-                    z += *x;
-                }
-                let pc = comp_score.map(|x| (x - max).exp());
-                z += pc.unwrap_or(0.0);
-                // (the fused path's order of operations, so that `full`
-                // reproduces it bit for bit)
-                o.fill(0.0);
-                for (i, &p) in s.iter().enumerate() {
-                    axpy(o, p, &c.v[slots[g][i] as usize * hd..][..hd]);
-                }
-                if let (Some(pc), Some((_, vc))) = (pc, &comp_kv) {
-                    axpy(o, pc, vc);
-                }
-                for a in o.iter_mut() {
-                    *a /= z;
-                }
-                for p in s.iter_mut() {
-                    *p /= z;
-                }
-                s
-            })
-            .collect();
-        // 3. accumulate attention (summed over the group's query heads)
-        if policy.scores() {
-            let forget = match *policy {
-                KvPolicy::A2sf { forget, .. } => forget,
-                _ => 1.0,
-            };
-            for (g, c) in self.heads.iter_mut().enumerate() {
-                for (i, &s) in slots[g].iter().enumerate() {
-                    let p: f32 = (0..group).map(|j| probs[g * group + j][i]).sum();
-                    let sc = &mut c.score[s as usize];
-                    *sc = forget * *sc + p;
-                }
-            }
-        }
-        if self.record {
-            self.last_probs = probs;
-        }
-        self.seen += 1;
-        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::kv::KvCache;
+    use crate::kernels::kv::KvDType;
 
     fn parse(s: &str) -> Result<KvPolicy> {
         s.parse()
@@ -678,13 +345,16 @@ mod tests {
     }
 
     /// One head, no RoPE: feed (q, k) pairs (v = k), return the cache.
-    fn run(spec: &str, retrieval: bool, steps: &[(Vec<f32>, Vec<f32>)]) -> PolicyCache {
-        let mut c = PolicyCache::new(&parse(spec).unwrap(), 1, HD, None, &[retrieval]);
+    fn run(spec: &str, retrieval: bool, steps: &[(Vec<f32>, Vec<f32>)]) -> KvCache {
+        let p = parse(spec).unwrap();
+        let mut c = KvCache::with_policy(&p, KvDType::F32, 1, HD, &[retrieval]).unwrap();
         let mut out = vec![0f32; HD];
         for (q, k) in steps {
-            c.step(q, k, k, &mut out).unwrap();
-            if let (Some(b), false) = (c.policy.budget(), retrieval) {
-                assert!(c.heads[0].len() <= b, "{spec}: {} > {b}", c.heads[0].len());
+            let (mut q, mut k) = (q.clone(), k.clone());
+            let v = k.clone();
+            c.attend(&mut q, &mut k, &v, None, 1, &mut out).unwrap();
+            if let (Some(b), false) = (p.budget(), retrieval) {
+                assert!(c.head_len(0) <= b, "{spec}: {} > {b}", c.head_len(0));
             }
         }
         c
@@ -696,16 +366,13 @@ mod tests {
 
     #[test]
     fn recency_policies_keep_the_expected_tokens() {
+        assert_eq!(run("window=3", false, &plain(7)).positions(0), [4, 5, 6]);
         assert_eq!(
-            run("window=3", false, &plain(7)).heads[0].positions(),
-            [4, 5, 6]
-        );
-        assert_eq!(
-            run("sinks=2,window=2", false, &plain(7)).heads[0].positions(),
+            run("sinks=2,window=2", false, &plain(7)).positions(0),
             [0, 1, 5, 6]
         );
         assert_eq!(
-            run("full", false, &plain(7)).heads[0].positions(),
+            run("full", false, &plain(7)).positions(0),
             [0, 1, 2, 3, 4, 5, 6]
         );
     }
@@ -725,13 +392,13 @@ mod tests {
     fn heavy_hitters_follow_accumulated_attention() {
         // scores before t3 (H2O): t0 ≈ 2.0, t1 ≈ 0.97 -> t1 is evicted
         let c = run("h2o=1,window=2", false, &heavy_sequence());
-        assert_eq!(c.heads[0].positions(), [0, 2, 3]);
+        assert_eq!(c.positions(0), [0, 2, 3]);
         // A2SF forgets: t0 ≈ 0.1²·1 + 0.1·0.97 + 0.03 ≈ 0.14 < t1 ≈ 0.95 -> t0 goes
         let c = run("a2sf=1,window=2,forget=0.1", false, &heavy_sequence());
-        assert_eq!(c.heads[0].positions(), [1, 2, 3]);
+        assert_eq!(c.positions(0), [1, 2, 3]);
         // with no forgetting A2SF is H2O
         let c = run("a2sf=1,window=2,forget=1", false, &heavy_sequence());
-        assert_eq!(c.heads[0].positions(), [0, 2, 3]);
+        assert_eq!(c.positions(0), [0, 2, 3]);
     }
 
     #[test]
@@ -739,15 +406,14 @@ mod tests {
         // keys j·e0: the compensation key is the mean of the dropped ones
         let steps: Vec<_> = (0..5).map(|j| (e(0, 0.0), e(0, j as f32))).collect();
         let c = run("razor,sinks=1,window=1", false, &steps);
-        let h = &c.heads[0];
-        assert_eq!(h.positions(), [0, 4]);
-        let (ks, vs, n) = h.comp.as_ref().unwrap();
-        assert_eq!(*n, 3); // t1, t2, t3 dropped
-        assert_eq!(ks[0] / *n as f32, 2.0);
-        assert_eq!(vs[0] / *n as f32, 2.0);
-        assert_eq!(h.len(), 3); // sink, compensation, window
+        assert_eq!(c.positions(0), [0, 4]);
+        let (ks, vs, n) = c.compensation(0).unwrap();
+        assert_eq!(n, 3); // t1, t2, t3 dropped
+        assert_eq!(ks[0], 2.0);
+        assert_eq!(vs[0], 2.0);
+        assert_eq!(c.head_len(0), 3); // sink, compensation, window
         let c = run("razor,sinks=1,window=1", true, &steps);
-        assert_eq!(c.heads[0].positions(), [0, 1, 2, 3, 4]);
+        assert_eq!(c.positions(0), [0, 1, 2, 3, 4]);
     }
 
     #[test]

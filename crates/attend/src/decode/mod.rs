@@ -160,7 +160,7 @@ pub fn generate_with_policy(
 #[allow(clippy::too_many_arguments)]
 fn generate_in(
     model: &Transformer,
-    mut state: crate::cache::DecodeState,
+    mut state: crate::model::DecodeState,
     prompt: &[u32],
     memory: Option<&Memory>,
     max_new: usize,

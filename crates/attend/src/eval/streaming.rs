@@ -52,7 +52,7 @@ pub fn streaming_perplexity(
     let cache_tokens = state
         .policy_caches()
         .iter()
-        .map(|c| c.max_len())
+        .map(|c| c.len())
         .max()
         .unwrap_or(0);
     let mean_nll = total / (ids.len() - 1) as f64;

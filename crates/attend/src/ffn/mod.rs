@@ -3,8 +3,8 @@
 
 use crate::config::{FfnKind, ModelConfig};
 use crate::error::Result;
+use crate::exec::{Act, Exec};
 use crate::nn::{Builder, Linear};
-use candle_core::Tensor;
 
 #[derive(Clone, Debug)]
 pub struct Ffn {
@@ -28,15 +28,25 @@ impl Ffn {
         })
     }
 
-    /// x: (b, t, d) -> (b, t, d)
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.w1.forward(x)?;
+    /// x (tokens, d) -> (tokens, d) on executor `e`.
+    pub fn forward<E: Exec>(&self, e: &E, x: &E::X) -> Result<E::X> {
         let h = match (self.kind, &self.w3) {
-            (FfnKind::Relu, _) => h.relu()?,
-            (FfnKind::Gelu, _) => h.gelu_erf()?,
-            (FfnKind::Swiglu, Some(w3)) => (h.silu()? * w3.forward(x)?)?,
+            (FfnKind::Swiglu, Some(w3)) => {
+                let mut gu = e.linear(x, &[&self.w1, w3])?;
+                let up = gu.pop().expect("two maps");
+                e.act(Act::Silu, gu.pop().expect("two maps"), Some(&up))?
+            }
             (FfnKind::Swiglu, None) => unreachable!("swiglu is built with w3"),
+            (kind, _) => {
+                let f = if kind == FfnKind::Relu {
+                    Act::Relu
+                } else {
+                    Act::Gelu
+                };
+                let h = e.linear(x, &[&self.w1])?.pop().expect("one map");
+                e.act(f, h, None)?
+            }
         };
-        self.w2.forward(&h)
+        Ok(e.linear(&h, &[&self.w2])?.pop().expect("one map"))
     }
 }

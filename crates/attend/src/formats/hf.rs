@@ -5,7 +5,6 @@
 use super::tokenizer::Tokenizer;
 use crate::config::{FfnKind, ModelConfig, NormKind, NormPosition, PositionKind, Shape};
 use crate::error::{Error, Result};
-use crate::exec::encoder::FusedEncoder;
 use crate::nn::ParamStore;
 use crate::Transformer;
 use candle_core::{DType, Device, Tensor};
@@ -148,9 +147,6 @@ pub fn load_tokenizer(dir: &Path, max_len: usize) -> Result<(Tokenizer, usize)> 
 /// A sentence-embedding model: BERT encoder, tokenizer, pooling.
 pub struct Embedder {
     pub model: Transformer,
-    /// The padding-free fused form of the encoder (`exec::encoder`), when
-    /// the model qualifies; `None` runs the composed `Transformer::encode`.
-    pub fused: Option<FusedEncoder>,
     pub tokenizer: Tokenizer,
     /// Longest input in tokens; longer inputs are truncated.
     pub max_seq_length: usize,
@@ -212,7 +208,6 @@ impl Embedder {
             Err(_) => true,
         };
         Ok(Self {
-            fused: FusedEncoder::from_model(&model),
             model,
             tokenizer,
             max_seq_length,
@@ -228,6 +223,16 @@ impl Embedder {
     /// Embed texts in batches of `batch_size` (sorted by length so that each
     /// batch pads little); returns one vector per text, in input order.
     pub fn embed(&self, texts: &[String], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+        self.embed_on(self.model.executor(), texts, batch_size)
+    }
+
+    /// `embed` on the given executor.
+    pub fn embed_on(
+        &self,
+        exec: crate::model::Executor,
+        texts: &[String],
+        batch_size: usize,
+    ) -> Result<Vec<Vec<f32>>> {
         let encoded = texts
             .iter()
             .map(|t| self.token_ids(t))
@@ -235,39 +240,16 @@ impl Embedder {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
         let mut out = vec![vec![]; texts.len()];
-        if let Some(f) = &self.fused {
-            // packed: no padding, so length order does not matter for cost
-            // but keeps the batches the same as the composed path's
-            let d = f.d_model();
-            for chunk in order.chunks(batch_size.max(1)) {
-                let seqs: Vec<&[u32]> = chunk.iter().map(|&i| &encoded[i][..]).collect();
-                let hidden = f.encode(&seqs)?;
-                let mut start = 0;
-                for (&i, s) in chunk.iter().zip(&seqs) {
-                    out[i] = self.pool_rows(&hidden[start * d..(start + s.len()) * d], d);
-                    start += s.len();
-                }
-            }
-            return Ok(out);
-        }
-        let dev = self.model.embed.table.device().clone();
+        // packed on the CPU executor (no padding), so length order does not
+        // matter for cost there; it keeps the graph executor's padding small
+        let d = self.model.cfg.d_model;
         for chunk in order.chunks(batch_size.max(1)) {
-            let len = chunk.iter().map(|&i| encoded[i].len()).max().unwrap_or(1);
-            let (mut ids, mut mask) =
-                (vec![0u32; chunk.len() * len], vec![0f32; chunk.len() * len]);
-            for (row, &i) in chunk.iter().enumerate() {
-                for (j, &id) in encoded[i].iter().enumerate() {
-                    ids[row * len + j] = id;
-                    mask[row * len + j] = 1.0;
-                }
-            }
-            let ids = Tensor::from_vec(ids, (chunk.len(), len), &dev)?;
-            let mask = Tensor::from_vec(mask, (chunk.len(), len), &dev)?;
-            let hidden = self.model.encode(&ids, Some(&mask))?.hidden;
-            for (row, &i) in chunk.iter().enumerate() {
-                let real = hidden.get(row)?.narrow(0, 0, encoded[i].len())?;
-                let rows = real.flatten_all()?.to_vec1::<f32>()?;
-                out[i] = self.pool_rows(&rows, hidden.dim(2)?);
+            let seqs: Vec<&[u32]> = chunk.iter().map(|&i| &encoded[i][..]).collect();
+            let hidden = self.model.encode_packed_on(exec, &seqs)?;
+            let mut start = 0;
+            for (&i, s) in chunk.iter().zip(&seqs) {
+                out[i] = self.pool_rows(&hidden[start * d..(start + s.len()) * d], d);
+                start += s.len();
             }
         }
         Ok(out)

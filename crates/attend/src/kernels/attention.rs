@@ -1,62 +1,147 @@
-//! Softmax attention over plain f32 buffers: the causal prefill as GEMMs,
-//! and decoding split along the keys (split-KV).
+//! Softmax attention over plain f32 buffers: whole sequences (prefill,
+//! packed encoder batches) as GEMMs, and decoding split along the keys
+//! (split-KV).
 //!
-//! Layouts are token-major, as the projections write them: queries
-//! q (t, h, hd), keys and values (n, h_kv, hd) rows in the cache's type
-//! (`KvRows`); query head `head` reads key head `head / (h / h_kv)`
+//! Queries are token-major, as the projections write them: q (t, h, hd).
+//! A KV cache is head-major, one `KvRows` of (n, hd) rows per kv head in
+//! the cache's type; query head `head` reads kv head `head / (h / h_kv)`
 //! (grouped-query attention).
 
 use super::kv::KvRows;
 use rayon::prelude::*;
 
-/// Queries per block of the prefill form.
+/// Queries per block of the GEMM form.
 const QB: usize = 64;
 
+/// f32 keys or values addressed by strides: element c of row j of kv head
+/// g is `data[g · head + j · row + c]`. Token-major projections are
+/// (head = hd, row = h_kv · hd); a decoded cache (head = n · hd, row = hd).
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub head: usize,
+    pub row: usize,
+}
+
+/// One sequence of a packed batch: its queries are rows q0..q0 + t of q and
+/// out; its keys are rows k0..k0 + pos0 + t, the last t of them the
+/// queries' own positions (pos0 keys come before the first query).
+#[derive(Clone, Copy, Debug)]
+pub struct Seq {
+    pub q0: usize,
+    pub t: usize,
+    pub k0: usize,
+    pub pos0: usize,
+}
+
 /// Causal grouped-query softmax attention of t queries at positions
-/// pos0..pos0+t over the keys/values of positions 0..pos0+t:
-/// q (t, h, hd), k, v (pos0 + t, h_kv, hd) -> out (t, h, hd).
-///
-/// Per (head, block of 64 queries): S = Q_h K_hᵀ / √hd over the keys the
-/// block's last query may see, the causal mask and softmax row by row, then
-/// O_h = P V_h; both products on gemm's kernels, reading q, k, v and writing
-/// out in place through strides.
+/// pos0..pos0+t over a cache holding positions 0..pos0+t:
+/// q (t, h, hd), k[g], v[g] (≥ pos0 + t, hd) -> out (t, h, hd).
+/// The cache is decoded to f32 once and handed to `attend_f32`.
 pub fn causal_prefill(
     q: &[f32],
-    k: KvRows,
-    v: KvRows,
+    k: &[KvRows],
+    v: &[KvRows],
     (h, h_kv, hd): (usize, usize, usize),
     pos0: usize,
     out: &mut [f32],
 ) {
     let t = queries(q, k, v, (h, h_kv, hd), pos0, out);
-    // the keys and values as f32 for the GEMMs
-    let (k, v) = (k.to_f32(pos0 + t), v.to_f32(pos0 + t));
+    let n = pos0 + t;
+    let decode = |rows: &[KvRows]| {
+        let mut f = super::scratch::take(h_kv * n * hd);
+        for (g, r) in rows.iter().enumerate() {
+            r.decode_rows(0, 0, hd, &mut f[g * n * hd..][..n * hd]);
+        }
+        f
+    };
+    let (kf, vf) = (decode(k), decode(v));
+    let s = |data| Strided {
+        data,
+        head: n * hd,
+        row: hd,
+    };
+    let seq = Seq {
+        q0: 0,
+        t,
+        k0: 0,
+        pos0,
+    };
+    attend_f32(q, s(&kf), s(&vf), (h, h_kv, hd), &[seq], true, out);
+    super::scratch::give(kf);
+    super::scratch::give(vf);
+}
+
+/// Softmax attention of every sequence of a packed batch over its own keys,
+/// causal or bidirectional: q (Σ t, h, hd), k, v as `Strided`
+/// -> out (Σ t, h, hd).
+///
+/// Per (sequence, head, block of 64 queries): S = Q_h K_hᵀ / √hd over the
+/// keys the block may see, the causal mask and softmax row by row, then
+/// O_h = P V_h; both products on gemm's kernels, reading q, k, v and writing
+/// out in place through strides.
+pub fn attend_f32(
+    q: &[f32],
+    k: Strided,
+    v: Strided,
+    (h, h_kv, hd): (usize, usize, usize),
+    seqs: &[Seq],
+    causal: bool,
+    out: &mut [f32],
+) {
     assert!(h_kv > 0 && h.is_multiple_of(h_kv), "attention: heads");
+    assert!(q.len() == out.len(), "attention: q/out sizes");
     let group = h / h_kv;
     let scale = 1.0 / (hd as f32).sqrt();
-    let tasks: Vec<(usize, usize)> = (0..h)
-        .flat_map(|head| (0..t).step_by(QB).map(move |i0| (head, i0)))
+    let ld = h * hd;
+    for s in seqs {
+        let n = s.pos0 + s.t;
+        assert!((s.q0 + s.t) * ld <= q.len(), "attention: queries");
+        for kv in [&k, &v] {
+            if n > 0 {
+                let last = (h_kv - 1) * kv.head + (s.k0 + n - 1) * kv.row + hd;
+                assert!(last <= kv.data.len(), "attention: keys/values");
+            }
+        }
+    }
+    // (sequence, head, first query of the block)
+    let tasks: Vec<(usize, usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| {
+            (0..h).flat_map(move |head| (0..s.t).step_by(QB).map(move |i0| (si, head, i0)))
+        })
         .collect();
     let dst = SharedPtr(out.as_mut_ptr());
-    tasks.par_iter().for_each(|&(head, i0)| {
-        let (m, kv) = ((t - i0).min(QB), head / group);
-        let n = pos0 + i0 + m; // keys the block's last query sees
-        let mut s = super::scratch::take(m * n);
-        let (ld_q, ld_kv) = ((h * hd) as isize, (h_kv * hd) as isize);
-        // Safety: q rows i0..i0+m of this head, k/v rows 0..n of this kv
-        // head and out rows i0..i0+m of this head lie inside their buffers
+    let work = |&(si, head, i0): &(usize, usize, usize)| {
+        let s = seqs[si];
+        let (m, kv) = ((s.t - i0).min(QB), head / group);
+        // keys the block may see: up to its last query's position, or all
+        let n = if causal {
+            s.pos0 + i0 + m
+        } else {
+            s.pos0 + s.t
+        };
+        let mut p = super::scratch::take(m * n);
+        let qrow = (s.q0 + i0) * ld + head * hd;
+        // Safety: q rows q0+i0..q0+i0+m of this head, k/v rows k0..k0+n of
+        // this kv head and out's rows of this head lie inside their buffers
         // (asserted above); tasks write disjoint (rows, head) blocks of out.
         unsafe {
             gemm_strided(
                 (m, n, hd),
-                (s.as_mut_ptr(), n as isize),
-                (q.as_ptr().add((i0 * h + head) * hd), ld_q, 1),
-                (k.as_ptr().add(kv * hd), 1, ld_kv),
+                (p.as_mut_ptr(), n as isize),
+                (q.as_ptr().add(qrow), ld as isize, 1),
+                (
+                    k.data.as_ptr().add(kv * k.head + s.k0 * k.row),
+                    1,
+                    k.row as isize,
+                ),
                 scale,
             );
         }
-        for (r, row) in s.chunks_exact_mut(n).enumerate() {
-            let valid = pos0 + i0 + r + 1;
+        for (r, row) in p.chunks_exact_mut(n).enumerate() {
+            let valid = if causal { s.pos0 + i0 + r + 1 } else { n };
             let (seen, future) = row.split_at_mut(valid);
             let max = seen.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             for x in seen.iter_mut() {
@@ -69,14 +154,23 @@ pub fn causal_prefill(
         unsafe {
             gemm_strided(
                 (m, hd, n),
-                (dst.get().add((i0 * h + head) * hd), ld_q),
-                (s.as_ptr(), n as isize, 1),
-                (v.as_ptr().add(kv * hd), ld_kv, 1),
+                (dst.get().add(qrow), ld as isize),
+                (p.as_ptr(), n as isize, 1),
+                (
+                    v.data.as_ptr().add(kv * v.head + s.k0 * v.row),
+                    v.row as isize,
+                    1,
+                ),
                 1.0,
             );
         }
-        super::scratch::give(s);
-    });
+        super::scratch::give(p);
+    };
+    if tasks.len() == 1 {
+        tasks.iter().for_each(work);
+    } else {
+        tasks.par_iter().for_each(work);
+    }
 }
 
 /// Keys per task of the split-KV form.
@@ -94,8 +188,8 @@ const KV_CHUNK: usize = 256;
 /// is read once per group, not once per query head.
 pub fn split_kv(
     q: &[f32],
-    k: KvRows,
-    v: KvRows,
+    k: &[KvRows],
+    v: &[KvRows],
     (h, h_kv, hd): (usize, usize, usize),
     pos0: usize,
     out: &mut [f32],
@@ -106,8 +200,8 @@ pub fn split_kv(
 /// `split_kv` with slices of `chunk` keys (tests use small ones).
 pub fn split_kv_chunked(
     q: &[f32],
-    k: KvRows,
-    v: KvRows,
+    k: &[KvRows],
+    v: &[KvRows],
     (h, h_kv, hd): (usize, usize, usize),
     pos0: usize,
     out: &mut [f32],
@@ -134,9 +228,9 @@ pub fn split_kv_chunked(
     let work = |&(i, kv, j0, j1): &(usize, usize, usize, usize)| {
         // the slice's keys and values of this kv head as f32: in place when
         // the cache holds f32, else decoded once for the group
-        let (ld, width) = (h_kv * hd, (j1 - j0) * hd);
+        let width = (j1 - j0) * hd;
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
-        let in_place = (k.as_f32(), v.as_f32());
+        let in_place = (k[kv].as_f32(), v[kv].as_f32());
         // decoded slices go through the register form (measured faster for
         // them); an f32 cache is read in place by the GEMMs (faster there)
         #[cfg(target_arch = "x86_64")]
@@ -147,11 +241,11 @@ pub fn split_kv_chunked(
         #[cfg(not(target_arch = "x86_64"))]
         let small = false;
         let (kf, vf, at, stride) = match in_place {
-            (Some(kf), Some(vf)) => (kf, vf, j0 * ld + kv * hd, ld),
+            (Some(kf), Some(vf)) => (kf, vf, j0 * hd, hd),
             _ => {
                 (ks, vs) = (super::scratch::take(width), super::scratch::take(width));
-                k.decode_rows(j0, kv * hd, hd, &mut ks);
-                v.decode_rows(j0, kv * hd, hd, &mut vs);
+                k[kv].decode_rows(j0, 0, hd, &mut ks);
+                v[kv].decode_rows(j0, 0, hd, &mut vs);
                 (&ks[..], &vs[..], 0, hd)
             }
         };
@@ -334,8 +428,8 @@ unsafe fn values_avx512(
 /// and that the cache holds keys and values for positions 0..pos0 + t.
 fn queries(
     q: &[f32],
-    k: KvRows,
-    v: KvRows,
+    k: &[KvRows],
+    v: &[KvRows],
     (h, h_kv, hd): (usize, usize, usize),
     pos0: usize,
     out: &[f32],
@@ -346,7 +440,11 @@ fn queries(
         "attention: q/out sizes"
     );
     assert!(
-        k.width == h_kv * hd && v.width == k.width && k.rows().min(v.rows()) >= pos0 + t,
+        k.len() == h_kv
+            && v.len() == h_kv
+            && k.iter()
+                .chain(v)
+                .all(|r| r.width == hd && r.rows() >= pos0 + t),
         "attention: the cache holds fewer than pos0 + t keys"
     );
     t
@@ -411,20 +509,25 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// The textbook form in f64: every query against every key it may see.
+    /// k, v token-major (n, h_kv, hd); `causal: false` lets every query see
+    /// all n keys.
     fn naive(
         q: &[f32],
         k: &[f32],
         v: &[f32],
         (h, h_kv, hd): (usize, usize, usize),
         pos0: usize,
+        causal: bool,
     ) -> Vec<f32> {
         let t = q.len() / (h * hd);
+        let n = k.len() / (h_kv * hd);
         let mut out = vec![0f32; q.len()];
         for i in 0..t {
             for head in 0..h {
                 let kv = head / (h / h_kv);
                 let qi = &q[(i * h + head) * hd..][..hd];
-                let s: Vec<f64> = (0..=pos0 + i)
+                let seen = if causal { pos0 + i + 1 } else { n };
+                let s: Vec<f64> = (0..seen)
                     .map(|j| {
                         let kj = &k[(j * h_kv + kv) * hd..][..hd];
                         qi.iter()
@@ -453,14 +556,33 @@ mod tests {
         (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect()
     }
 
-    /// f32 numbers encoded as cache rows in `dtype`, and what they decode
-    /// to (the numbers attention sees).
-    fn rows(x: &[f32], dtype: KvDType) -> (Vec<u8>, Vec<f32>) {
-        let mut b = vec![0u8; dtype.bytes(x.len())];
-        dtype.encode(x, &mut b);
+    /// Token-major x (n, h_kv, hd) encoded as one cache buffer per kv head
+    /// in `dtype`, and what they decode to, token-major (the numbers
+    /// attention sees).
+    fn rows(x: &[f32], h_kv: usize, hd: usize, dtype: KvDType) -> (Vec<Vec<u8>>, Vec<f32>) {
+        let n = x.len() / (h_kv * hd);
+        let mut heads = vec![vec![0u8; dtype.bytes(n * hd)]; h_kv];
         let mut back = vec![0f32; x.len()];
-        dtype.decode(&b, &mut back);
-        (b, back)
+        for (g, b) in heads.iter_mut().enumerate() {
+            for j in 0..n {
+                let at = (j * h_kv + g) * hd;
+                let row = &mut b[dtype.bytes(j * hd)..][..dtype.bytes(hd)];
+                dtype.encode(&x[at..][..hd], row);
+                dtype.decode(row, &mut back[at..][..hd]);
+            }
+        }
+        (heads, back)
+    }
+
+    fn views(heads: &[Vec<u8>], dtype: KvDType, hd: usize) -> Vec<KvRows<'_>> {
+        heads
+            .iter()
+            .map(|b| KvRows {
+                dtype,
+                bytes: b,
+                width: hd,
+            })
+            .collect()
     }
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -477,27 +599,18 @@ mod tests {
             for (pos0, t) in [(0, 1), (5, 1), (300, 1), (1000, 3), (77, 16)] {
                 let n = pos0 + t;
                 let q = random(t * 6 * 32, 1 + pos0 as u64);
-                let (kb, k) = rows(&random(n * 64, 2), dtype);
-                let (vb, v) = rows(&random(n * 64, 3), dtype);
-                let want = naive(&q, &k, &v, dims, pos0);
-                let kr = KvRows {
-                    dtype,
-                    bytes: &kb,
-                    width: 64,
-                };
-                let vr = KvRows {
-                    dtype,
-                    bytes: &vb,
-                    width: 64,
-                };
+                let (kb, k) = rows(&random(n * 64, 2), 2, 32, dtype);
+                let (vb, v) = rows(&random(n * 64, 3), 2, 32, dtype);
+                let want = naive(&q, &k, &v, dims, pos0, true);
+                let (kr, vr) = (views(&kb, dtype, 32), views(&vb, dtype, 32));
                 for chunk in [1, 7, 64, 256, 100_000] {
                     let mut got = vec![f32::NAN; q.len()];
-                    split_kv_chunked(&q, kr, vr, dims, pos0, &mut got, chunk);
+                    split_kv_chunked(&q, &kr, &vr, dims, pos0, &mut got, chunk);
                     let d = max_diff(&got, &want);
                     assert!(d < 1e-5, "{dtype} pos0 {pos0} t {t} chunk {chunk}: {d}");
                 }
                 let mut got = vec![f32::NAN; q.len()];
-                split_kv(&q, kr, vr, dims, pos0, &mut got);
+                split_kv(&q, &kr, &vr, dims, pos0, &mut got);
                 assert!(max_diff(&got, &want) < 1e-5);
             }
         }
@@ -510,22 +623,57 @@ mod tests {
             for (pos0, t) in [(0, 16), (0, 130), (40, 70)] {
                 let n = pos0 + t;
                 let q = random(t * 4 * 32, 4);
-                let (kb, k) = rows(&random(n * 32, 5), dtype);
-                let (vb, v) = rows(&random(n * 32, 6), dtype);
+                let (kb, k) = rows(&random(n * 32, 5), 1, 32, dtype);
+                let (vb, v) = rows(&random(n * 32, 6), 1, 32, dtype);
                 let mut got = vec![f32::NAN; q.len()];
-                let kr = KvRows {
-                    dtype,
-                    bytes: &kb,
-                    width: 32,
-                };
-                let vr = KvRows {
-                    dtype,
-                    bytes: &vb,
-                    width: 32,
-                };
-                causal_prefill(&q, kr, vr, dims, pos0, &mut got);
-                let d = max_diff(&got, &naive(&q, &k, &v, dims, pos0));
+                let (kr, vr) = (views(&kb, dtype, 32), views(&vb, dtype, 32));
+                causal_prefill(&q, &kr, &vr, dims, pos0, &mut got);
+                let d = max_diff(&got, &naive(&q, &k, &v, dims, pos0, true));
                 assert!(d < 1e-5, "{dtype} pos0 {pos0} t {t}: {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn packed_sequences_attend_only_to_their_own_keys() {
+        // three sequences packed end to end, token-major k/v, both masks
+        let (h, h_kv, hd) = (4, 2, 16);
+        let lens = [5, 70, 1];
+        let total: usize = lens.iter().sum();
+        let q = random(total * h * hd, 7);
+        let k = random(total * h_kv * hd, 8);
+        let v = random(total * h_kv * hd, 9);
+        let mut seqs = vec![];
+        let mut at = 0;
+        for &t in &lens {
+            seqs.push(Seq {
+                q0: at,
+                t,
+                k0: at,
+                pos0: 0,
+            });
+            at += t;
+        }
+        for causal in [true, false] {
+            let mut got = vec![f32::NAN; q.len()];
+            let s = |data| Strided {
+                data,
+                head: hd,
+                row: h_kv * hd,
+            };
+            attend_f32(&q, s(&k), s(&v), (h, h_kv, hd), &seqs, causal, &mut got);
+            for sq in &seqs {
+                let (qa, ka) = (sq.q0 * h * hd, sq.k0 * h_kv * hd);
+                let want = naive(
+                    &q[qa..][..sq.t * h * hd],
+                    &k[ka..][..sq.t * h_kv * hd],
+                    &v[ka..][..sq.t * h_kv * hd],
+                    (h, h_kv, hd),
+                    0,
+                    causal,
+                );
+                let d = max_diff(&got[qa..][..sq.t * h * hd], &want);
+                assert!(d < 1e-5, "causal {causal}, len {}: {d}", sq.t);
             }
         }
     }

@@ -80,17 +80,88 @@ pub fn par_rows(x: &mut [f32], n: usize, f: impl Fn(&mut [f32]) + Sync) {
 
 /// In place, per row: (x - mean) / sqrt(var + eps) * gain + bias.
 pub fn layer_norm_rows(x: &mut [f32], n: &Ln, eps: f32) {
-    // the row statistics of the LayerNorm kernel the composed path runs
+    norm_rows(x, &n.gain, Some(&n.bias), eps, true);
+}
+
+/// In place, per row of gain.len(): LayerNorm ((x - mean) / sqrt(var + eps),
+/// `center`) or RMSNorm (x / sqrt(mean(x²) + eps)), times gain, plus bias.
+/// The row statistics are those of the norm kernel the graph runs.
+pub fn norm_rows(x: &mut [f32], gain: &[f32], bias: Option<&[f32]>, eps: f32, center: bool) {
     let stats = super::Normalize {
-        center: true,
+        center,
         eps: eps as f64,
     };
-    par_rows(x, n.gain.len(), |row| {
+    let f = |row: &mut [f32]| {
         let (mean, inv) = stats.stats(row);
-        for ((v, g), b) in row.iter_mut().zip(&n.gain).zip(&n.bias) {
-            *v = (*v - mean) * inv * g + b;
+        match bias {
+            Some(b) => {
+                for ((v, g), b) in row.iter_mut().zip(gain).zip(b) {
+                    *v = (*v - mean) * inv * g + b;
+                }
+            }
+            None => {
+                for (v, g) in row.iter_mut().zip(gain) {
+                    *v = (*v - mean) * inv * g;
+                }
+            }
         }
-    });
+    };
+    if x.len() < 1 << 14 {
+        x.chunks_exact_mut(gain.len()).for_each(f);
+    } else {
+        par_rows(x, gain.len(), f);
+    }
+}
+
+/// y (m, n) = x (m, k) · wᵀ (+ b): w row-major (n, k), as checkpoints store
+/// linear weights, read in place through strides by gemm.
+pub fn matmul_t(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    (m, n, k): (usize, usize, usize),
+    y: &mut [f32],
+) {
+    assert!(x.len() == m * k && y.len() == m * n && w.len() == n * k);
+    assert!(b.is_none_or(|b| b.len() == n));
+    match b {
+        Some(b) => y.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b)),
+        None => y.fill(0.0),
+    }
+    if m == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m * n * k > 1 << 16 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // Safety: x is (m, k) row-major, w (n, k) row-major read as wᵀ (k, n)
+    // (row stride 1, column stride k), y (m, n) row-major; sizes asserted.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
 }
 
 /// eˣ to ~1 ulp for x in [-87, 88] (clamped outside): x = n ln2 + r with

@@ -3,17 +3,41 @@
 //! cross-attention in an encoder–decoder's decoder) and a channel mixer (FFN),
 //! each wrapped in a residual and a norm placed before (`pre`) or after
 //! (`post`, as in the paper) the sublayer.
+//!
+//! The forward pass is written once (`Transformer::run`, `Block::forward`),
+//! against the ops of an executor (`exec`): the graph executor runs it on
+//! candle tensors (training, scoring, any dtype or device), the CPU
+//! executor on buffers with quantized kernels and the KV cache in place
+//! (decoding, packed encoder batches). A new norm, FFN or per-layer option
+//! is written here once and reaches both.
 
-use crate::attention::Attention;
-use crate::cache::{DecodeState, LayerState};
+pub mod state;
+
+pub use state::{DecodeState, LayerState};
+
+use crate::attention::{one, Attention, MixerState};
+use crate::cache::kv::KvCache;
+use crate::cache::policy::KvPolicy;
 use crate::config::{MechanismConfig, ModelConfig, NormPosition, PositionKind};
 use crate::error::{Error, Result};
+use crate::exec::cpu::{Cpu, Packed};
+use crate::exec::graph::{Graph, GraphBatch};
+use crate::exec::Exec;
 use crate::ffn::Ffn;
 use crate::nn::{Builder, Dropout, Embedding, Linear, ParamStore, Weight};
 use crate::norm::Norm;
 use crate::position::{Additive, Rope};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use std::sync::Arc;
+
+/// Which executor runs a decode step or a packed encoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Executor {
+    /// candle tensors (`exec::graph`)
+    Graph,
+    /// plain buffers and attend's kernels (`exec::cpu`)
+    Cpu,
+}
 
 /// Encoder output as the decoder sees it.
 #[derive(Clone, Debug)]
@@ -71,36 +95,41 @@ impl Block {
     }
 
     /// x + f(norm(x)) for pre-norm, norm(x + f(x)) for post-norm.
-    fn sublayer(
+    fn sublayer<E: Exec>(
         &self,
-        x: &Tensor,
+        e: &E,
+        x: E::X,
         norm: &Norm,
-        f: impl FnOnce(&Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+        f: impl FnOnce(&E::X) -> Result<E::X>,
+    ) -> Result<E::X> {
         match self.norm_position {
-            NormPosition::Pre => Ok((x + self.dropout.forward(&f(&norm.forward(x)?)?)?)?),
-            NormPosition::Post => norm.forward(&(x + self.dropout.forward(&f(x)?)?)?),
+            NormPosition::Pre => {
+                let y = e.dropout(&self.dropout, f(&e.norm(norm, &x)?)?)?;
+                e.add(x, &y)
+            }
+            NormPosition::Post => {
+                let y = e.dropout(&self.dropout, f(&x)?)?;
+                e.norm(norm, &e.add(x, &y)?)
+            }
         }
     }
 
-    /// x: (b, t, d) at positions offset..offset+t -> (b, t, d).
-    /// `cross_kv`: the encoder memory's keys/values for this layer.
-    fn forward(
+    /// x (tokens, d) -> (tokens, d). `state`: this layer's decode state;
+    /// `cross`: the encoder memory's keys/values for this layer and its
+    /// padding mask (encoder–decoder models).
+    fn forward<E: Exec>(
         &self,
-        x: &Tensor,
-        offset: usize,
-        key_padding: Option<&Tensor>,
-        state: Option<&mut crate::attention::MixerState>,
-        cross_kv: Option<&(Tensor, Tensor)>,
-        memory_padding: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let x = self.sublayer(x, &self.ln_1, |h| {
-            self.self_attn.forward(h, offset, key_padding, state)
-        })?;
-        let x = match (&self.cross_attn, &self.ln_cross, cross_kv) {
-            (Some(attn), Some(ln), Some(kv)) => {
-                self.sublayer(&x, ln, |h| attn.cross(h, kv, memory_padding))?
-            }
+        e: &E,
+        x: E::X,
+        b: &E::Batch,
+        state: Option<&mut MixerState>,
+        cross: Option<(&(Tensor, Tensor), Option<&Tensor>)>,
+    ) -> Result<E::X> {
+        let x = self.sublayer(e, x, &self.ln_1, |h| self.self_attn.forward(e, h, b, state))?;
+        let x = match (&self.cross_attn, &self.ln_cross, cross) {
+            (Some(attn), Some(ln), Some((kv, pad))) => self.sublayer(e, x, ln, |h| {
+                e.graph(h, b, &mut |h, _| attn.cross(h, kv, pad))
+            })?,
             (Some(_), _, _) => {
                 return Err(Error::msg(
                     "encoder–decoder model called without encoder memory",
@@ -108,7 +137,7 @@ impl Block {
             }
             _ => x,
         };
-        self.sublayer(&x, &self.ln_2, |h| self.ffn.forward(h))
+        self.sublayer(e, x, &self.ln_2, |h| self.ffn.forward(e, h))
     }
 }
 
@@ -129,11 +158,8 @@ pub struct Transformer {
     /// LayerNorm of the embedding sum (BERT).
     embed_norm: Option<Norm>,
     dropout: Dropout,
-    /// The fused CPU form of this model's decoder, when it qualifies
-    /// (`exec::decoder`); batch-1 decode states use it. `None` forces the
-    /// composed path.
-    pub fused: Option<Arc<crate::exec::decoder::FusedDecoder>>,
-    /// What the fused path's KV cache stores keys and values in (`--kv-dtype`).
+    /// What KV caches store keys and values in: f32 from `new`; the CLI's
+    /// run commands set `--kv-dtype` (default f16).
     pub kv_dtype: crate::kernels::kv::KvDType,
 }
 
@@ -150,15 +176,13 @@ impl Transformer {
                     cfg.head_dim(),
                     cfg.max_len,
                     cfg.rope_theta,
+                    cfg.rope_interleaved,
                     store.dtype,
                     &store.device,
                 )
             })
             .transpose()?
-            .map(|mut r| {
-                r.interleaved = cfg.rope_interleaved;
-                Arc::new(r)
-            });
+            .map(Arc::new);
         let pre = cfg.norm_position == NormPosition::Pre;
         let final_norm = |name: &str| -> Result<Option<Norm>> {
             if pre {
@@ -199,7 +223,7 @@ impl Transformer {
             0
         };
         let embed = Embedding::new(&vb.pp("embed"), cfg.vocab_size, cfg.d_model)?;
-        let mut model = Self {
+        Ok(Self {
             embed: embed.clone(),
             pos_enc: Additive::new(
                 &vb.pp("pos_enc"),
@@ -258,11 +282,11 @@ impl Transformer {
             },
             dropout,
             cfg: cfg.clone(),
-            fused: None,
-            kv_dtype: Default::default(),
-        };
-        model.fused = crate::exec::decoder::FusedDecoder::from_model(&model).map(Arc::new);
-        Ok(model)
+            // exact keys and values for models built from a config (training,
+            // research: the same precision as the recurrent states they are
+            // compared with); the run commands pick `--kv-dtype` (f16)
+            kv_dtype: crate::kernels::kv::KvDType::F32,
+        })
     }
 
     /// The encoder's additive positions (table or none).
@@ -281,44 +305,150 @@ impl Transformer {
         crate::nn::set_dropout_seed(seed);
     }
 
-    /// ids (b, t) at positions offset.. -> (b, t, d): √d_model-scaled token
-    /// embeddings plus additive positions, with dropout.
-    fn embed_tokens(&self, ids: &Tensor, offset: usize, pos: &Additive) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
-        if offset + t > self.cfg.max_len {
+    /// The one forward pass: ids of a batch -> the final hidden states
+    /// (tokens, d), after the final norm, on executor `e`. `encoder` picks
+    /// the stack; `state` is the decoder's decode state (appended to);
+    /// `memory` the encoder output cross-attention reads when the state
+    /// does not hold its keys/values; `last_only` keeps only each
+    /// sequence's last token after the blocks.
+    pub fn run<E: Exec>(
+        &self,
+        e: &E,
+        encoder: bool,
+        b: &E::Batch,
+        mut state: Option<&mut DecodeState>,
+        memory: Option<&Memory>,
+        last_only: bool,
+    ) -> Result<E::X> {
+        let (blocks, pos, final_norm, name) = if encoder {
+            (&self.encoder, &self.pos_enc, &self.enc_norm, "encoder")
+        } else {
+            (&self.decoder, &self.pos_dec, &self.dec_norm, "decoder")
+        };
+        if blocks.is_empty() {
+            return Err(Error::msg(format!("this model has no {name}")));
+        }
+        // a policy-capped cache takes positions from its slots, so only
+        // additive positions bound its length
+        let capped = state
+            .as_ref()
+            .is_some_and(|s| !s.policy_caches().is_empty())
+            && matches!(pos, Additive::None);
+        let end = e.end(b);
+        if end > self.cfg.max_len && !capped {
             return Err(Error::msg(format!(
-                "sequence of {} tokens exceeds the model's max_len {}",
-                offset + t,
+                "sequence of {end} tokens exceeds the model's max_len {}",
                 self.cfg.max_len
             )));
         }
-        let mut x = self.embed.forward(ids)?;
+        // x = dropout(norm(√d · embed(ids) + positions))
+        let mut x = e.embed(&self.embed, b)?;
         if self.cfg.scale_embeddings {
-            x = (x * (self.cfg.d_model as f64).sqrt())?;
+            x = e.scale(x, (self.cfg.d_model as f64).sqrt())?;
         }
-        let mut x = pos.forward(&x, offset)?;
+        x = e.add_positions(pos, x, b)?;
         if let Some(n) = &self.embed_norm {
-            x = n.forward(&x)?;
+            x = e.norm(n, &x)?;
         }
-        self.dropout.forward(&x)
+        x = e.dropout(&self.dropout, x)?;
+        let mem_pad = match (&state, memory) {
+            (Some(s), _) => s.memory_padding.clone(),
+            (None, Some(m)) => m.padding.clone(),
+            _ => None,
+        };
+        for (i, block) in blocks.iter().enumerate() {
+            let (mixer, held) = match state.as_deref_mut() {
+                Some(s) => {
+                    let l = &mut s.layers[i];
+                    (Some(&mut l.mixer), l.cross_kv.as_ref())
+                }
+                None => (None, None),
+            };
+            let fresh = match (held, &block.cross_attn, memory) {
+                (None, Some(attn), Some(m)) => Some(attn.memory_kv(&m.hidden)?),
+                _ => None,
+            };
+            let kv = held.or(fresh.as_ref());
+            x = block.forward(e, x, b, mixer, kv.map(|kv| (kv, mem_pad.as_ref())))?;
+        }
+        if last_only {
+            x = e.last(x, b)?;
+        }
+        if let Some(n) = final_norm {
+            x = e.norm(n, &x)?;
+        }
+        Ok(x)
+    }
+
+    /// The executor for decode steps and packed encoding: the CPU executor
+    /// for f32 weights on the CPU, else the graph executor.
+    pub fn executor(&self) -> Executor {
+        let t = &self.embed.table;
+        if t.device().is_cpu() && t.dtype() == DType::F32 {
+            Executor::Cpu
+        } else {
+            Executor::Graph
+        }
     }
 
     /// src (b, s) u32, padding (b, s) 1 = token -> memory (b, s, d)
     pub fn encode(&self, src: &Tensor, padding: Option<&Tensor>) -> Result<Memory> {
-        if self.encoder.is_empty() {
-            return Err(Error::msg("this model has no encoder"));
-        }
-        let mut x = self.embed_tokens(src, 0, &self.pos_enc)?;
-        for block in &self.encoder {
-            x = block.forward(&x, 0, padding, None, None, None)?;
-        }
-        if let Some(n) = &self.enc_norm {
-            x = n.forward(&x)?;
-        }
+        let b = GraphBatch {
+            ids: src.clone(),
+            offset: 0,
+            padding: padding.cloned(),
+        };
         Ok(Memory {
-            hidden: x,
+            hidden: self.run(&Graph, true, &b, None, None, false)?,
             padding: padding.cloned(),
         })
+    }
+
+    /// Encode sequences of different lengths, packed end to end:
+    /// seqs -> (Σ len, d) hidden states, sequence i's rows after those of
+    /// sequence i-1. Runs on `executor()`.
+    pub fn encode_packed(&self, seqs: &[&[u32]]) -> Result<Vec<f32>> {
+        self.encode_packed_on(self.executor(), seqs)
+    }
+
+    /// `encode_packed` on the given executor (the graph executor pads the
+    /// batch and masks the padding instead).
+    pub fn encode_packed_on(&self, exec: Executor, seqs: &[&[u32]]) -> Result<Vec<f32>> {
+        // an empty sequence contributes no rows
+        let seqs: Vec<&[u32]> = seqs.iter().copied().filter(|s| !s.is_empty()).collect();
+        if seqs.is_empty() {
+            return Ok(vec![]);
+        }
+        let seqs = &seqs[..];
+        match exec {
+            Executor::Cpu => {
+                let b = Packed::new(seqs);
+                let mut out = None;
+                // on a pool thread, so that the parallel regions fork from
+                // inside the pool
+                rayon::scope(|_| out = Some(self.run(&Cpu, true, &b, None, None, false)));
+                Ok(std::mem::take(&mut out.expect("scope ran")?.data))
+            }
+            Executor::Graph => {
+                let dev = self.embed.table.device();
+                let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+                let (mut ids, mut mask) =
+                    (vec![0u32; seqs.len() * len], vec![0f32; seqs.len() * len]);
+                for (row, s) in seqs.iter().enumerate() {
+                    ids[row * len..][..s.len()].copy_from_slice(s);
+                    mask[row * len..][..s.len()].fill(1.0);
+                }
+                let ids = Tensor::from_vec(ids, (seqs.len(), len), dev)?;
+                let mask = Tensor::from_vec(mask, (seqs.len(), len), dev)?;
+                let h = self.encode(&ids, Some(&mask))?.hidden;
+                let mut out = vec![];
+                for (row, s) in seqs.iter().enumerate() {
+                    let real = h.get(row)?.narrow(0, 0, s.len())?;
+                    out.extend(real.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+                }
+                Ok(out)
+            }
+        }
     }
 
     /// Output projection: h (b, t, d) -> logits (b, t, vocab)
@@ -336,39 +466,23 @@ impl Transformer {
     /// output projection: tgt (b, t) -> (b, t, d). Lets a loss project only
     /// the positions it scores.
     pub fn decode_hidden(&self, tgt: &Tensor, memory: Option<&Memory>) -> Result<Tensor> {
-        if self.decoder.is_empty() {
-            return Err(Error::msg("this model has no decoder"));
-        }
-        let mut x = self.embed_tokens(tgt, 0, &self.pos_dec)?;
-        for block in &self.decoder {
-            let kv = match (&block.cross_attn, memory) {
-                (Some(attn), Some(m)) => Some(attn.memory_kv(&m.hidden)?),
-                _ => None,
-            };
-            x = block.forward(
-                &x,
-                0,
-                None,
-                None,
-                kv.as_ref(),
-                memory.and_then(|m| m.padding.as_ref()),
-            )?;
-        }
-        if let Some(n) = &self.dec_norm {
-            x = n.forward(&x)?;
-        }
-        Ok(x)
+        let b = GraphBatch {
+            ids: tgt.clone(),
+            offset: 0,
+            padding: None,
+        };
+        self.run(&Graph, false, &b, None, memory, false)
     }
 
-    /// A fresh decode state for `batch` sequences (cross-attention keys and
-    /// values of `memory` computed once here).
+    /// A fresh decode state (cross-attention keys and values of `memory`
+    /// computed once here); softmax layers get a KV cache in `kv_dtype`.
     pub fn new_state(&self, memory: Option<&Memory>) -> Result<DecodeState> {
         let layers = self
             .decoder
             .iter()
             .map(|b| {
                 Ok(LayerState {
-                    mixer: b.self_attn.new_state(),
+                    mixer: b.self_attn.new_state(self.kv_dtype)?,
                     cross_kv: match (&b.cross_attn, memory) {
                         // detached: the state keeps values, not the encoder's graph
                         (Some(attn), Some(m)) => {
@@ -389,51 +503,38 @@ impl Transformer {
             layers,
             pos: 0,
             memory_padding: memory.and_then(|m| m.padding.clone()),
-            fused: self.fused.as_ref().map(|f| f.new_state(self.kv_dtype)),
         })
     }
 
     /// A batch-1 decode state whose KV caches follow an eviction `policy`
     /// (`cache::policy`); `retrieval[layer][kv_head]` marks the heads that
-    /// keep everything under RazorAttention (`cache::policy::retrieval_heads`).
+    /// keep everything under RazorAttention (`eval::streaming::retrieval_heads`),
+    /// indexed by softmax layer.
     pub fn new_state_with_policy(
         &self,
-        policy: &crate::cache::policy::KvPolicy,
+        policy: &KvPolicy,
         retrieval: Option<&[Vec<bool>]>,
     ) -> Result<DecodeState> {
-        use crate::cache::policy::{PolicyCache, RopeTables};
         if self.cfg.has_encoder() {
             return Err(Error::msg("KV-cache policies apply to decoder-only models"));
         }
         let mut st = self.new_state(None)?;
-        if let Some(f) = &self.fused {
-            st.fused = Some(f.new_policy_state(policy, retrieval));
-            return Ok(st);
-        }
-        // the composed path: every softmax layer's cache follows the policy
-        // (other mechanisms keep their own fixed-size state)
         let c = &self.cfg;
-        let rope = (c.position == PositionKind::Rope).then(|| {
-            Arc::new(RopeTables::new(
-                c.head_dim(),
-                c.max_len,
-                c.rope_theta,
-                c.rope_interleaved,
-            ))
-        });
-        // retrieval[i] belongs to the i-th softmax layer
+        // every softmax layer's cache follows the policy (other mechanisms
+        // keep their own fixed-size state); retrieval[i] belongs to the
+        // i-th softmax layer
         let mut i = 0;
         for (l, ls) in st.layers.iter_mut().enumerate() {
             if *c.layer_mechanism(false, l) == MechanismConfig::Softmax {
                 let r = retrieval.and_then(|r| r.get(i)).map_or(&[][..], |r| r);
                 i += 1;
-                ls.mixer = crate::attention::MixerState::Policy(PolicyCache::new(
+                ls.mixer = MixerState::Kv(vec![KvCache::with_policy(
                     policy,
+                    self.kv_dtype,
                     c.kv_heads(),
                     c.head_dim(),
-                    rope.clone(),
                     r,
-                ));
+                )?]);
             }
         }
         Ok(st)
@@ -442,60 +543,57 @@ impl Transformer {
     /// Incremental decoding: feed ids (b, t) after the `state.pos` tokens
     /// already in the state -> logits (b, t, vocab); the state advances by t.
     pub fn step(&self, ids: &Tensor, state: &mut DecodeState) -> Result<Tensor> {
-        self.logits(&self.step_hidden(ids, state, false)?)
+        self.step_on(self.executor(), ids, state, false)
     }
 
     /// As `step`, but only the last position's logits: (b, vocab). What
     /// generation needs; a 512-token prefill then projects one row, not 512.
     pub fn step_last(&self, ids: &Tensor, state: &mut DecodeState) -> Result<Tensor> {
-        let h = self.step_hidden(ids, state, true)?;
-        let t = h.dim(1)?;
-        self.logits(&h.narrow(1, t - 1, 1)?)?
-            .squeeze(1)
-            .map_err(Into::into)
+        Ok(self
+            .step_on(self.executor(), ids, state, true)?
+            .squeeze(1)?)
     }
 
-    /// The decoder's final hidden states for ids (b, t) fed after the state
-    /// (b, t, d); the fused path gives only the last position's when
-    /// `last_only` is set, (1, 1, d).
-    fn step_hidden(
+    /// A decode step on the given executor: ids (b, t) -> logits
+    /// (b, t, vocab), or (b, 1, vocab) with `last_only`.
+    pub fn step_on(
         &self,
+        exec: Executor,
         ids: &Tensor,
         state: &mut DecodeState,
         last_only: bool,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        if let (Some(f), Some(kv)) = (&self.fused, &mut state.fused) {
-            if b == 1 {
-                let h = f.forward(&ids.flatten_all()?.to_vec1()?, kv, last_only)?;
-                state.pos += t;
-                return Ok(h);
+        let (bsz, t) = ids.dims2()?;
+        if t == 0 {
+            return Err(Error::msg("a decode step needs at least one token"));
+        }
+        let logits = match exec {
+            Executor::Graph => {
+                let b = GraphBatch {
+                    ids: ids.clone(),
+                    offset: state.pos,
+                    padding: None,
+                };
+                self.logits(&self.run(&Graph, false, &b, Some(state), None, last_only)?)?
             }
-            if state.pos > 0 {
-                return Err(Error::msg(
-                    "a batch-1 decode state cannot continue with a larger batch",
-                ));
+            Executor::Cpu => {
+                let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                let b = Packed::rect(ids, bsz, state.pos);
+                let mut out = None;
+                // on a pool thread, so that the ~150 parallel regions of a
+                // step fork from inside the pool instead of each one waking
+                // it and putting the calling thread to sleep
+                rayon::scope(|_| {
+                    out = Some((|| {
+                        let h = self.run(&Cpu, false, &b, Some(&mut *state), None, last_only)?;
+                        one(Cpu.linear(&h, &[&self.lm_head])?).to_tensor(bsz)
+                    })())
+                });
+                out.expect("scope ran")?
             }
-            state.fused = None; // a batch: the composed path
-        }
-        let offset = state.pos;
-        let mut x = self.embed_tokens(ids, offset, &self.pos_dec)?;
-        let padding = state.memory_padding.clone();
-        for (block, ls) in self.decoder.iter().zip(state.layers.iter_mut()) {
-            x = block.forward(
-                &x,
-                offset,
-                None,
-                Some(&mut ls.mixer),
-                ls.cross_kv.as_ref(),
-                padding.as_ref(),
-            )?;
-        }
-        if let Some(n) = &self.dec_norm {
-            x = n.forward(&x)?;
-        }
+        };
         state.pos += t;
-        Ok(x)
+        Ok(logits)
     }
 
     /// Encoder-only models: per-token logits over the vocabulary,

@@ -63,12 +63,15 @@ impl Additive {
 
 /// Rotary position embedding, "rotate half" layout (GPT-NeoX, HF Llama):
 /// the pair (x_i, x_{i+d/2}) is rotated by angle pos * theta^(-2i/d).
+/// The same rotation is kept twice: as tensors for the graph executor and
+/// as f32 tables (`kernels::rope`) for the buffers of the CPU executor.
 #[derive(Clone, Debug)]
 pub struct Rope {
     cos: Tensor, // (max_len, d/2)
     sin: Tensor, // (max_len, d/2)
     /// Rotate adjacent pairs (2i, 2i+1) instead of (i, i+d/2).
     pub interleaved: bool,
+    pub tables: std::sync::Arc<RopeTables>,
 }
 
 impl Rope {
@@ -76,15 +79,17 @@ impl Rope {
         head_dim: usize,
         max_len: usize,
         theta: f64,
+        interleaved: bool,
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
         let half = head_dim / 2;
-        let (cos, sin) = rope_tables(head_dim, max_len, theta);
+        let tables = RopeTables::new(head_dim, max_len, theta, interleaved);
         Ok(Self {
-            cos: Tensor::from_vec(cos, (max_len, half), dev)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, (max_len, half), dev)?.to_dtype(dtype)?,
-            interleaved: false,
+            cos: Tensor::from_slice(&tables.cos, (max_len, half), dev)?.to_dtype(dtype)?,
+            sin: Tensor::from_slice(&tables.sin, (max_len, half), dev)?.to_dtype(dtype)?,
+            interleaved,
+            tables: std::sync::Arc::new(tables),
         })
     }
 
@@ -123,7 +128,7 @@ impl Rope {
     }
 }
 
-pub use crate::kernels::rope::rope_tables;
+pub use crate::kernels::rope::{rope_tables, RopeTables};
 
 /// ALiBi head slopes (Press et al. 2022): a geometric sequence starting at
 /// 2^(-8/n); for n not a power of two, the extra heads take every other slope
@@ -200,7 +205,7 @@ mod tests {
     #[test]
     fn rope_matches_rotation_and_preserves_relative_dot() {
         let d = 8;
-        let rope = Rope::new(d, 64, 10_000.0, DType::F32, &Device::Cpu).unwrap();
+        let rope = Rope::new(d, 64, 10_000.0, false, DType::F32, &Device::Cpu).unwrap();
         let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
         let k: Vec<f32> = (0..d).map(|i| (i as f32 * 0.91).cos()).collect();
         let rot = |v: &[f32], pos: usize| -> Vec<f32> {

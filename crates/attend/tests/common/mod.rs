@@ -30,9 +30,13 @@ pub fn tiny(shape: Shape) -> ModelConfig {
     }
 }
 
+/// The model of `cfg` from seeded weights. Its KV caches keep f32 keys and
+/// values (tests compare decoding with full recomputation; a test about
+/// KV types sets `kv_dtype` itself).
 pub fn build(cfg: &ModelConfig, seed: u64, dtype: DType) -> (Transformer, ParamStore) {
     let store = ParamStore::new(seed, dtype, Device::Cpu);
-    let model = Transformer::new(cfg, &store).unwrap();
+    let mut model = Transformer::new(cfg, &store).unwrap();
+    model.kv_dtype = attend::kernels::kv::KvDType::F32;
     (model, store)
 }
 

@@ -1,0 +1,561 @@
+//! The KV cache: what a softmax attention layer keeps of one sequence's past
+//! keys and values. There is one cache type; every executor reads and writes
+//! it, and the eviction policies (`policy`) are bookkeeping over it.
+//!
+//! Storage is head-major: per KV head, rows of head_dim numbers in the
+//! cache's type (`--kv-dtype`: f32, f16, bf16, q8_0; `kernels::kv`), grown
+//! in place. Two ways to fill it:
+//!
+//! * **plain** (`policy: None`): every token is kept; keys are stored after
+//!   RoPE at their position, and attention reads the rows in place
+//!   (`kernels::attention`: GEMMs for a prefill, split-KV for decoding);
+//! * **under a policy**: each KV head keeps what the policy allows and
+//!   evicts independently (H2O and RazorAttention need that); keys are
+//!   stored before RoPE and rotated by their rank among the kept tokens
+//!   ("positions from the slot", as StreamingLLM does), so `full` equals the
+//!   plain cache. Slots freed by an eviction are reused.
+
+use super::policy::KvPolicy;
+use crate::error::{Error, Result};
+use crate::kernels::kv::{KvDType, KvRows};
+use crate::kernels::rope::RopeTables;
+use crate::kernels::{attention, axpy, dot};
+use rayon::prelude::*;
+
+/// One KV head's rows and, under a policy, which slots hold which tokens.
+#[derive(Clone, Debug, Default)]
+pub struct HeadCache {
+    /// Keys and values: (slots, head_dim) in the cache's type.
+    k: Vec<u8>,
+    v: Vec<u8>,
+    /// Slots written (= tokens held by a plain cache).
+    slots: usize,
+    /// Accumulated attention per slot (H2O, A2SF).
+    score: Vec<f32>,
+    /// Absolute position per slot.
+    pos: Vec<u32>,
+    /// Occupied slots, oldest first (policy caches).
+    order: Vec<u32>,
+    free: Vec<u32>,
+    /// RazorAttention's compensation token: sums of dropped keys/values.
+    comp: Option<(Vec<f32>, Vec<f32>, usize)>,
+    /// A retrieval head (RazorAttention): never evicts.
+    pub retrieval: bool,
+}
+
+impl HeadCache {
+    /// Slots in use under a policy (the compensation token counts as one).
+    fn kept(&self) -> usize {
+        self.order.len() + usize::from(self.comp.as_ref().is_some_and(|c| c.2 > 0))
+    }
+
+    /// Bytes held: the rows written and the policy's bookkeeping.
+    fn state_bytes(&self) -> usize {
+        self.k.len()
+            + self.v.len()
+            + 4 * (self.score.len() + self.pos.len() + self.order.len() + self.free.len())
+            + self
+                .comp
+                .as_ref()
+                .map_or(0, |c| 4 * (c.0.len() + c.1.len()))
+    }
+
+    /// Bytes allocated (the rows' buffers grow geometrically).
+    fn allocated_bytes(&self) -> usize {
+        self.k.capacity()
+            + self.v.capacity()
+            + 4 * (self.score.capacity()
+                + self.pos.capacity()
+                + self.order.capacity()
+                + self.free.capacity())
+            + self
+                .comp
+                .as_ref()
+                .map_or(0, |c| 4 * (c.0.capacity() + c.1.capacity()))
+    }
+
+    /// Room for `slots` rows of `rb` bytes, growing geometrically (a prompt
+    /// and a stretch of decoding at once).
+    fn grow(&mut self, slots: usize, rb: usize) {
+        let need = slots * rb;
+        if self.k.capacity() < need {
+            let want = need.max(2 * self.k.capacity());
+            self.k.reserve_exact(want - self.k.len());
+            self.v.reserve_exact(want - self.v.len());
+        }
+        self.k.resize(need, 0);
+        self.v.resize(need, 0);
+    }
+
+    /// Policy caches: store a token (key before RoPE) in a free slot.
+    fn insert(&mut self, dt: KvDType, k: &[f32], v: &[f32], pos: usize) {
+        let rb = dt.bytes(k.len());
+        let slot = match self.free.pop() {
+            Some(s) => {
+                let s = s as usize;
+                self.score[s] = 0.0;
+                self.pos[s] = pos as u32;
+                s
+            }
+            None => {
+                self.grow(self.slots + 1, rb);
+                self.slots += 1;
+                self.score.push(0.0);
+                self.pos.push(pos as u32);
+                self.slots - 1
+            }
+        };
+        dt.encode(k, &mut self.k[slot * rb..][..rb]);
+        dt.encode(v, &mut self.v[slot * rb..][..rb]);
+        self.order.push(slot as u32);
+    }
+
+    /// Drop the token at rank `r` (index into `order`); RazorAttention adds
+    /// it to the compensation token.
+    fn evict(&mut self, dt: KvDType, r: usize, hd: usize) {
+        let s = self.order.remove(r) as usize;
+        if let Some((ks, vs, n)) = &mut self.comp {
+            let rb = dt.bytes(hd);
+            let mut row = vec![0f32; hd];
+            dt.decode(&self.k[s * rb..][..rb], &mut row);
+            axpy(ks, 1.0, &row);
+            dt.decode(&self.v[s * rb..][..rb], &mut row);
+            axpy(vs, 1.0, &row);
+            *n += 1;
+        }
+        self.free.push(s as u32);
+    }
+
+    /// Evict down to the policy's budget; the newest token always stays.
+    fn enforce(&mut self, dt: KvDType, policy: &KvPolicy, hd: usize) {
+        if self.retrieval {
+            return;
+        }
+        let Some(budget) = policy.budget() else {
+            return;
+        };
+        while self.kept() > budget {
+            let r = match *policy {
+                KvPolicy::Full => unreachable!("full has no budget"),
+                KvPolicy::Window { .. } => 0,
+                KvPolicy::Sinks { sinks, .. } | KvPolicy::Razor { sinks, .. } => sinks,
+                KvPolicy::H2o { window, .. } | KvPolicy::A2sf { window, .. } => {
+                    // the lowest accumulated score outside the recent window
+                    let old = self.order.len() - window;
+                    (0..old)
+                        .min_by(|&a, &b| {
+                            let (sa, sb) = (
+                                self.score[self.order[a] as usize],
+                                self.score[self.order[b] as usize],
+                            );
+                            sa.total_cmp(&sb).then(a.cmp(&b))
+                        })
+                        .expect("a full cache has tokens outside the window")
+                }
+            };
+            self.evict(dt, r, hd);
+        }
+    }
+}
+
+/// The keys and values one KV head attends over at a policy step, as f32:
+/// (n, hd) each, keys rotated to their rank; the compensation token last.
+struct Kept {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// slots, in the order of the rows (without the compensation token)
+    slots: Vec<u32>,
+}
+
+/// One sequence's keys and values for one attention layer.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    pub dtype: KvDType,
+    hd: usize,
+    heads: Vec<HeadCache>,
+    /// None: keep everything (plain); else the eviction policy.
+    pub policy: Option<KvPolicy>,
+    /// Tokens seen (the position of the next one).
+    pub seen: usize,
+    /// Keep each query head's attention over the cache at the last step
+    /// (policy caches; the retrieval-head probe reads `last_probs`).
+    pub record: bool,
+    pub last_probs: Vec<Vec<f32>>,
+}
+
+impl KvCache {
+    /// An empty plain cache for `h_kv` heads of `hd` numbers in `dtype`.
+    pub fn new(dtype: KvDType, h_kv: usize, hd: usize) -> Result<Self> {
+        if !hd.is_multiple_of(dtype.block()) {
+            return Err(Error::msg(format!(
+                "a {dtype} KV cache stores blocks of {} numbers per head; this model's heads have {hd}",
+                dtype.block()
+            )));
+        }
+        Ok(Self {
+            dtype,
+            hd,
+            heads: vec![HeadCache::default(); h_kv],
+            policy: None,
+            seen: 0,
+            record: false,
+            last_probs: vec![],
+        })
+    }
+
+    /// An empty cache under `policy`; `retrieval[g]`: KV head g keeps
+    /// everything (RazorAttention's retrieval heads).
+    pub fn with_policy(
+        policy: &KvPolicy,
+        dtype: KvDType,
+        h_kv: usize,
+        hd: usize,
+        retrieval: &[bool],
+    ) -> Result<Self> {
+        let mut c = Self::new(dtype, h_kv, hd)?;
+        let razor = matches!(policy, KvPolicy::Razor { .. });
+        for (g, h) in c.heads.iter_mut().enumerate() {
+            // only RazorAttention spares retrieval heads
+            h.retrieval = razor && retrieval.get(g).copied().unwrap_or(false);
+            h.comp = razor.then(|| (vec![0f32; hd], vec![0f32; hd], 0));
+            if let (Some(b), false) = (policy.budget(), h.retrieval) {
+                // a capped head holds at most budget + 1 tokens (the newest
+                // is inserted before the eviction): allocate once
+                let n = b + 1;
+                h.k.reserve_exact(dtype.bytes(n * hd));
+                h.v.reserve_exact(dtype.bytes(n * hd));
+                h.score.reserve_exact(n);
+                h.pos.reserve_exact(n);
+                h.order.reserve_exact(n);
+                h.free.reserve_exact(n);
+            }
+        }
+        c.policy = Some(policy.clone());
+        Ok(c)
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.heads.len()
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hd
+    }
+
+    /// Tokens held by KV head g.
+    pub fn head_len(&self, g: usize) -> usize {
+        let h = &self.heads[g];
+        match self.policy {
+            None => h.slots,
+            Some(_) => h.kept(),
+        }
+    }
+
+    /// Most tokens any head holds.
+    pub fn len(&self) -> usize {
+        (0..self.heads.len())
+            .map(|g| self.head_len(g))
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether KV head g is a retrieval head (keeps everything).
+    pub fn is_retrieval(&self, g: usize) -> bool {
+        self.heads[g].retrieval
+    }
+
+    /// Absolute positions of the tokens KV head g holds, oldest first.
+    pub fn positions(&self, g: usize) -> Vec<usize> {
+        let h = &self.heads[g];
+        match self.policy {
+            None => (0..h.slots).collect(),
+            Some(_) => h
+                .order
+                .iter()
+                .map(|&s| h.pos[s as usize] as usize)
+                .collect(),
+        }
+    }
+
+    /// RazorAttention's compensation token of head g: the mean dropped key
+    /// (before RoPE) and value, and how many tokens it stands for.
+    pub fn compensation(&self, g: usize) -> Option<(Vec<f32>, Vec<f32>, usize)> {
+        let (ks, vs, n) = self.heads[g].comp.as_ref().filter(|c| c.2 > 0)?;
+        let mean = |x: &[f32]| x.iter().map(|a| a / *n as f32).collect();
+        Some((mean(ks), mean(vs), *n))
+    }
+
+    /// Bytes the cache holds: keys and values in its KV type (and a
+    /// policy's bookkeeping) — the memory axis attend reports. Spare room
+    /// in the growing buffers is not counted (`allocated_bytes`).
+    pub fn state_bytes(&self) -> usize {
+        self.heads.iter().map(|h| h.state_bytes()).sum()
+    }
+
+    /// Bytes allocated by the cache's buffers (at most about twice what
+    /// they hold, plus a policy cache's reserve).
+    pub fn allocated_bytes(&self) -> usize {
+        self.heads.iter().map(|h| h.allocated_bytes()).sum()
+    }
+
+    /// Plain caches: the rows of each KV head, keys then values.
+    pub fn rows(&self) -> (Vec<KvRows<'_>>, Vec<KvRows<'_>>) {
+        let (dtype, width) = (self.dtype, self.hd);
+        (
+            self.heads
+                .iter()
+                .map(|h| KvRows {
+                    dtype,
+                    bytes: &h.k,
+                    width,
+                })
+                .collect(),
+            self.heads
+                .iter()
+                .map(|h| KvRows {
+                    dtype,
+                    bytes: &h.v,
+                    width,
+                })
+                .collect(),
+        )
+    }
+
+    /// Plain caches: append t tokens, k and v (t, h_kv, hd) token-major,
+    /// keys already rotated to their positions.
+    pub fn append(&mut self, k: &[f32], v: &[f32]) -> Result<()> {
+        if self.policy.is_some() {
+            return Err(Error::msg(
+                "a policy-capped KV cache takes tokens one at a time through attend",
+            ));
+        }
+        let (dt, hd, h_kv) = (self.dtype, self.hd, self.heads.len());
+        let t = k.len() / (h_kv * hd);
+        if k.len() != t * h_kv * hd || v.len() != k.len() {
+            return Err(Error::msg(
+                "KV cache: keys/values are not (t, h_kv, head_dim)",
+            ));
+        }
+        let rb = dt.bytes(hd);
+        for (g, h) in self.heads.iter_mut().enumerate() {
+            let n0 = h.slots;
+            h.grow(n0 + t, rb);
+            for i in 0..t {
+                let at = (i * h_kv + g) * hd;
+                dt.encode(&k[at..][..hd], &mut h.k[(n0 + i) * rb..][..rb]);
+                dt.encode(&v[at..][..hd], &mut h.v[(n0 + i) * rb..][..rb]);
+            }
+            h.slots += t;
+        }
+        self.seen += t;
+        Ok(())
+    }
+
+    /// Plain caches: keys and values as f32, head-major (h_kv, n, hd).
+    pub fn to_f32(&self) -> (Vec<f32>, Vec<f32>) {
+        let (k, v) = self.rows();
+        let n = self.len();
+        let mut kf = vec![0f32; k.len() * n * self.hd];
+        let mut vf = vec![0f32; kf.len()];
+        for g in 0..k.len() {
+            k[g].decode_rows(0, 0, self.hd, &mut kf[g * n * self.hd..][..n * self.hd]);
+            v[g].decode_rows(0, 0, self.hd, &mut vf[g * n * self.hd..][..n * self.hd]);
+        }
+        (kf, vf)
+    }
+
+    /// Causal softmax attention of t new tokens through the cache:
+    /// q (t, h, hd), k and v (t, h_kv, hd), all before RoPE -> out
+    /// (t, h, hd). The tokens are stored; a plain cache rotates q and k to
+    /// their positions (in place) and attends over everything, a policy
+    /// cache takes them one at a time (insert, evict, attend by rank).
+    pub fn attend(
+        &mut self,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        rope: Option<&RopeTables>,
+        h: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (hd, h_kv) = (self.hd, self.heads.len());
+        let (qd, kvd) = (h * hd, h_kv * hd);
+        let t = q.len() / qd;
+        if self.policy.is_some() {
+            for i in 0..t {
+                self.step(
+                    &q[i * qd..][..qd],
+                    &k[i * kvd..][..kvd],
+                    &v[i * kvd..][..kvd],
+                    rope,
+                    &mut out[i * qd..][..qd],
+                )?;
+            }
+            return Ok(());
+        }
+        let pos0 = self.seen;
+        if let Some(r) = rope {
+            if pos0 + t > r.max_len {
+                return Err(Error::msg(format!(
+                    "sequence of {} tokens exceeds the model's max_len {}",
+                    pos0 + t,
+                    r.max_len
+                )));
+            }
+            for (x, heads) in [(&mut *q, h), (&mut *k, h_kv)] {
+                for (i, row) in x.chunks_exact_mut(heads * hd).enumerate() {
+                    for head in row.chunks_exact_mut(hd) {
+                        r.rotate(head, pos0 + i);
+                    }
+                }
+            }
+        }
+        self.append(k, v)?;
+        let (kr, vr) = self.rows();
+        let dims = (h, h_kv, hd);
+        if t >= 16 {
+            attention::causal_prefill(q, &kr, &vr, dims, pos0, out);
+        } else {
+            attention::split_kv(q, &kr, &vr, dims, pos0, out);
+        }
+        Ok(())
+    }
+
+    /// Policy caches, one token: q (h, hd), k and v (h_kv, hd), all before
+    /// RoPE -> out (h, hd). Inserts the token, evicts to the budget, attends
+    /// over what is kept, and accumulates the attention scores the policy
+    /// uses.
+    fn step(
+        &mut self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        rope: Option<&RopeTables>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (hd, dt) = (self.hd, self.dtype);
+        let h_kv = self.heads.len();
+        let h = q.len() / hd;
+        let group = h / h_kv;
+        let pos = self.seen;
+        let policy = self.policy.clone().expect("a policy cache");
+        let sinks = match policy {
+            KvPolicy::Sinks { sinks, .. } | KvPolicy::Razor { sinks, .. } => sinks,
+            _ => 0,
+        };
+        // 1. per KV head: insert, evict, and decode what is kept, keys
+        // rotated to their rank (sinks, [compensation], the rest)
+        let kept: Vec<Kept> = self
+            .heads
+            .par_iter_mut()
+            .enumerate()
+            .map(|(g, c)| {
+                c.insert(dt, &k[g * hd..][..hd], &v[g * hd..][..hd], pos);
+                c.enforce(dt, &policy, hd);
+                if let Some(r) = rope.filter(|r| c.kept() > r.max_len) {
+                    return Err(Error::msg(format!(
+                        "the KV cache holds {} tokens, more than the model's context of {} \
+                         (cap it with a policy, e.g. sinks=4,window=1020)",
+                        c.kept(),
+                        r.max_len
+                    )));
+                }
+                let comp = c.comp.as_ref().filter(|x| x.2 > 0);
+                let n = c.kept();
+                let rb = dt.bytes(hd);
+                let (mut kf, mut vf) = (vec![0f32; n * hd], vec![0f32; n * hd]);
+                let mut row = 0;
+                for (i, &s) in c.order.iter().enumerate() {
+                    let rank = if comp.is_some() && i >= sinks {
+                        i + 1
+                    } else {
+                        i
+                    };
+                    let su = s as usize;
+                    dt.decode(&c.k[su * rb..][..rb], &mut kf[row * hd..][..hd]);
+                    dt.decode(&c.v[su * rb..][..rb], &mut vf[row * hd..][..hd]);
+                    if let Some(r) = rope {
+                        r.rotate(&mut kf[row * hd..][..hd], rank);
+                    }
+                    row += 1;
+                }
+                if let Some((ks, vs, cnt)) = comp {
+                    // the mean dropped key (at its rank, after the sinks) and value
+                    let kc = &mut kf[row * hd..][..hd];
+                    for (a, &b) in kc.iter_mut().zip(ks) {
+                        *a = b / *cnt as f32;
+                    }
+                    if let Some(r) = rope {
+                        r.rotate(kc, sinks.min(c.order.len()));
+                    }
+                    for (a, &b) in vf[row * hd..][..hd].iter_mut().zip(vs) {
+                        *a = b / *cnt as f32;
+                    }
+                }
+                Ok(Kept {
+                    k: kf,
+                    v: vf,
+                    slots: c.order.clone(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        // 2. per query head: softmax attention over the kept tokens
+        let scale = 1.0 / (hd as f32).sqrt();
+        let probs: Vec<Vec<f32>> = out
+            .par_chunks_mut(hd)
+            .enumerate()
+            .map(|(qh, o)| {
+                let kp = &kept[qh / group];
+                let n = kp.k.len() / hd;
+                let mut qv = q[qh * hd..][..hd].to_vec();
+                if let Some(r) = rope {
+                    r.rotate(&mut qv, n - 1);
+                }
+                let mut s: Vec<f32> =
+                    kp.k.chunks_exact(hd)
+                        .map(|kj| dot(&qv, kj) * scale)
+                        .collect();
+                let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut z = 0f32;
+                for x in s.iter_mut() {
+                    *x = (*x - max).exp();
+                    z += *x;
+                }
+                o.fill(0.0);
+                for (&p, vj) in s.iter().zip(kp.v.chunks_exact(hd)) {
+                    axpy(o, p, vj);
+                }
+                for a in o.iter_mut() {
+                    *a /= z;
+                }
+                for p in s.iter_mut() {
+                    *p /= z;
+                }
+                s
+            })
+            .collect();
+        // 3. accumulate attention (summed over the group's query heads)
+        if policy.scores() {
+            let forget = match policy {
+                KvPolicy::A2sf { forget, .. } => forget,
+                _ => 1.0,
+            };
+            for (g, c) in self.heads.iter_mut().enumerate() {
+                for (i, &s) in kept[g].slots.iter().enumerate() {
+                    let p: f32 = (0..group).map(|j| probs[g * group + j][i]).sum();
+                    let sc = &mut c.score[s as usize];
+                    *sc = forget * *sc + p;
+                }
+            }
+        }
+        if self.record {
+            self.last_probs = probs;
+        }
+        self.seen += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,284 @@
+//! The graph executor: the model's ops on candle tensors (b, t, d), with
+//! autograd — training, scoring whole sequences, any dtype and device,
+//! padded batches with masks.
+
+use super::{caches_for, Act, AttnOp, Ctx, Exec, GraphOp};
+use crate::cache::kv::KvCache;
+use crate::error::{Error, Result};
+use crate::nn::{Dropout, Embedding, Linear};
+use crate::norm::Norm;
+use crate::position::Additive;
+use candle_core::{DType, Device, Tensor};
+
+// (score_bias and softmax_attention, the tensor form of softmax attention,
+// are at the end of this file; `attention::softmax` re-exports them.)
+
+/// A batch of b sequences of t tokens, all starting at `offset`.
+#[derive(Clone, Debug)]
+pub struct GraphBatch {
+    /// (b, t) u32
+    pub ids: Tensor,
+    pub offset: usize,
+    /// (b, t), 1 = token, 0 = padding
+    pub padding: Option<Tensor>,
+}
+
+impl GraphBatch {
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            offset: self.offset,
+            padding: self.padding.as_ref(),
+        }
+    }
+}
+
+/// Runs the ops on candle tensors.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Graph;
+
+/// x: (b, t, heads·dim) -> (b, heads, t, dim)
+fn split(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, hd) = x.dims3()?;
+    Ok(x.reshape((b, t, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// (b, heads, t, dim) -> (b, t, heads·dim)
+fn merge(y: &Tensor) -> Result<Tensor> {
+    let (b, h, t, hd) = y.dims4()?;
+    Ok(y.transpose(1, 2)?.reshape((b, t, h * hd))?)
+}
+
+/// (b, t, w) as f32 numbers, one Vec per sequence.
+fn rows_f32(x: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(x.to_dtype(DType::F32)?
+        .to_vec3::<f32>()?
+        .into_iter()
+        .map(|s| s.concat())
+        .collect())
+}
+
+impl Exec for Graph {
+    type X = Tensor;
+    type Batch = GraphBatch;
+
+    fn end(&self, b: &GraphBatch) -> usize {
+        b.offset + b.ids.dims().get(1).copied().unwrap_or(0)
+    }
+
+    fn embed(&self, e: &Embedding, b: &GraphBatch) -> Result<Tensor> {
+        e.forward(&b.ids)
+    }
+
+    fn scale(&self, x: Tensor, s: f64) -> Result<Tensor> {
+        Ok((x * s)?)
+    }
+
+    fn add_positions(&self, p: &Additive, x: Tensor, b: &GraphBatch) -> Result<Tensor> {
+        p.forward(&x, b.offset)
+    }
+
+    fn norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor> {
+        n.forward(x)
+    }
+
+    fn dropout(&self, d: &Dropout, x: Tensor) -> Result<Tensor> {
+        d.forward(&x)
+    }
+
+    fn add(&self, x: Tensor, y: &Tensor) -> Result<Tensor> {
+        Ok((x + y)?)
+    }
+
+    fn linear(&self, x: &Tensor, maps: &[&Linear]) -> Result<Vec<Tensor>> {
+        maps.iter().map(|l| l.forward(x)).collect()
+    }
+
+    fn act(&self, f: Act, h: Tensor, up: Option<&Tensor>) -> Result<Tensor> {
+        let a = match f {
+            Act::Relu => h.relu()?,
+            Act::Gelu => h.gelu_erf()?,
+            Act::Silu => h.silu()?,
+        };
+        Ok(match up {
+            Some(u) => (a * u)?,
+            None => a,
+        })
+    }
+
+    fn attend(
+        &self,
+        op: &AttnOp,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        b: &GraphBatch,
+        caches: Option<&mut Vec<KvCache>>,
+    ) -> Result<Tensor> {
+        let (nb, t, _) = q.dims3()?;
+        let caches = match caches {
+            // a policy cache attends on its buffers (one sequence)
+            Some(c) if c.iter().any(|c| c.policy.is_some()) => {
+                return policy_attend(op, &q, &k, &v, c)
+            }
+            c => c,
+        };
+        let mut q = split(&q, op.heads)?;
+        let mut k = split(&k, op.kv_heads)?;
+        let v = split(&v, op.kv_heads)?;
+        if let Some(rope) = op.rope {
+            q = rope.apply(&q, b.offset)?;
+            k = rope.apply(&k, b.offset)?;
+        }
+        let (k, v) = match caches {
+            None => (k, v),
+            Some(caches) => {
+                // store the new rows (token-major per sequence), read all back
+                caches_for(caches, nb)?;
+                let kt = rows_f32(&k.transpose(1, 2)?.flatten_from(2)?)?;
+                let vt = rows_f32(&v.transpose(1, 2)?.flatten_from(2)?)?;
+                let (mut ks, mut vs) = (vec![], vec![]);
+                for ((c, kr), vr) in caches.iter_mut().zip(&kt).zip(&vt) {
+                    c.append(kr, vr)?;
+                    let (kf, vf) = c.to_f32();
+                    let n = c.len();
+                    let dev = q.device();
+                    let shape = (1, op.kv_heads, n, op.head_dim);
+                    ks.push(Tensor::from_vec(kf, shape, dev)?);
+                    vs.push(Tensor::from_vec(vf, shape, dev)?);
+                }
+                (
+                    Tensor::cat(&ks, 0)?.to_dtype(q.dtype())?,
+                    Tensor::cat(&vs, 0)?.to_dtype(q.dtype())?,
+                )
+            }
+        };
+        let tk = k.dim(2)?;
+        let bias = score_bias(
+            t,
+            tk,
+            tk - t,
+            op.causal,
+            b.padding.as_ref(),
+            op.alibi,
+            q.dtype(),
+            q.device(),
+        )?;
+        merge(&softmax_attention(&q, &k, &v, bias.as_ref())?)
+    }
+
+    fn graph(&self, x: &Tensor, b: &GraphBatch, f: &mut GraphOp) -> Result<Tensor> {
+        f(x, b.ctx())
+    }
+
+    fn last(&self, x: Tensor, _: &GraphBatch) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        Ok(x.narrow(1, t - 1, 1)?)
+    }
+}
+
+/// Attention through policy-capped caches, on their buffers: q (1, t, h·hd),
+/// k and v (1, t, h_kv·hd) before RoPE -> (1, t, h·hd).
+fn policy_attend(
+    op: &AttnOp,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    caches: &mut [KvCache],
+) -> Result<Tensor> {
+    let (nb, t, qd) = q.dims3()?;
+    if nb != 1 || caches.len() != 1 {
+        return Err(Error::msg(
+            "a policy-capped KV cache decodes one sequence at a time (batch 1)",
+        ));
+    }
+    if op.alibi.is_some() {
+        return Err(Error::msg(
+            "KV-cache policies take positions from RoPE or the embeddings, not ALiBi",
+        ));
+    }
+    let flat =
+        |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+    let (mut qf, mut kf, vf) = (flat(q)?, flat(k)?, flat(v)?);
+    let mut out = vec![0f32; qf.len()];
+    caches[0].attend(
+        &mut qf,
+        &mut kf,
+        &vf,
+        op.rope.map(|r| &*r.tables),
+        op.heads,
+        &mut out,
+    )?;
+    Ok(Tensor::from_vec(out, (1, t, qd), q.device())?.to_dtype(q.dtype())?)
+}
+
+/// Additive bias for the score matrix, broadcastable to (b, h, tq, tk):
+/// -inf-like where a key is masked (future positions when `causal`, padding
+/// where `key_padding` is 0), plus ALiBi distances when `alibi` is given.
+/// `q_offset` is the absolute position of the first query.
+#[allow(clippy::too_many_arguments)]
+pub fn score_bias(
+    tq: usize,
+    tk: usize,
+    q_offset: usize,
+    causal: bool,
+    key_padding: Option<&Tensor>,
+    alibi: Option<&[f64]>,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
+    const NEG: f32 = -1e9;
+    let mut bias: Option<Tensor> = None;
+    if causal && q_offset + 1 < tk {
+        let mut m = vec![0f32; tq * tk];
+        for i in 0..tq {
+            for j in (q_offset + i + 1).min(tk)..tk {
+                m[i * tk + j] = NEG;
+            }
+        }
+        bias = Some(Tensor::from_vec(m, (1, 1, tq, tk), dev)?.to_dtype(dtype)?);
+    }
+    if let Some(slopes) = alibi {
+        let a = crate::position::alibi_bias(slopes, tq, tk, q_offset, dtype, dev)?;
+        bias = Some(match bias {
+            Some(b) => b.broadcast_add(&a)?,
+            None => a,
+        });
+    }
+    if let Some(pad) = key_padding {
+        // pad: (b, tk), 1 = real token, 0 = padding
+        let b = pad.dim(0)?;
+        let p = ((pad.to_dtype(dtype)? - 1.0)? * (-NEG as f64))?.reshape((b, 1, 1, tk))?;
+        bias = Some(match bias {
+            Some(x) => x.broadcast_add(&p)?,
+            None => p,
+        });
+    }
+    Ok(bias)
+}
+
+/// q: (b, h, tq, d), k: (b, h_kv, tk, d), v: (b, h_kv, tk, d_v), bias:
+/// broadcastable to (b, h, tq, tk) -> (b, h, tq, d_v)
+pub fn softmax_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, h, tq, d) = q.dims4()?;
+    let (_, h_kv, tk, _) = k.dims4()?;
+    let dv = v.dim(3)?;
+    let g = h / h_kv;
+    let scale = 1.0 / (d as f64).sqrt();
+    // Fold the g query heads of each kv group into the row dimension, so k and
+    // v are never copied per query head.
+    let qg = q.reshape((b, h_kv, g * tq, d))?;
+    let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, h, tq, tk))?;
+    let scores = match bias {
+        Some(bias) => scores.broadcast_add(bias)?,
+        None => scores,
+    };
+    let p = crate::nn::softmax_last(&scores)?.reshape((b, h_kv, g * tq, tk))?;
+    Ok(p.matmul(v)?.reshape((b, h, tq, dv))?)
+}

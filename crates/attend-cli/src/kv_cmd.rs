@@ -122,6 +122,11 @@ pub struct KvSweepArgs {
     /// 1,000 tokens and budgets 64, 256: about a minute.
     #[arg(long)]
     quick: bool,
+    /// What every run's KV cache stores keys and values in (every policy
+    /// works with every type): f32 (the default here, so that a sweep
+    /// measures the policies alone), f16, bf16, q8_0.
+    #[arg(long, value_name = "TYPE", default_value = "f32")]
+    kv_dtype: attend::kernels::kv::KvDType,
     /// Where results.json, table.md and plot.svg go.
     #[arg(long, default_value = "kv-sweep")]
     out: PathBuf,
@@ -169,7 +174,8 @@ pub fn kv_sweep_cmd(mut a: KvSweepArgs) -> Result<()> {
         }
     }
     let model = a.model.clone().unwrap_or_else(default_model);
-    let l = load_gguf(&model, false)?;
+    let mut l = load_gguf(&model, false)?;
+    l.model.kv_dtype = a.kv_dtype;
     let file = a
         .file
         .clone()

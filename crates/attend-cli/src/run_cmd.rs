@@ -252,8 +252,8 @@ pub fn score(model: &Transformer, ids: &[u32], ctx: usize) -> Result<(f64, usize
         }
         let input = Tensor::new(&w[..w.len() - 1], &Device::Cpu)?.unsqueeze(0)?;
         let target = Tensor::new(&w[1..], &Device::Cpu)?.unsqueeze(0)?;
-        // a prefill into a fresh decode state: the fused path (and its KV
-        // cache type) where the model has one, else the composed model
+        // a prefill into a fresh decode state (the CPU executor, with the
+        // KV cache type asked for)
         let logits = model.step(&input, &mut model.new_state(None)?)?;
         let weight = Tensor::ones(target.shape(), candle_core::DType::F32, &Device::Cpu)?;
         let sum = attend::train::cross_entropy_sum(&logits, &target, &weight, 0.0)?

@@ -1,7 +1,10 @@
 //! attend: the Transformer and its efficient descendants, in one engine.
 //!
 //! Data flows one way: ids → [`model::Transformer`] (with a caller-owned
-//! [`cache::DecodeState`] while decoding) → logits → [`decode`] → ids.
+//! [`model::DecodeState`] while decoding) → logits → [`decode`] → ids.
+//! The model's forward is written once and run by an executor ([`exec`]):
+//! candle tensors for training, plain buffers and attend's kernels for
+//! inference.
 //! Each part of a block lives in one module, and every variant of that part
 //! is one more case there:
 //!
@@ -12,7 +15,8 @@
 //! | positions | [`position`] |
 //! | channel mixing | [`ffn`] |
 //! | norms | [`norm`] |
-//! | decode memory | [`cache`] |
+//! | decode memory (the KV cache, eviction policies) | [`cache`] |
+//! | executors (graph, CPU) | [`exec`] |
 //! | decoding | [`decode`] |
 //! | learning | [`train`], [`tasks`] |
 //! | evidence | [`eval`] |

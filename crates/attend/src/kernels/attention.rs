@@ -240,22 +240,37 @@ pub fn split_kv_chunked(
             && std::is_x86_feature_detected!("avx512f");
         #[cfg(not(target_arch = "x86_64"))]
         let small = false;
+        let len = j1 - j0;
+        // an f16 cache is read by the register form straight from its bytes
+        // (the conversion inside the loop: no decoded copy to write and
+        // read back)
+        let f16 = small && k[kv].dtype == super::kv::KvDType::F16;
         let (kf, vf, at, stride) = match in_place {
             (Some(kf), Some(vf)) => (kf, vf, j0 * hd, hd),
+            _ if f16 => (&[][..], &[][..], 0, hd),
             _ => {
-                (ks, vs) = (super::scratch::take(width), super::scratch::take(width));
+                (ks, vs) = (
+                    super::scratch::take_dirty(width),
+                    super::scratch::take_dirty(width),
+                );
                 k[kv].decode_rows(j0, 0, hd, &mut ks);
                 v[kv].decode_rows(j0, 0, hd, &mut vs);
                 (&ks[..], &vs[..], 0, hd)
             }
         };
-        let len = j1 - j0;
-        assert!(
-            kf.len() >= at + (len - 1) * stride + hd && vf.len() >= at + (len - 1) * stride + hd
-        );
+        let (kb, vb) = (k[kv].bytes, v[kv].bytes);
+        if f16 {
+            let end = 2 * (j0 + len) * hd;
+            assert!(kb.len() >= end && vb.len() >= end);
+        } else {
+            assert!(
+                kf.len() >= at + (len - 1) * stride + hd
+                    && vf.len() >= at + (len - 1) * stride + hd
+            );
+        }
         // S (g, len) = scale · Q_g K_sliceᵀ: the group's query heads are
         // consecutive rows of q
-        let mut s = super::scratch::take(g * len);
+        let mut s = super::scratch::take_dirty(g * len);
         let mut acc = vec![0f32; g * hd];
         let qg = &q[(i * h + kv * g) * hd..][..g * hd];
         // Safety: q's g rows from (i, kv·g), the slice's len keys and values
@@ -264,7 +279,13 @@ pub fn split_kv_chunked(
         if small {
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                scores_avx512(qg, &kf[at..], stride, len, hd, scale, &mut s)
+                if f16 {
+                    let p = kb.as_ptr().add(2 * j0 * hd);
+                    scores_avx512::<true>(qg, p, 2 * hd, len, hd, scale, &mut s)
+                } else {
+                    let p = kf.as_ptr().add(at) as *const u8;
+                    scores_avx512::<false>(qg, p, 4 * stride, len, hd, scale, &mut s)
+                }
             }
         } else {
             unsafe {
@@ -291,7 +312,13 @@ pub fn split_kv_chunked(
         if small {
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                values_avx512(&s, &vf[at..], stride, len, hd, &mut acc)
+                if f16 {
+                    let p = vb.as_ptr().add(2 * j0 * hd);
+                    values_avx512::<true>(&s, p, 2 * hd, len, hd, &mut acc)
+                } else {
+                    let p = vf.as_ptr().add(at) as *const u8;
+                    values_avx512::<false>(&s, p, 4 * stride, len, hd, &mut acc)
+                }
             }
         } else {
             unsafe {
@@ -356,18 +383,32 @@ fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
-/// s (g, len) = scale · q_g (g, hd) · kᵀ for the len keys `stride` apart
-/// in k: each key is loaded once for the g query heads, whose vectors stay
-/// in registers (g · hd / 16 ≤ 16 of them). A GEMM call here spent most of
-/// its time repacking the keys for a 3-row product.
-///
-/// Safety: the CPU has AVX-512 F; hd is a multiple of 16; k holds
-/// (len − 1)·stride + hd numbers, s g·len.
+/// 16 numbers of a key or value row at `p` as f32: f16 (`F16`) or f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn scores_avx512(
+#[inline]
+unsafe fn load16<const F16: bool>(p: *const u8, i: usize) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    if F16 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32 * i) as *const __m256i))
+    } else {
+        _mm512_loadu_ps((p as *const f32).add(16 * i))
+    }
+}
+
+/// s (g, len) = scale · q_g (g, hd) · kᵀ for the len keys `stride` bytes
+/// apart from k, stored as f16 (`F16`) or f32: each key is loaded (and
+/// converted) once for the g query heads, whose vectors stay in registers
+/// (g · hd / 16 ≤ 16 of them). A GEMM call here spent most of its time
+/// repacking the keys for a 3-row product.
+///
+/// Safety: the CPU has AVX-512 F; hd is a multiple of 16; k holds
+/// (len − 1)·stride bytes plus one row; s holds g·len numbers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_avx512<const F16: bool>(
     q: &[f32],
-    k: &[f32],
+    k: *const u8,
     stride: usize,
     len: usize,
     hd: usize,
@@ -380,27 +421,32 @@ unsafe fn scores_avx512(
     for (i, v) in qv.iter_mut().enumerate().take(g * c) {
         *v = _mm512_loadu_ps(q.as_ptr().add(16 * i));
     }
+    let mut kv = [_mm512_setzero_ps(); 16];
     for j in 0..len {
-        let kp = k.as_ptr().add(j * stride);
+        let kp = k.add(j * stride);
+        for (x, v) in kv.iter_mut().enumerate().take(c) {
+            *v = load16::<F16>(kp, x);
+        }
         for a in 0..g {
             let mut acc = _mm512_setzero_ps();
             for x in 0..c {
-                acc = _mm512_fmadd_ps(qv[a * c + x], _mm512_loadu_ps(kp.add(16 * x)), acc);
+                acc = _mm512_fmadd_ps(qv[a * c + x], kv[x], acc);
             }
             *s.get_unchecked_mut(a * len + j) = _mm512_reduce_add_ps(acc) * scale;
         }
     }
 }
 
-/// acc (g, hd) = p (g, len) · v for the len value rows `stride` apart: each
-/// value row is loaded once for the g heads, the accumulators in registers.
+/// acc (g, hd) = p (g, len) · v for the len value rows `stride` bytes apart
+/// from v (f16 or f32): each row is loaded once for the g heads, the
+/// accumulators in registers.
 ///
 /// Safety: as `scores_avx512`, with v for k and acc holding g·hd numbers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn values_avx512(
+unsafe fn values_avx512<const F16: bool>(
     p: &[f32],
-    v: &[f32],
+    v: *const u8,
     stride: usize,
     len: usize,
     hd: usize,
@@ -409,13 +455,17 @@ unsafe fn values_avx512(
     use std::arch::x86_64::*;
     let (g, c) = (acc.len() / hd, hd / 16);
     let mut av = [_mm512_setzero_ps(); 16];
+    let mut vv = [_mm512_setzero_ps(); 16];
     for j in 0..len {
-        let vp = v.as_ptr().add(j * stride);
+        let vp = v.add(j * stride);
+        for (x, r) in vv.iter_mut().enumerate().take(c) {
+            *r = load16::<F16>(vp, x);
+        }
         for a in 0..g {
             let pa = _mm512_set1_ps(*p.get_unchecked(a * len + j));
             for x in 0..c {
                 let r = &mut av[a * c + x];
-                *r = _mm512_fmadd_ps(pa, _mm512_loadu_ps(vp.add(16 * x)), *r);
+                *r = _mm512_fmadd_ps(pa, vv[x], *r);
             }
         }
     }

@@ -213,6 +213,10 @@ impl KvRows<'_> {
             // Safety: the CPU has AVX-512 F (checked just above); the rows
             // lie inside `bytes` (the slice index checks the first).
             assert!(src.len() >= (dst.len() / n - 1) * rb + 2 * (at + n));
+            if at == 0 && n == self.width {
+                // whole rows, back to back: one conversion
+                return unsafe { f16_to_f32_avx512(&src[..2 * dst.len()], dst) };
+            }
             return unsafe { f16_rows_avx512(src, rb, 2 * at, n, dst) };
         }
         for (r, d) in dst.chunks_exact_mut(n).enumerate() {

@@ -57,6 +57,23 @@ pub mod scratch {
         })
     }
 
+    /// `len` numbers of unspecified value (what the buffer held before, or
+    /// zeros), for a caller that writes every one: no memset.
+    pub fn take_dirty(len: usize) -> Vec<f32> {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            match p.iter().position(|v| v.capacity() >= len) {
+                Some(i) => {
+                    let mut v = p.swap_remove(i);
+                    v.truncate(len);
+                    v.resize(len, 0.0);
+                    v
+                }
+                None => vec![0.0; len],
+            }
+        })
+    }
+
     /// Return a buffer for reuse (the pool keeps at most 16).
     pub fn give(v: Vec<f32>) {
         POOL.with(|p| {

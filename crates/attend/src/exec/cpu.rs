@@ -229,8 +229,8 @@ impl Exec for Cpu {
         Ok(x)
     }
 
-    fn norm(&self, n: &Norm, x: &Rows) -> Result<Rows> {
-        let mut y = x.clone();
+    fn norm(&self, n: &Norm, x: Rows) -> Result<Rows> {
+        let mut y = x;
         let center = n.kind() == NormKind::Layernorm;
         let eps = n.eps() as f32;
         with_f32(n.weight(), |g| match n.bias() {

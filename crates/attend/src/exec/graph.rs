@@ -79,8 +79,8 @@ impl Exec for Graph {
         p.forward(&x, b.offset)
     }
 
-    fn norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor> {
-        n.forward(x)
+    fn norm(&self, n: &Norm, x: Tensor) -> Result<Tensor> {
+        n.forward(&x)
     }
 
     fn dropout(&self, d: &Dropout, x: Tensor) -> Result<Tensor> {

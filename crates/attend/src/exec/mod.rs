@@ -66,7 +66,7 @@ pub type GraphOp<'f> = dyn FnMut(&Tensor, Ctx) -> Result<Tensor> + 'f;
 /// activation `X` holds one row of `width` numbers per token of the batch.
 pub trait Exec {
     /// Activations: a (b, t, width) tensor, or packed rows.
-    type X;
+    type X: Clone;
     /// The tokens of a batch and their positions.
     type Batch;
 
@@ -78,7 +78,8 @@ pub trait Exec {
     fn scale(&self, x: Self::X, s: f64) -> Result<Self::X>;
     /// x + the additive position rows of each token.
     fn add_positions(&self, p: &Additive, x: Self::X, b: &Self::Batch) -> Result<Self::X>;
-    fn norm(&self, n: &Norm, x: &Self::X) -> Result<Self::X>;
+    /// The norm of x, in x's place (clone x to keep it).
+    fn norm(&self, n: &Norm, x: Self::X) -> Result<Self::X>;
     fn dropout(&self, d: &Dropout, x: Self::X) -> Result<Self::X>;
     /// The residual: x + y.
     fn add(&self, x: Self::X, y: &Self::X) -> Result<Self::X>;

@@ -74,11 +74,11 @@ pub mod scratch {
         })
     }
 
-    /// Return a buffer for reuse (the pool keeps at most 16).
+    /// Return a buffer for reuse (the pool keeps at most 32).
     pub fn give(v: Vec<f32>) {
         POOL.with(|p| {
             let mut p = p.borrow_mut();
-            if p.len() < 16 {
+            if p.len() < 32 {
                 p.push(v);
             }
         })

@@ -104,12 +104,12 @@ impl Block {
     ) -> Result<E::X> {
         match self.norm_position {
             NormPosition::Pre => {
-                let y = e.dropout(&self.dropout, f(&e.norm(norm, &x)?)?)?;
+                let y = e.dropout(&self.dropout, f(&e.norm(norm, x.clone())?)?)?;
                 e.add(x, &y)
             }
             NormPosition::Post => {
                 let y = e.dropout(&self.dropout, f(&x)?)?;
-                e.norm(norm, &e.add(x, &y)?)
+                e.norm(norm, e.add(x, &y)?)
             }
         }
     }
@@ -348,7 +348,7 @@ impl Transformer {
         }
         x = e.add_positions(pos, x, b)?;
         if let Some(n) = &self.embed_norm {
-            x = e.norm(n, &x)?;
+            x = e.norm(n, x)?;
         }
         x = e.dropout(&self.dropout, x)?;
         let mem_pad = match (&state, memory) {
@@ -375,7 +375,7 @@ impl Transformer {
             x = e.last(x, b)?;
         }
         if let Some(n) = final_norm {
-            x = e.norm(n, &x)?;
+            x = e.norm(n, x)?;
         }
         Ok(x)
     }

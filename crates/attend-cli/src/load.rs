@@ -21,7 +21,7 @@ pub fn load_gguf(path: &Path, dequantize: bool) -> Result<Loaded> {
         );
     }
     let g = gguf::load(path, dequantize, &Device::Cpu)?;
-    let model = Transformer::new(&g.config, &g.store)?;
+    let model: Transformer = g.build()?;
     g.store.release_quantized();
     Ok(Loaded { model, gguf: g })
 }

@@ -13,6 +13,11 @@ pub enum Error {
     #[error("{}: {msg}", path.display())]
     File { path: PathBuf, msg: String },
 
+    /// A model asked a loaded file's parameters for one it does not hold
+    /// (attend's name; loaders translate it to the file's).
+    #[error("tensor `{name}` (shape {shape:?}) is missing")]
+    MissingTensor { name: String, shape: Vec<usize> },
+
     /// Anything else the caller asked for that cannot be done.
     #[error("{0}")]
     Msg(String),

@@ -32,9 +32,16 @@ pub struct ParamStore {
     rng: Mutex<ChaCha8Rng>,
     pub dtype: DType,
     pub device: Device,
+    /// Loading a file: a parameter the model asks for and the store lacks
+    /// is an error (`Error::MissingTensor`), never random.
+    strict: bool,
+    /// Names the model asked for (to find what a file holds but nothing uses).
+    used: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl ParamStore {
+    /// A store for training: parameters the model asks for and the store
+    /// lacks are initialised from the seeded RNG.
     pub fn new(seed: u64, dtype: DType, device: Device) -> Self {
         Self {
             vars: Mutex::new(BTreeMap::new()),
@@ -42,7 +49,31 @@ impl ParamStore {
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
             dtype,
             device,
+            strict: false,
+            used: Mutex::new(Default::default()),
         }
+    }
+
+    /// A store for loading a file: every parameter must come from it.
+    pub fn strict(dtype: DType, device: Device) -> Self {
+        Self {
+            strict: true,
+            ..Self::new(0, dtype, device)
+        }
+    }
+
+    /// Names held (dense or quantized) that no model construction asked
+    /// for, sorted.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().unwrap();
+        let mut out: Vec<String> = self
+            .names()
+            .into_iter()
+            .filter(|n| !used.contains(n))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     pub fn builder(&self) -> Builder<'_> {
@@ -78,7 +109,11 @@ impl ParamStore {
     }
 
     fn get_quantized(&self, name: &str) -> Option<Arc<QTensor>> {
-        self.quantized.lock().unwrap().get(name).cloned()
+        let q = self.quantized.lock().unwrap().get(name).cloned();
+        if q.is_some() {
+            self.used.lock().unwrap().insert(name.to_string());
+        }
+        q
     }
 
     /// Names of every weight held, dense or quantized.
@@ -119,6 +154,7 @@ impl ParamStore {
     fn get_or_init(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let mut vars = self.vars.lock().unwrap();
         if let Some(v) = vars.get(name) {
+            self.used.lock().unwrap().insert(name.to_string());
             if v.dims() != shape {
                 return Err(Error::msg(format!(
                     "parameter `{name}` has shape {:?} in the checkpoint, the model needs {:?}",
@@ -127,6 +163,12 @@ impl ParamStore {
                 )));
             }
             return Ok(v.as_tensor().clone());
+        }
+        if self.strict {
+            return Err(Error::MissingTensor {
+                name: name.to_string(),
+                shape: shape.to_vec(),
+            });
         }
         let n: usize = shape.iter().product();
         let mut rng = self.rng.lock().unwrap();

@@ -160,6 +160,29 @@ fn broken_checkpoints_give_clear_errors() {
     let tr = Trainer::new(m, t, c).unwrap();
     let dir = tmpdir("broken");
     tr.save(&dir, serde_json::json!({})).unwrap();
+    // a config with fewer or more decoder layers than the weights hold is
+    // refused, never run with layers ignored or drawn at random
+    let meta_path = dir.join("checkpoint.json");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    let layers = meta["model"]["n_decoder_layers"].as_u64().unwrap();
+    let tied = meta["model"]["tie_embeddings"].as_bool().unwrap();
+    let mut more = meta.clone();
+    more["model"]["n_decoder_layers"] = (layers + 1).into();
+    // untied: the file lacks lm_head; tied: it holds one nothing reads
+    let mut flipped = meta.clone();
+    flipped["model"]["tie_embeddings"] = (!tied).into();
+    let flip_want = if tied { "is missing" } else { "does not use" };
+    for (bad, want) in [(more, "is missing"), (flipped, flip_want)] {
+        std::fs::write(&meta_path, bad.to_string()).unwrap();
+        let e = load_model(&dir, &Device::Cpu).err().unwrap().to_string();
+        assert!(
+            e.contains("model-00000000.safetensors") && e.contains(want),
+            "{e}"
+        );
+    }
+    std::fs::write(&meta_path, meta.to_string()).unwrap();
+    load_model(&dir, &Device::Cpu).unwrap();
     let weights = dir.join("model-00000000.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();

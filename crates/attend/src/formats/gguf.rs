@@ -21,6 +21,75 @@ pub struct GgufModel {
     pub metadata: Vec<(String, String)>,
     /// Tensor types held, e.g. {"q4_1": 210, "f32": 61}.
     pub tensor_types: std::collections::BTreeMap<String, usize>,
+    /// The file read.
+    pub path: std::path::PathBuf,
+}
+
+impl GgufModel {
+    /// The model this file describes. Strict: every tensor the model needs
+    /// must be in the file (none is initialised at random) and every tensor
+    /// in the file must be used; either failure names the file's tensor.
+    pub fn build(&self) -> Result<crate::model::Transformer> {
+        let path = &self.path;
+        let layers = self.config.n_decoder_layers;
+        let m = crate::model::Transformer::new(&self.config, &self.store).map_err(|e| match e {
+            Error::MissingTensor { name, shape } => Error::file(
+                path,
+                format!(
+                    "tensor `{}` is missing (a {layers}-layer model, `llama.block_count`, needs it with shape {shape:?})",
+                    gguf_name(&name)
+                ),
+            ),
+            e => e,
+        })?;
+        let unused = self.store.unused();
+        if let Some(first) = unused.first() {
+            let more = match unused.len() {
+                1 => String::new(),
+                n => format!(" (and {} more)", n - 1),
+            };
+            return Err(Error::file(
+                path,
+                format!(
+                    "tensor `{}`{more} is not used by a {layers}-layer model (`llama.block_count`)",
+                    gguf_name(first)
+                ),
+            ));
+        }
+        Ok(m)
+    }
+}
+
+/// attend parameter name → GGUF tensor name (the inverse of `map_name`).
+fn gguf_name(ours: &str) -> String {
+    let fixed = match ours {
+        "embed.weight" => Some("token_embd.weight"),
+        "dec_norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return f.to_string();
+    }
+    let Some((layer, part)) = ours
+        .strip_prefix("decoder.")
+        .and_then(|r| r.split_once('.'))
+    else {
+        return ours.to_string();
+    };
+    let theirs = match part {
+        "ln_1.weight" => "attn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "ln_2.weight" => "ffn_norm.weight",
+        "ffn.w1.weight" => "ffn_gate.weight",
+        "ffn.w3.weight" => "ffn_up.weight",
+        "ffn.w2.weight" => "ffn_down.weight",
+        _ => return ours.to_string(),
+    };
+    format!("blk.{layer}.{theirs}")
 }
 
 fn get<'a>(ct: &'a Content, path: &Path, key: &str) -> Result<&'a Value> {
@@ -152,7 +221,7 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
         }
     }
 
-    let store = ParamStore::new(0, DType::F32, device.clone());
+    let store = ParamStore::strict(DType::F32, device.clone());
     let mut tensor_types = std::collections::BTreeMap::new();
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
     names.sort();
@@ -204,6 +273,7 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
         chat_template,
         metadata,
         tensor_types,
+        path: path.to_path_buf(),
     })
 }
 

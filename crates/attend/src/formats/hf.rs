@@ -187,14 +187,22 @@ impl Embedder {
             let folded = pos.broadcast_add(&tt.to_dtype(DType::F32)?.narrow(0, 0, 1)?)?;
             tensors.insert("pos_enc.weight".into(), folded);
         }
-        let store = ParamStore::new(0, DType::F32, device.clone());
-        let n = tensors.len();
+        let store = ParamStore::strict(DType::F32, device.clone());
         store.insert(tensors)?;
-        let model = Transformer::new(&cfg, &store)?;
-        if store.names().len() != n {
+        let model = Transformer::new(&cfg, &store).map_err(|e| match e {
+            Error::MissingTensor { name, shape } => Error::file(
+                &weights,
+                format!("is missing `{name}` (shape {shape:?}) that the config.json model needs"),
+            ),
+            e => e,
+        })?;
+        if let Some(first) = store.unused().first() {
             return Err(Error::file(
                 &weights,
-                "is missing weights the BERT config needs",
+                format!(
+                    "holds `{first}`, which a {}-layer model (config.json `num_hidden_layers`) does not use",
+                    cfg.n_encoder_layers
+                ),
             ));
         }
         let (tokenizer, max_seq_length) = load_tokenizer(dir, cfg.max_len)?;

@@ -219,19 +219,36 @@ impl CheckpointMeta {
     }
 }
 
+/// A checkpoint missing a parameter its config needs, as a file error.
+fn strict_error(weights: &Path, e: Error) -> Error {
+    match e {
+        Error::MissingTensor { name, shape } => Error::file(
+            weights,
+            format!("is missing parameter `{name}` (shape {shape:?}) that the checkpoint's model config needs"),
+        ),
+        e => e,
+    }
+}
+
+/// A checkpoint holding parameters its config does not use.
+fn unused_error(weights: &Path, store: &ParamStore) -> Result<()> {
+    match store.unused().first() {
+        None => Ok(()),
+        Some(first) => Err(Error::file(
+            weights,
+            format!("holds parameter `{first}`, which the checkpoint's model config does not use"),
+        )),
+    }
+}
+
 /// Load a trained model for evaluation or sampling.
 pub fn load_model(dir: &Path, device: &Device) -> Result<(Transformer, CheckpointMeta)> {
     let meta = CheckpointMeta::read(dir)?;
-    let store = ParamStore::new(0, DType::F32, device.clone());
-    store.insert(load_safetensors(&dir.join(&meta.weights), device)?)?;
-    let n_loaded = store.vars().len();
-    let model = Transformer::new(&meta.model, &store)?;
-    if store.vars().len() != n_loaded {
-        return Err(Error::file(
-            dir.join(&meta.weights),
-            "is missing parameters the model config needs",
-        ));
-    }
+    let store = ParamStore::strict(DType::F32, device.clone());
+    let weights = dir.join(&meta.weights);
+    store.insert(load_safetensors(&weights, device)?)?;
+    let model = Transformer::new(&meta.model, &store).map_err(|e| strict_error(&weights, e))?;
+    unused_error(&weights, &store)?;
     model.set_train_seed(None);
     Ok((model, meta))
 }
@@ -287,10 +304,30 @@ impl Trainer {
             DType::F32,
             device.clone(),
         );
-        if let Some((dir, meta)) = resume {
-            store.insert(load_safetensors(&dir.join(&meta.weights), &device)?)?;
-        }
+        let loaded = match resume {
+            Some((dir, meta)) => {
+                let weights = dir.join(&meta.weights);
+                let tensors = load_safetensors(&weights, &device)?;
+                let names: Vec<String> = tensors.keys().cloned().collect();
+                store.insert(tensors)?;
+                Some((weights, names))
+            }
+            None => None,
+        };
         let model = Transformer::new(&model_cfg, &store)?;
+        if let Some((weights, names)) = loaded {
+            // resuming: every parameter from the checkpoint, none fresh
+            if let Some((fresh, v)) = store.vars().into_iter().find(|(n, _)| !names.contains(n)) {
+                return Err(Error::file(
+                    &weights,
+                    format!(
+                        "is missing parameter `{fresh}` (shape {:?}) that the checkpoint's model config needs",
+                        v.dims()
+                    ),
+                ));
+            }
+            unused_error(&weights, &store)?;
+        }
         let mut opt = AdamW::new(
             store.vars(),
             train_cfg.beta1,

@@ -80,10 +80,10 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
         None => bail!("--model or --mechanisms is required"),
     };
     if a.json {
-        println!("{report}");
+        outln!("{report}");
     } else {
         for (k, v) in report.as_object().unwrap() {
-            println!("{k}: {v}");
+            outln!("{k}: {v}");
         }
     }
     Ok(())
@@ -397,7 +397,7 @@ fn bench_mechanisms(a: &BenchArgs) -> Result<serde_json::Value> {
         &series,
     )?;
     if !a.json {
-        print!("{table}");
+        out!("{table}");
     }
     Ok(report)
 }

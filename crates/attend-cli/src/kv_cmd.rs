@@ -89,9 +89,9 @@ pub fn streaming_cmd(l: &Loaded, ids: &[u32], kv: &KvArgs, json: bool) -> Result
     let r = stream_score(l, ids, &c, &pb)?;
     pb.finish_and_clear();
     if json {
-        println!("{}", serde_json::to_string(&r)?);
+        outln!("{}", serde_json::to_string(&r)?);
     } else {
-        println!(
+        outln!(
             "perplexity {:.4} over {} tokens, {} (cache ≤ {:.1} MiB)",
             r.perplexity,
             r.n_tokens,

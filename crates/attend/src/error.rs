@@ -24,6 +24,10 @@ pub enum Error {
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// Reading or writing a stream (stdout, a pipe) failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

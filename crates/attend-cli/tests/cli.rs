@@ -822,3 +822,36 @@ fn output_errors_and_thread_counts_end_cleanly() {
         assert!(err.contains("--threads") && err.contains(t), "{err}");
     }
 }
+
+#[test]
+fn sizes_are_checked_before_allocating() {
+    let out = tmp("sizes").join("x");
+    let o = out.to_str().unwrap();
+    // parameters, gradients and AdamW state beyond the machine's memory
+    fails_with(
+        &[
+            "train",
+            "--task",
+            "mqar",
+            "--d-model",
+            "1000000",
+            "--out",
+            o,
+        ],
+        &["d_model", "GiB", "this machine has"],
+    );
+    // positions beyond what attend supports (a RoPE table of 10^10 rows)
+    fails_with(
+        &[
+            "train",
+            "--task",
+            "mqar",
+            "--context",
+            "10000000000",
+            "--out",
+            o,
+        ],
+        &["max_len", "16777216"],
+    );
+    assert!(!out.exists(), "nothing written for a refused run");
+}

@@ -529,6 +529,9 @@ impl fmt::Display for MechanismConfig {
     }
 }
 
+/// The longest context attend accepts (2²⁴ positions).
+pub const MAX_POSITIONS: usize = 1 << 24;
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
@@ -729,8 +732,71 @@ impl ModelConfig {
         Self::from_json_str(&text, path)
     }
 
+    /// Parameters of the model, counted with checked arithmetic (None: more
+    /// than a usize holds): embeddings, blocks, final norms, output.
+    pub fn param_count(&self) -> Option<usize> {
+        let (d, f) = (self.d_model, self.d_ff);
+        let kvd = self.kv_heads().checked_mul(self.head_dim())?;
+        let attn = d
+            .checked_mul(d)?
+            .checked_mul(2)?
+            .checked_add(d.checked_mul(kvd)?.checked_mul(2)?)?;
+        let ffn = d.checked_mul(f)?.checked_mul(3)?;
+        let block = attn.checked_add(ffn)?.checked_add(d.checked_mul(4)?)?;
+        let cross = if self.has_encoder() && self.has_decoder() {
+            attn.checked_mul(self.n_decoder_layers)?
+        } else {
+            0
+        };
+        let layers = self.n_encoder_layers.checked_add(self.n_decoder_layers)?;
+        let table = self.vocab_size.checked_mul(d)?;
+        let pos = self.max_len.checked_mul(d)?;
+        block
+            .checked_mul(layers)?
+            .checked_add(cross)?
+            .checked_add(table.checked_mul(2)?)?
+            .checked_add(pos.checked_mul(2)?)
+    }
+
+    /// Bytes the model computes from its settings whatever the weights
+    /// (RoPE tables as tensors and as f32 tables, a sinusoidal table), with
+    /// checked arithmetic (None: overflow).
+    pub fn computed_bytes(&self) -> Option<usize> {
+        let rope = match self.position {
+            PositionKind::Rope => self
+                .max_len
+                .checked_mul(self.head_dim())?
+                .checked_mul(2 * 4)?,
+            _ => 0,
+        };
+        let sin = match self.position {
+            PositionKind::Sinusoidal => self.max_len.checked_mul(self.d_model)?.checked_mul(4)?,
+            _ => 0,
+        };
+        rope.checked_add(sin)
+    }
+
     /// Check every constraint the model code relies on.
     pub fn validate(&self) -> Result<()> {
+        self.validate_shape()?;
+        // what the settings alone make the model allocate must fit
+        let fits = self
+            .computed_bytes()
+            .is_some_and(|b| b <= crate::util::physical_memory());
+        if !fits {
+            return Err(Error::config(
+                "max_len",
+                format!(
+                    "({}) needs position tables larger than this machine's memory ({:.1} GiB)",
+                    self.max_len,
+                    crate::util::physical_memory() as f64 / (1u64 << 30) as f64
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_shape(&self) -> Result<()> {
         let positive = |field: &str, v: usize| {
             if v == 0 {
                 Err(Error::config(field, "must be at least 1"))
@@ -743,6 +809,15 @@ impl ModelConfig {
         positive("d_ff", self.d_ff)?;
         positive("vocab_size", self.vocab_size)?;
         positive("max_len", self.max_len)?;
+        if self.max_len > MAX_POSITIONS {
+            return Err(Error::config(
+                "max_len",
+                format!(
+                    "({}) exceeds the {MAX_POSITIONS} positions attend supports",
+                    self.max_len
+                ),
+            ));
+        }
         if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "d_model",

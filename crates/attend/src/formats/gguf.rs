@@ -184,6 +184,17 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
     let key = |k: &str| format!("{arch}.{k}");
     let n_heads = get_usize(&ct, path, &key("attention.head_count"))?;
     let d_model = get_usize(&ct, path, &key("embedding_length"))?;
+    let context = get_usize(&ct, path, &key("context_length"))?;
+    if context > crate::config::MAX_POSITIONS {
+        return Err(Error::file(
+            path,
+            format!(
+                "`{}` is {context}, more than the {} positions attend supports",
+                key("context_length"),
+                crate::config::MAX_POSITIONS
+            ),
+        ));
+    }
     let tokenizer = super::tokenizer::Tokenizer::from_gguf(&ct, path)?;
     let config = ModelConfig {
         shape: Shape::Decoder,
@@ -194,7 +205,7 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
         n_kv_heads: Some(get_usize(&ct, path, &key("attention.head_count_kv")).unwrap_or(n_heads)),
         d_ff: get_usize(&ct, path, &key("feed_forward_length"))?,
         vocab_size: tokenizer.vocab_size(),
-        max_len: get_usize(&ct, path, &key("context_length"))?,
+        max_len: context,
         position: PositionKind::Rope,
         rope_theta: get_f64(&ct, &key("rope.freq_base")).unwrap_or(10_000.0),
         ffn: FfnKind::Swiglu,

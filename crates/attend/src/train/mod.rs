@@ -296,6 +296,26 @@ impl Trainer {
     ) -> Result<Self> {
         model_cfg.validate()?;
         train_cfg.validate()?;
+        // weights, gradients and AdamW's two moments, in f32: refuse before
+        // allocating what cannot fit
+        let mem = crate::util::physical_memory();
+        let need = model_cfg.param_count().and_then(|n| n.checked_mul(16));
+        if need.is_none_or(|b| b > mem) {
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            return Err(Error::config(
+                "d_model",
+                format!(
+                    "({}, with {} layers, d_ff {}, vocab {}) makes a model of {} parameters that needs {} for weights, gradients and AdamW state; this machine has {:.1} GiB",
+                    model_cfg.d_model,
+                    model_cfg.n_encoder_layers + model_cfg.n_decoder_layers,
+                    model_cfg.d_ff,
+                    model_cfg.vocab_size,
+                    model_cfg.param_count().map_or("more than 2^64".into(), |n| n.to_string()),
+                    need.map_or("more than 2^64 bytes".into(), |b| format!("{:.1} GiB", gib(b))),
+                    gib(mem)
+                ),
+            ));
+        }
         let task = Task::new(task_cfg, train_cfg.seed, train_cfg.n_eval)?;
         check_compatible(&model_cfg, &task)?;
         let device = Device::Cpu;

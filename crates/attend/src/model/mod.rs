@@ -518,8 +518,20 @@ impl Transformer {
         if self.cfg.has_encoder() {
             return Err(Error::msg("KV-cache policies apply to decoder-only models"));
         }
-        let mut st = self.new_state(None)?;
         let c = &self.cfg;
+        if let (Some(b), PositionKind::Rope) = (policy.budget(), c.position) {
+            // kept tokens take RoPE positions from their rank: 0..budget
+            if b > c.max_len {
+                return Err(Error::config(
+                    "kv-policy",
+                    format!(
+                        "`{policy}` keeps {b} tokens per head, more than the model's context of {}",
+                        c.max_len
+                    ),
+                ));
+            }
+        }
+        let mut st = self.new_state(None)?;
         // every softmax layer's cache follows the policy (other mechanisms
         // keep their own fixed-size state); retrieval[i] belongs to the
         // i-th softmax layer

@@ -78,36 +78,49 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train a model from scratch on a built-in task (copy, reverse, mqar, text).
+    #[command(allow_negative_numbers = true)]
     Train(Box<train_cmd::TrainArgs>),
     /// Evaluate a checkpoint on its task's held-out set.
+    #[command(allow_negative_numbers = true)]
     Eval(train_cmd::EvalArgs),
     /// Decode from a checkpoint: greedy, sampling or beam search.
+    #[command(allow_negative_numbers = true)]
     Sample(train_cmd::SampleArgs),
     /// The main job on built-in defaults: train a small encoder–decoder on
     /// `reverse` and a small decoder on `mqar`, then print held-out scores
     /// and decoded examples (about 3 minutes on 2 cores).
+    #[command(allow_negative_numbers = true)]
     Demo(train_cmd::DemoArgs),
     /// Continue a prompt with a GGUF model, streaming the text.
+    #[command(allow_negative_numbers = true)]
     Generate(run_cmd::GenerateArgs),
     /// Multi-turn chat with a GGUF model's chat template (Ctrl-D ends it).
+    #[command(allow_negative_numbers = true)]
     Chat(run_cmd::ChatArgs),
     /// Perplexity of a GGUF model on a text file.
+    #[command(allow_negative_numbers = true)]
     Perplexity(run_cmd::PerplexityArgs),
     /// Sentence embeddings with a Hugging Face BERT encoder (one text per stdin line).
+    #[command(allow_negative_numbers = true)]
     Embed(run_cmd::EmbedArgs),
     /// Token ids of a text.
+    #[command(allow_negative_numbers = true)]
     Tokenize(run_cmd::TokenizeArgs),
     /// Speed and memory: prefill and decode tokens/s of a GGUF decoder, or
     /// sentences/s of an encoder directory.
+    #[command(allow_negative_numbers = true)]
     Bench(bench_cmd::BenchArgs),
     /// Show a GGUF file's configuration as attend reads it, and its metadata.
+    #[command(allow_negative_numbers = true)]
     Inspect(run_cmd::InspectArgs),
     /// KV-cache policies × budgets on a GGUF model: streaming perplexity
     /// against cache memory, as results.json, table.md and plot.svg.
+    #[command(allow_negative_numbers = true)]
     KvSweep(kv_cmd::KvSweepArgs),
     /// Train MQAR models over attention mechanisms × sizes × key–value
     /// pairs: recall against decode-state bytes, as results.json, table.md
     /// and plots (`--quick`: about 2 minutes).
+    #[command(allow_negative_numbers = true)]
     Frontier(frontier_cmd::FrontierArgs),
 }
 

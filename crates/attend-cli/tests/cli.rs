@@ -875,3 +875,26 @@ fn cache_policy_budgets_are_checked_against_the_context() {
         );
     }
 }
+
+#[test]
+fn non_finite_and_negative_settings_name_the_flag() {
+    let out = tmp("nan").join("x");
+    let o = out.to_str().unwrap();
+    for (flag, value, field) in [
+        ("--weight-decay", "NaN", "weight_decay"),
+        ("--clip", "NaN", "clip"),
+        ("--lr", "inf", "lr"),
+        ("--lr", "-1", "lr"),
+    ] {
+        fails_with(
+            &["train", "--task", "mqar", "--out", o, flag, value],
+            &[field],
+        );
+    }
+    // a negative count is a bad value of its flag, not an unknown argument
+    fails_with(
+        &["generate", "--model", "x.gguf", "--max-tokens", "-1"],
+        &["--max-tokens", "-1"],
+    );
+    assert!(!out.exists(), "nothing written for a refused run");
+}

@@ -75,8 +75,53 @@ impl TrainConfig {
         if self.batch_size == 0 {
             return Err(Error::config("batch_size", "must be at least 1"));
         }
+        // every number finite (a NaN or infinite setting would train into
+        // NaN weights and a checkpoint that cannot be read back), then in range
+        for (field, v) in [
+            ("lr", self.lr),
+            ("min_lr_ratio", self.min_lr_ratio),
+            ("weight_decay", self.weight_decay),
+            ("beta1", self.beta1),
+            ("beta2", self.beta2),
+            ("eps", self.eps),
+            ("clip", self.clip),
+            ("label_smoothing", self.label_smoothing),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::config(
+                    field,
+                    format!("must be a finite number, got {v}"),
+                ));
+            }
+        }
         if !crate::config::is_positive(self.lr) {
-            return Err(Error::config("lr", "must be positive"));
+            return Err(Error::config(
+                "lr",
+                format!("must be positive, got {}", self.lr),
+            ));
+        }
+        if !crate::config::is_positive(self.eps) {
+            return Err(Error::config(
+                "eps",
+                format!("must be positive, got {}", self.eps),
+            ));
+        }
+        if self.weight_decay < 0.0 {
+            return Err(Error::config(
+                "weight_decay",
+                format!("must be ≥ 0, got {}", self.weight_decay),
+            ));
+        }
+        for (field, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::config(field, format!("must be in [0, 1), got {v}")));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(Error::config(
+                "min_lr_ratio",
+                format!("must be in [0, 1], got {}", self.min_lr_ratio),
+            ));
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(Error::config("label_smoothing", "must be in [0, 1)"));

@@ -44,6 +44,10 @@ pub struct TrainArgs {
     /// The configuration comes from the checkpoint; only --steps may change it.
     #[arg(long)]
     resume: bool,
+    /// Replace the checkpoint already in --out (without it, an existing
+    /// checkpoint is refused before any work starts).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// Model configuration JSON (fields as in `ModelConfig`); flags below override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -362,7 +366,33 @@ fn run_training(
     })
 }
 
+/// Check `--out` before any work starts: a directory (or creatable as one)
+/// that can be written, and not an existing checkpoint unless resuming it
+/// or replacing it on purpose.
+pub fn check_out(dir: &Path, resume: bool, overwrite: bool) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("--out {}: exists and is not a directory", dir.display());
+    }
+    let ckpt = dir.join("checkpoint.json");
+    if !resume && !overwrite && ckpt.exists() {
+        bail!(
+            "--out {}: holds a checkpoint already; pass --resume to continue it or --overwrite to replace it",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("--out {}: cannot create the directory", dir.display()))?;
+    let probe = dir.join(format!(".attend-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("--out {}: cannot write there", dir.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
 pub fn train(a: TrainArgs) -> Result<()> {
+    if a.out.exists() && !a.out.is_dir() {
+        bail!("--out {}: exists and is not a directory", a.out.display());
+    }
     let mut tr = if a.resume {
         Trainer::resume(&a.out, a.steps)
             .with_context(|| format!("cannot resume from {}", a.out.display()))?
@@ -370,6 +400,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
         let (m, t, c) = resolve(&a)?;
         Trainer::new(m, t, c)?
     };
+    // the settings are valid and the model fits: now --out, before step 1
+    check_out(&a.out, a.resume, a.overwrite)?;
     tr.shards = threads();
     if !a.json {
         eprintln!(
@@ -716,6 +748,12 @@ pub struct DemoArgs {
 }
 
 pub fn demo(a: DemoArgs) -> Result<()> {
+    // both runs' directories checked before the first step (the demo
+    // replaces its own earlier runs)
+    check_out(&a.out, false, true)?;
+    for task in ["reverse", "mqar"] {
+        check_out(&a.out.join(task), false, true)?;
+    }
     let mut report = serde_json::Map::new();
     for task in ["reverse", "mqar"] {
         let (m, t, c) = preset(task)?;

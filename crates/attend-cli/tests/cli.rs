@@ -898,3 +898,42 @@ fn non_finite_and_negative_settings_name_the_flag() {
     );
     assert!(!out.exists(), "nothing written for a refused run");
 }
+
+#[test]
+fn out_is_checked_before_any_work() {
+    let dir = tmp("out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let f = file.to_str().unwrap();
+    fails_with(
+        &["demo", "--out", f],
+        &["--out", "a-file", "not a directory"],
+    );
+    fails_with(
+        &["train", "--task", "mqar", "--steps", "1", "--out", f],
+        &["--out", "a-file", "not a directory"],
+    );
+    // an existing checkpoint is neither replaced nor continued by accident
+    let run = dir.join("run");
+    let r = run.to_str().unwrap();
+    let args = [
+        "train",
+        "--task",
+        "mqar",
+        "--steps",
+        "2",
+        "--no-eval",
+        "--out",
+        r,
+    ];
+    succeeds(&args);
+    let before = std::fs::read(run.join("checkpoint.json")).unwrap();
+    fails_with(
+        &args,
+        &["--out", "holds a checkpoint", "--resume", "--overwrite"],
+    );
+    assert_eq!(std::fs::read(run.join("checkpoint.json")).unwrap(), before);
+    succeeds(&[&args[..], &["--overwrite"]].concat());
+    std::fs::remove_dir_all(&dir).ok();
+}

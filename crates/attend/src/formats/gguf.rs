@@ -167,6 +167,8 @@ fn map_name(name: &str) -> Option<String> {
 /// Read a GGUF file. `dequantize`: hold every weight as f32 (exact reference
 /// numerics) instead of keeping quantized matrices for quantized matmul.
 pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel> {
+    // the header walked strictly first: candle's reader trusts it
+    super::gguf_check::check(path)?;
     let mut file =
         std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
     let ct = Content::read(&mut file)

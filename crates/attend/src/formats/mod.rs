@@ -4,5 +4,6 @@
 
 pub mod chat;
 pub mod gguf;
+pub mod gguf_check;
 pub mod hf;
 pub mod tokenizer;

@@ -154,6 +154,17 @@ pub fn check(path: &Path) -> Result<()> {
     walk(&mut r).map_err(|msg| Error::file(path, msg))
 }
 
+/// `check` on a file's bytes in memory (the fuzzing entry point): Err with
+/// what is wrong.
+pub fn check_bytes(bytes: &[u8]) -> std::result::Result<(), String> {
+    let mut r = Reader {
+        r: bytes,
+        pos: 0,
+        len: bytes.len() as u64,
+    };
+    walk(&mut r)
+}
+
 fn walk<R: Read>(r: &mut Reader<R>) -> std::result::Result<(), String> {
     let magic = r.bytes(4, "the magic number")?;
     if magic != b"GGUF" {

@@ -224,3 +224,39 @@ fn a_panicking_target_is_found() {
         assert!(!b.contains(&0x7f), "found");
     });
 }
+
+#[test]
+fn fuzz_chat_templates() {
+    use attend::formats::chat::{render, Message};
+    let seeds: Vec<Vec<u8>> = [
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content | trim }} [/INST]{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}",
+        "{% set sys = messages[0].content if messages[0].role == 'system' else '' %}{% for m in messages %}{{ loop.index }}:{{ m.role | upper }}:{{ m.content.split(' ') | join('_') }}{% endfor %}{{ sys }}",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    let messages = vec![
+        Message {
+            role: "system".into(),
+            content: "be brief".into(),
+        },
+        Message {
+            role: "user".into(),
+            content: "hello there".into(),
+        },
+    ];
+    let rendered = std::sync::atomic::AtomicUsize::new(0);
+    fuzz("chat_template", &seeds, |b| {
+        if let Ok(t) = std::str::from_utf8(b) {
+            if render(t, &messages, true, "<s>", "</s>").is_ok() {
+                rendered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    // the mutations must leave many templates working, or the fuzzer only
+    // exercises the parser's first error
+    let ok = rendered.into_inner();
+    eprintln!("fuzz chat_template: {ok} inputs rendered");
+    assert!(ok as u64 * 50 >= iters(), "only {ok} rendered");
+}

@@ -260,3 +260,26 @@ fn fuzz_chat_templates() {
     eprintln!("fuzz chat_template: {ok} inputs rendered");
     assert!(ok as u64 * 50 >= iters(), "only {ok} rendered");
 }
+
+#[test]
+fn fuzz_model_config_json() {
+    // what `--config` files and checkpoints hold: every preset's model config
+    let seeds: Vec<Vec<u8>> = ["reverse", "mqar", "copy", "text"]
+        .iter()
+        .filter_map(|t| attend::train::presets::preset(t).ok())
+        .map(|(m, _, _)| serde_json::to_vec_pretty(&m).unwrap())
+        .collect();
+    assert!(!seeds.is_empty());
+    let origin = std::path::Path::new("fuzz.json");
+    let valid = std::sync::atomic::AtomicUsize::new(0);
+    fuzz("model_config", &seeds, |b| {
+        if let Ok(t) = std::str::from_utf8(b) {
+            if let Ok(c) = attend::config::ModelConfig::from_json_str(t, origin) {
+                // what validates has a size that can be counted or refused
+                let _ = (c.param_count(), c.computed_bytes());
+                valid.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    eprintln!("fuzz model_config: {} inputs valid", valid.into_inner());
+}

@@ -332,6 +332,11 @@ fn train_eval_sample_round_trip_and_truncated_checkpoint() {
         "--json",
     ]);
     fails_with(&["sample", "--checkpoint", d, "--prompt", "3 99"], &["99"]);
+    // a beam whose states cannot fit is refused before allocating them
+    fails_with(
+        &["sample", "--checkpoint", d, "--beam", "1000000000"],
+        &["beam", "1000000000", "GiB"],
+    );
 
     // a truncated weights file is reported by name
     let weights = std::fs::read_dir(&dir)

@@ -263,6 +263,29 @@ pub fn beam_search(
     if beam == 0 {
         return Err(Error::config("beam", "must be at least 1"));
     }
+    // each beam holds a decode state (keys and values of every decoder
+    // layer up to max_len, f32) and scores a candidate per vocabulary entry
+    // (24 bytes each): refuse what cannot fit before allocating it
+    let c = &model.cfg;
+    let per_beam = c
+        .n_decoder_layers
+        .checked_mul(2 * 4)
+        .and_then(|x| x.checked_mul(c.max_len))
+        .and_then(|x| x.checked_mul(c.kv_heads() * c.head_dim()))
+        .and_then(|x| x.checked_add(c.vocab_size.checked_mul(24)?));
+    let mem = crate::util::physical_memory();
+    if per_beam
+        .and_then(|b| b.checked_mul(beam))
+        .is_none_or(|b| b > mem)
+    {
+        return Err(Error::config(
+            "beam",
+            format!(
+                "({beam}) needs more than this machine's {:.1} GiB for its decode states and candidates",
+                mem as f64 / (1u64 << 30) as f64
+            ),
+        ));
+    }
     let dev = memory.hidden.device().clone();
     let mut state = model.new_state(Some(memory))?;
     state.select(&vec![0u32; beam])?;

@@ -286,6 +286,12 @@ fn bench_mechanisms(a: &BenchArgs) -> Result<serde_json::Value> {
     let mut contexts = a.contexts.clone();
     contexts.sort();
     let max_ctx = *contexts.last().context("--contexts is empty")?;
+    // a context of 0 has no place on the plot's log axis; past 2^20 tokens
+    // the prefill alone takes hours on this model
+    const MOST: usize = 1 << 20;
+    if let Some(&c) = contexts.iter().find(|&&c| c == 0 || c > MOST) {
+        bail!("--contexts: each context must be between 1 and {MOST} tokens, got {c}");
+    }
     let steps = a.decode_tokens.clamp(1, 32);
     let mut runs = vec![];
     for spec in &a.mechanisms {

@@ -784,6 +784,12 @@ fn bench_mechanisms_state_is_flat_for_fixed_state_mechanisms() {
         &["window"],
     );
     fails_with(&["bench", "--mechanisms", "lightning"], &["lightning"]);
+    for c in ["0", "1000000000"] {
+        fails_with(
+            &["bench", "--mechanisms", "softmax", "--contexts", c],
+            &["--contexts", c],
+        );
+    }
     fails_with(&["frontier", "--mechanisms", "linear:dim=0"], &["dim"]);
     fails_with(&["frontier", "--mechanisms", "decay:gamma=1.5"], &["gamma"]);
     std::fs::remove_dir_all(&out_dir).ok();

@@ -129,12 +129,18 @@ fn main() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
-            // One line: clap's first line names the flag and the bad value.
+            // One line: clap's first line names the flag and the bad value;
+            // for missing arguments the names are on the lines after it
             let text = e.render().to_string();
-            let first = text
+            let lines: Vec<&str> = text
                 .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("error: bad arguments");
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .collect();
+            let first = match e.kind() {
+                clap::error::ErrorKind::MissingRequiredArgument => lines.join(" "),
+                _ => lines.first().unwrap_or(&"error: bad arguments").to_string(),
+            };
             eprintln!("{first} (see --help)");
             std::process::exit(2);
         }

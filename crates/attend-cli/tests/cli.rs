@@ -948,3 +948,9 @@ fn out_is_checked_before_any_work() {
     succeeds(&[&args[..], &["--overwrite"]].concat());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn missing_required_arguments_are_named() {
+    fails_with(&["train", "--task", "mqar"], &["required", "--out"]);
+    fails_with(&["generate"], &["required", "--model", "--prompt"]);
+}

@@ -1,86 +1,12 @@
 //! Dense f32 layers on plain buffers: the GEMM glue (gemm's AVX-512
-//! kernels), LayerNorm rows, and the vectorisable exp and GELU.
+//! kernels), norm rows, and the vectorisable exp and GELU.
 
 use rayon::prelude::*;
-
-/// A LayerNorm's gain and bias.
-pub struct Ln {
-    pub gain: Vec<f32>,
-    pub bias: Vec<f32>,
-}
-
-/// A linear layer stored for the GEMM: wᵀ (in, out) row-major, and its bias.
-pub struct Dense {
-    pub wt: Vec<f32>,
-    pub b: Vec<f32>,
-    pub d_in: usize,
-    pub d_out: usize,
-}
-
-/// y (t, out) = [residual +] b + x (t, in) · wᵀ (in, out): the bias (and
-/// residual) are written first and the product accumulates onto them.
-pub fn linear(x: &[f32], w: &Dense, y: &mut [f32], residual: Option<&[f32]>) {
-    let (k, n) = (w.d_in, w.d_out);
-    let m = x.len() / k;
-    assert!(x.len() == m * k && y.len() == m * n && w.wt.len() == k * n);
-    match residual {
-        Some(r) => y
-            .chunks_exact_mut(n)
-            .zip(r.chunks_exact(n))
-            .for_each(|(row, r)| {
-                for ((o, a), b) in row.iter_mut().zip(r).zip(&w.b) {
-                    *o = a + b;
-                }
-            }),
-        None => y
-            .chunks_exact_mut(n)
-            .for_each(|row| row.copy_from_slice(&w.b)),
-    }
-    if m == 0 {
-        return;
-    }
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // Safety: x is (m, k), wt (k, n) and y (m, n), all row-major and
-    // contiguous (column stride 1, row stride = width), as asserted above.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.wt.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
 
 /// Apply `f` to each row of width `n`, rows split over the rayon pool.
 pub fn par_rows(x: &mut [f32], n: usize, f: impl Fn(&mut [f32]) + Sync) {
     x.par_chunks_mut(n * 16)
         .for_each(|block| block.chunks_exact_mut(n).for_each(&f));
-}
-
-/// In place, per row: (x - mean) / sqrt(var + eps) * gain + bias.
-pub fn layer_norm_rows(x: &mut [f32], n: &Ln, eps: f32) {
-    norm_rows(x, &n.gain, Some(&n.bias), eps, true);
 }
 
 /// In place, per row of gain.len(): LayerNorm ((x - mean) / sqrt(var + eps),

@@ -180,8 +180,8 @@ unsafe fn f16_rows_avx512(src: &[u8], stride: usize, at: usize, n: usize, dst: &
     }
 }
 
-/// Token-major rows of `width` numbers in a KV type: a layer's keys or
-/// values, (tokens, h_kv · hd).
+/// Rows of `width` numbers in a KV type: one KV head's keys or values,
+/// (tokens, head_dim), as the cache (`cache::kv`) holds them.
 #[derive(Clone, Copy)]
 pub struct KvRows<'a> {
     pub dtype: KvDType,
@@ -232,15 +232,6 @@ impl KvRows<'_> {
         // Safety: any 4 aligned bytes are a valid f32.
         let (head, mid, tail) = unsafe { self.bytes.align_to::<f32>() };
         (head.is_empty() && tail.is_empty()).then_some(mid)
-    }
-
-    /// Rows 0..n as f32, (n, width).
-    pub fn to_f32(&self, n: usize) -> Vec<f32> {
-        let mut out = vec![0f32; n * self.width];
-        for (j, o) in out.chunks_exact_mut(self.width).enumerate() {
-            self.decode(j, 0, o);
-        }
-        out
     }
 }
 

@@ -41,37 +41,38 @@ pub mod scratch {
         static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// `len` zeros, in a buffer this thread used before when one is large enough.
-    pub fn take(len: usize) -> Vec<f32> {
+    /// A buffer of capacity ≥ len this thread used before, if any.
+    fn reuse(len: usize) -> Option<Vec<f32>> {
         POOL.with(|p| {
             let mut p = p.borrow_mut();
-            match p.iter().position(|v| v.capacity() >= len) {
-                Some(i) => {
-                    let mut v = p.swap_remove(i);
-                    v.clear();
-                    v.resize(len, 0.0);
-                    v
-                }
-                None => vec![0.0; len],
-            }
+            let i = p.iter().position(|v| v.capacity() >= len)?;
+            Some(p.swap_remove(i))
         })
+    }
+
+    /// `len` zeros, in a buffer this thread used before when one is large enough.
+    pub fn take(len: usize) -> Vec<f32> {
+        match reuse(len) {
+            Some(mut v) => {
+                v.clear();
+                v.resize(len, 0.0);
+                v
+            }
+            None => vec![0.0; len],
+        }
     }
 
     /// `len` numbers of unspecified value (what the buffer held before, or
     /// zeros), for a caller that writes every one: no memset.
     pub fn take_dirty(len: usize) -> Vec<f32> {
-        POOL.with(|p| {
-            let mut p = p.borrow_mut();
-            match p.iter().position(|v| v.capacity() >= len) {
-                Some(i) => {
-                    let mut v = p.swap_remove(i);
-                    v.truncate(len);
-                    v.resize(len, 0.0);
-                    v
-                }
-                None => vec![0.0; len],
+        match reuse(len) {
+            Some(mut v) => {
+                v.truncate(len);
+                v.resize(len, 0.0);
+                v
             }
-        })
+            None => vec![0.0; len],
+        }
     }
 
     /// Return a buffer for reuse (the pool keeps at most 32).

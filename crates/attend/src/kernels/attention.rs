@@ -143,12 +143,7 @@ pub fn attend_f32(
         for (r, row) in p.chunks_exact_mut(n).enumerate() {
             let valid = if causal { s.pos0 + i0 + r + 1 } else { n };
             let (seen, future) = row.split_at_mut(valid);
-            let max = seen.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            for x in seen.iter_mut() {
-                *x = super::dense::exp(*x - max);
-            }
-            let inv = 1.0 / sum(seen);
-            seen.iter_mut().for_each(|x| *x *= inv);
+            super::dense::softmax_row(seen);
             future.fill(0.0);
         }
         unsafe {
@@ -300,13 +295,7 @@ pub fn split_kv_chunked(
         }
         let stats: Vec<(f32, f32)> = s
             .chunks_exact_mut(len)
-            .map(|row| {
-                let m = row.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
-                for x in row.iter_mut() {
-                    *x = super::dense::exp(*x - m);
-                }
-                (m, sum(row))
-            })
+            .map(super::dense::exp_shifted)
             .collect();
         // acc (g, hd) = P V_slice
         if small {
@@ -369,18 +358,6 @@ pub fn split_kv_chunked(
         let inv = 1.0 / st.1;
         o.iter_mut().for_each(|x| *x *= inv);
     }
-}
-
-/// Σ x with 16 independent accumulators (vectorises).
-fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += v;
-        }
-    }
-    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
 /// 16 numbers of a key or value row at `p` as f32: f16 (`F16`) or f32.

@@ -100,7 +100,12 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // n = round(x log2 e), as a float and (from the same sum's bits) as an
+    // integer: `as i32` would saturate and check NaN element by element,
+    // which keeps loops over exp scalar.
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let ni = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
     for c in [
@@ -114,7 +119,47 @@ pub fn exp(x: f32) -> f32 {
     ] {
         p = p * r + c;
     }
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+    f32::from_bits(((ni + 127) << 23) as u32) * p
+}
+
+/// Softmax of one row in place: x ← e^(x − max x) / Σ e^(x − max x).
+pub fn softmax_row(x: &mut [f32]) {
+    let (_, sum) = exp_shifted(x);
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// x ← e^(x − m) in place with m = max x; returns (m, Σ e^(x − m)), the
+/// statistics a partial softmax carries (flash-decoding's merge). The max
+/// and sum run in 16 lanes (a fold over `f32::max` stays scalar), so the
+/// whole row vectorises.
+pub fn exp_shifted(x: &mut [f32]) -> (f32, f32) {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l = l.max(*v);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sums = [0f32; 16];
+    let mut chunks = x.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for (s, v) in sums.iter_mut().zip(c) {
+            *v = exp(*v - max);
+            *s += *v;
+        }
+    }
+    let mut sum = sums.iter().sum::<f32>();
+    for v in chunks.into_remainder() {
+        *v = exp(*v - max);
+        sum += *v;
+    }
+    (max, sum)
 }
 
 /// GELU(x) = x Φ(x) = ½ x (1 + erf(x / √2)), in place, with erf by
@@ -141,4 +186,47 @@ pub fn gelu(x: &mut f32) {
     let q = poly * t * exp(-z * z);
     let c = if v >= 0.0 { 2.0 - q } else { q };
     *x = 0.5 * v * c;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `exp` against the standard library's over its whole range, to a few
+    /// ulp, and clamped (not NaN or garbage) outside it.
+    #[test]
+    fn exp_matches_std() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let (a, b) = (exp(x), x.exp());
+            worst = worst.max((a - b).abs() / b);
+        }
+        assert!(worst < 4.0 * f32::EPSILON, "relative error {worst}");
+        assert!(exp(-1e9) > 0.0 && exp(-1e9) < 1e-37);
+        assert!(exp(1e9).is_finite() && exp(1e9) > 1e38);
+    }
+
+    /// softmax_row / exp_shifted against the naive two-pass form in f64, at
+    /// lengths around the 16-lane chunk (remainders included).
+    #[test]
+    fn softmax_row_matches_naive() {
+        for n in [1, 5, 16, 17, 31, 64, 100] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.7)
+                .collect();
+            let m = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let z: f64 = x.iter().map(|&v| (v as f64 - m).exp()).sum();
+            let mut e = x.clone();
+            let (m2, z2) = exp_shifted(&mut e);
+            assert_eq!(m2 as f64, m);
+            assert!((z2 as f64 - z).abs() / z < 1e-6, "n {n}: sum {z2} vs {z}");
+            let mut p = x.clone();
+            softmax_row(&mut p);
+            for (a, v) in p.iter().zip(&x) {
+                let want = (*v as f64 - m).exp() / z;
+                assert!((*a as f64 - want).abs() < 1e-6, "n {n}: {a} vs {want}");
+            }
+        }
+    }
 }

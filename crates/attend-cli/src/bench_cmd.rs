@@ -118,14 +118,17 @@ fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
         Ok(logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?)
     };
     let (mut prefill, mut decode) = (vec![], vec![]);
+    // one state, emptied before each repetition with its buffers kept, as
+    // llama-bench clears one context's KV cache between repetitions
+    let mut state = m.new_state(None)?;
     for _ in 0..a.reps {
         // prefill: the whole prompt into an empty cache (pp512)
-        let mut state = m.new_state(None)?;
+        m.reset_state(&mut state)?;
         let t0 = Instant::now();
         argmax(m.step_last(&prompt, &mut state)?)?;
         prefill.push(a.prompt_tokens as f64 / t0.elapsed().as_secs_f64());
         // decode: one token at a time after `depth` tokens of context (tg128)
-        let mut state = m.new_state(None)?;
+        m.reset_state(&mut state)?;
         let mut next = argmax(m.step_last(&context, &mut state)?)?;
         let t1 = Instant::now();
         for _ in 0..a.decode_tokens {

@@ -238,3 +238,47 @@ fn any_softmax_decoder_takes_a_policy() {
     assert_eq!(w.cache_tokens, 8);
     assert!(w.cache_bytes_max < full.cache_bytes_max);
 }
+
+/// `reset_state` empties a used state in place: streaming a second text
+/// through it gives bit for bit what a fresh state gives, for the plain
+/// cache and under every policy, on both executors.
+#[test]
+fn a_reset_state_equals_a_fresh_one() {
+    let m = quantized_llama(true, 15);
+    let retrieval = retrieval_heads(&m, 0.5).unwrap();
+    let (first, second) = (
+        text(37),
+        text(29).iter().map(|i| (i + 3) % 50).collect::<Vec<_>>(),
+    );
+    let feed = |st: &mut attend::model::DecodeState, exec: Executor, ids: &[u32]| -> Vec<f32> {
+        let mut out = vec![];
+        for &id in ids {
+            let l = m
+                .step_on(exec, &Tensor::new(&[[id]], &Device::Cpu).unwrap(), st, true)
+                .unwrap();
+            out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        out
+    };
+    for exec in [Executor::Cpu, Executor::Graph] {
+        for spec in std::iter::once(None).chain(POLICIES.iter().map(Some)) {
+            let fresh_state = || match spec {
+                None => m.new_state(None).unwrap(),
+                Some(s) => m
+                    .new_state_with_policy(&s.parse().unwrap(), Some(&retrieval))
+                    .unwrap(),
+            };
+            let want = feed(&mut fresh_state(), exec, &second);
+            let mut st = fresh_state();
+            feed(&mut st, exec, &first);
+            m.reset_state(&mut st).unwrap();
+            assert_eq!(st.pos, 0);
+            assert_eq!(st.state_bytes(), fresh_state().state_bytes(), "{spec:?}");
+            let got = feed(&mut st, exec, &second);
+            assert_eq!(
+                got, want,
+                "{exec:?} {spec:?}: reset state differs from a fresh one"
+            );
+        }
+    }
+}

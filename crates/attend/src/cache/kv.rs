@@ -225,6 +225,28 @@ impl KvCache {
         Ok(c)
     }
 
+    /// Forget every token but keep the buffers: the same as a fresh cache
+    /// with the same policy, without allocating and page-faulting the rows
+    /// again (a benchmark's next repetition, a server's next request).
+    pub fn clear(&mut self) {
+        for h in &mut self.heads {
+            h.k.clear();
+            h.v.clear();
+            h.slots = 0;
+            h.score.clear();
+            h.pos.clear();
+            h.order.clear();
+            h.free.clear();
+            if let Some((k, v, n)) = &mut h.comp {
+                k.fill(0.0);
+                v.fill(0.0);
+                *n = 0;
+            }
+        }
+        self.seen = 0;
+        self.last_probs.clear();
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.heads.len()
     }

@@ -506,6 +506,26 @@ impl Transformer {
         })
     }
 
+    /// Empty `state` for a new sequence over the same encoder memory: KV
+    /// caches are cleared in place (their buffers kept, so a repeated
+    /// request does not allocate and fault them in again), other mixers'
+    /// states start afresh. Equivalent to `new_state` (or
+    /// `new_state_with_policy` with the state's policy).
+    pub fn reset_state(&self, state: &mut DecodeState) -> Result<()> {
+        for (b, l) in self.decoder.iter().zip(&mut state.layers) {
+            match &mut l.mixer {
+                MixerState::Kv(caches) => {
+                    // a fresh state holds one empty cache
+                    caches.truncate(1);
+                    caches.iter_mut().for_each(KvCache::clear);
+                }
+                other => *other = b.self_attn.new_state(self.kv_dtype)?,
+            }
+        }
+        state.pos = 0;
+        Ok(())
+    }
+
     /// A batch-1 decode state whose KV caches follow an eviction `policy`
     /// (`cache::policy`); `retrieval[layer][kv_head]` marks the heads that
     /// keep everything under RazorAttention (`eval::streaming::retrieval_heads`),

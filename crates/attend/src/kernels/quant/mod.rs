@@ -301,13 +301,15 @@ impl QMatrix {
 }
 
 /// Activation rows, quantized to 8 bits per block of 32 for the integer
-/// formats: x ≈ d·p, with the sums d·Σp of each 16-half (for the minimums).
+/// formats: x ≈ d·p, with the sums d·Σp of each 16-half (for the minimums)
+/// and as integers (for symmetric formats' offsets).
 pub struct Q8Rows {
     pub n: usize,
     pub k: usize,
     pub qs: Vec<i8>,
     pub d: Vec<f32>,
     pub s: Vec<[f32; 2]>,
+    pub sum: Vec<[i32; 2]>,
 }
 
 impl Q8Rows {
@@ -327,6 +329,7 @@ impl Q8Rows {
             qs: vec![],
             d: vec![],
             s: vec![],
+            sum: vec![],
         });
         (q.n, q.k) = (n, k);
         q.qs.clear();
@@ -335,24 +338,28 @@ impl Q8Rows {
         q.d.resize(nb, 0.0);
         q.s.clear();
         q.s.resize(nb, [0.0; 2]);
+        q.sum.clear();
+        q.sum.resize(nb, [0; 2]);
         let chunk = 256; // blocks per parallel task
         q.qs.par_chunks_mut(32 * chunk)
             .zip(q.d.par_chunks_mut(chunk))
             .zip(q.s.par_chunks_mut(chunk))
+            .zip(q.sum.par_chunks_mut(chunk))
             .zip(xs.par_chunks(32 * chunk))
-            .for_each(|(((qs, d), s), xs)| {
+            .for_each(|((((qs, d), s), sum), xs)| {
                 #[cfg(target_arch = "x86_64")]
                 if Isa::best() == Isa::Avx512 {
                     // Safety: the CPU has AVX-512 F/BW (Isa::best checked)
-                    return unsafe { x86::quantize_blocks(xs, qs, d, s) };
+                    return unsafe { x86::quantize_blocks(xs, qs, d, s, sum) };
                 }
-                for (((qb, db), sb), xb) in qs
+                for ((((qb, db), sb), pb), xb) in qs
                     .chunks_exact_mut(32)
                     .zip(d.iter_mut())
                     .zip(s.iter_mut())
+                    .zip(sum.iter_mut())
                     .zip(xs.chunks_exact(32))
                 {
-                    quantize_block(xb, qb, db, sb);
+                    quantize_block(xb, qb, db, sb, pb);
                 }
             });
         q
@@ -360,7 +367,7 @@ impl Q8Rows {
 }
 
 #[inline(always)]
-fn quantize_block(x: &[f32], q: &mut [i8], d: &mut f32, s: &mut [f32; 2]) {
+fn quantize_block(x: &[f32], q: &mut [i8], d: &mut f32, s: &mut [f32; 2], sum: &mut [i32; 2]) {
     let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
     let dd = amax / 127.0;
     let inv = if dd > 0.0 { 1.0 / dd } else { 0.0 };
@@ -376,6 +383,7 @@ fn quantize_block(x: &[f32], q: &mut [i8], d: &mut f32, s: &mut [f32; 2]) {
     }
     *d = dd;
     *s = [dd * sums[0] as f32, dd * sums[1] as f32];
+    *sum = sums;
 }
 
 /// The input of a product: f32 rows, and their 8-bit form made on first use.

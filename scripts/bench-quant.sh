@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # attend against llama.cpp on SmolLM2-135M in four GGUF types, one sitting:
 # prefill (pp512), decode (tg128) and decode after 4,096 tokens (tg128 @ d4096),
-# 2 threads, the two engines alternating per file.
+# 2 threads, the two engines alternating (three rounds a file, medians).
 #
 #   scripts/bench-quant.sh [LLAMA_BIN_DIR]
 #
@@ -29,19 +29,31 @@ theirs() { # file llama-bench-args... -> tokens/s of each test, space separated
   "$bin/llama-bench" -m "$1" -t 2 -r 3 -o json "${@:2}" 2>/dev/null |
     python3 -c 'import json,sys; print(" ".join(str(round(r["avg_ts"],1)) for r in json.load(sys.stdin)))'
 }
+# Each file: three rounds of (llama.cpp, attend) in turn; each figure is the
+# median of its three, and the ratio the median of the rounds' ratios, so a
+# drift in the machine's speed during the sitting moves both engines.
+med() { python3 -c 'import sys,statistics as s; print(round(s.median(map(float,sys.argv[1:])),2))' "$@"; }
 echo "| file | attend pp512 | llama.cpp pp512 | ratio | attend tg128 | llama.cpp tg128 | ratio | attend peak MiB |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 for f in "$q41" "$models"/requant/SmolLM2-135M-Instruct.{Q4_0,Q8_0,Q4_K_M}.gguf; do
-  read -r lp lt < <(theirs "$f" -p 512 -n 128)
-  read -r ap at mem < <(ours "$f")
-  python3 -c "import sys; n,ap,lp,at,lt,mem=sys.argv[1:]; print(f'| {n} | {ap} | {lp} | {float(ap)/float(lp):.2f}x | {at} | {lt} | {float(at)/float(lt):.2f}x | {mem} |')" \
-    "$(basename "$f" .gguf | sed 's/SmolLM2-135M-Instruct.//')" "$ap" "$lp" "$at" "$lt" "$mem"
+  LP=() LT=() AP=() AT=() RP=() RT=() MEM=()
+  for round in 1 2 3; do
+    read -r lp lt < <(theirs "$f" -p 512 -n 128)
+    read -r ap at mem < <(ours "$f")
+    LP+=("$lp") LT+=("$lt") AP+=("$ap") AT+=("$at") MEM+=("$mem")
+    RP+=("$(python3 -c "print($ap/$lp)")") RT+=("$(python3 -c "print($at/$lt)")")
+  done
+  echo "| $(basename "$f" .gguf | sed 's/SmolLM2-135M-Instruct.//') | $(med "${AP[@]}") | $(med "${LP[@]}") | $(med "${RP[@]}")x | $(med "${AT[@]}") | $(med "${LT[@]}") | $(med "${RT[@]}")x | $(printf '%s\n' "${MEM[@]}" | sort -n | tail -1) |"
 done
 echo
 echo "| file, KV type | attend tg128 @ d4096 | llama.cpp (f16 KV) | ratio |"
 echo "| --- | --- | --- | --- |"
-read -r ld < <(theirs "$q41" -p 0 -n 128 -d 4096)
 for dt in f16 q8_0 f32; do
-  read -r _ ad _ < <(ours "$q41" --depth 4096 --prompt-tokens 16 --kv-dtype "$dt")
-  python3 -c "import sys; dt,a,l=sys.argv[1:]; print(f'| Q4_1, {dt} | {a} | {l} | {float(a)/float(l):.2f}x |')" "$dt" "$ad" "$ld"
+  L=() A=() R=()
+  for round in 1 2; do
+    read -r ld < <(theirs "$q41" -p 0 -n 128 -d 4096)
+    read -r _ ad _ < <(ours "$q41" --depth 4096 --prompt-tokens 16 --kv-dtype "$dt")
+    L+=("$ld") A+=("$ad") R+=("$(python3 -c "print($ad/$ld)")")
+  done
+  echo "| Q4_1, $dt | $(med "${A[@]}") | $(med "${L[@]}") | $(med "${R[@]}")x |"
 done

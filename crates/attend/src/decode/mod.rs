@@ -273,19 +273,11 @@ pub fn beam_search(
         .and_then(|x| x.checked_mul(c.max_len))
         .and_then(|x| x.checked_mul(c.kv_heads() * c.head_dim()))
         .and_then(|x| x.checked_add(c.vocab_size.checked_mul(24)?));
-    let mem = crate::util::physical_memory();
-    if per_beam
-        .and_then(|b| b.checked_mul(beam))
-        .is_none_or(|b| b > mem)
-    {
-        return Err(Error::config(
-            "beam",
-            format!(
-                "({beam}) needs more than this machine's {:.1} GiB for its decode states and candidates",
-                mem as f64 / (1u64 << 30) as f64
-            ),
-        ));
-    }
+    crate::util::check_fits(
+        "beam",
+        &format!("({beam}): the beams' decode states and candidates"),
+        per_beam.and_then(|b| b.checked_mul(beam)),
+    )?;
     let dev = memory.hidden.device().clone();
     let mut state = model.new_state(Some(memory))?;
     state.select(&vec![0u32; beam])?;

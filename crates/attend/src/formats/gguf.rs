@@ -234,6 +234,40 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
         }
     }
 
+    // the weights as they will be held: quantized matrices as stored, the
+    // rest (and everything under --dequantize) as f32, the embedding both
+    let need = ct
+        .tensor_infos
+        .iter()
+        .try_fold(0usize, |acc, (name, info)| {
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))?;
+            let stored =
+                (elems / info.ggml_dtype.block_size()).checked_mul(info.ggml_dtype.type_size())?;
+            let dense = elems.checked_mul(4)?;
+            let float = matches!(
+                info.ggml_dtype,
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+            );
+            let quantized = !float && !dequantize;
+            let b = match map_name(name).as_deref() {
+                Some("embed.weight") if quantized => dense.checked_add(stored)?,
+                _ if quantized && info.shape.dims().len() == 2 => stored,
+                _ => dense,
+            };
+            acc.checked_add(b)
+        });
+    let what = if dequantize {
+        "its weights dequantized to f32 (--dequantize)"
+    } else {
+        "its weights"
+    };
+    if let Some(msg) = crate::util::over_limit(what, need) {
+        return Err(Error::file(path, msg));
+    }
     let store = ParamStore::strict(DType::F32, device.clone());
     let mut tensor_types = std::collections::BTreeMap::new();
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();

@@ -168,6 +168,17 @@ impl Embedder {
         // Safety: the file is mapped read-only and not modified while mapped.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&weights) }
             .map_err(|e| Error::file(&weights, format!("not a valid safetensors file ({e})")))?;
+        // every tensor is held as f32
+        let need = st.tensors().iter().try_fold(0usize, |acc, (_, v)| {
+            let n = v
+                .shape()
+                .iter()
+                .try_fold(4usize, |n, &d| n.checked_mul(d))?;
+            acc.checked_add(n)
+        });
+        if let Some(msg) = crate::util::over_limit("its weights in f32", need) {
+            return Err(Error::file(&weights, msg));
+        }
         let mut tensors = BTreeMap::new();
         let mut token_type: Option<Tensor> = None;
         for (name, _) in st.tensors() {

@@ -289,6 +289,10 @@ fn unused_error(weights: &Path, store: &ParamStore) -> Result<()> {
 /// Load a trained model for evaluation or sampling.
 pub fn load_model(dir: &Path, device: &Device) -> Result<(Transformer, CheckpointMeta)> {
     let meta = CheckpointMeta::read(dir)?;
+    let need = meta.model.param_count().and_then(|n| n.checked_mul(4));
+    if let Some(msg) = crate::util::over_limit("the model's weights", need) {
+        return Err(Error::file(dir.join("checkpoint.json"), msg));
+    }
     let store = ParamStore::strict(DType::F32, device.clone());
     let weights = dir.join(&meta.weights);
     store.insert(load_safetensors(&weights, device)?)?;
@@ -343,24 +347,20 @@ impl Trainer {
         train_cfg.validate()?;
         // weights, gradients and AdamW's two moments, in f32: refuse before
         // allocating what cannot fit
-        let mem = crate::util::physical_memory();
-        let need = model_cfg.param_count().and_then(|n| n.checked_mul(16));
-        if need.is_none_or(|b| b > mem) {
-            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-            return Err(Error::config(
-                "d_model",
-                format!(
-                    "({}, with {} layers, d_ff {}, vocab {}) makes a model of {} parameters that needs {} for weights, gradients and AdamW state; this machine has {:.1} GiB",
-                    model_cfg.d_model,
-                    model_cfg.n_encoder_layers + model_cfg.n_decoder_layers,
-                    model_cfg.d_ff,
-                    model_cfg.vocab_size,
-                    model_cfg.param_count().map_or("more than 2^64".into(), |n| n.to_string()),
-                    need.map_or("more than 2^64 bytes".into(), |b| format!("{:.1} GiB", gib(b))),
-                    gib(mem)
-                ),
-            ));
-        }
+        crate::util::check_fits(
+            "d_model",
+            &format!(
+                "({}, with {} layers, d_ff {}, vocab {}): a model of {} parameters, with its gradients and AdamW state,",
+                model_cfg.d_model,
+                model_cfg.n_encoder_layers + model_cfg.n_decoder_layers,
+                model_cfg.d_ff,
+                model_cfg.vocab_size,
+                model_cfg
+                    .param_count()
+                    .map_or("more than 2^64".into(), |n| n.to_string()),
+            ),
+            model_cfg.param_count().and_then(|n| n.checked_mul(16)),
+        )?;
         let task = Task::new(task_cfg, train_cfg.seed, train_cfg.n_eval)?;
         check_compatible(&model_cfg, &task)?;
         let device = Device::Cpu;

@@ -93,13 +93,19 @@ fn fuzz(name: &str, seeds: &[Vec<u8>], target: impl Fn(&[u8])) {
     let t0 = std::time::Instant::now();
     for i in 0..n {
         let input = mutate(&seeds[(i as usize) % seeds.len()], &mut r);
-        if catch_unwind(AssertUnwindSafe(|| target(&input))).is_err() {
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| target(&input))) {
             std::panic::set_hook(hook);
+            let what = (payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/fuzz");
             std::fs::create_dir_all(&dir).ok();
             let p = dir.join(format!("{name}-{i}.bin"));
             std::fs::write(&p, &input).ok();
-            panic!("{name}: input {i} panicked (saved to {})", p.display());
+            panic!(
+                "{name}: input {i} panicked (saved to {}): {what}",
+                p.display()
+            );
         }
     }
     std::panic::set_hook(hook);
@@ -282,4 +288,329 @@ fn fuzz_model_config_json() {
         }
     });
     eprintln!("fuzz model_config: {} inputs valid", valid.into_inner());
+}
+
+/// A scratch folder of files for the loaders that read folders and files:
+/// an input's first byte picks the file it replaces (its other bytes are
+/// the file's content); the file is restored after the target ran.
+struct Folder {
+    dir: std::path::PathBuf,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl Folder {
+    fn new(name: &str, files: Vec<(String, Vec<u8>)>) -> Self {
+        let dir = std::env::temp_dir().join(format!("attend-fuzz-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (f, b) in &files {
+            std::fs::write(dir.join(f), b).unwrap();
+        }
+        Self { dir, files }
+    }
+
+    /// One seed per file: its index, then its bytes.
+    fn seeds(&self) -> Vec<Vec<u8>> {
+        (self.files.iter().enumerate())
+            .map(|(i, (_, b))| [&[i as u8][..], b].concat())
+            .collect()
+    }
+
+    fn with(&self, input: &[u8], target: impl FnOnce(&std::path::Path)) {
+        let (&i, body) = input.split_first().unwrap_or((&0, &[]));
+        let (name, pristine) = &self.files[i as usize % self.files.len()];
+        let path = self.dir.join(name);
+        std::fs::write(&path, body).unwrap();
+        target(&self.dir);
+        std::fs::write(&path, pristine).unwrap();
+    }
+}
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Deterministic small weights.
+fn weights(r: &mut Rng, shape: &[usize]) -> candle_core::Tensor {
+    let n = shape.iter().product::<usize>();
+    let v: Vec<f32> = (0..n)
+        .map(|_| (r.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        .collect();
+    candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}
+
+fn safetensors_bytes(tensors: &std::collections::HashMap<String, candle_core::Tensor>) -> Vec<u8> {
+    let p = std::env::temp_dir().join(format!("attend-fuzz-st-{}.safetensors", std::process::id()));
+    candle_core::safetensors::save(tensors, &p).unwrap();
+    let b = std::fs::read(&p).unwrap();
+    std::fs::remove_file(&p).ok();
+    b
+}
+
+/// A tiny BERT folder: config.json, model.safetensors (every tensor of a
+/// one-layer, 8-wide encoder) and a WordPiece tokenizer.json of 24 tokens.
+fn tiny_bert() -> Vec<(String, Vec<u8>)> {
+    let (d, ff, vocab, pos) = (8, 16, 24, 16);
+    let config = format!(
+        r#"{{"model_type": "bert", "hidden_size": {d}, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": {ff}, "hidden_act": "gelu", "max_position_embeddings": {pos}, "vocab_size": {vocab}, "layer_norm_eps": 1e-12, "type_vocab_size": 2}}"#
+    );
+    let words = [
+        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "cat", "dog", "sat", "on", "mat",
+        "##s", "hello", "world", ".", ",", "is", "it", "big", "small", "red", "blue", "and",
+    ];
+    assert_eq!(words.len(), vocab);
+    let vocab_json: Vec<String> = (words.iter().enumerate())
+        .map(|(i, w)| format!("\"{w}\": {i}"))
+        .collect();
+    let special = |id: usize, w: &str| {
+        format!(
+            r#"{{"id": {id}, "content": "{w}", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}}"#
+        )
+    };
+    let tokenizer = format!(
+        r###"{{"version": "1.0", "truncation": null, "padding": null,
+  "added_tokens": [{}, {}, {}, {}, {}],
+  "normalizer": {{"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true, "strip_accents": null, "lowercase": true}},
+  "pre_tokenizer": {{"type": "BertPreTokenizer"}},
+  "post_processor": {{"type": "TemplateProcessing",
+    "single": [{{"SpecialToken": {{"id": "[CLS]", "type_id": 0}}}}, {{"Sequence": {{"id": "A", "type_id": 0}}}}, {{"SpecialToken": {{"id": "[SEP]", "type_id": 0}}}}],
+    "pair": [{{"SpecialToken": {{"id": "[CLS]", "type_id": 0}}}}, {{"Sequence": {{"id": "A", "type_id": 0}}}}, {{"SpecialToken": {{"id": "[SEP]", "type_id": 0}}}}, {{"Sequence": {{"id": "B", "type_id": 1}}}}, {{"SpecialToken": {{"id": "[SEP]", "type_id": 1}}}}],
+    "special_tokens": {{"[CLS]": {{"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]}}, "[SEP]": {{"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}}}}},
+  "decoder": {{"type": "WordPiece", "prefix": "##", "cleanup": true}},
+  "model": {{"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": {{{}}}}}}}"###,
+        special(0, "[PAD]"),
+        special(1, "[UNK]"),
+        special(2, "[CLS]"),
+        special(3, "[SEP]"),
+        special(4, "[MASK]"),
+        vocab_json.join(", ")
+    );
+    let mut r = Rng(7);
+    let mut t = std::collections::HashMap::new();
+    let mut put = |name: &str, shape: &[usize]| {
+        t.insert(name.to_string(), weights(&mut r, shape));
+    };
+    put("embeddings.word_embeddings.weight", &[vocab, d]);
+    put("embeddings.position_embeddings.weight", &[pos, d]);
+    put("embeddings.token_type_embeddings.weight", &[2, d]);
+    put("embeddings.LayerNorm.weight", &[d]);
+    put("embeddings.LayerNorm.bias", &[d]);
+    let l = "encoder.layer.0.";
+    for m in [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+    ] {
+        put(&format!("{l}{m}.weight"), &[d, d]);
+        put(&format!("{l}{m}.bias"), &[d]);
+    }
+    put(&format!("{l}intermediate.dense.weight"), &[ff, d]);
+    put(&format!("{l}intermediate.dense.bias"), &[ff]);
+    put(&format!("{l}output.dense.weight"), &[d, ff]);
+    put(&format!("{l}output.dense.bias"), &[d]);
+    for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
+        put(&format!("{l}{n}.weight"), &[d]);
+        put(&format!("{l}{n}.bias"), &[d]);
+    }
+    vec![
+        ("config.json".into(), config.into_bytes()),
+        ("tokenizer.json".into(), tokenizer.into_bytes()),
+        ("model.safetensors".into(), safetensors_bytes(&t)),
+    ]
+}
+
+#[test]
+fn fuzz_hf_folder() {
+    use attend::formats::hf::Embedder;
+    let folder = Folder::new("hf", tiny_bert());
+    let texts = [
+        "the cat sat on the mat.".to_string(),
+        "hello big blue world".into(),
+    ];
+    // the seed folder loads and embeds
+    let e = Embedder::load(&folder.dir, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(e.embed(&texts, 2).unwrap().len(), 2);
+    let loaded = std::sync::atomic::AtomicUsize::new(0);
+    fuzz("hf_folder", &folder.seeds(), |b| {
+        folder.with(b, |dir| {
+            if let Ok(e) = Embedder::load(dir, &candle_core::Device::Cpu) {
+                let _ = e.embed(&texts, 2);
+                loaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    });
+    eprintln!("fuzz hf_folder: {} inputs loaded", loaded.into_inner());
+}
+
+/// A tiny Llama-architecture GGUF: one layer, d_model 32, GQA (2 heads, 1
+/// KV head), weights in Q8_0, Q4_0, Q4_1, Q5_0 and F32, a byte-level BPE
+/// tokenizer of letters and a few merges.
+fn tiny_gguf() -> Vec<u8> {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let (d, ff, kv) = (32usize, 64usize, 16usize);
+    let mut tokens: Vec<String> = ('a'..='z').map(String::from).collect();
+    tokens.extend(["Ġ", "Ġt", "he", "Ġthe", "<s>", "</s>"].map(String::from));
+    let vocab = tokens.len();
+    let merges = ["Ġ t", "h e", "Ġt he"];
+    let s = |x: &str| Value::String(x.to_string());
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", s("llama")),
+        ("llama.block_count", Value::U32(1)),
+        ("llama.context_length", Value::U32(64)),
+        ("llama.embedding_length", Value::U32(d as u32)),
+        ("llama.feed_forward_length", Value::U32(ff as u32)),
+        ("llama.attention.head_count", Value::U32(2)),
+        ("llama.attention.head_count_kv", Value::U32(1)),
+        ("llama.rope.freq_base", Value::F32(10000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("tokenizer.ggml.model", s("gpt2")),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.iter().map(|t| s(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges",
+            Value::Array(merges.iter().map(|m| s(m)).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id", Value::U32(vocab as u32 - 2)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(vocab as u32 - 1)),
+        (
+            "tokenizer.chat_template",
+            s("{% for m in messages %}{{ m.content }}{% endfor %}"),
+        ),
+    ];
+    let mut r = Rng(11);
+    let mut q =
+        |shape: &[usize], t: GgmlDType| QTensor::quantize(&weights(&mut r, shape), t).unwrap();
+    let tensors: Vec<(&str, QTensor)> = vec![
+        ("token_embd.weight", q(&[vocab, d], GgmlDType::Q8_0)),
+        ("output_norm.weight", q(&[d], GgmlDType::F32)),
+        ("blk.0.attn_norm.weight", q(&[d], GgmlDType::F32)),
+        ("blk.0.attn_q.weight", q(&[d, d], GgmlDType::Q4_0)),
+        ("blk.0.attn_k.weight", q(&[kv, d], GgmlDType::Q4_1)),
+        ("blk.0.attn_v.weight", q(&[kv, d], GgmlDType::Q5_0)),
+        ("blk.0.attn_output.weight", q(&[d, d], GgmlDType::Q8_0)),
+        ("blk.0.ffn_norm.weight", q(&[d], GgmlDType::F32)),
+        ("blk.0.ffn_gate.weight", q(&[ff, d], GgmlDType::Q4_0)),
+        ("blk.0.ffn_up.weight", q(&[ff, d], GgmlDType::Q4_0)),
+        ("blk.0.ffn_down.weight", q(&[d, ff], GgmlDType::Q8_0)),
+    ];
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
+    let mut out = std::io::Cursor::new(vec![]);
+    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn fuzz_gguf_load() {
+    use attend::formats::gguf;
+    let folder = Folder::new("gguf", vec![("model.gguf".into(), tiny_gguf())]);
+    let path = folder.dir.join("model.gguf");
+    // the seed loads, builds and runs, quantized and dequantized
+    let run = |dequantize: bool| -> attend::error::Result<()> {
+        let g = gguf::load(&path, dequantize, &candle_core::Device::Cpu)?;
+        let m = g.build()?;
+        let ids = g.tokenizer.encode("the cat", false)?;
+        let ids =
+            candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?;
+        let mut st = m.new_state(None)?;
+        m.step_last(&ids, &mut st)?;
+        Ok(())
+    };
+    run(false).unwrap();
+    run(true).unwrap();
+    let loaded = std::sync::atomic::AtomicUsize::new(0);
+    fuzz("gguf_load", &folder.seeds(), |b| {
+        folder.with(b, |_| {
+            // half the inputs load dequantized
+            if run(b.len() % 2 == 1).is_ok() {
+                loaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    });
+    eprintln!(
+        "fuzz gguf_load: {} inputs loaded and ran",
+        loaded.into_inner()
+    );
+}
+
+/// A checkpoint of a tiny decoder, before any step: checkpoint.json, the
+/// weights and AdamW's moments.
+fn tiny_checkpoint() -> Vec<(String, Vec<u8>)> {
+    use attend::config::ModelConfig;
+    use attend::tasks::{MqarConfig, TaskConfig};
+    use attend::train::{TrainConfig, Trainer};
+    let m = ModelConfig {
+        d_model: 16,
+        n_heads: 2,
+        d_ff: 32,
+        vocab_size: 16,
+        max_len: 16,
+        ..ModelConfig::default()
+    };
+    let t = TaskConfig::Mqar(MqarConfig {
+        vocab: 16,
+        seq_len: 16,
+        n_pairs: 2,
+        power_a: 0.01,
+    });
+    let c = TrainConfig {
+        steps: 2,
+        batch_size: 2,
+        n_eval: 4,
+        ..TrainConfig::default()
+    };
+    let mut tr = Trainer::new(m, t, c).unwrap();
+    tr.train_step().unwrap();
+    let dir = std::env::temp_dir().join(format!("attend-fuzz-ckpt-seed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    tr.save(&dir, serde_json::json!({})).unwrap();
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    std::fs::remove_dir_all(&dir).ok();
+    files
+}
+
+#[test]
+fn fuzz_checkpoint_load() {
+    use attend::train::{load_model, Trainer};
+    let folder = Folder::new("ckpt", tiny_checkpoint());
+    assert_eq!(folder.files.len(), 3, "checkpoint.json, weights, optimizer");
+    let run = |dir: &std::path::Path| -> attend::error::Result<()> {
+        let (m, _) = load_model(dir, &candle_core::Device::Cpu)?;
+        let ids = candle_core::Tensor::new(&[[1u32, 2, 3]], &candle_core::Device::Cpu)?;
+        let mut st = m.new_state(None)?;
+        m.step_last(&ids, &mut st)?;
+        // resuming reads the optimizer state as well, and takes a step
+        let mut tr = Trainer::resume(dir, Some(2))?;
+        tr.train_step()?;
+        Ok(())
+    };
+    run(&folder.dir).unwrap();
+    let loaded = std::sync::atomic::AtomicUsize::new(0);
+    fuzz("checkpoint_load", &folder.seeds(), |b| {
+        folder.with(b, |dir| {
+            if run(dir).is_ok() {
+                loaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    });
+    eprintln!(
+        "fuzz checkpoint_load: {} inputs loaded",
+        loaded.into_inner()
+    );
 }

@@ -21,8 +21,33 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::file(path, "tokenizer file not found"));
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::file(path, format!("cannot read ({e})")))?;
+        // The JSON itself first: the tokenizers crate panics on some
+        // malformed strings (a control character inside one) instead of
+        // returning its error.
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| Error::file(path, format!("not valid JSON ({e})")))?;
+        // and a backstop for any other input it panics on
+        let failed = || {
+            Error::file(
+                path,
+                "not a valid tokenizer.json (the tokenizers crate failed on it)",
+            )
+        };
+        let inner = quietly(|| text.parse::<tokenizers::Tokenizer>())
+            .ok_or_else(failed)?
             .map_err(|e| Error::file(path, format!("not a valid tokenizer.json ({e})")))?;
+        // A post-processor template naming a special token the file does
+        // not define panics on every encode: try one now.
+        quietly(|| inner.encode("a", true))
+            .ok_or_else(|| {
+                Error::file(
+                    path,
+                    "its post_processor cannot encode (a template names a special token it does not define?)",
+                )
+            })?
+            .map_err(|e| Error::file(path, format!("cannot encode with it ({e})")))?;
         Ok(Self {
             inner,
             bos: None,
@@ -111,4 +136,15 @@ impl<'a> StreamDecoder<'a> {
         self.emitted = text.len();
         Ok(new)
     }
+}
+
+/// Run `f`, turning a panic into None without printing it: the tokenizers
+/// crate panics on some malformed files instead of returning an error.
+/// (The panic hook is process-wide; this runs only while loading.)
+fn quietly<T>(f: impl FnOnce() -> T) -> Option<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok();
+    std::panic::set_hook(hook);
+    r
 }

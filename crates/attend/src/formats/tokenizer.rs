@@ -57,8 +57,17 @@ impl Tokenizer {
 
     /// The tokenizer GGUF metadata describes.
     pub fn from_gguf(ct: &Content, path: &Path) -> Result<Self> {
-        let mut inner = tokenizers::Tokenizer::from_gguf(ct)
-            .map_err(|e| Error::file(path, format!("tokenizer: {e}")))?;
+        let kind = ct
+            .metadata
+            .get("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let mut inner = match kind.as_str() {
+            "llama" => sentencepiece_bpe(ct, path)?,
+            _ => tokenizers::Tokenizer::from_gguf(ct)
+                .map_err(|e| Error::file(path, format!("tokenizer: {e}")))?,
+        };
         let pre = ct
             .metadata
             .get("tokenizer.ggml.pre")
@@ -107,6 +116,177 @@ impl Tokenizer {
             .decode(ids, true)
             .map_err(|e| Error::msg(format!("tokenizer: {e}")))
     }
+}
+
+/// A SentencePiece BPE vocabulary from GGUF metadata (`tokenizer.ggml.model
+/// = "llama"`: tokens, their types, no merges), rebuilt as transformers
+/// rebuilds it for Gemma: tokens made only of spaces respelled with `▁`;
+/// merges recovered from the vocabulary, every split of a token into two
+/// tokens, best first — in the order the tokens appear in the file, which is
+/// Gemma's merge order (its scores are not); spaces become `▁` before BPE
+/// with byte fallback; control tokens special, user-defined ones whole.
+fn sentencepiece_bpe(ct: &Content, path: &Path) -> Result<tokenizers::Tokenizer> {
+    use candle_core::quantized::gguf_file::Value;
+    use tokenizers::decoders::{
+        byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as Dec,
+    };
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::normalizers::replace::Replace;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::processors::template::TemplateProcessing;
+    use tokenizers::{AddedToken, SplitDelimiterBehavior};
+    let key = |k: &str| ct.metadata.get(k);
+    let array = |k: &str| -> Result<&Vec<Value>> {
+        match key(k) {
+            Some(Value::Array(a)) => Ok(a),
+            Some(_) => Err(Error::file(path, format!("`{k}` is not an array"))),
+            None => Err(Error::file(path, format!("has no `{k}`"))),
+        }
+    };
+    let bad =
+        |k: &str, i: usize, what: &str| Error::file(path, format!("`{k}`[{i}] is not {what}"));
+    let tokens: Vec<String> = (array("tokenizer.ggml.tokens")?.iter().enumerate())
+        .map(|(i, v)| match v {
+            Value::String(t) => Ok(
+                if !t.is_empty() && t.chars().all(|c| c == ' ') && t.len() > 1 {
+                    "\u{2581}".repeat(t.chars().count())
+                } else {
+                    t.clone()
+                },
+            ),
+            _ => Err(bad("tokenizer.ggml.tokens", i, "a string")),
+        })
+        .collect::<Result<_>>()?;
+    let types: Vec<i64> = match key("tokenizer.ggml.token_type") {
+        None => vec![1; tokens.len()],
+        Some(_) => (array("tokenizer.ggml.token_type")?.iter().enumerate())
+            .map(|(i, v)| match v {
+                Value::I32(x) => Ok(*x as i64),
+                Value::U32(x) => Ok(*x as i64),
+                _ => Err(bad("tokenizer.ggml.token_type", i, "an integer")),
+            })
+            .collect::<Result<_>>()?,
+    };
+    if types.len() != tokens.len() {
+        return Err(Error::file(
+            path,
+            format!(
+                "`tokenizer.ggml.token_type` has {} entries for {} tokens",
+                types.len(),
+                tokens.len()
+            ),
+        ));
+    }
+    // token -> id (a repeated token keeps its last id, as a dict would)
+    let vocab: std::collections::HashMap<String, u32> = (tokens.iter().enumerate())
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    // every split of a token into two tokens; best first = earliest token,
+    // then the longer left piece (transformers' generate_merges)
+    let mut merges: Vec<(u32, usize, &str, &str)> = vec![];
+    for t in vocab.keys() {
+        let id = vocab[t];
+        for (at, _) in t.char_indices().skip(1) {
+            let (l, r) = t.split_at(at);
+            if vocab.contains_key(l) && vocab.contains_key(r) {
+                merges.push((id, l.chars().count(), l, r));
+            }
+        }
+    }
+    merges.sort_by(|a, b| {
+        (a.0.cmp(&b.0))
+            .then(b.1.cmp(&a.1))
+            .then(b.3.chars().count().cmp(&a.3.chars().count()))
+    });
+    let merges: Vec<(String, String)> = merges
+        .into_iter()
+        .map(|(_, _, l, r)| (l.to_string(), r.to_string()))
+        .collect();
+    let unk = match key("tokenizer.ggml.unknown_token_id").and_then(|v| v.to_u32().ok()) {
+        Some(i) => tokens.get(i as usize).cloned(),
+        None => vocab.contains_key("<unk>").then(|| "<unk>".to_string()),
+    };
+    let mut b = BPE::builder()
+        .vocab_and_merges(
+            vocab
+                .into_iter()
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            merges,
+        )
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(u) = unk {
+        b = b.unk_token(u);
+    }
+    let bpe = b
+        .build()
+        .map_err(|e| Error::file(path, format!("tokenizer: {e}")))?;
+    let mut tk = tokenizers::Tokenizer::new(bpe);
+    let rep = |a: &str, b: &str| Replace::new(a, b).map_err(|e| Error::msg(e.to_string()));
+    let tk_err = |e: tokenizers::Error| Error::file(path, format!("tokenizer: {e}"));
+    tk.with_normalizer(Some(rep(" ", "\u{2581}")?))
+        .map_err(tk_err)?;
+    tk.with_pre_tokenizer(Some(
+        Split::new(
+            SplitPattern::String(" ".into()),
+            SplitDelimiterBehavior::MergedWithPrevious,
+            false,
+        )
+        .map_err(|e| Error::msg(e.to_string()))?,
+    ));
+    tk.with_decoder(Some(Dec::new(vec![
+        rep("\u{2581}", " ")?.into(),
+        ByteFallback::default().into(),
+        Fuse::default().into(),
+    ])));
+    let specials: Vec<AddedToken> = (tokens.iter().zip(&types))
+        .filter(|(_, &t)| t == 3)
+        .map(|(s, _)| AddedToken::from(s.clone(), true))
+        .collect();
+    tk.add_special_tokens(specials).map_err(tk_err)?;
+    let user: Vec<AddedToken> = (tokens.iter().zip(&types))
+        .filter(|(_, &t)| t == 4)
+        .map(|(s, _)| AddedToken::from(s.clone(), false).normalized(false))
+        .collect();
+    tk.add_tokens(user).map_err(tk_err)?;
+    let flag = |k: &str| key(k).and_then(|v| v.to_bool().ok()).unwrap_or(false);
+    let id = |k: &str| key(k).and_then(|v| v.to_u32().ok());
+    let name = |i: u32| tokens.get(i as usize).cloned();
+    let bos = id("tokenizer.ggml.bos_token_id").and_then(|i| Some((name(i)?, i)));
+    let eos = id("tokenizer.ggml.eos_token_id").and_then(|i| Some((name(i)?, i)));
+    let (add_bos, add_eos) = (
+        flag("tokenizer.ggml.add_bos_token"),
+        flag("tokenizer.ggml.add_eos_token"),
+    );
+    let mut single = vec![];
+    let mut specials = vec![];
+    if let (true, Some((b, i))) = (add_bos, &bos) {
+        single.push(format!("{b}:0"));
+        specials.push((b.clone(), *i));
+    }
+    single.push("$A:0".into());
+    if let (true, Some((e, i))) = (add_eos, &eos) {
+        single.push(format!("{e}:0"));
+        specials.push((e.clone(), *i));
+    }
+    let pair: Vec<String> = single
+        .iter()
+        .cloned()
+        .chain(
+            single
+                .iter()
+                .map(|p| p.replace(":0", ":1").replace("$A", "$B")),
+        )
+        .collect();
+    let post = TemplateProcessing::builder()
+        .try_single(single.join(" "))
+        .and_then(|b| b.try_pair(pair.join(" ")))
+        .map_err(|e| Error::file(path, format!("tokenizer template: {e}")))?
+        .special_tokens(specials)
+        .build()
+        .map_err(|e| Error::file(path, format!("tokenizer template: {e}")))?;
+    tk.with_post_processor(Some(post));
+    Ok(tk)
 }
 
 /// Decodes ids one at a time into text pieces that never split a character.

@@ -224,6 +224,7 @@ fn flag_for(field: &str) -> Option<&'static str> {
         "max_len" => "--context",
         "n_heads" => "--n-heads",
         "n_kv_heads" => "--n-kv-heads",
+        "head_dim" => "--head-dim",
         "d_ff" => "--d-ff",
         "n_encoder_layers" => "--encoder-layers / --layers",
         "n_decoder_layers" => "--decoder-layers / --layers",

@@ -116,6 +116,14 @@ pub struct TrainArgs {
     /// Key/value heads (n_heads: multi-head, 1: multi-query, between: grouped-query).
     #[arg(long, help_heading = "Model")]
     n_kv_heads: Option<usize>,
+    /// Width of each attention head (default d_model / n_heads; set, the
+    /// heads need not add up to d_model, as in Gemma 3).
+    #[arg(long, help_heading = "Model")]
+    head_dim: Option<usize>,
+    /// RMSNorm (or LayerNorm, with --norm) on each query and key head before
+    /// RoPE (Gemma 3, Qwen3).
+    #[arg(long, help_heading = "Model")]
+    qk_norm: bool,
     #[arg(long, help_heading = "Model")]
     d_ff: Option<usize>,
     /// sinusoidal | learned | rope | alibi | none
@@ -123,13 +131,13 @@ pub struct TrainArgs {
     position: Option<attend::config::PositionKind>,
     #[arg(long, help_heading = "Model")]
     rope_theta: Option<f64>,
-    /// relu | gelu | swiglu
+    /// relu | gelu | swiglu | geglu (GELU-tanh gate, Gemma)
     #[arg(long, value_parser = parse_enum::<attend::config::FfnKind>, help_heading = "Model")]
     ffn: Option<attend::config::FfnKind>,
     /// layernorm | rmsnorm
     #[arg(long, value_parser = parse_enum::<attend::config::NormKind>, help_heading = "Model")]
     norm: Option<attend::config::NormKind>,
-    /// pre | post (the paper's)
+    /// pre | post (the paper's) | sandwich (pre and post norms, Gemma 2/3)
     #[arg(long, value_parser = parse_enum::<attend::config::NormPosition>, help_heading = "Model")]
     norm_position: Option<attend::config::NormPosition>,
     #[arg(long, help_heading = "Model")]
@@ -213,6 +221,12 @@ fn resolve(a: &TrainArgs) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
         m.n_kv_heads = a.n_kv_heads;
     }
     set!(m.d_ff, a.d_ff);
+    if a.head_dim.is_some() {
+        m.head_dim = a.head_dim;
+    }
+    if a.qk_norm {
+        m.qk_norm = true;
+    }
     set!(m.position, a.position);
     set!(m.rope_theta, a.rope_theta);
     set!(m.ffn, a.ffn);

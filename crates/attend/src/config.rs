@@ -41,6 +41,9 @@ pub enum FfnKind {
     Relu,
     Gelu,
     Swiglu,
+    /// GeGLU with the tanh approximation of GELU (Gemma):
+    /// W2 (gelu_tanh(W1 x) ⊙ W3 x).
+    Geglu,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,12 +54,14 @@ pub enum NormKind {
 }
 
 /// Where the norm sits relative to the residual: `post` as in the paper
-/// (x = norm(x + f(x))), `pre` as in GPT-2 and Llama (x = x + f(norm(x))).
+/// (x = norm(x + f(x))), `pre` as in GPT-2 and Llama (x = x + f(norm(x))),
+/// `sandwich` both around the sublayer (Gemma 2/3: x = x + norm'(f(norm(x)))).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum NormPosition {
     Pre,
     Post,
+    Sandwich,
 }
 
 /// The feature map φ of linear attention: attention weights are
@@ -543,6 +548,11 @@ pub struct ModelConfig {
     /// Key/value heads: `n_heads` for multi-head, 1 for multi-query, anything
     /// dividing `n_heads` for grouped-query attention. Defaults to `n_heads`.
     pub n_kv_heads: Option<usize>,
+    /// Width of each attention head; None: d_model / n_heads. Set, the heads
+    /// need not add up to d_model (Gemma 3 270m: 4 × 256 over 640).
+    pub head_dim: Option<usize>,
+    /// RMSNorm each query and key head before RoPE (Gemma 3, Qwen3).
+    pub qk_norm: bool,
     pub d_ff: usize,
     pub vocab_size: usize,
     /// Longest sequence the position scheme must cover.
@@ -584,6 +594,8 @@ impl Default for ModelConfig {
             n_decoder_layers: 2,
             n_heads: 4,
             n_kv_heads: None,
+            head_dim: None,
+            qk_norm: false,
             d_ff: 512,
             vocab_size: 256,
             max_len: 256,
@@ -616,7 +628,7 @@ impl ModelConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads.max(1)
+        self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1))
     }
 
     pub fn has_encoder(&self) -> bool {
@@ -737,12 +749,17 @@ impl ModelConfig {
     pub fn param_count(&self) -> Option<usize> {
         let (d, f) = (self.d_model, self.d_ff);
         let kvd = self.kv_heads().checked_mul(self.head_dim())?;
+        let qd = self.n_heads.checked_mul(self.head_dim())?;
         let attn = d
-            .checked_mul(d)?
+            .checked_mul(qd)?
             .checked_mul(2)?
             .checked_add(d.checked_mul(kvd)?.checked_mul(2)?)?;
         let ffn = d.checked_mul(f)?.checked_mul(3)?;
-        let block = attn.checked_add(ffn)?.checked_add(d.checked_mul(4)?)?;
+        // (an upper bound: every norm kind and position, biases, q/k norms)
+        let block = attn
+            .checked_add(ffn)?
+            .checked_add(d.checked_mul(8)?)?
+            .checked_add(qd.checked_add(self.head_dim())?.checked_mul(2)?)?;
         let cross = if self.has_encoder() && self.has_decoder() {
             attn.checked_mul(self.n_decoder_layers)?
         } else {
@@ -810,7 +827,9 @@ impl ModelConfig {
                 ),
             ));
         }
-        if !self.d_model.is_multiple_of(self.n_heads) {
+        if let Some(hd) = self.head_dim {
+            positive("head_dim", hd)?;
+        } else if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "d_model",
                 format!(

@@ -47,6 +47,11 @@ impl Norm {
     }
 
     /// x: (..., d) -> (..., d), normalised over the last dimension.
+    /// The width it normalises over.
+    pub fn width(&self) -> usize {
+        self.weight.dims1().unwrap_or(0)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = match self.kind {
             NormKind::Layernorm => crate::kernels::layer_normalize(x, self.eps)?,

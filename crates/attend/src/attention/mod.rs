@@ -40,6 +40,7 @@ use crate::error::{Error, Result};
 use crate::exec::{AttnOp, Ctx, Exec};
 use crate::kernels::kv::KvDType;
 use crate::nn::{Builder, Linear};
+use crate::norm::Norm;
 use crate::position::{alibi_slopes, Rope};
 use candle_core::{Device, Tensor};
 use std::sync::Arc;
@@ -186,6 +187,9 @@ pub struct Attention {
     /// RoPE for q and k as projected (qk_dim wide).
     rope_qk: Option<Arc<Rope>>,
     alibi: Option<Vec<f64>>,
+    /// RMSNorm of each query and key head before RoPE (Gemma 3, Qwen3).
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
 }
 
 impl Attention {
@@ -210,6 +214,11 @@ impl Attention {
             _ => config.qk_dim().unwrap_or(hd),
         };
         let rope = if is_self { rope } else { None };
+        let qk_norm = |name: &str| {
+            cfg.qk_norm
+                .then(|| Norm::new(&vb.pp(name), cfg.norm, qk_dim, cfg.norm_eps))
+                .transpose()
+        };
         let rope_qk = match &rope {
             Some(r) if qk_dim != hd => {
                 let q = Rope::new(
@@ -238,6 +247,8 @@ impl Attention {
             rope,
             rope_qk,
             alibi: (is_self && cfg.position == PositionKind::Alibi).then(|| alibi_slopes(h)),
+            q_norm: qk_norm("q_norm")?,
+            k_norm: qk_norm("k_norm")?,
         })
     }
 
@@ -281,6 +292,10 @@ impl Attention {
         let mut q = Self::split(&self.q_proj.forward(x)?, self.n_heads)?;
         let mut k = Self::split(&self.k_proj.forward(x)?, self.n_kv_heads)?;
         let v = Self::split(&self.v_proj.forward(x)?, self.n_kv_heads)?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
         if let Some(rope) = &self.rope_qk {
             q = rope.apply(&q, offset)?;
             k = rope.apply(&k, offset)?;
@@ -312,7 +327,12 @@ impl Attention {
                 Some(MixerState::Kv(c)) => Some(c),
                 Some(_) => return Err(state_mismatch(&self.mechanism)),
             };
-            let [q, k, v] = three(e.linear(x, &[&self.q_proj, &self.k_proj, &self.v_proj])?);
+            let [mut q, mut k, v] =
+                three(e.linear(x, &[&self.q_proj, &self.k_proj, &self.v_proj])?);
+            if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+                q = e.norm_heads(qn, q)?;
+                k = e.norm_heads(kn, k)?;
+            }
             let op = AttnOp {
                 heads: self.n_heads,
                 kv_heads: self.n_kv_heads,

@@ -243,6 +243,11 @@ impl Exec for Cpu {
         Ok(y)
     }
 
+    fn norm_heads(&self, n: &Norm, x: Rows) -> Result<Rows> {
+        // norm_rows walks the data in rows of the norm's width: the heads
+        self.norm(n, x)
+    }
+
     fn dropout(&self, _: &Dropout, x: Rows) -> Result<Rows> {
         Ok(x)
     }
@@ -312,6 +317,7 @@ impl Exec for Cpu {
             match f {
                 Act::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
                 Act::Gelu => x.iter_mut().for_each(gelu),
+                Act::GeluTanh => x.iter_mut().for_each(crate::kernels::dense::gelu_tanh),
                 Act::Silu => x
                     .iter_mut()
                     .for_each(|v| *v /= 1.0 + crate::kernels::dense::exp(-*v)),

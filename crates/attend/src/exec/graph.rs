@@ -83,6 +83,15 @@ impl Exec for Graph {
         n.forward(&x)
     }
 
+    fn norm_heads(&self, n: &Norm, x: Tensor) -> Result<Tensor> {
+        // (b, t, h·hd) -> (b, t, h, hd), normed over hd, and back
+        let (b, t, w) = x.dims3()?;
+        let hd = n.width();
+        n.forward(&x.reshape((b, t, w / hd, hd))?)?
+            .reshape((b, t, w))
+            .map_err(Into::into)
+    }
+
     fn dropout(&self, d: &Dropout, x: Tensor) -> Result<Tensor> {
         d.forward(&x)
     }
@@ -99,6 +108,7 @@ impl Exec for Graph {
         let a = match f {
             Act::Relu => h.relu()?,
             Act::Gelu => h.gelu_erf()?,
+            Act::GeluTanh => h.gelu()?,
             Act::Silu => h.silu()?,
         };
         Ok(match up {

@@ -34,6 +34,8 @@ use candle_core::Tensor;
 pub enum Act {
     Relu,
     Gelu,
+    /// GELU's tanh approximation.
+    GeluTanh,
     Silu,
 }
 
@@ -80,6 +82,9 @@ pub trait Exec {
     fn add_positions(&self, p: &Additive, x: Self::X, b: &Self::Batch) -> Result<Self::X>;
     /// The norm of x, in x's place (clone x to keep it).
     fn norm(&self, n: &Norm, x: Self::X) -> Result<Self::X>;
+    /// The norm of every head-wide slice of each row (query/key norms): the
+    /// norm's width divides the row's.
+    fn norm_heads(&self, n: &Norm, x: Self::X) -> Result<Self::X>;
     fn dropout(&self, d: &Dropout, x: Self::X) -> Result<Self::X>;
     /// The residual: x + y.
     fn add(&self, x: Self::X, y: &Self::X) -> Result<Self::X>;

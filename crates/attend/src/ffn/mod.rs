@@ -1,5 +1,6 @@
 //! Position-wise feed-forward networks: FFN(x) = W2 act(W1 x) for ReLU/GELU,
-//! and W2 (silu(W1 x) ⊙ W3 x) for SwiGLU (Shazeer 2020).
+//! and W2 (act(W1 x) ⊙ W3 x) for the gated forms (Shazeer 2020): SwiGLU
+//! with SiLU, GeGLU with GELU's tanh approximation (Gemma).
 
 use crate::config::{FfnKind, ModelConfig};
 use crate::error::Result;
@@ -22,7 +23,9 @@ impl Ffn {
             w1: Linear::new(&vb.pp("w1"), d, f, cfg.bias)?,
             w2: Linear::new(&vb.pp("w2"), f, d, cfg.bias)?,
             w3: match cfg.ffn {
-                FfnKind::Swiglu => Some(Linear::new(&vb.pp("w3"), d, f, cfg.bias)?),
+                FfnKind::Swiglu | FfnKind::Geglu => {
+                    Some(Linear::new(&vb.pp("w3"), d, f, cfg.bias)?)
+                }
                 _ => None,
             },
         })
@@ -31,12 +34,19 @@ impl Ffn {
     /// x (tokens, d) -> (tokens, d) on executor `e`.
     pub fn forward<E: Exec>(&self, e: &E, x: &E::X) -> Result<E::X> {
         let h = match (self.kind, &self.w3) {
-            (FfnKind::Swiglu, Some(w3)) => {
+            (FfnKind::Swiglu | FfnKind::Geglu, Some(w3)) => {
                 let mut gu = e.linear(x, &[&self.w1, w3])?;
                 let up = gu.pop().expect("two maps");
-                e.act(Act::Silu, gu.pop().expect("two maps"), Some(&up))?
+                let f = if self.kind == FfnKind::Swiglu {
+                    Act::Silu
+                } else {
+                    Act::GeluTanh
+                };
+                e.act(f, gu.pop().expect("two maps"), Some(&up))?
             }
-            (FfnKind::Swiglu, None) => unreachable!("swiglu is built with w3"),
+            (FfnKind::Swiglu | FfnKind::Geglu, None) => {
+                unreachable!("gated FFNs are built with w3")
+            }
             (kind, _) => {
                 let f = if kind == FfnKind::Relu {
                     Act::Relu

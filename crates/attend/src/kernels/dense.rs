@@ -188,9 +188,37 @@ pub fn gelu(x: &mut f32) {
     *x = 0.5 * v * c;
 }
 
+/// GELU by its tanh approximation (Hendrycks & Gimpel; Gemma's
+/// `gelu_pytorch_tanh`): ½ x (1 + tanh(√(2/π) (x + 0.044715 x³))), in
+/// place, with tanh(u) = 1 − 2 / (e^{2u} + 1) (exact at both ends: e^{2u}
+/// clamps to 0 or a huge finite value).
+#[inline(always)]
+pub fn gelu_tanh(x: &mut f32) {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    let v = *x;
+    let u = C * (v + 0.044_715 * v * v * v);
+    let tanh = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
+    *x = 0.5 * v * (1.0 + tanh);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// gelu_tanh against the formula with std's tanh.
+    #[test]
+    fn gelu_tanh_matches_the_formula() {
+        for i in -2000..=2000 {
+            let v = i as f32 * 0.01;
+            let x = v as f64;
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let want = 0.5 * x * (1.0 + (c * (x + 0.044_715 * x * x * x)).tanh());
+            let mut got = v;
+            gelu_tanh(&mut got);
+            let err = (got as f64 - want).abs();
+            assert!(err <= 1e-6 * (1.0 + want.abs()), "{v}: {got} vs {want}");
+        }
+    }
 
     /// `exp` against the standard library's over its whole range, to a few
     /// ulp, and clamped (not NaN or garbage) outside it.

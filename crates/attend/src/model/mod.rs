@@ -56,6 +56,9 @@ pub struct Block {
     pub cross_attn: Option<Attention>,
     pub ln_2: Norm,
     pub ffn: Ffn,
+    /// Sandwich norms: on each sublayer's output, before the residual.
+    pub ln_1_post: Option<Norm>,
+    pub ln_2_post: Option<Norm>,
     norm_position: NormPosition,
     dropout: Dropout,
 }
@@ -71,6 +74,7 @@ impl Block {
         dropout: Dropout,
     ) -> Result<Self> {
         let norm = |name: &str| Norm::new(&vb.pp(name), cfg.norm, cfg.d_model, cfg.norm_eps);
+        let sandwich = cfg.norm_position == NormPosition::Sandwich;
         Ok(Self {
             ln_1: norm("ln_1")?,
             self_attn: Attention::new(&vb.pp("self_attn"), cfg, mechanism, causal, true, rope)?,
@@ -89,22 +93,30 @@ impl Block {
             },
             ln_2: norm("ln_2")?,
             ffn: Ffn::new(&vb.pp("ffn"), cfg)?,
+            ln_1_post: sandwich.then(|| norm("ln_1_post")).transpose()?,
+            ln_2_post: sandwich.then(|| norm("ln_2_post")).transpose()?,
             norm_position: cfg.norm_position,
             dropout,
         })
     }
 
-    /// x + f(norm(x)) for pre-norm, norm(x + f(x)) for post-norm.
+    /// x + f(norm(x)) for pre-norm, norm(x + f(x)) for post-norm,
+    /// x + post(f(norm(x))) for sandwich norms.
     fn sublayer<E: Exec>(
         &self,
         e: &E,
         x: E::X,
         norm: &Norm,
+        post: Option<&Norm>,
         f: impl FnOnce(&E::X) -> Result<E::X>,
     ) -> Result<E::X> {
         match self.norm_position {
-            NormPosition::Pre => {
-                let y = e.dropout(&self.dropout, f(&e.norm(norm, x.clone())?)?)?;
+            NormPosition::Pre | NormPosition::Sandwich => {
+                let mut y = f(&e.norm(norm, x.clone())?)?;
+                if let Some(p) = post {
+                    y = e.norm(p, y)?;
+                }
+                let y = e.dropout(&self.dropout, y)?;
                 e.add(x, &y)
             }
             NormPosition::Post => {
@@ -125,9 +137,11 @@ impl Block {
         state: Option<&mut MixerState>,
         cross: Option<(&(Tensor, Tensor), Option<&Tensor>)>,
     ) -> Result<E::X> {
-        let x = self.sublayer(e, x, &self.ln_1, |h| self.self_attn.forward(e, h, b, state))?;
+        let x = self.sublayer(e, x, &self.ln_1, self.ln_1_post.as_ref(), |h| {
+            self.self_attn.forward(e, h, b, state)
+        })?;
         let x = match (&self.cross_attn, &self.ln_cross, cross) {
-            (Some(attn), Some(ln), Some((kv, pad))) => self.sublayer(e, x, ln, |h| {
+            (Some(attn), Some(ln), Some((kv, pad))) => self.sublayer(e, x, ln, None, |h| {
                 e.graph(h, b, &mut |h, _| attn.cross(h, kv, pad))
             })?,
             (Some(_), _, _) => {
@@ -137,7 +151,9 @@ impl Block {
             }
             _ => x,
         };
-        self.sublayer(e, x, &self.ln_2, |h| self.ffn.forward(e, h))
+        self.sublayer(e, x, &self.ln_2, self.ln_2_post.as_ref(), |h| {
+            self.ffn.forward(e, h)
+        })
     }
 }
 

@@ -101,6 +101,24 @@ pub fn variants(shape: Shape) -> Vec<ModelConfig> {
             });
         }
     }
+    // Gemma 3's block (after the others, which tests pick by index): heads
+    // wider than d_model / n_heads, RMSNorm on queries and keys, sandwich
+    // norms, GeGLU with tanh GELU, one KV head
+    for (position, norm) in [
+        (PositionKind::Rope, NormKind::Rmsnorm),
+        (PositionKind::Sinusoidal, NormKind::Layernorm),
+    ] {
+        out.push(ModelConfig {
+            position,
+            norm,
+            norm_position: NormPosition::Sandwich,
+            ffn: FfnKind::Geglu,
+            n_kv_heads: Some(1),
+            head_dim: Some(8),
+            qk_norm: true,
+            ..tiny(shape)
+        });
+    }
     out
 }
 

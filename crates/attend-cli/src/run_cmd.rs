@@ -101,7 +101,8 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let mut l = load_gguf(&a.model, a.dequantize)?;
     a.kv.set_dtype(&mut l);
     let tok = &l.gguf.tokenizer;
-    let prompt = tok.encode(&a.prompt, false)?;
+    // with the special tokens the file asks for (Gemma's BOS)
+    let prompt = tok.encode(&a.prompt, true)?;
     let capped = a.kv.resolve(&l)?;
     if prompt.len() >= l.model.cfg.max_len && capped.is_none() {
         bail!(
@@ -287,7 +288,9 @@ pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     }
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("{}: cannot read", a.file.display()))?;
-    let mut ids = l.gguf.tokenizer.encode(&text, false)?;
+    // BOS first where the file asks for it, as transformers and
+    // llama-perplexity score
+    let mut ids = l.gguf.tokenizer.encode(&text, true)?;
     if a.max_tokens > 0 {
         ids.truncate(a.max_tokens);
     }
@@ -327,7 +330,7 @@ pub fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
         tok.encode(&a.text, true)?
     } else {
         let l = gguf::load(&a.model, false, &Device::Cpu)?;
-        l.tokenizer.encode(&a.text, false)?
+        l.tokenizer.encode(&a.text, true)?
     };
     if a.json {
         outln!("{}", serde_json::json!({ "ids": ids }));

@@ -559,6 +559,9 @@ pub struct ModelConfig {
     pub max_len: usize,
     pub position: PositionKind,
     pub rope_theta: f64,
+    /// RoPE base of the sliding-window (`window`) layers, when it differs
+    /// from `rope_theta` (Gemma 3: 10,000 local, 1,000,000 global).
+    pub rope_theta_window: Option<f64>,
     pub ffn: FfnKind,
     pub norm: NormKind,
     pub norm_position: NormPosition,
@@ -601,6 +604,7 @@ impl Default for ModelConfig {
             max_len: 256,
             position: PositionKind::Sinusoidal,
             rope_theta: 10_000.0,
+            rope_theta_window: None,
             ffn: FfnKind::Relu,
             norm: NormKind::Layernorm,
             norm_position: NormPosition::Pre,
@@ -879,6 +883,9 @@ impl ModelConfig {
             }
             if !is_positive(self.rope_theta) {
                 return Err(Error::config("rope_theta", "must be positive"));
+            }
+            if self.rope_theta_window.is_some_and(|t| !is_positive(t)) {
+                return Err(Error::config("rope_theta_window", "must be positive"));
             }
         }
         if self.position == PositionKind::Sinusoidal && !self.d_model.is_multiple_of(2) {

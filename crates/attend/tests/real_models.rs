@@ -447,3 +447,89 @@ fn gemma3_tokenizer_matches_reference() {
     assert_eq!(got.len(), want.len());
     assert_eq!(got, want);
 }
+
+fn gemma3(dequantize: bool) -> (Transformer, gguf::GgufModel) {
+    let g = gguf::load(
+        &models().join("gemma3/gemma-3-270m-q4_k_m.gguf"),
+        dequantize,
+        &Device::Cpu,
+    )
+    .unwrap();
+    (g.build().unwrap(), g)
+}
+
+/// Last-position logits of `prompt` through a decode-state prefill.
+fn last_logits(model: &Transformer, prompt: &[u32]) -> Vec<f32> {
+    let mut st = model.new_state(None).unwrap();
+    let ids = Tensor::new(prompt, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let l = model.step_last(&ids, &mut st).unwrap();
+    l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+#[test]
+fn gemma3_dequantized_matches_reference() {
+    let fx = fixture("gemma3.json");
+    let (model, g) = gemma3(true);
+    for item in fx["items"].as_array().unwrap() {
+        let prompt = ids(&item["input_ids"]);
+        assert_eq!(
+            g.tokenizer
+                .encode(item["prompt"].as_str().unwrap(), true)
+                .unwrap(),
+            prompt
+        );
+        let logits = last_logits(&model, &prompt);
+        for pair in item["last_logits_top5"].as_array().unwrap() {
+            let (id, want) = (
+                pair[0].as_u64().unwrap() as usize,
+                pair[1].as_f64().unwrap(),
+            );
+            let got = logits[id] as f64;
+            assert!(
+                (got - want).abs() < 0.05 * want.abs().max(1.0),
+                "{}: logit of {id} {got} vs {want}",
+                item["prompt"]
+            );
+        }
+        let want = ids(&item["greedy_continuation_ids"]);
+        let mut sampler = attend::decode::Sampler::new(Default::default()).unwrap();
+        let got = attend::decode::generate(
+            &model,
+            &prompt,
+            None,
+            want.len(),
+            &mut sampler,
+            None,
+            |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(got, want, "greedy continuation of {}", item["prompt"]);
+    }
+    check_gemma3_window(&model, &g, &fx, true);
+}
+
+/// The 1,024-token window (twice Gemma's 512-token sliding window):
+/// perplexity and teacher-forced argmax against the reference, from a
+/// decode-state prefill on the CPU executor.
+fn check_gemma3_window(model: &Transformer, g: &gguf::GgufModel, fx: &Value, dequantize: bool) {
+    let p = &fx["perplexity"];
+    let tokens = ids(&p["input_ids"]);
+    assert_eq!(
+        g.tokenizer
+            .encode(p["text"].as_str().unwrap(), true)
+            .unwrap(),
+        tokens
+    );
+    assert_eq!(model.executor(), attend::model::Executor::Cpu);
+    check_score(model, &tokens, p, dequantize, true);
+}
+
+#[test]
+fn gemma3_quantized_matches_reference() {
+    let fx = fixture("gemma3.json");
+    let (model, g) = gemma3(false);
+    check_gemma3_window(&model, &g, &fx, false);
+}

@@ -3,7 +3,7 @@
 //! metadata. The file's own metadata is the source of truth; anything attend
 //! cannot run is refused here with the reason.
 
-use crate::config::{FfnKind, ModelConfig, NormKind, NormPosition, PositionKind, Shape};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::nn::ParamStore;
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -23,6 +23,8 @@ pub struct GgufModel {
     pub tensor_types: std::collections::BTreeMap<String, usize>,
     /// The file read.
     pub path: std::path::PathBuf,
+    /// Its architecture (`general.architecture`).
+    pub arch: &'static super::arch::Arch,
 }
 
 impl GgufModel {
@@ -36,8 +38,9 @@ impl GgufModel {
             Error::MissingTensor { name, shape } => Error::file(
                 path,
                 format!(
-                    "tensor `{}` is missing (a {layers}-layer model, `llama.block_count`, needs it with shape {shape:?})",
-                    gguf_name(&name)
+                    "tensor `{}` is missing (a {layers}-layer model, `{}.block_count`, needs it with shape {shape:?})",
+                    self.arch.theirs(&name),
+                    self.arch.name
                 ),
             ),
             e => e,
@@ -51,77 +54,13 @@ impl GgufModel {
             return Err(Error::file(
                 path,
                 format!(
-                    "tensor `{}`{more} is not used by a {layers}-layer model (`llama.block_count`)",
-                    gguf_name(first)
+                    "tensor `{}`{more} is not used by a {layers}-layer model (`{}.block_count`)",
+                    self.arch.theirs(first),
+                    self.arch.name
                 ),
             ));
         }
         Ok(m)
-    }
-}
-
-/// attend parameter name → GGUF tensor name (the inverse of `map_name`).
-fn gguf_name(ours: &str) -> String {
-    let fixed = match ours {
-        "embed.weight" => Some("token_embd.weight"),
-        "dec_norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return f.to_string();
-    }
-    let Some((layer, part)) = ours
-        .strip_prefix("decoder.")
-        .and_then(|r| r.split_once('.'))
-    else {
-        return ours.to_string();
-    };
-    let theirs = match part {
-        "ln_1.weight" => "attn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "ln_2.weight" => "ffn_norm.weight",
-        "ffn.w1.weight" => "ffn_gate.weight",
-        "ffn.w3.weight" => "ffn_up.weight",
-        "ffn.w2.weight" => "ffn_down.weight",
-        _ => return ours.to_string(),
-    };
-    format!("blk.{layer}.{theirs}")
-}
-
-fn get<'a>(ct: &'a Content, path: &Path, key: &str) -> Result<&'a Value> {
-    ct.metadata
-        .get(key)
-        .ok_or_else(|| Error::file(path, format!("missing GGUF metadata `{key}`")))
-}
-
-fn get_usize(ct: &Content, path: &Path, key: &str) -> Result<usize> {
-    let v = get(ct, path, key)?;
-    let n = match v {
-        Value::U8(x) => *x as u64,
-        Value::U16(x) => *x as u64,
-        Value::U32(x) => *x as u64,
-        Value::U64(x) => *x,
-        Value::I32(x) if *x >= 0 => *x as u64,
-        Value::I64(x) if *x >= 0 => *x as u64,
-        other => {
-            return Err(Error::file(
-                path,
-                format!("GGUF metadata `{key}` is not a count: {other:?}"),
-            ))
-        }
-    };
-    Ok(n as usize)
-}
-
-fn get_f64(ct: &Content, key: &str) -> Option<f64> {
-    match ct.metadata.get(key)? {
-        Value::F32(x) => Some(*x as f64),
-        Value::F64(x) => Some(*x),
-        _ => None,
     }
 }
 
@@ -135,35 +74,6 @@ fn render(v: &Value) -> String {
     }
 }
 
-/// GGUF tensor name → attend parameter name.
-fn map_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("embed.weight"),
-        "output_norm.weight" => Some("dec_norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let ours = match part {
-        "attn_norm.weight" => "ln_1.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_norm.weight" => "ln_2.weight",
-        "ffn_gate.weight" => "ffn.w1.weight",
-        "ffn_up.weight" => "ffn.w3.weight",
-        "ffn_down.weight" => "ffn.w2.weight",
-        _ => return None,
-    };
-    Some(format!("decoder.{layer}.{ours}"))
-}
-
 /// Read a GGUF file. `dequantize`: hold every weight as f32 (exact reference
 /// numerics) instead of keeping quantized matrices for quantized matmul.
 pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel> {
@@ -173,66 +83,55 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
         std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
     let ct = Content::read(&mut file)
         .map_err(|e| Error::file(path, format!("not a valid GGUF file ({})", first_line(&e))))?;
-    let arch = get(&ct, path, "general.architecture")?
-        .to_string()
-        .map_err(|e| Error::file(path, e))?
-        .clone();
-    if arch != "llama" {
+    let arch_name = match ct.metadata.get("general.architecture") {
+        Some(Value::String(a)) => a.clone(),
+        Some(other) => {
+            return Err(Error::file(
+                path,
+                format!("GGUF metadata `general.architecture` is not a string: {other:?}"),
+            ))
+        }
+        None => {
+            return Err(Error::file(
+                path,
+                "missing GGUF metadata `general.architecture`",
+            ))
+        }
+    };
+    let Some(arch) = super::arch::find(&arch_name) else {
+        let known: Vec<&str> = super::arch::ARCHS.iter().map(|a| a.name).collect();
         return Err(Error::file(
             path,
-            format!("unsupported architecture `{arch}` (attend runs `llama`)"),
+            format!(
+                "unsupported architecture `{arch_name}` (attend runs {})",
+                known.join(", ")
+            ),
         ));
-    }
-    let key = |k: &str| format!("{arch}.{k}");
-    let n_heads = get_usize(&ct, path, &key("attention.head_count"))?;
-    let d_model = get_usize(&ct, path, &key("embedding_length"))?;
-    let context = get_usize(&ct, path, &key("context_length"))?;
+    };
+    let meta = super::arch::Meta {
+        ct: &ct,
+        path,
+        arch: arch.name,
+    };
+    let context = meta.usize("context_length")?;
     if context > crate::config::MAX_POSITIONS {
         return Err(Error::file(
             path,
             format!(
                 "`{}` is {context}, more than the {} positions attend supports",
-                key("context_length"),
+                meta.key("context_length"),
                 crate::config::MAX_POSITIONS
             ),
         ));
     }
     let tokenizer = super::tokenizer::Tokenizer::from_gguf(&ct, path)?;
     let config = ModelConfig {
-        shape: Shape::Decoder,
-        d_model,
-        n_encoder_layers: 0,
-        n_decoder_layers: get_usize(&ct, path, &key("block_count"))?,
-        n_heads,
-        n_kv_heads: Some(get_usize(&ct, path, &key("attention.head_count_kv")).unwrap_or(n_heads)),
-        d_ff: get_usize(&ct, path, &key("feed_forward_length"))?,
         vocab_size: tokenizer.vocab_size(),
         max_len: context,
-        position: PositionKind::Rope,
-        rope_theta: get_f64(&ct, &key("rope.freq_base")).unwrap_or(10_000.0),
-        ffn: FfnKind::Swiglu,
-        norm: NormKind::Rmsnorm,
-        norm_position: NormPosition::Pre,
-        norm_eps: get_f64(&ct, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         tie_embeddings: !ct.tensor_infos.contains_key("output.weight"),
-        bias: false,
-        dropout: 0.0,
-        scale_embeddings: false,
-        rope_interleaved: true,
-        ..ModelConfig::default()
+        ..(arch.config)(&meta)?
     };
     config.validate().map_err(|e| Error::file(path, e))?;
-    if let Ok(rd) = get_usize(&ct, path, &key("rope.dimension_count")) {
-        if rd != config.head_dim() {
-            return Err(Error::file(
-                path,
-                format!(
-                    "partial RoPE ({rd} of {} dims) is not supported",
-                    config.head_dim()
-                ),
-            ));
-        }
-    }
 
     // the weights as they will be held: quantized matrices as stored, the
     // rest (and everything under --dequantize) as f32, the embedding both
@@ -253,7 +152,7 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
                 GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
             );
             let quantized = !float && !dequantize;
-            let b = match map_name(name).as_deref() {
+            let b = match arch.ours(name).as_deref() {
                 Some("embed.weight") if quantized => dense.checked_add(stored)?,
                 _ if quantized && info.shape.dims().len() == 2 => stored,
                 _ => dense,
@@ -273,13 +172,16 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let Some(ours) = map_name(name) else {
+        let Some(ours) = arch.ours(name) else {
             if name.starts_with("rope_") {
                 continue; // precomputed RoPE tables; attend computes its own
             }
             return Err(Error::file(
                 path,
-                format!("unexpected tensor `{name}` for architecture `{arch}`"),
+                format!(
+                    "unexpected tensor `{name}` for architecture `{}`",
+                    arch.name
+                ),
             ));
         };
         let q = ct
@@ -321,6 +223,7 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
         metadata,
         tensor_types,
         path: path.to_path_buf(),
+        arch,
     })
 }
 

@@ -2,6 +2,7 @@
 //! tokenizers and chat templates. The mapping from each format's names to
 //! attend's lives here, not in the model.
 
+pub mod arch;
 pub mod chat;
 pub mod gguf;
 pub mod gguf_check;

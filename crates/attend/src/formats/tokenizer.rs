@@ -65,8 +65,13 @@ impl Tokenizer {
             .unwrap_or_default();
         let mut inner = match kind.as_str() {
             "llama" => sentencepiece_bpe(ct, path)?,
-            _ => tokenizers::Tokenizer::from_gguf(ct)
-                .map_err(|e| Error::file(path, format!("tokenizer: {e}")))?,
+            _ => {
+                check_merges(ct, path)?;
+                // (a backstop: the tokenizers crate panics on some inputs)
+                quietly(|| tokenizers::Tokenizer::from_gguf(ct))
+                    .ok_or_else(|| Error::file(path, "tokenizer: the tokenizers crate failed on it"))?
+                    .map_err(|e| Error::file(path, format!("tokenizer: {e}")))?
+            }
         };
         let pre = ct
             .metadata
@@ -116,6 +121,39 @@ impl Tokenizer {
             .decode(ids, true)
             .map_err(|e| Error::msg(format!("tokenizer: {e}")))
     }
+}
+
+/// Every BPE merge `a b` must join two tokens into a third: the tokenizers
+/// crate indexes past a buffer (a panic) when `ab` is longer than every
+/// token, so a merge outside the vocabulary is refused here, by index.
+fn check_merges(ct: &Content, path: &Path) -> Result<()> {
+    use candle_core::quantized::gguf_file::Value;
+    let strings = |k: &str| -> Vec<&str> {
+        match ct.metadata.get(k) {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(s.as_str()),
+                    _ => None,
+                })
+                .collect(),
+            _ => vec![],
+        }
+    };
+    let vocab: std::collections::HashSet<&str> =
+        strings("tokenizer.ggml.tokens").into_iter().collect();
+    for (i, m) in strings("tokenizer.ggml.merges").into_iter().enumerate() {
+        let ok = m.split_once(' ').is_some_and(|(a, b)| {
+            vocab.contains(a) && vocab.contains(b) && vocab.contains(format!("{a}{b}").as_str())
+        });
+        if !ok {
+            return Err(Error::file(
+                path,
+                format!("`tokenizer.ggml.merges`[{i}] = {m:?} does not join two tokens into a third"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A SentencePiece BPE vocabulary from GGUF metadata (`tokenizer.ggml.model

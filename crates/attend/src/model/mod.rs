@@ -199,7 +199,23 @@ impl Transformer {
             })
             .transpose()?
             .map(Arc::new);
-        let pre = cfg.norm_position == NormPosition::Pre;
+        // sliding-window layers may take RoPE of another base (Gemma 3)
+        let rope_window = match (&rope, cfg.rope_theta_window) {
+            (Some(_), Some(theta)) => Some(Arc::new(Rope::new(
+                cfg.head_dim(),
+                cfg.max_len,
+                theta,
+                cfg.rope_interleaved,
+                store.dtype,
+                &store.device,
+            )?)),
+            _ => rope.clone(),
+        };
+        // pre-norm stacks (sandwich included) end with a final norm
+        let pre = matches!(
+            cfg.norm_position,
+            NormPosition::Pre | NormPosition::Sandwich
+        );
         let final_norm = |name: &str| -> Result<Option<Norm>> {
             if pre {
                 Ok(Some(Norm::new(
@@ -215,13 +231,18 @@ impl Transformer {
         let stack = |name: &str, n: usize, causal: bool, cross: bool| -> Result<Vec<Block>> {
             (0..n)
                 .map(|i| {
+                    let mechanism = cfg.layer_mechanism(name == "encoder", i);
+                    let rope = match mechanism {
+                        MechanismConfig::Window(_) => rope_window.clone(),
+                        _ => rope.clone(),
+                    };
                     Block::new(
                         &vb.pp(name).pp(i),
                         cfg,
-                        cfg.layer_mechanism(name == "encoder", i),
+                        mechanism,
                         causal,
                         cross,
-                        rope.clone(),
+                        rope,
                         dropout,
                     )
                 })

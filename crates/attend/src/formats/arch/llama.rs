@@ -1,0 +1,66 @@
+//! `llama` (Llama 2, SmolLM, TinyLlama, …): pre-RMSNorm, SwiGLU, RoPE on
+//! adjacent pairs (llama.cpp's converter permutes q/k), grouped-query heads.
+
+use super::{Arch, Meta};
+use crate::config::{FfnKind, ModelConfig, NormKind, NormPosition, PositionKind, Shape};
+use crate::error::{Error, Result};
+
+pub static ARCH: Arch = Arch {
+    name: "llama",
+    config,
+    fixed: &[
+        ("token_embd.weight", "embed.weight"),
+        ("output_norm.weight", "dec_norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ],
+    block: &[
+        ("attn_norm.weight", "ln_1.weight"),
+        ("attn_q.weight", "self_attn.q_proj.weight"),
+        ("attn_k.weight", "self_attn.k_proj.weight"),
+        ("attn_v.weight", "self_attn.v_proj.weight"),
+        ("attn_output.weight", "self_attn.o_proj.weight"),
+        ("ffn_norm.weight", "ln_2.weight"),
+        ("ffn_gate.weight", "ffn.w1.weight"),
+        ("ffn_up.weight", "ffn.w3.weight"),
+        ("ffn_down.weight", "ffn.w2.weight"),
+    ],
+};
+
+fn config(m: &Meta) -> Result<ModelConfig> {
+    let n_heads = m.usize("attention.head_count")?;
+    let d_model = m.usize("embedding_length")?;
+    let cfg = ModelConfig {
+        shape: Shape::Decoder,
+        d_model,
+        n_encoder_layers: 0,
+        n_decoder_layers: m.usize("block_count")?,
+        n_heads,
+        n_kv_heads: Some(m.opt_usize("attention.head_count_kv")?.unwrap_or(n_heads)),
+        d_ff: m.usize("feed_forward_length")?,
+        position: PositionKind::Rope,
+        rope_theta: m.opt_f64("rope.freq_base")?.unwrap_or(10_000.0),
+        ffn: FfnKind::Swiglu,
+        norm: NormKind::Rmsnorm,
+        norm_position: NormPosition::Pre,
+        norm_eps: m
+            .opt_f64("attention.layer_norm_rms_epsilon")?
+            .unwrap_or(1e-5),
+        bias: false,
+        dropout: 0.0,
+        scale_embeddings: false,
+        rope_interleaved: true,
+        ..ModelConfig::default()
+    };
+    if let Some(rd) = m.opt_usize("rope.dimension_count")? {
+        if rd != cfg.head_dim() {
+            return Err(Error::file(
+                m.path,
+                format!(
+                    "partial RoPE ({rd} of {} dims) is not supported",
+                    cfg.head_dim()
+                ),
+            ));
+        }
+    }
+    Ok(cfg)
+}

@@ -1,0 +1,131 @@
+//! GGUF architectures: each is one small file mapping its metadata onto a
+//! `ModelConfig` and naming its tensors. Everything else (the forward pass,
+//! the kernels, the caches) is shared: an architecture only chooses model
+//! features.
+//!
+//! To add one: a file with a `config` function and a tensor table, and a
+//! line in `ARCHS`.
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use std::path::Path;
+
+mod gemma3;
+mod llama;
+
+/// One architecture: `general.architecture`'s value, the configuration its
+/// metadata describes, and its tensor names.
+pub struct Arch {
+    pub name: &'static str,
+    /// The model configuration from the metadata (the shared fields — vocab,
+    /// context, tied embeddings — are filled in by the loader).
+    pub config: fn(&Meta) -> Result<ModelConfig>,
+    /// Names outside the blocks: (file's, attend's).
+    pub fixed: &'static [(&'static str, &'static str)],
+    /// Names inside block N (`blk.N.` in the file, `decoder.N.` in attend).
+    pub block: &'static [(&'static str, &'static str)],
+}
+
+pub static ARCHS: &[&Arch] = &[&llama::ARCH, &gemma3::ARCH];
+
+/// The architecture called `name`.
+pub fn find(name: &str) -> Option<&'static Arch> {
+    ARCHS.iter().copied().find(|a| a.name == name)
+}
+
+impl Arch {
+    /// File tensor name → attend parameter name.
+    pub fn ours(&self, name: &str) -> Option<String> {
+        if let Some((_, o)) = self.fixed.iter().find(|(f, _)| *f == name) {
+            return Some(o.to_string());
+        }
+        let (layer, part) = name.strip_prefix("blk.")?.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let (_, o) = self.block.iter().find(|(f, _)| *f == part)?;
+        Some(format!("decoder.{layer}.{o}"))
+    }
+
+    /// attend parameter name → file tensor name (for messages).
+    pub fn theirs(&self, ours: &str) -> String {
+        if let Some((f, _)) = self.fixed.iter().find(|(_, o)| *o == ours) {
+            return f.to_string();
+        }
+        let found = ours
+            .strip_prefix("decoder.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(layer, part)| {
+                let (f, _) = self.block.iter().find(|(_, o)| *o == part)?;
+                Some(format!("blk.{layer}.{f}"))
+            });
+        found.unwrap_or_else(|| ours.to_string())
+    }
+}
+
+/// Typed reads of `<arch>.<key>` metadata; errors name the file and key.
+pub struct Meta<'a> {
+    pub ct: &'a Content,
+    pub path: &'a Path,
+    pub arch: &'a str,
+}
+
+impl Meta<'_> {
+    /// The full key: `<arch>.<key>`.
+    pub fn key(&self, key: &str) -> String {
+        format!("{}.{key}", self.arch)
+    }
+
+    fn value(&self, key: &str) -> Option<&Value> {
+        self.ct.metadata.get(&self.key(key))
+    }
+
+    /// A count (any unsigned or non-negative integer type).
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?.ok_or_else(|| {
+            Error::file(
+                self.path,
+                format!("missing GGUF metadata `{}`", self.key(key)),
+            )
+        })
+    }
+
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        let Some(v) = self.value(key) else {
+            return Ok(None);
+        };
+        let n = match v {
+            Value::U8(x) => *x as u64,
+            Value::U16(x) => *x as u64,
+            Value::U32(x) => *x as u64,
+            Value::U64(x) => *x,
+            Value::I32(x) if *x >= 0 => *x as u64,
+            Value::I64(x) if *x >= 0 => *x as u64,
+            other => {
+                return Err(Error::file(
+                    self.path,
+                    format!(
+                        "GGUF metadata `{}` is not a count: {other:?}",
+                        self.key(key)
+                    ),
+                ))
+            }
+        };
+        Ok(Some(n as usize))
+    }
+
+    /// A float (f32 or f64), if present.
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::F32(x)) => Ok(Some(*x as f64)),
+            Some(Value::F64(x)) => Ok(Some(*x)),
+            Some(other) => Err(Error::file(
+                self.path,
+                format!(
+                    "GGUF metadata `{}` is not a number: {other:?}",
+                    self.key(key)
+                ),
+            )),
+        }
+    }
+}

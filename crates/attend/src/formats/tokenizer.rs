@@ -69,7 +69,9 @@ impl Tokenizer {
                 check_merges(ct, path)?;
                 // (a backstop: the tokenizers crate panics on some inputs)
                 quietly(|| tokenizers::Tokenizer::from_gguf(ct))
-                    .ok_or_else(|| Error::file(path, "tokenizer: the tokenizers crate failed on it"))?
+                    .ok_or_else(|| {
+                        Error::file(path, "tokenizer: the tokenizers crate failed on it")
+                    })?
                     .map_err(|e| Error::file(path, format!("tokenizer: {e}")))?
             }
         };
@@ -149,7 +151,9 @@ fn check_merges(ct: &Content, path: &Path) -> Result<()> {
         if !ok {
             return Err(Error::file(
                 path,
-                format!("`tokenizer.ggml.merges`[{i}] = {m:?} does not join two tokens into a third"),
+                format!(
+                    "`tokenizer.ggml.merges`[{i}] = {m:?} does not join two tokens into a third"
+                ),
             ));
         }
     }

@@ -91,6 +91,16 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
         m.parse::<attend::config::MechanismConfig>()
             .map_err(|e| anyhow::anyhow!("--mechanisms: `{m}`: {e}"))?;
     }
+    if setup.n_eval == 0 {
+        bail!("--n-eval must be at least 1: each model is scored on held-out sequences");
+    }
+    if setup.seq_len > attend::config::MAX_POSITIONS {
+        bail!(
+            "--seq-len {} exceeds the {} positions attend supports",
+            setup.seq_len,
+            attend::config::MAX_POSITIONS
+        );
+    }
     if let Some(&p) = pairs.iter().find(|&&p| 2 * p + 2 > setup.seq_len || p == 0) {
         bail!(
             "--pairs: {p} pairs do not fit a sequence of {} tokens",

@@ -52,7 +52,7 @@ impl KvArgs {
 }
 
 pub fn capped(l: &Loaded, spec: &str) -> Result<Capped> {
-    let policy: KvPolicy = spec.parse()?;
+    let policy = check_policy(l, spec)?;
     let retrieval = match policy {
         KvPolicy::Razor { heads, .. } => {
             Some(retrieval_heads(&l.model, heads).context("probing retrieval heads for razor")?)
@@ -60,6 +60,14 @@ pub fn capped(l: &Loaded, spec: &str) -> Result<Capped> {
         _ => None,
     };
     Ok(Capped { policy, retrieval })
+}
+
+/// Parse `spec` and check it fits the model (a budget within its context),
+/// before anything runs.
+fn check_policy(l: &Loaded, spec: &str) -> Result<KvPolicy> {
+    let policy: KvPolicy = spec.parse()?;
+    l.model.new_state_with_policy(&policy, None)?;
+    Ok(policy)
 }
 
 /// Streaming perplexity of `ids` under `c` with a progress bar.
@@ -192,6 +200,10 @@ pub fn kv_sweep_cmd(mut a: KvSweepArgs) -> Result<()> {
         );
     }
     ids.truncate(a.tokens);
+    // every run's policy fits the model, before the first run
+    for spec in &specs {
+        check_policy(&l, spec).with_context(|| format!("--budgets / --policies: `{spec}`"))?;
+    }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("{}: cannot create", a.out.display()))?;
     let pb = progress((specs.len() * (a.tokens - 1)) as u64, 0, "kv-sweep");

@@ -58,6 +58,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "attend",
     version,
+    allow_negative_numbers = true,
     about = "A Rust engine for the Transformer and its efficient descendants",
     long_about = "attend trains Transformers of many shapes from scratch on built-in tasks, \
 decodes them greedily, by sampling or by beam search, and measures them.\n\n\
@@ -145,6 +146,9 @@ fn main() {
                 .collect();
             let first = match e.kind() {
                 clap::error::ErrorKind::MissingRequiredArgument => lines.join(" "),
+                clap::error::ErrorKind::UnknownArgument if hyphen_value(&e).is_some() => {
+                    hyphen_value(&e).unwrap_or_default()
+                }
                 _ => negative_count(&e).unwrap_or_else(|| {
                     lines.first().unwrap_or(&"error: bad arguments").to_string()
                 }),
@@ -200,7 +204,8 @@ fn main() {
     };
     if let Err(e) = result {
         // One line: the context chain, outermost first; a config field that
-        // a flag sets is shown with the flag
+        // a flag sets is shown with the flag; a message of several lines
+        // (a dependency's) is joined into the one
         let msg: Vec<String> = e
             .chain()
             .map(|c| match c.downcast_ref::<attend::Error>() {
@@ -209,6 +214,13 @@ fn main() {
                     None => c.to_string(),
                 },
                 _ => c.to_string(),
+            })
+            .map(|m| {
+                m.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             })
             .collect();
         eprintln!("error: {}", msg.join(": "));
@@ -243,7 +255,11 @@ fn flag_for(field: &str) -> Option<&'static str> {
         "steps" => "--steps",
         "warmup" => "--warmup",
         "beam" => "--beam",
+        "alpha" => "--alpha",
+        "temperature" => "--temperature",
+        "top_k" => "--top-k",
         "top_p" => "--top-p",
+        "n_eval" => "--n-eval",
         "mechanism" => "--mechanism",
         "layer_mechanisms" => "--layer-mechanisms",
         _ => return None,
@@ -267,4 +283,25 @@ fn negative_count(e: &clap::Error) -> Option<String> {
     };
     (value.starts_with('-') && value[1..].parse::<f64>().is_ok())
         .then(|| format!("error: {arg} must be ≥ 0, got {value}"))
+}
+
+/// A flag's value that starts with `-` but is not a plain negative number
+/// (`--lr -inf`, `--max-memory -5G`): clap takes it for a flag of its own
+/// and says only "unexpected argument '-i'". Name the flag and the value
+/// instead.
+fn hyphen_value(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    let arg = match e.get(ContextKind::InvalidArg)? {
+        ContextValue::String(a) => a.clone(),
+        _ => return None,
+    };
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a.starts_with(&arg))?;
+    let (flag, value) = (args.get(i.checked_sub(1)?)?, &args[i]);
+    // a value: a number or a size, signed (`-inf`, `-1e3`, `-5G`)
+    let numeric = value[1..].starts_with(|c: char| c.is_ascii_digit() || c == '.')
+        || value[1..].parse::<f64>().is_ok();
+    (flag.starts_with("--") && !flag.contains('=') && numeric).then(|| {
+        format!("error: invalid value '{value}' for '{flag}': write {flag}={value} to pass a value that starts with '-'")
+    })
 }

@@ -98,6 +98,8 @@ pub struct GenerateArgs {
 }
 
 pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    // the flags first: a bad one is refused before the model loads
+    let mut sampler = a.sampling.sampler()?;
     let mut l = load_gguf(&a.model, a.dequantize)?;
     a.kv.set_dtype(&mut l);
     let tok = &l.gguf.tokenizer;
@@ -111,7 +113,6 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
             l.model.cfg.max_len
         );
     }
-    let mut sampler = a.sampling.sampler()?;
     let ids = stream_generate(
         &l,
         capped.as_ref(),
@@ -151,14 +152,16 @@ pub struct ChatArgs {
 }
 
 pub fn chat_cmd(a: ChatArgs) -> Result<()> {
+    let mut sampler = a.sampling.sampler()?;
     let mut l = load_gguf(&a.model, a.dequantize)?;
     a.kv.set_dtype(&mut l);
     let tok = &l.gguf.tokenizer;
-    let template = l
-        .gguf
-        .chat_template
-        .clone()
-        .context("this model has no chat template in its metadata")?;
+    let template = l.gguf.chat_template.clone().with_context(|| {
+        format!(
+            "{}: no chat template in its metadata (`tokenizer.chat_template`)",
+            a.model.display()
+        )
+    })?;
     let token = |id: Option<u32>| {
         id.and_then(|i| tok.inner.id_to_token(i))
             .unwrap_or_default()
@@ -172,15 +175,32 @@ pub fn chat_cmd(a: ChatArgs) -> Result<()> {
             content: s.clone(),
         })
         .collect();
-    let mut sampler = a.sampling.sampler()?;
     let capped = a.kv.resolve(&l)?;
+    // a template that does not parse, loops or explodes is refused before
+    // the first turn (rendering is bounded: `chat::render`)
+    let mut probe = messages.clone();
+    probe.push(Message {
+        role: "user".into(),
+        content: "hello".into(),
+    });
+    render(&template, &probe, true, &bos, &eos)
+        .with_context(|| format!("{}: `tokenizer.chat_template`", a.model.display()))?;
     let stdin = std::io::stdin();
-    eprintln!("chatting with {} (Ctrl-D to end)", a.model.display());
+    // the banner and prompts are for a person at a terminal; piped input
+    // gets only the replies on stdout (and errors on stderr)
+    let interactive = std::io::IsTerminal::is_terminal(&stdin);
+    if interactive {
+        eprintln!("chatting with {} (Ctrl-D to end)", a.model.display());
+    }
     loop {
-        eprint!("> ");
+        if interactive {
+            eprint!("> ");
+        }
         let mut line = String::new();
         if stdin.lock().read_line(&mut line)? == 0 {
-            eprintln!();
+            if interactive {
+                eprintln!();
+            }
             return Ok(());
         }
         let line = line.trim_end_matches(['\n', '\r']);
@@ -191,7 +211,8 @@ pub fn chat_cmd(a: ChatArgs) -> Result<()> {
             role: "user".into(),
             content: line.to_string(),
         });
-        let prompt_text = render(&template, &messages, true, &bos, &eos)?;
+        let prompt_text = render(&template, &messages, true, &bos, &eos)
+            .with_context(|| format!("{}: `tokenizer.chat_template`", a.model.display()))?;
         let prompt = tok.encode(&prompt_text, false)?;
         if prompt.len() >= l.model.cfg.max_len && capped.is_none() {
             bail!(
@@ -294,10 +315,14 @@ pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     if a.max_tokens > 0 {
         ids.truncate(a.max_tokens);
     }
+    if ids.len() < 2 {
+        bail!(
+            "{}: only {} token(s) to score; perplexity needs at least 2",
+            a.file.display(),
+            ids.len()
+        );
+    }
     if a.streaming {
-        if ids.len() < 2 {
-            bail!("{}: needs at least 2 tokens", a.file.display());
-        }
         return crate::kv_cmd::streaming_cmd(&l, &ids, &a.kv, a.json);
     }
     let (mean_nll, n, _) = score(&l.model, &ids, a.ctx)?;

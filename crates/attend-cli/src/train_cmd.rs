@@ -547,17 +547,37 @@ pub struct EvalArgs {
     json: bool,
 }
 
-fn load_task(meta: &attend::train::CheckpointMeta, data: Option<&PathBuf>) -> Result<Task> {
+/// The task of the checkpoint in `dir` (`data`: another text file for a
+/// text task), with `n_eval` held-out examples; settings it refuses are
+/// reported as the checkpoint's.
+fn load_task(
+    dir: &Path,
+    meta: &attend::train::CheckpointMeta,
+    data: Option<&PathBuf>,
+    n_eval: usize,
+) -> Result<Task> {
     let mut cfg = meta.task.clone();
-    if let (TaskConfig::Text(c), Some(d)) = (&mut cfg, data) {
-        c.path = d.clone();
+    match (&mut cfg, data) {
+        (TaskConfig::Text(c), Some(d)) => c.path = d.clone(),
+        (_, Some(_)) => bail!(
+            "--data applies only to text checkpoints; {} is a `{}` checkpoint",
+            dir.display(),
+            cfg.name()
+        ),
+        _ => {}
     }
-    Ok(Task::new(cfg, meta.train.seed, meta.train.n_eval)?)
+    Task::new(cfg, meta.train.seed, n_eval).map_err(|e| match e {
+        attend::Error::Config { .. } => anyhow::Error::new(e).context(format!(
+            "{}: the task's settings",
+            dir.join("checkpoint.json").display()
+        )),
+        e => e.into(),
+    })
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let (model, meta) = load_model(&a.checkpoint, &Device::Cpu)?;
-    let task = load_task(&meta, a.data.as_ref())?;
+    let task = load_task(&a.checkpoint, &meta, a.data.as_ref(), meta.train.n_eval)?;
     let opts = EvalOptions {
         beam: (a.beam > 0).then_some((a.beam, a.alpha)),
         ..Default::default()
@@ -670,7 +690,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         TaskConfig::Copy(c) | TaskConfig::Reverse(c) => {
             let sources: Vec<Vec<u32>> = match &a.prompt {
                 Some(p) => vec![parse_ids(p, model.cfg.vocab_size)?],
-                None => Task::new(meta.task.clone(), meta.train.seed, 5)?
+                None => load_task(&a.checkpoint, &meta, None, 5)?
                     .eval_set()
                     .into_iter()
                     .filter_map(|e| {

@@ -673,13 +673,24 @@ impl ModelConfig {
         self.layer_mechanisms.get(at).unwrap_or(&self.mechanism)
     }
 
-    /// Every self-attention layer's mechanism: (is encoder, index, mechanism).
-    fn all_layer_mechanisms(&self) -> Vec<(bool, usize, &MechanismConfig)> {
+    /// Every self-attention layer's mechanism, in runs: (is encoder, index
+    /// of the first layer, mechanism, layers). The layers without an entry
+    /// of their own in `layer_mechanisms` (all of them when it is empty)
+    /// are one run, however many they are.
+    fn all_layer_mechanisms(&self) -> Vec<(bool, usize, &MechanismConfig, usize)> {
         let (enc, dec) = self.stack_layers();
-        (0..enc)
-            .map(|i| (true, i, self.layer_mechanism(true, i)))
-            .chain((0..dec).map(|i| (false, i, self.layer_mechanism(false, i))))
-            .collect()
+        let listed = self.layer_mechanisms.len();
+        let mut runs = vec![];
+        for (encoder, n, before) in [(true, enc, 0), (false, dec, enc)] {
+            let own = n.min(listed.saturating_sub(before));
+            for i in 0..own {
+                runs.push((encoder, i, self.layer_mechanism(encoder, i), 1));
+            }
+            if n > own {
+                runs.push((encoder, own, self.layer_mechanism(encoder, own), n - own));
+            }
+        }
+        runs
     }
 
     fn validate_mechanisms(&self) -> Result<()> {
@@ -695,7 +706,7 @@ impl ModelConfig {
             ));
         }
         self.mechanism.validate()?;
-        for (encoder, i, m) in self.all_layer_mechanisms() {
+        for (encoder, i, m, _) in self.all_layer_mechanisms() {
             let layer = format!("{} layer {i}", if encoder { "encoder" } else { "decoder" });
             let in_layer = |e: Error| match e {
                 Error::Config { field, msg } => Error::Config {
@@ -776,7 +787,76 @@ impl ModelConfig {
             .checked_mul(layers)?
             .checked_add(cross)?
             .checked_add(table.checked_mul(2)?)?
-            .checked_add(pos.checked_mul(2)?)
+            .checked_add(pos.checked_mul(2)?)?
+            .checked_add(self.mechanism_params()?)
+    }
+
+    /// Parameters the self-attention layers' mechanisms add to softmax
+    /// attention's, at most: q and k wider than a head (linear, BASED),
+    /// BASED's convolution and window projections, GLA's gate, the
+    /// performer's fixed projection. Checked (None: overflow).
+    pub fn mechanism_params(&self) -> Option<usize> {
+        let (d, kvh, hd) = (self.d_model, self.kv_heads(), self.head_dim());
+        let heads = self.n_heads.checked_add(kvh)?;
+        let qk = |width: usize| -> Option<usize> {
+            d.checked_mul(heads)?.checked_mul(width.saturating_sub(hd))
+        };
+        let mut total = 0usize;
+        for (_, _, m, layers) in self.all_layer_mechanisms() {
+            let extra = match m {
+                MechanismConfig::Softmax
+                | MechanismConfig::Window(_)
+                | MechanismConfig::Decay(_) => 0,
+                MechanismConfig::Linear(c) => {
+                    let projection = match c.feature_map {
+                        FeatureMap::Performer => c.n_features.checked_mul(c.feature_dim)?,
+                        _ => 0,
+                    };
+                    qk(c.feature_dim)?.checked_add(projection)?
+                }
+                MechanismConfig::Based(c) => {
+                    let conv = d.checked_mul(c.conv.checked_add(1)?)?;
+                    let window_qk = d.checked_mul(heads)?.checked_mul(hd.checked_add(1)?)?;
+                    qk(c.feature_dim)?
+                        .checked_add(conv)?
+                        .checked_add(window_qk)?
+                }
+                MechanismConfig::Gla(c) => {
+                    let kvd = kvh.checked_mul(hd)?;
+                    d.checked_mul(c.gate_rank)?
+                        .checked_add(c.gate_rank.checked_mul(kvd)?)?
+                        .checked_add(kvd)?
+                }
+            };
+            total = total.checked_add(extra.checked_mul(layers)?)?;
+        }
+        Some(total)
+    }
+
+    /// Bytes of one sequence's decode state in the linear-attention layers
+    /// (linear, BASED): F features × head_dim per key/value head, F = d'
+    /// (elu, relu), m (performer) or 1 + d' + d'² (Taylor). Checked (None:
+    /// overflow).
+    pub fn feature_state_bytes(&self) -> Option<usize> {
+        let per_feature = self
+            .kv_heads()
+            .checked_mul(self.head_dim().checked_add(1)?)?;
+        let mut total = 0usize;
+        for (_, _, m, layers) in self.all_layer_mechanisms() {
+            let (map, dim, m_features) = match m {
+                MechanismConfig::Linear(c) => (c.feature_map, c.feature_dim, c.n_features),
+                MechanismConfig::Based(c) => (FeatureMap::Taylor, c.feature_dim, 0),
+                _ => continue,
+            };
+            let features = match map {
+                FeatureMap::Elu | FeatureMap::Relu => dim,
+                FeatureMap::Performer => m_features,
+                FeatureMap::Taylor => dim.checked_mul(dim)?.checked_add(dim)?.checked_add(1)?,
+            };
+            let bytes = features.checked_mul(per_feature)?.checked_mul(4)?;
+            total = total.checked_add(bytes.checked_mul(layers)?)?;
+        }
+        Some(total)
     }
 
     /// Bytes the model computes from its settings whatever the weights
@@ -800,6 +880,31 @@ impl ModelConfig {
     /// Check every constraint the model code relies on.
     pub fn validate(&self) -> Result<()> {
         self.validate_shape()?;
+        // what the mechanisms' settings alone ask for must fit
+        let specs = || {
+            let mut v: Vec<String> = self
+                .all_layer_mechanisms()
+                .iter()
+                .map(|(_, _, m, _)| m.to_string())
+                .filter(|s| s != "softmax")
+                .collect();
+            v.dedup();
+            v.join(", ")
+        };
+        if self.mechanism_params() != Some(0) {
+            crate::util::check_fits(
+                "mechanism",
+                &format!("(`{}`): the mechanisms' own parameters", specs()),
+                self.mechanism_params().and_then(|n| n.checked_mul(4)),
+            )?;
+        }
+        if self.feature_state_bytes() != Some(0) {
+            crate::util::check_fits(
+                "mechanism",
+                &format!("(`{}`): the feature-map state of one sequence", specs()),
+                self.feature_state_bytes(),
+            )?;
+        }
         // what the settings alone make the model allocate must fit
         crate::util::check_fits(
             "max_len",

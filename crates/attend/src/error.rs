@@ -18,6 +18,15 @@ pub enum Error {
     #[error("tensor `{name}` (shape {shape:?}) is missing")]
     MissingTensor { name: String, shape: Vec<usize> },
 
+    /// A loaded file's parameter has another shape than the model needs
+    /// (attend's name; loaders translate it to the file's).
+    #[error("tensor `{name}` has shape {found:?}, the model needs {want:?}")]
+    ShapeMismatch {
+        name: String,
+        found: Vec<usize>,
+        want: Vec<usize>,
+    },
+
     /// Anything else the caller asked for that cannot be done.
     #[error("{0}")]
     Msg(String),

@@ -156,11 +156,11 @@ impl ParamStore {
         if let Some(v) = vars.get(name) {
             self.used.lock().unwrap().insert(name.to_string());
             if v.dims() != shape {
-                return Err(Error::msg(format!(
-                    "parameter `{name}` has shape {:?} in the checkpoint, the model needs {:?}",
-                    v.dims(),
-                    shape
-                )));
+                return Err(Error::ShapeMismatch {
+                    name: name.to_string(),
+                    found: v.dims().to_vec(),
+                    want: shape.to_vec(),
+                });
             }
             return Ok(v.as_tensor().clone());
         }
@@ -254,10 +254,11 @@ impl<'a> Builder<'a> {
             None => Ok(None),
             Some(q) => {
                 if q.shape().dims() != shape {
-                    return Err(Error::msg(format!(
-                        "weight `{full}` has shape {:?}, the model needs {shape:?}",
-                        q.shape().dims()
-                    )));
+                    return Err(Error::ShapeMismatch {
+                        name: full,
+                        found: q.shape().dims().to_vec(),
+                        want: shape.to_vec(),
+                    });
                 }
                 // every GGUF type runs on attend's kernels (`kernels::quant`)
                 let m = crate::kernels::quant::QMatrix::from_qtensor(&q)

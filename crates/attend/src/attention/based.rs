@@ -191,7 +191,10 @@ impl Based {
         Ok(Self {
             conv: ShortConv::new(&vb.pp("conv"), d, cfg.conv)?,
             linear: LinearAttention::new(vb, &linear)?,
-            window: WindowAttention::new(&crate::config::WindowConfig { window: cfg.window })?,
+            // at most the context (a wider window sees the same keys)
+            window: WindowAttention::new(&crate::config::WindowConfig {
+                window: cfg.window.min(model.max_len),
+            })?,
             q_win: Linear::new(&vb.pp("q_win"), d, h * hd, model.bias)?,
             k_win: Linear::new(&vb.pp("k_win"), d, h_kv * hd, model.bias)?,
         })

@@ -66,7 +66,13 @@ impl Mechanism {
     pub fn new(vb: &Builder, m: &MechanismConfig, cfg: &ModelConfig) -> Result<Self> {
         Ok(match m {
             MechanismConfig::Softmax => Mechanism::Softmax,
-            MechanismConfig::Window(c) => Mechanism::Window(window::WindowAttention::new(c)?),
+            // a window as long as the context sees all of it: wider ones
+            // are that one (and never allocate for more)
+            MechanismConfig::Window(c) => Mechanism::Window(window::WindowAttention::new(
+                &crate::config::WindowConfig {
+                    window: c.window.min(cfg.max_len),
+                },
+            )?),
             MechanismConfig::Linear(c) => Mechanism::Linear(linear::LinearAttention::new(vb, c)?),
             MechanismConfig::Based(c) => Mechanism::Based(based::Based::new(vb, c, cfg)?),
             MechanismConfig::Decay(c) => {

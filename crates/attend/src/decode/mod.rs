@@ -32,10 +32,13 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
-        if self.temperature.is_nan() || self.temperature < 0.0 {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(Error::config(
                 "temperature",
-                "must be 0 (greedy) or positive",
+                format!(
+                    "must be 0 (greedy) or a positive finite number, got {}",
+                    self.temperature
+                ),
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
@@ -262,6 +265,12 @@ pub fn beam_search(
 ) -> Result<Vec<u32>> {
     if beam == 0 {
         return Err(Error::config("beam", "must be at least 1"));
+    }
+    if !alpha.is_finite() {
+        return Err(Error::config(
+            "alpha",
+            format!("must be a finite number, got {alpha}"),
+        ));
     }
     // each beam holds a decode state (keys and values of every decoder
     // layer up to max_len, f32) and scores a candidate per vocabulary entry

@@ -43,6 +43,14 @@ impl GgufModel {
                     self.arch.name
                 ),
             ),
+            Error::ShapeMismatch { name, found, want } => Error::file(
+                path,
+                format!(
+                    "tensor `{}` has shape {found:?}; the model the metadata describes (`{}.*`) needs {want:?}",
+                    self.arch.theirs(&name),
+                    self.arch.name
+                ),
+            ),
             e => e,
         })?;
         let unused = self.store.unused();

@@ -205,6 +205,12 @@ impl Embedder {
                 &weights,
                 format!("is missing `{name}` (shape {shape:?}) that the config.json model needs"),
             ),
+            Error::ShapeMismatch { name, found, want } => Error::file(
+                &weights,
+                format!(
+                    "tensor for `{name}` has shape {found:?}; the config.json model needs {want:?}"
+                ),
+            ),
             e => e,
         })?;
         if let Some(first) = store.unused().first() {

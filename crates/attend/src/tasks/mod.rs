@@ -76,6 +76,19 @@ impl TaskConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        // no model holds more positions than attend supports
+        let most = crate::config::MAX_POSITIONS;
+        let (field, len) = match self {
+            TaskConfig::Copy(c) | TaskConfig::Reverse(c) => ("task.max_len", c.max_len),
+            TaskConfig::Mqar(MqarConfig { seq_len, .. })
+            | TaskConfig::Text(TextConfig { seq_len, .. }) => ("seq_len", *seq_len),
+        };
+        if len >= most {
+            return Err(Error::config(
+                field,
+                format!("({len}) exceeds the {most} positions attend supports"),
+            ));
+        }
         match self {
             TaskConfig::Copy(c) | TaskConfig::Reverse(c) => {
                 if c.vocab <= FIRST_CONTENT as usize + 1 {
@@ -190,9 +203,35 @@ pub struct Task {
 }
 
 impl Task {
+    /// Bytes one generated example takes at most (its token, target and
+    /// weight vectors).
+    pub fn example_bytes(cfg: &TaskConfig) -> usize {
+        Self::example_tokens(cfg)
+            .saturating_mul(3 * 4)
+            .saturating_add(128)
+    }
+
+    /// Tokens of one example at most (source or target, whichever is longer).
+    pub fn example_tokens(cfg: &TaskConfig) -> usize {
+        match cfg {
+            TaskConfig::Copy(c) | TaskConfig::Reverse(c) => c.max_len.saturating_add(1),
+            TaskConfig::Mqar(c) => c.seq_len,
+            TaskConfig::Text(c) => c.seq_len,
+        }
+    }
+
     /// `seed` fixes both the training stream and the held-out set.
     pub fn new(cfg: TaskConfig, seed: u64, n_eval: usize) -> Result<Self> {
         cfg.validate()?;
+        // a generated held-out set is held whole (a text task's is bounded
+        // by its file)
+        if !matches!(cfg, TaskConfig::Text(_)) {
+            crate::util::check_fits(
+                "n_eval",
+                &format!("({n_eval}): the held-out set"),
+                n_eval.checked_mul(Self::example_bytes(&cfg)),
+            )?;
+        }
         let text = match &cfg {
             TaskConfig::Text(c) => {
                 let bytes = std::fs::read(&c.path)

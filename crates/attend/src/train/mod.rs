@@ -259,9 +259,32 @@ impl CheckpointMeta {
                 ),
             ));
         }
-        meta.model.validate()?;
+        meta.model.validate().map_err(|e| Error::file(&path, e))?;
         Ok(meta)
     }
+}
+
+/// Bytes one training step holds at most, checked (None: overflow): the
+/// batch's examples, and per token of each example what the graph keeps for
+/// the backward pass in every layer (norms, q/k/v, outputs and the residual
+/// ~10·d, the FFN's hidden 2·d_ff, scores and probabilities 2·heads·tokens)
+/// and the logits, twice (their gradients), in f32.
+fn step_bytes(m: &ModelConfig, t: &TaskConfig, batch: usize) -> Option<usize> {
+    let tokens = Task::example_tokens(t);
+    let layer = m
+        .d_model
+        .checked_mul(10)?
+        .checked_add(m.d_ff.checked_mul(2)?)?
+        .checked_add(m.n_heads.checked_mul(tokens)?.checked_mul(2)?)?;
+    let layers = m.n_encoder_layers.checked_add(m.n_decoder_layers)?;
+    let per_token = layer
+        .checked_mul(layers)?
+        .checked_add(m.vocab_size)?
+        .checked_mul(4 * 2)?;
+    per_token
+        .checked_mul(tokens)?
+        .checked_add(Task::example_bytes(t))?
+        .checked_mul(batch)
 }
 
 /// A checkpoint missing a parameter its config needs, as a file error.
@@ -270,6 +293,10 @@ fn strict_error(weights: &Path, e: Error) -> Error {
         Error::MissingTensor { name, shape } => Error::file(
             weights,
             format!("is missing parameter `{name}` (shape {shape:?}) that the checkpoint's model config needs"),
+        ),
+        Error::ShapeMismatch { name, found, want } => Error::file(
+            weights,
+            format!("parameter `{name}` has shape {found:?}; the checkpoint's model config needs {want:?}"),
         ),
         e => e,
     }
@@ -361,6 +388,14 @@ impl Trainer {
             ),
             model_cfg.param_count().and_then(|n| n.checked_mul(16)),
         )?;
+        crate::util::check_fits(
+            "batch_size",
+            &format!(
+                "({}): one step's examples and activations",
+                train_cfg.batch_size
+            ),
+            step_bytes(&model_cfg, &task_cfg, train_cfg.batch_size),
+        )?;
         let task = Task::new(task_cfg, train_cfg.seed, train_cfg.n_eval)?;
         check_compatible(&model_cfg, &task)?;
         let device = Device::Cpu;
@@ -379,7 +414,10 @@ impl Trainer {
             }
             None => None,
         };
-        let model = Transformer::new(&model_cfg, &store)?;
+        let model = Transformer::new(&model_cfg, &store).map_err(|e| match &loaded {
+            Some((weights, _)) => strict_error(weights, e),
+            None => e,
+        })?;
         if let Some((weights, names)) = loaded {
             // resuming: every parameter from the checkpoint, none fresh
             if let Some((fresh, v)) = store.vars().into_iter().find(|(n, _)| !names.contains(n)) {

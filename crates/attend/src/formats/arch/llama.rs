@@ -52,7 +52,9 @@ fn config(m: &Meta) -> Result<ModelConfig> {
         ..ModelConfig::default()
     };
     if let Some(rd) = m.opt_usize("rope.dimension_count")? {
-        if rd != cfg.head_dim() {
+        // (heads that do not divide the width are the validation's to report)
+        let sane = n_heads > 0 && d_model.is_multiple_of(n_heads);
+        if sane && rd != cfg.head_dim() {
             return Err(Error::file(
                 m.path,
                 format!(

@@ -506,10 +506,96 @@ fn tiny_gguf() -> Vec<u8> {
     out.into_inner()
 }
 
+/// A tiny Gemma 3 GGUF: two sliding-window layers with sandwich and q/k
+/// norms, heads of their own width, and a SentencePiece vocabulary (tokens
+/// and types, no merges: they are rebuilt from the vocabulary).
+fn tiny_gemma_gguf() -> Vec<u8> {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let (d, ff, hd) = (32usize, 64usize, 16usize);
+    let mut tokens: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>"]
+        .map(String::from)
+        .to_vec();
+    tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    tokens.extend(
+        [
+            "▁", "t", "h", "e", "c", "a", "▁t", "he", "▁the", "▁c", "at", "▁cat",
+        ]
+        .map(String::from),
+    );
+    let mut types = vec![3i32; 4];
+    types.extend([6; 256]);
+    types.extend([1; 12]);
+    let vocab = tokens.len();
+    let s = |x: &str| Value::String(x.to_string());
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", s("gemma3")),
+        ("gemma3.block_count", Value::U32(2)),
+        ("gemma3.context_length", Value::U32(64)),
+        ("gemma3.embedding_length", Value::U32(d as u32)),
+        ("gemma3.feed_forward_length", Value::U32(ff as u32)),
+        ("gemma3.attention.head_count", Value::U32(2)),
+        ("gemma3.attention.head_count_kv", Value::U32(1)),
+        ("gemma3.attention.key_length", Value::U32(hd as u32)),
+        ("gemma3.attention.value_length", Value::U32(hd as u32)),
+        ("gemma3.attention.sliding_window", Value::U32(4)),
+        ("gemma3.rope.freq_base", Value::F32(1_000_000.0)),
+        ("gemma3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
+        ("tokenizer.ggml.model", s("llama")),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.iter().map(|t| s(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id", Value::U32(2)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.unknown_token_id", Value::U32(3)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+    ];
+    let mut r = Rng(13);
+    let mut q =
+        |shape: &[usize], t: GgmlDType| QTensor::quantize(&weights(&mut r, shape), t).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = vec![
+        ("token_embd.weight".into(), q(&[vocab, d], GgmlDType::Q8_0)),
+        ("output_norm.weight".into(), q(&[d], GgmlDType::F32)),
+    ];
+    for l in 0..2 {
+        for (name, shape, t) in [
+            ("attn_norm", vec![d], GgmlDType::F32),
+            ("attn_q", vec![2 * hd, d], GgmlDType::Q5_0),
+            ("attn_k", vec![hd, d], GgmlDType::Q8_0),
+            ("attn_v", vec![hd, d], GgmlDType::Q4_0),
+            ("attn_q_norm", vec![hd], GgmlDType::F32),
+            ("attn_k_norm", vec![hd], GgmlDType::F32),
+            ("attn_output", vec![d, 2 * hd], GgmlDType::Q8_0),
+            ("post_attention_norm", vec![d], GgmlDType::F32),
+            ("ffn_norm", vec![d], GgmlDType::F32),
+            ("ffn_gate", vec![ff, d], GgmlDType::Q4_1),
+            ("ffn_up", vec![ff, d], GgmlDType::Q4_1),
+            ("ffn_down", vec![d, ff], GgmlDType::Q8_0),
+            ("post_ffw_norm", vec![d], GgmlDType::F32),
+        ] {
+            tensors.push((format!("blk.{l}.{name}.weight"), q(&shape, t)));
+        }
+    }
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::io::Cursor::new(vec![]);
+    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
+    out.into_inner()
+}
+
 #[test]
 fn fuzz_gguf_load() {
     use attend::formats::gguf;
     let folder = Folder::new("gguf", vec![("model.gguf".into(), tiny_gguf())]);
+    // a second seed for the same file: a Gemma 3 model (another
+    // architecture file, SentencePiece vocabulary)
+    let mut seeds = folder.seeds();
+    seeds.push([&[0u8][..], &tiny_gemma_gguf()].concat());
     let path = folder.dir.join("model.gguf");
     // the seed loads, builds and runs, quantized and dequantized
     let run = |dequantize: bool| -> attend::error::Result<()> {
@@ -524,8 +610,12 @@ fn fuzz_gguf_load() {
     };
     run(false).unwrap();
     run(true).unwrap();
+    folder.with(&seeds[1], |_| {
+        run(false).unwrap();
+        run(true).unwrap();
+    });
     let loaded = std::sync::atomic::AtomicUsize::new(0);
-    fuzz("gguf_load", &folder.seeds(), |b| {
+    fuzz("gguf_load", &seeds, |b| {
         folder.with(b, |_| {
             // half the inputs load dequantized
             if run(b.len() % 2 == 1).is_ok() {

@@ -46,7 +46,7 @@ const LOCAL_ROPE_BASE: f64 = 10_000.0;
 fn config(m: &Meta) -> Result<ModelConfig> {
     let n_heads = m.usize("attention.head_count")?;
     let d_model = m.usize("embedding_length")?;
-    let layers = m.usize("block_count")?;
+    let layers = m.layers()?;
     let head_dim = m.usize("attention.key_length")?;
     if m.opt_usize("attention.value_length")?
         .is_some_and(|v| v != head_dim)

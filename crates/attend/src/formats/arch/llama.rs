@@ -33,7 +33,7 @@ fn config(m: &Meta) -> Result<ModelConfig> {
         shape: Shape::Decoder,
         d_model,
         n_encoder_layers: 0,
-        n_decoder_layers: m.usize("block_count")?,
+        n_decoder_layers: m.layers()?,
         n_heads,
         n_kv_heads: Some(m.opt_usize("attention.head_count_kv")?.unwrap_or(n_heads)),
         d_ff: m.usize("feed_forward_length")?,

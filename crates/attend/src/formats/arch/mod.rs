@@ -113,6 +113,24 @@ impl Meta<'_> {
         Ok(Some(n as usize))
     }
 
+    /// `<arch>.block_count`, bounded by the file: every layer has tensors
+    /// of its own, so a count above the file's tensors is refused before
+    /// anything per layer is built.
+    pub fn layers(&self) -> Result<usize> {
+        let n = self.usize("block_count")?;
+        let tensors = self.ct.tensor_infos.len();
+        if n > tensors {
+            return Err(Error::file(
+                self.path,
+                format!(
+                    "`{}` is {n}, but the file holds {tensors} tensors (each layer has its own)",
+                    self.key("block_count")
+                ),
+            ));
+        }
+        Ok(n)
+    }
+
     /// A float (f32 or f64), if present.
     pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.value(key) {

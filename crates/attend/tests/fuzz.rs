@@ -10,6 +10,9 @@
 //! ```sh
 //! ATTEND_FUZZ_ITERS=1000000 cargo test --release -p attend --test fuzz -- --nocapture
 //! ```
+//!
+//! `ATTEND_FUZZ_SEED=N` draws another stream of inputs, so a long run can be
+//! split across processes (two of 500,000 with seeds 1 and 2, say).
 
 use attend::cache::policy::KvPolicy;
 use attend::config::MechanismConfig;
@@ -88,7 +91,14 @@ fn fuzz(name: &str, seeds: &[Vec<u8>], target: impl Fn(&[u8])) {
     // a panic inside the target is caught; keep its message off stderr
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let mut r = Rng(0x9E37_79B9_7F4A_7C15 ^ name.len() as u64);
+    // ATTEND_FUZZ_SEED: another stream of inputs (long runs split across
+    // processes, one seed each)
+    let seed: u64 = std::env::var("ATTEND_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut r = Rng((0x9E37_79B9_7F4A_7C15 ^ name.len() as u64)
+        .wrapping_add(seed.wrapping_mul(0xD1B5_4A32_D192_ED03)));
     let n = iters();
     let t0 = std::time::Instant::now();
     for i in 0..n {

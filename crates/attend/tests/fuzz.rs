@@ -455,11 +455,23 @@ fn fuzz_hf_folder() {
     eprintln!("fuzz hf_folder: {} inputs loaded", loaded.into_inner());
 }
 
+/// A GGUF file's bytes from its metadata and tensors.
+fn gguf_bytes<'a>(
+    meta: &[(&str, candle_core::quantized::gguf_file::Value)],
+    tensors: impl Iterator<Item = (&'a str, &'a candle_core::quantized::QTensor)>,
+) -> Vec<u8> {
+    let meta: Vec<_> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensors: Vec<_> = tensors.collect();
+    let mut out = std::io::Cursor::new(vec![]);
+    candle_core::quantized::gguf_file::write(&mut out, &meta, &tensors).unwrap();
+    out.into_inner()
+}
+
 /// A tiny Llama-architecture GGUF: one layer, d_model 32, GQA (2 heads, 1
 /// KV head), weights in Q8_0, Q4_0, Q4_1, Q5_0 and F32, a byte-level BPE
 /// tokenizer of letters and a few merges.
 fn tiny_gguf() -> Vec<u8> {
-    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::gguf_file::Value;
     use candle_core::quantized::{GgmlDType, QTensor};
     let (d, ff, kv) = (32usize, 64usize, 16usize);
     let mut tokens: Vec<String> = ('a'..='z').map(String::from).collect();
@@ -509,18 +521,14 @@ fn tiny_gguf() -> Vec<u8> {
         ("blk.0.ffn_up.weight", q(&[ff, d], GgmlDType::Q4_0)),
         ("blk.0.ffn_down.weight", q(&[d, ff], GgmlDType::Q8_0)),
     ];
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
-    let mut out = std::io::Cursor::new(vec![]);
-    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
-    out.into_inner()
+    gguf_bytes(&meta, tensors.iter().map(|(k, v)| (*k, v)))
 }
 
 /// A tiny Gemma 3 GGUF: two sliding-window layers with sandwich and q/k
 /// norms, heads of their own width, and a SentencePiece vocabulary (tokens
 /// and types, no merges: they are rebuilt from the vocabulary).
 fn tiny_gemma_gguf() -> Vec<u8> {
-    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::gguf_file::Value;
     use candle_core::quantized::{GgmlDType, QTensor};
     let (d, ff, hd) = (32usize, 64usize, 16usize);
     let mut tokens: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -591,11 +599,7 @@ fn tiny_gemma_gguf() -> Vec<u8> {
             tensors.push((format!("blk.{l}.{name}.weight"), q(&shape, t)));
         }
     }
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut out = std::io::Cursor::new(vec![]);
-    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
-    out.into_inner()
+    gguf_bytes(&meta, tensors.iter().map(|(k, v)| (k.as_str(), v)))
 }
 
 #[test]

@@ -91,6 +91,12 @@ fn score(model: &Transformer, tokens: &[u32], prefill: bool) -> (f64, Vec<u32>) 
     )
 }
 
+/// `n` tokens after `prompt`, greedily.
+fn greedy(model: &Transformer, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut sampler = attend::decode::Sampler::new(Default::default()).unwrap();
+    attend::decode::generate(model, prompt, None, n, &mut sampler, None, |_| Ok(())).unwrap()
+}
+
 fn check_smollm(dequantize: bool) {
     let fx = fixture("smollm2.json");
     let (model, g) = smollm(dequantize);
@@ -107,17 +113,7 @@ fn check_smollm(dequantize: bool) {
         );
         if dequantize {
             let want = ids(&item["greedy_continuation_ids"]);
-            let mut sampler = attend::decode::Sampler::new(Default::default()).unwrap();
-            let got = attend::decode::generate(
-                &model,
-                &prompt,
-                None,
-                want.len(),
-                &mut sampler,
-                None,
-                |_| Ok(()),
-            )
-            .unwrap();
+            let got = greedy(&model, &prompt, want.len());
             assert_eq!(got, want, "greedy continuation of {}", item["prompt"]);
             assert_eq!(
                 g.tokenizer.decode(&got).unwrap(),
@@ -495,17 +491,7 @@ fn gemma3_dequantized_matches_reference() {
             );
         }
         let want = ids(&item["greedy_continuation_ids"]);
-        let mut sampler = attend::decode::Sampler::new(Default::default()).unwrap();
-        let got = attend::decode::generate(
-            &model,
-            &prompt,
-            None,
-            want.len(),
-            &mut sampler,
-            None,
-            |_| Ok(()),
-        )
-        .unwrap();
+        let got = greedy(&model, &prompt, want.len());
         assert_eq!(got, want, "greedy continuation of {}", item["prompt"]);
     }
     check_gemma3_window(&model, &g, &fx, true);

@@ -235,11 +235,7 @@ fn sentencepiece_bpe(ct: &Content, path: &Path) -> Result<tokenizers::Tokenizer>
             }
         }
     }
-    merges.sort_by(|a, b| {
-        (a.0.cmp(&b.0))
-            .then(b.1.cmp(&a.1))
-            .then(b.3.chars().count().cmp(&a.3.chars().count()))
-    });
+    merges.sort_by(|a, b| (a.0.cmp(&b.0)).then(b.1.cmp(&a.1)));
     let merges: Vec<(String, String)> = merges
         .into_iter()
         .map(|(_, _, l, r)| (l.to_string(), r.to_string()))

@@ -260,11 +260,16 @@ impl Attention {
 
     /// A fresh decode state; softmax layers keep keys and values in `dtype`.
     pub fn new_state(&self, dtype: KvDType) -> Result<MixerState> {
-        Ok(match self.mechanism {
+        Ok(match &self.mechanism {
             Mechanism::Softmax => {
                 MixerState::Kv(vec![KvCache::new(dtype, self.n_kv_heads, self.head_dim)?])
             }
-            Mechanism::Window(_) => MixerState::Window(window::WindowCache::default()),
+            Mechanism::Window(m) => MixerState::Kv(vec![KvCache::windowed(
+                dtype,
+                self.n_kv_heads,
+                self.head_dim,
+                m.window,
+            )?]),
             Mechanism::Linear(_) | Mechanism::Decay(_) | Mechanism::Gla(_) => {
                 MixerState::Recurrent(linear::RecurrentState::default())
             }
@@ -327,7 +332,13 @@ impl Attention {
                 self.mechanism.name()
             )));
         }
-        if let Mechanism::Softmax = self.mechanism {
+        // softmax attention, sliding window or not, is the executor's op
+        let window = match &self.mechanism {
+            Mechanism::Softmax => Some(None),
+            Mechanism::Window(m) => Some(Some(m.window)),
+            _ => None,
+        };
+        if let Some(window) = window {
             let caches = match state {
                 None => None,
                 Some(MixerState::Kv(c)) => Some(c),
@@ -346,6 +357,7 @@ impl Attention {
                 causal: self.causal,
                 rope: self.rope.as_deref(),
                 alibi: self.alibi.as_deref(),
+                window,
             };
             let y = e.attend(&op, q, k, v, b, caches)?;
             return Ok(one(e.linear(&y, &[&self.o_proj])?));
@@ -380,22 +392,10 @@ impl Attention {
         let (_, t, _) = x.dims3()?;
         let decode = t == 1;
         let y = match &self.mechanism {
-            Mechanism::Softmax => {
+            Mechanism::Softmax | Mechanism::Window(_) => {
                 return Err(Error::msg(
                     "softmax attention is the executor's attend op, not a graph mixer",
                 ))
-            }
-            Mechanism::Window(m) => {
-                let st = match state {
-                    None => None,
-                    Some(MixerState::Window(c)) => Some(c),
-                    Some(_) => return Err(state_mismatch(&self.mechanism)),
-                };
-                let (q, k, v) = self.qkv(x, offset)?;
-                match st {
-                    Some(c) if decode => m.step(&q, &k, &v, c)?,
-                    st => m.forward(&q, &k, &v, self.causal, key_padding, st)?,
-                }
             }
             Mechanism::Linear(m) => {
                 let st = self.recurrent(state)?;

@@ -11,6 +11,12 @@
 //!   buffer of w slots, and the query reads the ring;
 //! * `WindowCache` — the ring: 2·b·h_kv·w·d numbers, allocated once at the
 //!   first token and never grown.
+//!
+//! In a model, a `window` layer is the executors' softmax attention with
+//! the band (`AttnOp::window`): `banded` on the graph executor, the banded
+//! kernel on the CPU one, and its decode state a ring-buffer `KvCache`
+//! (`cache::kv`) in the run's KV type. The tensor forms here are BASED's
+//! window branch and the references the mechanism tests check.
 
 use super::linear::matmul_nd;
 use super::{softmax, Heads};

@@ -13,7 +13,14 @@
 //!   evicts independently (H2O and RazorAttention need that); keys are
 //!   stored before RoPE and rotated by their rank among the kept tokens
 //!   ("positions from the slot", as StreamingLLM does), so `full` equals the
-//!   plain cache. Slots freed by an eviction are reused.
+//!   plain cache. Slots freed by an eviction are reused;
+//! * **a sliding window** (`window: Some(w)`, the `window` mechanism's
+//!   layers, e.g. Gemma 3's local layers): a ring of w slots, position p in
+//!   slot p mod w, keys rotated at their position as in a plain cache. A
+//!   decode step overwrites the oldest slot and reads all w (softmax does
+//!   not care about their order); a longer step lays the last w − 1 held
+//!   tokens and the new ones out in order and runs the banded prefill. The
+//!   cache never holds more than w tokens, at any context.
 
 use super::policy::KvPolicy;
 use crate::error::{Error, Result};
@@ -175,6 +182,8 @@ pub struct KvCache {
     heads: Vec<HeadCache>,
     /// None: keep everything (plain); else the eviction policy.
     pub policy: Option<KvPolicy>,
+    /// Sliding-window layers: keep the last w tokens in a ring.
+    pub window: Option<usize>,
     /// Tokens seen (the position of the next one).
     pub seen: usize,
     /// Keep each query head's attention over the cache at the last step
@@ -197,10 +206,21 @@ impl KvCache {
             hd,
             heads: vec![HeadCache::default(); h_kv],
             policy: None,
+            window: None,
             seen: 0,
             record: false,
             last_probs: vec![],
         })
+    }
+
+    /// An empty ring of the last `w` tokens (a sliding-window layer).
+    pub fn windowed(dtype: KvDType, h_kv: usize, hd: usize, w: usize) -> Result<Self> {
+        if w == 0 {
+            return Err(Error::config("window", "must be at least 1"));
+        }
+        let mut c = Self::new(dtype, h_kv, hd)?;
+        c.window = Some(w);
+        Ok(c)
     }
 
     /// An empty cache under `policy`; `retrieval[g]`: KV head g keeps
@@ -284,6 +304,9 @@ impl KvCache {
     /// Absolute positions of the tokens KV head g holds, oldest first.
     pub fn positions(&self, g: usize) -> Vec<usize> {
         let h = &self.heads[g];
+        if self.window.is_some() {
+            return (self.seen - h.slots..self.seen).collect();
+        }
         match self.policy {
             None => (0..h.slots).collect(),
             Some(_) => h
@@ -315,7 +338,8 @@ impl KvCache {
         self.heads.iter().map(|h| h.allocated_bytes()).sum()
     }
 
-    /// Plain caches: the rows of each KV head, keys then values.
+    /// Plain caches: the rows of each KV head, keys then values (a
+    /// window's ring in slot order: position p in slot p mod w).
     pub fn rows(&self) -> (Vec<KvRows<'_>>, Vec<KvRows<'_>>) {
         let (dtype, width) = (self.dtype, self.hd);
         (
@@ -341,9 +365,9 @@ impl KvCache {
     /// Plain caches: append t tokens, k and v (t, h_kv, hd) token-major,
     /// keys already rotated to their positions.
     pub fn append(&mut self, k: &[f32], v: &[f32]) -> Result<()> {
-        if self.policy.is_some() {
+        if self.policy.is_some() || self.window.is_some() {
             return Err(Error::msg(
-                "a policy-capped KV cache takes tokens one at a time through attend",
+                "a policy-capped or sliding-window KV cache takes tokens through attend",
             ));
         }
         let (dt, hd, h_kv) = (self.dtype, self.hd, self.heads.len());
@@ -427,15 +451,101 @@ impl KvCache {
                 }
             }
         }
+        let dims = (h, h_kv, hd);
+        if let Some(w) = self.window {
+            self.attend_window(q, k, v, dims, w, out);
+            return Ok(());
+        }
         self.append(k, v)?;
         let (kr, vr) = self.rows();
-        let dims = (h, h_kv, hd);
         if t >= 16 {
             attention::causal_prefill(q, &kr, &vr, dims, pos0, out);
         } else {
             attention::split_kv(q, &kr, &vr, dims, pos0, out);
         }
         Ok(())
+    }
+
+    /// Sliding-window caches: q (t, h, hd), k and v (t, h_kv, hd), rotated
+    /// to their positions -> out (t, h, hd); the ring keeps the last w.
+    fn attend_window(
+        &mut self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (h, h_kv, hd): (usize, usize, usize),
+        w: usize,
+        out: &mut [f32],
+    ) {
+        let (dt, pos0) = (self.dtype, self.seen);
+        let rb = dt.bytes(hd);
+        let t = k.len() / (h_kv * hd);
+        // the ring's occupied slots after this step: min(tokens, w)
+        let slots = (pos0 + t).min(w);
+        if t == 1 {
+            // decoding: overwrite the oldest slot, read every slot
+            let slot = pos0 % w;
+            for (g, c) in self.heads.iter_mut().enumerate() {
+                c.grow(slots, rb);
+                c.slots = slots;
+                dt.encode(&k[g * hd..][..hd], &mut c.k[slot * rb..][..rb]);
+                dt.encode(&v[g * hd..][..hd], &mut c.v[slot * rb..][..rb]);
+            }
+            self.seen += 1;
+            let (kr, vr) = self.rows();
+            attention::split_kv(q, &kr, &vr, (h, h_kv, hd), slots - 1, out);
+            return;
+        }
+        // several tokens: the w − 1 held positions the first query can
+        // see, in order, then the new ones (rounded through the cache's
+        // type, as a plain cache would hold them), head-major f32
+        let prior = pos0.min(w - 1);
+        let n = prior + t;
+        let mut kf = crate::kernels::scratch::take(h_kv * n * hd);
+        let mut vf = crate::kernels::scratch::take(h_kv * n * hd);
+        let mut row = vec![0u8; rb];
+        for (g, c) in self.heads.iter_mut().enumerate() {
+            let base = g * n * hd;
+            for (r, p) in (pos0 - prior..pos0).enumerate() {
+                let at = (p % w) * rb;
+                dt.decode(&c.k[at..][..rb], &mut kf[base + r * hd..][..hd]);
+                dt.decode(&c.v[at..][..rb], &mut vf[base + r * hd..][..hd]);
+            }
+            c.grow(slots, rb);
+            c.slots = slots;
+            for i in 0..t {
+                let (src, dst) = ((i * h_kv + g) * hd, base + (prior + i) * hd);
+                // the last w tokens stay in the ring
+                let keep = i + w >= t;
+                let slot = (pos0 + i) % w * rb;
+                for (x, buf, f) in [(k, &mut c.k, &mut kf), (v, &mut c.v, &mut vf)] {
+                    dt.encode(&x[src..][..hd], &mut row);
+                    dt.decode(&row, &mut f[dst..][..hd]);
+                    if keep {
+                        buf[slot..][..rb].copy_from_slice(&row);
+                    }
+                }
+            }
+        }
+        let st = |data| attention::Strided {
+            data,
+            head: n * hd,
+            row: hd,
+        };
+        let seq = attention::Seq {
+            q0: 0,
+            t,
+            k0: 0,
+            pos0: prior,
+        };
+        let mask = attention::Mask {
+            causal: true,
+            window: Some(w),
+        };
+        attention::attend_f32(q, st(&kf), st(&vf), (h, h_kv, hd), &[seq], mask, out);
+        crate::kernels::scratch::give(kf);
+        crate::kernels::scratch::give(vf);
+        self.seen += t;
     }
 
     /// Policy caches, one token: q (h, hd), k and v (h_kv, hd), all before
@@ -570,5 +680,103 @@ impl KvCache {
         }
         self.seen += 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect()
+    }
+
+    /// Query p over the rounded keys of positions p − w + 1 ..= p, in f64
+    /// (k, v token-major (n, h_kv, hd)).
+    fn banded(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        p: usize,
+        w: usize,
+        dims: (usize, usize, usize),
+    ) -> Vec<f32> {
+        let (h, h_kv, hd) = dims;
+        let mut out = vec![0f32; h * hd];
+        for head in 0..h {
+            let g = head / (h / h_kv);
+            let js: Vec<usize> = (0..=p).filter(|j| p - j < w).collect();
+            let s: Vec<f64> = js
+                .iter()
+                .map(|&j| {
+                    (0..hd)
+                        .map(|c| q[head * hd + c] as f64 * k[(j * h_kv + g) * hd + c] as f64)
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+            for c in 0..hd {
+                out[head * hd + c] = js
+                    .iter()
+                    .zip(&s)
+                    .map(|(&j, x)| (x - m).exp() / z * v[(j * h_kv + g) * hd + c] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_window_ring_attends_like_the_band_and_holds_w_tokens() {
+        // steps of 1 and longer chunks, shorter and longer than the window,
+        // in every KV type; against the textbook band over the numbers the
+        // cache's type keeps
+        let dims @ (h, h_kv, hd) = (4, 2, 32);
+        let chunks = [3, 1, 1, 9, 1, 20, 1, 1, 40, 2, 1];
+        let n: usize = chunks.iter().sum();
+        for dt in [KvDType::F32, KvDType::F16, KvDType::Q8_0] {
+            for w in [1, 5, 8, 16, 200] {
+                let q = random(n * h * hd, 1);
+                let (k, v) = (random(n * h_kv * hd, 2), random(n * h_kv * hd, 3));
+                let round = |x: &[f32]| {
+                    let mut b = vec![0u8; dt.bytes(hd)];
+                    let mut y = x.to_vec();
+                    for (r, o) in x.chunks(hd).zip(y.chunks_mut(hd)) {
+                        dt.encode(r, &mut b);
+                        dt.decode(&b, o);
+                    }
+                    y
+                };
+                let (kr, vr) = (round(&k), round(&v));
+                let mut c = KvCache::windowed(dt, h_kv, hd, w).unwrap();
+                let mut at = 0;
+                for &t in &chunks {
+                    let mut qs = q[at * h * hd..][..t * h * hd].to_vec();
+                    let mut ks = k[at * h_kv * hd..][..t * h_kv * hd].to_vec();
+                    let vs = &v[at * h_kv * hd..][..t * h_kv * hd];
+                    let mut out = vec![f32::NAN; qs.len()];
+                    c.attend(&mut qs, &mut ks, vs, None, h, &mut out).unwrap();
+                    for i in 0..t {
+                        let p = at + i;
+                        let want = banded(&q[p * h * hd..][..h * hd], &kr, &vr, p, w, dims);
+                        let got = &out[i * h * hd..][..h * hd];
+                        let d = got
+                            .iter()
+                            .zip(&want)
+                            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                        assert!(d < 1e-4, "{dt} w {w} position {p}: {d}");
+                    }
+                    at += t;
+                    let held = at.min(w);
+                    assert_eq!(c.len(), held);
+                    assert_eq!(c.positions(0), (at - held..at).collect::<Vec<_>>());
+                    assert_eq!(c.state_bytes(), 2 * h_kv * held * dt.bytes(hd));
+                }
+            }
+        }
     }
 }

@@ -9,7 +9,8 @@
 //! (`cache::kv`). Buffers come from a per-thread pool and go back to it
 //! when an activation is dropped, so a decode step allocates nothing.
 //!
-//! Ops without a buffer form here (the linear-attention family, BASED,
+//! Softmax attention, with or without a sliding window, runs on buffers;
+//! ops without a buffer form here (the linear-attention family, BASED,
 //! ALiBi scores, cross-attention) run in their graph form (`Exec::graph`).
 //! Dropout is a training op: this executor is for inference and leaves
 //! activations as they are.
@@ -19,7 +20,7 @@ use super::{caches_for, Act, AttnOp, Ctx, Exec, GraphOp};
 use crate::cache::kv::KvCache;
 use crate::config::NormKind;
 use crate::error::{Error, Result};
-use crate::kernels::attention::{attend_f32, Seq, Strided};
+use crate::kernels::attention::{attend_f32, Mask, Seq, Strided};
 use crate::kernels::dense::{gelu, matmul_t, norm_rows};
 use crate::kernels::quant::{matmul_many, Activations};
 use crate::kernels::scratch;
@@ -453,7 +454,10 @@ impl Exec for Cpu {
                     st(&v.data),
                     (h, h_kv, hd),
                     &seqs,
-                    op.causal,
+                    Mask {
+                        causal: op.causal,
+                        window: op.window,
+                    },
                     &mut out.data,
                 );
             }

@@ -128,9 +128,10 @@ impl Exec for Graph {
     ) -> Result<Tensor> {
         let (nb, t, _) = q.dims3()?;
         let caches = match caches {
-            // a policy cache attends on its buffers (one sequence)
-            Some(c) if c.iter().any(|c| c.policy.is_some()) => {
-                return policy_attend(op, &q, &k, &v, c)
+            // a policy cache (one sequence) and a window's ring attend on
+            // their buffers
+            Some(c) if op.window.is_some() || c.iter().any(|c| c.policy.is_some()) => {
+                return buffer_attend(op, &q, &k, &v, c)
             }
             c => c,
         };
@@ -164,8 +165,14 @@ impl Exec for Graph {
                 )
             }
         };
+        if let (Some(w), None) = (op.window, op.alibi) {
+            // the blocked band: O(t·w), not O(t²)
+            let y =
+                crate::attention::window::banded(&q, &k, &v, 0, w, op.causal, b.padding.as_ref())?;
+            return merge(&y);
+        }
         let tk = k.dim(2)?;
-        let bias = score_bias(
+        let mut bias = score_bias(
             t,
             tk,
             tk - t,
@@ -175,6 +182,14 @@ impl Exec for Graph {
             q.dtype(),
             q.device(),
         )?;
+        if let Some(w) = op.window {
+            // ALiBi within a window: the band on top of the scores' bias
+            let band = band_bias(t, tk, tk - t, w, q.dtype(), q.device())?;
+            bias = Some(match bias {
+                Some(x) => x.broadcast_add(&band)?,
+                None => band,
+            });
+        }
         merge(&softmax_attention(&q, &k, &v, bias.as_ref())?)
     }
 
@@ -188,39 +203,67 @@ impl Exec for Graph {
     }
 }
 
-/// Attention through policy-capped caches, on their buffers: q (1, t, h·hd),
-/// k and v (1, t, h_kv·hd) before RoPE -> (1, t, h·hd).
-fn policy_attend(
+/// Attention through caches that attend on their own buffers (a policy's,
+/// one sequence; a sliding window's ring): q (b, t, h·hd), k and v
+/// (b, t, h_kv·hd) before RoPE -> (b, t, h·hd).
+fn buffer_attend(
     op: &AttnOp,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    caches: &mut [KvCache],
+    caches: &mut Vec<KvCache>,
 ) -> Result<Tensor> {
     let (nb, t, qd) = q.dims3()?;
-    if nb != 1 || caches.len() != 1 {
+    if caches.iter().any(|c| c.policy.is_some()) && (nb != 1 || caches.len() != 1) {
         return Err(Error::msg(
             "a policy-capped KV cache decodes one sequence at a time (batch 1)",
         ));
     }
     if op.alibi.is_some() {
         return Err(Error::msg(
-            "KV-cache policies take positions from RoPE or the embeddings, not ALiBi",
+            "KV-cache policies and sliding-window caches take positions from RoPE or the \
+             embeddings, not ALiBi",
         ));
     }
+    caches_for(caches, nb)?;
     let flat =
         |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
     let (mut qf, mut kf, vf) = (flat(q)?, flat(k)?, flat(v)?);
     let mut out = vec![0f32; qf.len()];
-    caches[0].attend(
-        &mut qf,
-        &mut kf,
-        &vf,
-        op.rope.map(|r| &*r.tables),
-        op.heads,
-        &mut out,
-    )?;
-    Ok(Tensor::from_vec(out, (1, t, qd), q.device())?.to_dtype(q.dtype())?)
+    let kvd = kf.len() / (nb * t).max(1);
+    for (i, c) in caches.iter_mut().enumerate() {
+        c.attend(
+            &mut qf[i * t * qd..][..t * qd],
+            &mut kf[i * t * kvd..][..t * kvd],
+            &vf[i * t * kvd..][..t * kvd],
+            op.rope.map(|r| &*r.tables),
+            op.heads,
+            &mut out[i * t * qd..][..t * qd],
+        )?;
+    }
+    Ok(Tensor::from_vec(out, (nb, t, qd), q.device())?.to_dtype(q.dtype())?)
+}
+
+/// The sliding window as an additive bias (1, 1, tq, tk): query i (at key
+/// position q_offset + i) sees keys j with |q_offset + i − j| < w; the
+/// causal mask, if any, comes from `score_bias`.
+fn band_bias(
+    tq: usize,
+    tk: usize,
+    q_offset: usize,
+    w: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let mut m = vec![0f32; tq * tk];
+    for i in 0..tq {
+        for j in 0..tk {
+            if (q_offset + i).abs_diff(j) >= w {
+                m[i * tk + j] = -1e9;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (1, 1, tq, tk), dev)?.to_dtype(dtype)?)
 }
 
 /// Additive bias for the score matrix, broadcastable to (b, h, tq, tk):

@@ -50,6 +50,9 @@ pub struct AttnOp<'a> {
     pub rope: Option<&'a Rope>,
     /// ALiBi slopes per head.
     pub alibi: Option<&'a [f64]>,
+    /// Sliding-window attention: each query sees only the last w positions
+    /// (and a decode state is a ring of w tokens).
+    pub window: Option<usize>,
 }
 
 /// Where a batch's tokens sit, as the graph form of an op sees it.

@@ -34,6 +34,38 @@ pub struct Seq {
     pub pos0: usize,
 }
 
+/// Which keys a query sees: causal (up to its own position) or all of its
+/// sequence, and optionally only those within a sliding window of w
+/// positions (i − w < j ≤ i causal, |i − j| < w bidirectional).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Mask {
+    pub causal: bool,
+    pub window: Option<usize>,
+}
+
+impl Mask {
+    pub const CAUSAL: Mask = Mask {
+        causal: true,
+        window: None,
+    };
+    pub const FULL: Mask = Mask {
+        causal: false,
+        window: None,
+    };
+
+    /// The keys query position i of a sequence of n keys sees: lo..hi.
+    fn keys(&self, i: usize, n: usize) -> (usize, usize) {
+        let w = self.window.unwrap_or(usize::MAX);
+        let lo = (i + 1).saturating_sub(w);
+        let hi = if self.causal {
+            i + 1
+        } else {
+            i.saturating_add(w).min(n)
+        };
+        (lo, hi)
+    }
+}
+
 /// Causal grouped-query softmax attention of t queries at positions
 /// pos0..pos0+t over a cache holding positions 0..pos0+t:
 /// q (t, h, hd), k[g], v[g] (≥ pos0 + t, hd) -> out (t, h, hd).
@@ -67,17 +99,18 @@ pub fn causal_prefill(
         k0: 0,
         pos0,
     };
-    attend_f32(q, s(&kf), s(&vf), (h, h_kv, hd), &[seq], true, out);
+    attend_f32(q, s(&kf), s(&vf), (h, h_kv, hd), &[seq], Mask::CAUSAL, out);
     super::scratch::give(kf);
     super::scratch::give(vf);
 }
 
 /// Softmax attention of every sequence of a packed batch over its own keys,
-/// causal or bidirectional: q (Σ t, h, hd), k, v as `Strided`
-/// -> out (Σ t, h, hd).
+/// as `mask` allows (causal or bidirectional, a sliding window or not):
+/// q (Σ t, h, hd), k, v as `Strided` -> out (Σ t, h, hd).
 ///
 /// Per (sequence, head, block of 64 queries): S = Q_h K_hᵀ / √hd over the
-/// keys the block may see, the causal mask and softmax row by row, then
+/// keys the block may see (a band of about 64 + w keys under a window),
+/// the mask and softmax row by row, then
 /// O_h = P V_h; both products on gemm's kernels, reading q, k, v and writing
 /// out in place through strides.
 pub fn attend_f32(
@@ -86,7 +119,7 @@ pub fn attend_f32(
     v: Strided,
     (h, h_kv, hd): (usize, usize, usize),
     seqs: &[Seq],
-    causal: bool,
+    mask: Mask,
     out: &mut [f32],
 ) {
     assert!(h_kv > 0 && h.is_multiple_of(h_kv), "attention: heads");
@@ -116,12 +149,11 @@ pub fn attend_f32(
     let work = |&(si, head, i0): &(usize, usize, usize)| {
         let s = seqs[si];
         let (m, kv) = ((s.t - i0).min(QB), head / group);
-        // keys the block may see: up to its last query's position, or all
-        let n = if causal {
-            s.pos0 + i0 + m
-        } else {
-            s.pos0 + s.t
-        };
+        // keys the block may see: lo..hi, the union of its queries' ranges
+        let all = s.pos0 + s.t;
+        let lo = mask.keys(s.pos0 + i0, all).0;
+        let hi = mask.keys(s.pos0 + i0 + m - 1, all).1;
+        let n = hi - lo;
         let mut p = super::scratch::take(m * n);
         let qrow = (s.q0 + i0) * ld + head * hd;
         // Safety: q rows q0+i0..q0+i0+m of this head, k/v rows k0..k0+n of
@@ -133,7 +165,7 @@ pub fn attend_f32(
                 (p.as_mut_ptr(), n as isize),
                 (q.as_ptr().add(qrow), ld as isize, 1),
                 (
-                    k.data.as_ptr().add(kv * k.head + s.k0 * k.row),
+                    k.data.as_ptr().add(kv * k.head + (s.k0 + lo) * k.row),
                     1,
                     k.row as isize,
                 ),
@@ -141,10 +173,12 @@ pub fn attend_f32(
             );
         }
         for (r, row) in p.chunks_exact_mut(n).enumerate() {
-            let valid = if causal { s.pos0 + i0 + r + 1 } else { n };
-            let (seen, future) = row.split_at_mut(valid);
+            let (a, b) = mask.keys(s.pos0 + i0 + r, all);
+            let (before, rest) = row.split_at_mut(a - lo);
+            let (seen, after) = rest.split_at_mut(b - a);
             super::dense::softmax_row(seen);
-            future.fill(0.0);
+            before.fill(0.0);
+            after.fill(0.0);
         }
         unsafe {
             gemm_strided(
@@ -152,7 +186,7 @@ pub fn attend_f32(
                 (dst.get().add(qrow), ld as isize),
                 (p.as_ptr(), n as isize, 1),
                 (
-                    v.data.as_ptr().add(kv * v.head + s.k0 * v.row),
+                    v.data.as_ptr().add(kv * v.head + (s.k0 + lo) * v.row),
                     v.row as isize,
                     1,
                 ),
@@ -537,7 +571,7 @@ mod tests {
 
     /// The textbook form in f64: every query against every key it may see.
     /// k, v token-major (n, h_kv, hd); `causal: false` lets every query see
-    /// all n keys.
+    /// all n keys; `window` w keeps only keys within w positions.
     fn naive(
         q: &[f32],
         k: &[f32],
@@ -546,16 +580,35 @@ mod tests {
         pos0: usize,
         causal: bool,
     ) -> Vec<f32> {
+        naive_band(q, k, v, (h, h_kv, hd), pos0, causal, None)
+    }
+
+    fn naive_band(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (h, h_kv, hd): (usize, usize, usize),
+        pos0: usize,
+        causal: bool,
+        window: Option<usize>,
+    ) -> Vec<f32> {
         let t = q.len() / (h * hd);
         let n = k.len() / (h_kv * hd);
         let mut out = vec![0f32; q.len()];
         for i in 0..t {
+            let p = (pos0 + i) as i64;
+            let sees = |j: usize| {
+                let j = j as i64;
+                let near = window.is_none_or(|w| (p - j).abs() < w as i64);
+                near && (!causal || j <= p)
+            };
             for head in 0..h {
                 let kv = head / (h / h_kv);
                 let qi = &q[(i * h + head) * hd..][..hd];
-                let seen = if causal { pos0 + i + 1 } else { n };
-                let s: Vec<f64> = (0..seen)
-                    .map(|j| {
+                let keys: Vec<usize> = (0..n).filter(|&j| sees(j)).collect();
+                let s: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| {
                         let kj = &k[(j * h_kv + kv) * hd..][..hd];
                         qi.iter()
                             .zip(kj)
@@ -569,8 +622,8 @@ mod tests {
                 for c in 0..hd {
                     out[(i * h + head) * hd + c] = s
                         .iter()
-                        .enumerate()
-                        .map(|(j, x)| (x - m).exp() / z * v[(j * h_kv + kv) * hd + c] as f64)
+                        .zip(&keys)
+                        .map(|(x, &j)| (x - m).exp() / z * v[(j * h_kv + kv) * hd + c] as f64)
                         .sum::<f64>() as f32;
                 }
             }
@@ -681,26 +734,31 @@ mod tests {
             });
             at += t;
         }
-        for causal in [true, false] {
-            let mut got = vec![f32::NAN; q.len()];
-            let s = |data| Strided {
-                data,
-                head: hd,
-                row: h_kv * hd,
-            };
-            attend_f32(&q, s(&k), s(&v), (h, h_kv, hd), &seqs, causal, &mut got);
-            for sq in &seqs {
-                let (qa, ka) = (sq.q0 * h * hd, sq.k0 * h_kv * hd);
-                let want = naive(
-                    &q[qa..][..sq.t * h * hd],
-                    &k[ka..][..sq.t * h_kv * hd],
-                    &v[ka..][..sq.t * h_kv * hd],
-                    (h, h_kv, hd),
-                    0,
-                    causal,
-                );
-                let d = max_diff(&got[qa..][..sq.t * h * hd], &want);
-                assert!(d < 1e-5, "causal {causal}, len {}: {d}", sq.t);
+        // windows narrower than a block of queries, wider, and one key
+        for window in [None, Some(1), Some(5), Some(64), Some(100)] {
+            for causal in [true, false] {
+                let mut got = vec![f32::NAN; q.len()];
+                let s = |data| Strided {
+                    data,
+                    head: hd,
+                    row: h_kv * hd,
+                };
+                let mask = Mask { causal, window };
+                attend_f32(&q, s(&k), s(&v), (h, h_kv, hd), &seqs, mask, &mut got);
+                for sq in &seqs {
+                    let (qa, ka) = (sq.q0 * h * hd, sq.k0 * h_kv * hd);
+                    let want = naive_band(
+                        &q[qa..][..sq.t * h * hd],
+                        &k[ka..][..sq.t * h_kv * hd],
+                        &v[ka..][..sq.t * h_kv * hd],
+                        (h, h_kv, hd),
+                        0,
+                        causal,
+                        window,
+                    );
+                    let d = max_diff(&got[qa..][..sq.t * h * hd], &want);
+                    assert!(d < 1e-5, "{mask:?}, len {}: {d}", sq.t);
+                }
             }
         }
     }

@@ -898,7 +898,7 @@ fn sizes_are_checked_before_allocating() {
     fails_with(
         &[
             "--max-memory",
-            "100M",
+            "50M",
             "generate",
             "--model",
             g,
@@ -908,7 +908,7 @@ fn sizes_are_checked_before_allocating() {
         &[
             "Q4_1.gguf",
             "its weights would take",
-            "memory limit of 100.0 MiB",
+            "memory limit of 50.0 MiB",
         ],
     );
     fails_with(

@@ -2362,10 +2362,10 @@ fn flag_cases(f: &Fixtures, c: &mut Cases) {
     );
     c.add(
         Alloc,
-        "--max-memory 100M generate",
+        "--max-memory 50M generate",
         &[
             "--max-memory",
-            "100M",
+            "50M",
             "generate",
             "--model",
             &g,

@@ -570,6 +570,12 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     /// Biases on the linear projections.
     pub bias: bool,
+    /// Biases on the query, key and value projections only (Qwen2), when
+    /// `bias` is off.
+    pub qkv_bias: bool,
+    /// RoPE frequency scaling (Llama 3): each frequency divided by a factor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     pub dropout: f64,
     /// The token mixer of every self-attention layer (cross-attention is
     /// always softmax): `"softmax"`, a spec string (`"based:dim=16,w=64"`) or
@@ -611,12 +617,93 @@ impl Default for ModelConfig {
             norm_eps: 1e-5,
             tie_embeddings: true,
             bias: true,
+            qkv_bias: false,
+            rope_scaling: None,
             dropout: 0.0,
             mechanism: MechanismConfig::Softmax,
             layer_mechanisms: vec![],
             scale_embeddings: true,
             embed_norm: false,
             rope_interleaved: false,
+        }
+    }
+}
+
+/// How RoPE's frequencies are scaled for a longer context.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RopeScaling {
+    /// Llama 3's: frequencies whose wavelength exceeds
+    /// `original_max_len / low_freq_factor` are divided by `factor`, those
+    /// shorter than `original_max_len / high_freq_factor` kept, and the
+    /// ones between interpolated smoothly (transformers' `llama3` type).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_len: usize,
+    },
+    /// A divisor per frequency (head_dim / 2 of them), as GGUF files store
+    /// them (`rope_freqs.weight`).
+    Factors(Vec<f64>),
+}
+
+impl RopeScaling {
+    /// The divisor of each of the `head_dim / 2` frequencies
+    /// theta^(-2i/head_dim).
+    pub fn factors(&self, head_dim: usize, theta: f64) -> Vec<f64> {
+        match self {
+            RopeScaling::Factors(f) => f.clone(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: lo,
+                high_freq_factor: hi,
+                original_max_len,
+            } => {
+                let old = *original_max_len as f64;
+                (0..head_dim / 2)
+                    .map(|i| {
+                        let freq = theta.powf(-2.0 * i as f64 / head_dim as f64);
+                        let wavelen = 2.0 * std::f64::consts::PI / freq;
+                        if wavelen < old / hi {
+                            1.0
+                        } else if wavelen > old / lo {
+                            *factor
+                        } else {
+                            // freq' = (1 − s) freq / factor + s freq
+                            let s = (old / wavelen - lo) / (hi - lo);
+                            1.0 / ((1.0 - s) / factor + s)
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn validate(&self, head_dim: usize) -> Result<()> {
+        let bad = |m: String| Err(Error::config("rope_scaling", m));
+        match self {
+            RopeScaling::Factors(f) if f.len() != head_dim / 2 => bad(format!(
+                "has {} factors; heads of {head_dim} need {}",
+                f.len(),
+                head_dim / 2
+            )),
+            RopeScaling::Factors(f) if !f.iter().all(|&x| is_positive(x)) => {
+                bad("every factor must be positive".into())
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_len,
+            } if !(is_positive(*factor)
+                && is_positive(*low_freq_factor)
+                && high_freq_factor > low_freq_factor
+                && *original_max_len > 0) =>
+            {
+                bad("needs factor > 0, 0 < low_freq_factor < high_freq_factor and original_max_len > 0".into())
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -991,6 +1078,9 @@ impl ModelConfig {
             }
             if self.rope_theta_window.is_some_and(|t| !is_positive(t)) {
                 return Err(Error::config("rope_theta_window", "must be positive"));
+            }
+            if let Some(s) = &self.rope_scaling {
+                s.validate(self.head_dim())?;
             }
         }
         if self.position == PositionKind::Sinusoidal && !self.d_model.is_multiple_of(2) {

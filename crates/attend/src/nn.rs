@@ -7,7 +7,7 @@
 //! seed always builds the same model.
 
 use crate::error::{Error, Result};
-use candle_core::quantized::QTensor;
+use crate::kernels::quant::QMatrix;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -28,7 +28,7 @@ pub enum Init {
 pub struct ParamStore {
     vars: Mutex<BTreeMap<String, Var>>,
     /// Quantized weights (GGUF), used as-is by `Builder::linear`.
-    quantized: Mutex<BTreeMap<String, Arc<QTensor>>>,
+    quantized: Mutex<BTreeMap<String, Arc<QMatrix>>>,
     rng: Mutex<ChaCha8Rng>,
     pub dtype: DType,
     pub device: Device,
@@ -93,22 +93,22 @@ impl ParamStore {
         self.vars().iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// Insert quantized weights (GGUF) before building the model.
-    pub fn insert_quantized(&self, name: &str, t: QTensor) {
+    /// Insert quantized weights (GGUF, repacked for `kernels::quant`)
+    /// before building the model.
+    pub fn insert_quantized(&self, name: &str, t: QMatrix) {
         self.quantized
             .lock()
             .unwrap()
             .insert(name.to_string(), Arc::new(t));
     }
 
-    /// Drop the GGUF blocks once the model is built: its weights hold their
-    /// own repacked copies (`kernels::quant::QMatrix`), so keeping both
-    /// would hold every quantized weight twice.
+    /// Let go of the quantized weights once the model is built (its layers
+    /// share them), so that dropping the model frees them.
     pub fn release_quantized(&self) {
         self.quantized.lock().unwrap().clear();
     }
 
-    fn get_quantized(&self, name: &str) -> Option<Arc<QTensor>> {
+    fn get_quantized(&self, name: &str) -> Option<Arc<QMatrix>> {
         let q = self.quantized.lock().unwrap().get(name).cloned();
         if q.is_some() {
             self.used.lock().unwrap().insert(name.to_string());
@@ -253,17 +253,14 @@ impl<'a> Builder<'a> {
         match self.store.get_quantized(&full) {
             None => Ok(None),
             Some(q) => {
-                if q.shape().dims() != shape {
+                if [q.rows, q.cols] != shape {
                     return Err(Error::ShapeMismatch {
                         name: full,
-                        found: q.shape().dims().to_vec(),
+                        found: vec![q.rows, q.cols],
                         want: shape.to_vec(),
                     });
                 }
-                // every GGUF type runs on attend's kernels (`kernels::quant`)
-                let m = crate::kernels::quant::QMatrix::from_qtensor(&q)
-                    .map_err(|e| Error::msg(format!("weight `{full}`: {e}")))?;
-                Ok(Some(Weight::Q(Arc::new(m))))
+                Ok(Some(Weight::Q(q)))
             }
         }
     }
@@ -331,21 +328,88 @@ impl Linear {
 /// Token embedding table (vocab, d).
 #[derive(Clone, Debug)]
 pub struct Embedding {
-    pub table: Tensor,
+    /// The (vocab, d) table: dense (trainable), or a GGUF table kept in its
+    /// quantized type, rows dequantized as they are looked up (Gemma 3's
+    /// 262,144 × 640 table is 671 MB as f32, 178 MB as stored).
+    pub w: Weight,
 }
 
 impl Embedding {
     pub fn new(vb: &Builder, vocab: usize, d: usize) -> Result<Self> {
+        if let Some(w) = vb.quantized("weight", &[vocab, d])? {
+            return Ok(Self { w });
+        }
         let table = vb.get("weight", &[vocab, d], Init::Normal((d as f64).powf(-0.5)))?;
-        Ok(Self { table })
+        Ok(Self {
+            w: Weight::Dense(table),
+        })
+    }
+
+    /// (vocab, d)
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match &self.w {
+            Weight::Dense(t) => t.dims2()?,
+            Weight::Q(m) => (m.rows, m.cols),
+        })
+    }
+
+    /// Where the table lives (a quantized one on the CPU).
+    pub fn device(&self) -> Device {
+        match &self.w {
+            Weight::Dense(t) => t.device().clone(),
+            Weight::Q(_) => Device::Cpu,
+        }
+    }
+
+    /// The table's numbers are f32 on the CPU (or quantized there): what
+    /// the CPU executor reads.
+    pub fn on_cpu_f32(&self) -> bool {
+        match &self.w {
+            Weight::Dense(t) => t.device().is_cpu() && t.dtype() == DType::F32,
+            Weight::Q(_) => true,
+        }
+    }
+
+    /// Rows `ids` of the table into `out` (ids.len() × d), f32; an id
+    /// outside the vocabulary is an error.
+    pub fn rows_into(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
+        let (vocab, d) = self.dims()?;
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::msg(format!(
+                "token id {id} is outside the vocabulary of {vocab}"
+            )));
+        }
+        match &self.w {
+            Weight::Q(m) => {
+                for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
+                    m.dequantize_row(id as usize, row);
+                }
+            }
+            Weight::Dense(t) => with_f32(t, |table| {
+                for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
+                    row.copy_from_slice(&table[id as usize * d..][..d]);
+                }
+            })?,
+        }
+        Ok(())
     }
 
     /// ids: (b, t) u32 -> (b, t, d)
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let d = self.table.dim(1)?;
-        let flat = ids.flatten_all()?;
-        Ok(self.table.index_select(&flat, 0)?.reshape((b, t, d))?)
+        match &self.w {
+            Weight::Dense(table) => {
+                let d = table.dim(1)?;
+                let flat = ids.flatten_all()?;
+                Ok(table.index_select(&flat, 0)?.reshape((b, t, d))?)
+            }
+            Weight::Q(m) => {
+                let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+                let mut x = vec![0f32; ids.len() * m.cols];
+                self.rows_into(&ids, &mut x)?;
+                Ok(Tensor::from_vec(x, (b, t, m.cols), &Device::Cpu)?)
+            }
+        }
     }
 }
 
@@ -409,4 +473,37 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// log-softmax over the last dimension (fused kernel, differentiable).
 pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     Ok(crate::kernels::log_softmax_last(x)?)
+}
+
+/// Batched matmul over any number of leading dimensions (candle's CPU
+/// matmul takes at most two): a (…, m, k) @ b (…, k, n) -> (…, m, n).
+pub fn matmul_nd(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (ad, bd) = (a.dims(), b.dims());
+    let r = ad.len();
+    if r <= 4 {
+        return Ok(a.matmul(b)?);
+    }
+    let batch: usize = ad[..r - 2].iter().product();
+    let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
+    let y = a
+        .reshape((batch, m, k))?
+        .matmul(&b.reshape((batch, k, n))?)?;
+    let mut out = ad[..r - 2].to_vec();
+    out.extend([m, n]);
+    Ok(y.reshape(out)?)
+}
+
+/// `f` on the numbers of an f32 tensor on the CPU, read in place.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+            Ok(f(&v[a..b]))
+        }
+        _ => Err(Error::msg(format!(
+            "the CPU executor needs contiguous f32 CPU tensors, got {:?} on {:?}",
+            t.dtype(),
+            t.device().location()
+        ))),
+    }
 }

@@ -70,24 +70,6 @@ pub(crate) fn unfold_heads(y: &Tensor, h: usize) -> Result<Tensor> {
     Ok(y.reshape((b, h, gt / (h / h_kv), d))?)
 }
 
-/// Batched matmul over any number of leading dimensions (candle's CPU
-/// matmul takes at most two): a (…, m, k) @ b (…, k, n) -> (…, m, n).
-pub(crate) fn matmul_nd(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (ad, bd) = (a.dims(), b.dims());
-    let r = ad.len();
-    if r <= 4 {
-        return Ok(a.matmul(b)?);
-    }
-    let batch: usize = ad[..r - 2].iter().product();
-    let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
-    let y = a
-        .reshape((batch, m, k))?
-        .matmul(&b.reshape((batch, k, n))?)?;
-    let mut out = ad[..r - 2].to_vec();
-    out.extend([m, n]);
-    Ok(y.reshape(out)?)
-}
-
 /// Key padding (b, t), 1 = token, as a multiplier (b, 1, t, 1).
 pub(crate) fn key_mask(key_padding: Option<&Tensor>, dtype: DType) -> Result<Option<Tensor>> {
     key_padding

@@ -239,10 +239,11 @@ impl Attention {
             }
             r => r.clone(),
         };
+        let qkv_bias = cfg.bias || cfg.qkv_bias;
         Ok(Self {
-            q_proj: Linear::new(&vb.pp("q_proj"), d, h * qk_dim, cfg.bias)?,
-            k_proj: Linear::new(&vb.pp("k_proj"), d, h_kv * qk_dim, cfg.bias)?,
-            v_proj: Linear::new(&vb.pp("v_proj"), d, h_kv * hd, cfg.bias)?,
+            q_proj: Linear::new(&vb.pp("q_proj"), d, h * qk_dim, qkv_bias)?,
+            k_proj: Linear::new(&vb.pp("k_proj"), d, h_kv * qk_dim, qkv_bias)?,
+            v_proj: Linear::new(&vb.pp("v_proj"), d, h_kv * hd, qkv_bias)?,
             o_proj: Linear::new(&vb.pp("o_proj"), h * hd, d, cfg.bias)?,
             n_heads: h,
             n_kv_heads: h_kv,

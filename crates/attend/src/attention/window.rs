@@ -13,16 +13,16 @@
 //!   first token and never grown.
 //!
 //! In a model, a `window` layer is the executors' softmax attention with
-//! the band (`AttnOp::window`): `banded` on the graph executor, the banded
+//! the band (`AttnOp::window`): `exec::graph::banded` on the graph executor, the banded
 //! kernel on the CPU one, and its decode state a ring-buffer `KvCache`
 //! (`cache::kv`) in the run's KV type. The tensor forms here are BASED's
 //! window branch and the references the mechanism tests check.
 
-use super::linear::matmul_nd;
 use super::{softmax, Heads};
 use crate::config::WindowConfig;
 use crate::error::{Error, Result};
-use candle_core::{DType, Tensor};
+use crate::exec::graph::banded;
+use candle_core::Tensor;
 
 const NEG: f32 = -1e9;
 
@@ -208,107 +208,6 @@ impl WindowAttention {
         };
         softmax::forward(q, ck, cv, bias.as_ref())
     }
-}
-
-/// Does query position p see key position j?
-fn in_window(p: usize, j: usize, w: usize, causal: bool) -> bool {
-    if causal {
-        j <= p && p - j < w
-    } else {
-        p.abs_diff(j) < w
-    }
-}
-
-/// Blocked sliding-window attention. q: (b, h, tq, d) are the queries at
-/// key positions q0..q0 + tq of k, v: (b, h_kv, tk, d); key_padding (b, tk).
-/// Queries go in blocks of B = w; block m reads the key blocks starting at
-/// q0 + (m - 1)·B: two of them when causal (the previous block and its own),
-/// three when bidirectional (and the next). -> (b, h, tq, d)
-pub(crate) fn banded(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    q0: usize,
-    w: usize,
-    causal: bool,
-    key_padding: Option<&Tensor>,
-) -> Result<Tensor> {
-    let (b, h, tq, d) = q.dims4()?;
-    let (_, h_kv, tk, dv) = v.dims4()?;
-    let g = h / h_kv;
-    let bl = w;
-    let n = tq.div_ceil(bl);
-    let nb = if causal { 2 } else { 3 };
-    let span = (n + nb - 1) * bl;
-    // key positions q0 - B .. q0 - B + span, zeros outside 0..tk
-    let start = q0 as isize - bl as isize;
-    let window_of = |x: &Tensor| -> Result<Tensor> {
-        let from = start.max(0) as usize;
-        let to = ((start + span as isize).max(0) as usize).min(tk);
-        let left = (from as isize - start) as usize;
-        let avail = to.saturating_sub(from);
-        let x = x.narrow(2, from.min(tk), avail)?;
-        let x = x.pad_with_zeros(2, left, span - left - avail)?;
-        let dx = x.dim(3)?;
-        let blocks = x.reshape((b, h_kv, n + nb - 1, bl, dx))?;
-        let shifted: Vec<Tensor> = (0..nb)
-            .map(|s| blocks.narrow(2, s, n))
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Tensor::cat(&shifted, 3)?.contiguous()?) // (b, h_kv, n, nb·B, dx)
-    };
-    let kb = window_of(k)?;
-    let vb = window_of(v)?;
-    // queries padded to n·B, the g heads of a kv group stacked as rows
-    let qb = q
-        .pad_with_zeros(2, 0, n * bl - tq)?
-        .reshape((b, h_kv, g, n, bl, d))?
-        .transpose(2, 3)?
-        .reshape((b, h_kv, n, g * bl, d))?;
-    let kw = nb * bl;
-    let scores = (matmul_nd(&qb, &kb.t()?)? * (1.0 / (d as f64).sqrt()))?
-        .reshape((b, h_kv, n, g, bl, kw))?;
-    // the band, key range and padding as an additive bias (bb, 1, n, 1, B, nb·B)
-    let pad: Option<Vec<Vec<f32>>> = key_padding
-        .map(|p| p.to_dtype(DType::F32)?.to_vec2::<f32>())
-        .transpose()?;
-    let bb = if pad.is_some() { b } else { 1 };
-    let mut bias = vec![NEG; bb * n * bl * kw];
-    for bi in 0..bb {
-        for m in 0..n {
-            for r in 0..bl {
-                let i = m * bl + r;
-                if i >= tq {
-                    continue;
-                }
-                let p = q0 + i;
-                for c in 0..kw {
-                    let j = start + (m * bl + c) as isize;
-                    if j < 0 || j as usize >= tk {
-                        continue;
-                    }
-                    let j = j as usize;
-                    let ok = in_window(p, j, w, causal)
-                        && pad.as_ref().is_none_or(|pad| pad[bi][j] > 0.5);
-                    if ok {
-                        bias[((bi * n + m) * bl + r) * kw + c] = 0.0;
-                    }
-                }
-            }
-        }
-    }
-    let bias = Tensor::from_vec(bias, (bb, 1, n, 1, bl, kw), q.device())?.to_dtype(q.dtype())?;
-    let p = crate::nn::softmax_last(&scores.broadcast_add(&bias)?)?.reshape((
-        b,
-        h_kv,
-        n,
-        g * bl,
-        kw,
-    ))?;
-    let y = matmul_nd(&p, &vb)?
-        .reshape((b, h_kv, n, g, bl, dv))?
-        .transpose(2, 3)?
-        .reshape((b, h, n * bl, dv))?;
-    Ok(y.narrow(2, 0, tq)?)
 }
 
 /// The textbook form: softmax attention whose mask is the band (and

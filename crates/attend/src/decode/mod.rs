@@ -176,7 +176,7 @@ fn generate_in(
 ) -> Result<Vec<u32>> {
     let max_len = model.cfg.max_len;
     let capped = !state.policy_caches().is_empty();
-    let dev = model.embed.table.device();
+    let dev = &model.embed.device();
     // under a cache policy the prompt goes in chunks, so that memory stays
     // bounded by the policy and a chunk's activations, whatever its length
     let chunk = if capped {

@@ -54,7 +54,7 @@ const EVAL_TOKENS: usize = 4096;
 pub fn evaluate(model: &Transformer, task: &Task, opts: &EvalOptions) -> Result<Metrics> {
     model.set_train_seed(None);
     let examples = task.eval_set();
-    let dev = model.embed.table.device().clone();
+    let dev = model.embed.device();
     let mut m = Metrics {
         n_examples: examples.len(),
         ..Default::default()

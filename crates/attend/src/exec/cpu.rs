@@ -136,20 +136,7 @@ impl Drop for Rows {
     }
 }
 
-/// `f` on the numbers of an f32 tensor on the CPU, read in place.
-pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
-            Ok(f(&v[a..b]))
-        }
-        _ => Err(Error::msg(format!(
-            "the CPU executor needs contiguous f32 CPU tensors, got {:?} on {:?}",
-            t.dtype(),
-            t.device().location()
-        ))),
-    }
-}
+pub use crate::nn::with_f32;
 
 /// Runs the ops on plain buffers.
 #[derive(Clone, Copy, Debug, Default)]
@@ -184,19 +171,8 @@ impl Exec for Cpu {
     }
 
     fn embed(&self, e: &Embedding, b: &Packed) -> Result<Rows> {
-        let (vocab, d) = e.table.dims2()?;
-        let mut x = Rows::zeros(b.ids.len(), d);
-        with_f32(&e.table, |table| {
-            for (row, &id) in x.data.chunks_exact_mut(d).zip(&b.ids) {
-                if id as usize >= vocab {
-                    return Err(Error::msg(format!(
-                        "token id {id} is outside the vocabulary of {vocab}"
-                    )));
-                }
-                row.copy_from_slice(&table[id as usize * d..][..d]);
-            }
-            Ok(())
-        })??;
+        let mut x = Rows::zeros(b.ids.len(), e.dims()?.1);
+        e.rows_into(&b.ids, &mut x.data)?;
         Ok(x)
     }
 

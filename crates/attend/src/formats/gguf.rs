@@ -3,13 +3,17 @@
 //! metadata. The file's own metadata is the source of truth; anything attend
 //! cannot run is refused here with the reason.
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
+use crate::kernels::quant::{Format, QMatrix};
 use crate::nn::ParamStore;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use std::path::Path;
+
+/// Llama 3's RoPE frequency divisors.
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// A GGUF model: configuration, weights, and what the metadata says about text.
 pub struct GgufModel {
@@ -133,40 +137,60 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
         ));
     }
     let tokenizer = super::tokenizer::Tokenizer::from_gguf(&ct, path)?;
-    let config = ModelConfig {
+    let mut config = ModelConfig {
         vocab_size: tokenizer.vocab_size(),
         max_len: context,
         tie_embeddings: !ct.tensor_infos.contains_key("output.weight"),
         ..(arch.config)(&meta)?
     };
+    if ct.tensor_infos.contains_key(ROPE_FREQS) {
+        // Llama 3's RoPE scaling: a divisor per frequency
+        let f: Vec<f32> = ct
+            .tensor(&mut file, ROPE_FREQS, device)
+            .and_then(|q| q.dequantize(device)?.flatten_all()?.to_vec1())
+            .map_err(|e| Error::file(path, format!("tensor `{ROPE_FREQS}`: {}", first_line(&e))))?;
+        let half = config
+            .head_dim
+            .unwrap_or(config.d_model / config.n_heads.max(1))
+            / 2;
+        if f.len() != half || !f.iter().all(|&x| x > 0.0) {
+            return Err(Error::file(
+                path,
+                format!(
+                    "tensor `{ROPE_FREQS}` holds {} numbers; heads of {} need {half} positive ones",
+                    f.len(),
+                    2 * half
+                ),
+            ));
+        }
+        config.rope_scaling = Some(RopeScaling::Factors(f.iter().map(|&x| x as f64).collect()));
+    }
     config.validate().map_err(|e| Error::file(path, e))?;
 
-    // the weights as they will be held: quantized matrices as stored, the
-    // rest (and everything under --dequantize) as f32, the embedding both
-    let need = ct
-        .tensor_infos
-        .iter()
-        .try_fold(0usize, |acc, (name, info)| {
-            let elems = info
-                .shape
-                .dims()
-                .iter()
-                .try_fold(1usize, |n, &d| n.checked_mul(d))?;
-            let stored =
-                (elems / info.ggml_dtype.block_size()).checked_mul(info.ggml_dtype.type_size())?;
-            let dense = elems.checked_mul(4)?;
-            let float = matches!(
-                info.ggml_dtype,
-                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-            );
-            let quantized = !float && !dequantize;
-            let b = match arch.ours(name).as_deref() {
-                Some("embed.weight") if quantized => dense.checked_add(stored)?,
-                _ if quantized && info.shape.dims().len() == 2 => stored,
-                _ => dense,
-            };
-            acc.checked_add(b)
-        });
+    // the weights as they will be held: quantized matrices as stored (the
+    // embedding too: rows are dequantized as they are looked up), the rest
+    // (and everything under --dequantize) as f32
+    let need = ct.tensor_infos.iter().try_fold(0usize, |acc, (_, info)| {
+        let elems = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))?;
+        let stored =
+            (elems / info.ggml_dtype.block_size()).checked_mul(info.ggml_dtype.type_size())?;
+        let dense = elems.checked_mul(4)?;
+        let float = matches!(
+            info.ggml_dtype,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        );
+        let quantized = !float && !dequantize;
+        let b = if quantized && info.shape.dims().len() == 2 {
+            stored
+        } else {
+            dense
+        };
+        acc.checked_add(b)
+    });
     let what = if dequantize {
         "its weights dequantized to f32 (--dequantize)"
     } else {
@@ -176,40 +200,98 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
         return Err(Error::file(path, msg));
     }
     let store = ParamStore::strict(DType::F32, device.clone());
+    // Safety: the mapping is read while the file is open; a file changed
+    // underneath a running model gives wrong weights, not unsafety in
+    // attend's code (which only reads the bytes), as for candle's mapped
+    // safetensors
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| Error::file(path, format!("cannot map: {e}")))?;
     let mut tensor_types = std::collections::BTreeMap::new();
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let Some(ours) = arch.ours(name) else {
-            if name.starts_with("rope_") {
-                continue; // precomputed RoPE tables; attend computes its own
+        // attend's parameters in this tensor: one, or the row blocks of a
+        // fused one (None: the whole tensor)
+        let parts: Vec<(String, Option<usize>)> = match (arch.split(name, &config), arch.ours(name))
+        {
+            (Some(p), _) => p.into_iter().map(|(o, r)| (o, Some(r))).collect(),
+            (None, Some(o)) => vec![(o, None)],
+            // precomputed RoPE tables (attend computes its own) and the
+            // scaling read above
+            (None, None) if name.starts_with("rope_") => continue,
+            (None, None) => {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "unexpected tensor `{name}` for architecture `{}`",
+                        arch.name
+                    ),
+                ))
             }
-            return Err(Error::file(
-                path,
-                format!(
-                    "unexpected tensor `{name}` for architecture `{}`",
-                    arch.name
-                ),
-            ));
         };
-        let q = ct
-            .tensor(&mut file, name, device)
-            .map_err(|e| Error::file(path, format!("tensor `{name}`: {}", first_line(&e))))?;
+        let info = &ct.tensor_infos[name];
         *tensor_types
-            .entry(format!("{:?}", q.dtype()).to_lowercase())
+            .entry(format!("{:?}", info.ggml_dtype).to_lowercase())
             .or_insert(0) += 1;
-        let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        let matrix = q.shape().dims().len() == 2;
-        if ours == "embed.weight" {
-            // the lookup table is dense; a quantized copy serves the tied output
-            store.insert([(ours.clone(), q.dequantize(device)?)].into())?;
-            if !dequantize && !float {
-                store.insert_quantized(&ours, q);
+        let float = matches!(
+            info.ggml_dtype,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        );
+        let dims = info.shape.dims();
+        let bad = |e: String| Error::file(path, format!("tensor `{name}`: {e}"));
+        // a fused tensor's rows must be its parts'
+        let rows = dims.first().copied().unwrap_or(0);
+        let want: usize = parts.iter().map(|(_, r)| r.unwrap_or(rows)).sum();
+        if parts.len() > 1 && (dims.len() != 2 || want != rows) {
+            return Err(bad(format!(
+                "has shape {dims:?}; the metadata's heads and FFN need {want} rows ({})",
+                parts
+                    .iter()
+                    .map(|(o, r)| format!(
+                        "{} {}",
+                        r.unwrap_or(0),
+                        o.rsplit('.').nth(1).unwrap_or(o)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" + ")
+            )));
+        }
+        if let ([rows, cols], false, false) = (dims, float, dequantize) {
+            // a quantized matrix: repacked for the kernels from the mapping
+            let fmt = Format::of_ggml(info.ggml_dtype)
+                .ok_or_else(|| bad(format!("type {:?} is not supported", info.ggml_dtype)))?;
+            let (bs, ts) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+            let row_bytes = cols / bs * ts;
+            let at = (ct.tensor_data_offset as usize).checked_add(info.offset as usize);
+            let end = rows
+                .checked_mul(row_bytes)
+                .zip(at)
+                .and_then(|(size, at)| Some(at..at.checked_add(size)?));
+            let bytes = end
+                .and_then(|r| map.get(r))
+                .ok_or_else(|| bad("its data lies past the end of the file".into()))?;
+            let mut r0 = 0;
+            for (ours, n) in parts {
+                let n = n.unwrap_or(*rows);
+                let part = &bytes[r0 * row_bytes..(r0 + n) * row_bytes];
+                let m = QMatrix::from_ggml(fmt, n, *cols, part).map_err(|e| bad(e.0))?;
+                store.insert_quantized(&ours, m);
+                r0 += n;
             }
-        } else if matrix && !float && !dequantize {
-            store.insert_quantized(&ours, q);
         } else {
-            store.insert([(ours, q.dequantize(device)?)].into())?;
+            let t = ct
+                .tensor(&mut file, name, device)
+                .and_then(|q| q.dequantize(device))
+                .map_err(|e| bad(first_line(&e)))?;
+            let mut r0 = 0;
+            for (ours, n) in parts {
+                let part = match n {
+                    Some(n) => t.narrow(0, r0, n)?.contiguous()?,
+                    None => t.clone(),
+                };
+                r0 += n.unwrap_or(0);
+                store.insert([(ours, part)].into())?;
+            }
         }
     }
     let chat_template = ct

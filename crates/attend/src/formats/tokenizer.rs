@@ -81,14 +81,37 @@ impl Tokenizer {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_default();
-        if pre == "smollm" {
-            // SmolLM's tokenizer.json: digits split one by one, then GPT-2
-            // byte-level without a prefix space.
-            let seq = Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ]);
-            inner.with_pre_tokenizer(Some(seq));
+        // the pre-tokenizers of the families' tokenizer.json files
+        let split = |pattern: &str| -> Result<Sequence> {
+            use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+            let re = Split::new(
+                SplitPattern::Regex(pattern.into()),
+                tokenizers::SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| Error::file(path, format!("tokenizer: {e}")))?;
+            Ok(Sequence::new(vec![
+                re.into(),
+                ByteLevel::new(false, true, false).into(),
+            ]))
+        };
+        match pre.as_str() {
+            // SmolLM's: digits split one by one, then GPT-2 byte-level
+            // without a prefix space
+            "smollm" => {
+                let seq = Sequence::new(vec![
+                    Digits::new(true).into(),
+                    ByteLevel::new(false, true, true).into(),
+                ]);
+                inner.with_pre_tokenizer(Some(seq));
+            }
+            "qwen2" => {
+                inner.with_pre_tokenizer(Some(split(QWEN2_SPLIT)?));
+            }
+            "llama-bpe" => {
+                inner.with_pre_tokenizer(Some(split(LLAMA3_SPLIT)?));
+            }
+            _ => {}
         }
         let id = |k: &str| match ct.metadata.get(k) {
             Some(v) => v.to_u32().ok(),
@@ -124,6 +147,11 @@ impl Tokenizer {
             .map_err(|e| Error::msg(format!("tokenizer: {e}")))
     }
 }
+
+/// Qwen2/Qwen2.5/Qwen3's split before byte-level BPE (digits one by one).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama 3's (and Phi-4's, `llama-bpe`): digits in runs of up to three.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Every BPE merge `a b` must join two tokens into a third: the tokenizers
 /// crate indexes past a buffer (a panic) when `ab` is longer than every

@@ -2,20 +2,36 @@
 //! rotation of one head vector (both layouts: adjacent pairs as GGUF stores
 //! them, or (x_i, x_{i+d/2}) as Hugging Face does).
 
-/// cos and sin of pos · theta^(-2i/d) for pos < max_len, i < d/2: two
-/// (max_len, d/2) row-major tables.
-pub fn rope_tables(head_dim: usize, max_len: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+/// cos and sin of pos · theta^(-2i/d) / factor_i for pos < max_len,
+/// i < d/2 (`factors`: RoPE scaling, else 1): two (max_len, d/2) row-major
+/// tables.
+pub fn rope_tables(
+    head_dim: usize,
+    max_len: usize,
+    theta: f64,
+    factors: Option<&[f64]>,
+) -> (Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
     let half = head_dim / 2;
+    let freq: Vec<f64> = (0..half)
+        .map(|i| {
+            let f = factors.map_or(1.0, |f| f[i]);
+            theta.powf(-2.0 * i as f64 / head_dim as f64) / f
+        })
+        .collect();
     let mut cos = vec![0f32; max_len * half];
     let mut sin = vec![0f32; max_len * half];
-    for pos in 0..max_len {
-        for i in 0..half {
-            let freq = theta.powf(-2.0 * i as f64 / head_dim as f64);
-            let a = pos as f64 * freq;
-            cos[pos * half + i] = a.cos() as f32;
-            sin[pos * half + i] = a.sin() as f32;
-        }
-    }
+    // (a 32k-position table for Gemma 3's 256-wide heads is 4M angles:
+    // rows in parallel)
+    cos.par_chunks_mut(half.max(1))
+        .zip(sin.par_chunks_mut(half.max(1)))
+        .enumerate()
+        .for_each(|(pos, (c, s))| {
+            for ((c, s), f) in c.iter_mut().zip(s).zip(&freq) {
+                let (sn, cs) = (pos as f64 * f).sin_cos();
+                (*c, *s) = (cs as f32, sn as f32);
+            }
+        });
     (cos, sin)
 }
 
@@ -29,8 +45,14 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
-    pub fn new(head_dim: usize, max_len: usize, theta: f64, interleaved: bool) -> Self {
-        let (cos, sin) = rope_tables(head_dim, max_len, theta);
+    pub fn new(
+        head_dim: usize,
+        max_len: usize,
+        theta: f64,
+        factors: Option<&[f64]>,
+        interleaved: bool,
+    ) -> Self {
+        let (cos, sin) = rope_tables(head_dim, max_len, theta, factors);
         Self {
             cos,
             sin,

@@ -24,7 +24,7 @@ use crate::exec::cpu::{Cpu, Packed};
 use crate::exec::graph::{Graph, GraphBatch};
 use crate::exec::Exec;
 use crate::ffn::Ffn;
-use crate::nn::{Builder, Dropout, Embedding, Linear, ParamStore, Weight};
+use crate::nn::{Builder, Dropout, Embedding, Linear, ParamStore};
 use crate::norm::Norm;
 use crate::position::{Additive, Rope};
 use candle_core::{DType, Tensor};
@@ -186,12 +186,18 @@ impl Transformer {
         cfg.validate()?;
         let vb = store.builder();
         let dropout = Dropout::new(cfg.dropout);
+        // (RoPE scaling, Llama 3's, applies to the global layers' base)
+        let factors = cfg
+            .rope_scaling
+            .as_ref()
+            .map(|s| s.factors(cfg.head_dim(), cfg.rope_theta));
         let rope = (cfg.position == PositionKind::Rope)
             .then(|| {
-                Rope::new(
+                Rope::scaled(
                     cfg.head_dim(),
                     cfg.max_len,
                     cfg.rope_theta,
+                    factors.as_deref(),
                     cfg.rope_interleaved,
                     store.dtype,
                     &store.device,
@@ -295,13 +301,9 @@ impl Transformer {
                 None
             },
             lm_head: if cfg.tie_embeddings {
-                // a quantized copy of the embedding (GGUF) keeps the output
-                // projection quantized; otherwise share the dense table
-                let w = vb
-                    .pp("embed")
-                    .quantized("weight", &[cfg.vocab_size, cfg.d_model])?;
+                // the embedding's own storage, dense or quantized (GGUF)
                 Linear {
-                    w: w.unwrap_or(Weight::Dense(embed.table.clone())),
+                    w: embed.w.clone(),
                     b: None,
                 }
             } else {
@@ -420,8 +422,7 @@ impl Transformer {
     /// The executor for decode steps and packed encoding: the CPU executor
     /// for f32 weights on the CPU, else the graph executor.
     pub fn executor(&self) -> Executor {
-        let t = &self.embed.table;
-        if t.device().is_cpu() && t.dtype() == DType::F32 {
+        if self.embed.on_cpu_f32() {
             Executor::Cpu
         } else {
             Executor::Graph
@@ -467,7 +468,7 @@ impl Transformer {
                 Ok(std::mem::take(&mut out.expect("scope ran")?.data))
             }
             Executor::Graph => {
-                let dev = self.embed.table.device();
+                let dev = &self.embed.device();
                 let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
                 let (mut ids, mut mask) =
                     (vec![0u32; seqs.len() * len], vec![0f32; seqs.len() * len]);

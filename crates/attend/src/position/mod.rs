@@ -83,8 +83,21 @@ impl Rope {
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
+        Self::scaled(head_dim, max_len, theta, None, interleaved, dtype, dev)
+    }
+
+    /// As `new`, each frequency divided by its factor (RoPE scaling).
+    pub fn scaled(
+        head_dim: usize,
+        max_len: usize,
+        theta: f64,
+        factors: Option<&[f64]>,
+        interleaved: bool,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
-        let tables = RopeTables::new(head_dim, max_len, theta, interleaved);
+        let tables = RopeTables::new(head_dim, max_len, theta, factors, interleaved);
         Ok(Self {
             cos: Tensor::from_slice(&tables.cos, (max_len, half), dev)?.to_dtype(dtype)?,
             sin: Tensor::from_slice(&tables.sin, (max_len, half), dev)?.to_dtype(dtype)?,

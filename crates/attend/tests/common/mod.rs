@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use attend::config::*;
+use attend::kernels::quant::QMatrix;
 use attend::nn::ParamStore;
 use attend::Transformer;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -167,10 +168,16 @@ pub fn llama_in(interleaved: bool, seed: u64, proj: GgmlDType, head: GgmlDType) 
             t
         };
         if name == "embed.weight" {
-            store.insert_quantized(&name, QTensor::quantize(&t, head).unwrap());
+            store.insert_quantized(
+                &name,
+                QMatrix::from_qtensor(&QTensor::quantize(&t, head).unwrap()).unwrap(),
+            );
             plain.insert(name, t);
         } else if t.rank() == 2 {
-            store.insert_quantized(&name, QTensor::quantize(&t, proj).unwrap());
+            store.insert_quantized(
+                &name,
+                QMatrix::from_qtensor(&QTensor::quantize(&t, proj).unwrap()).unwrap(),
+            );
         } else {
             plain.insert(name, t);
         }

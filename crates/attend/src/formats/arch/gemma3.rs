@@ -35,6 +35,7 @@ pub static ARCH: Arch = Arch {
         ("ffn_down.weight", "ffn.w2.weight"),
         ("post_ffw_norm.weight", "ln_2_post.weight"),
     ],
+    fused: &[],
 };
 
 /// Every sixth layer is global (layers 5, 11, 17, …); the others slide.

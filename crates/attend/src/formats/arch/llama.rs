@@ -1,5 +1,8 @@
-//! `llama` (Llama 2, SmolLM, TinyLlama, …): pre-RMSNorm, SwiGLU, RoPE on
-//! adjacent pairs (llama.cpp's converter permutes q/k), grouped-query heads.
+//! `llama` (Llama 2 and 3, SmolLM, TinyLlama, …): pre-RMSNorm, SwiGLU, RoPE
+//! on adjacent pairs (llama.cpp's converter permutes q/k), grouped-query
+//! heads; Llama 3's RoPE scaling is the file's `rope_freqs.weight` (read by
+//! the loader for any architecture). `base` is the shape the other
+//! Llama-like architectures start from.
 
 use super::{Arch, Meta};
 use crate::config::{FfnKind, ModelConfig, NormKind, NormPosition, PositionKind, Shape};
@@ -24,9 +27,18 @@ pub static ARCH: Arch = Arch {
         ("ffn_up.weight", "ffn.w3.weight"),
         ("ffn_down.weight", "ffn.w2.weight"),
     ],
+    fused: &[],
 };
 
 fn config(m: &Meta) -> Result<ModelConfig> {
+    let cfg = base(m)?;
+    full_rope(m, &cfg)?;
+    Ok(cfg)
+}
+
+/// The Llama shape from `<arch>.*` metadata: pre-RMSNorm, SwiGLU, RoPE
+/// (adjacent pairs), no biases, `attention.key_length` heads if given.
+pub(super) fn base(m: &Meta) -> Result<ModelConfig> {
     let n_heads = m.usize("attention.head_count")?;
     let d_model = m.usize("embedding_length")?;
     let cfg = ModelConfig {
@@ -49,11 +61,32 @@ fn config(m: &Meta) -> Result<ModelConfig> {
         dropout: 0.0,
         scale_embeddings: false,
         rope_interleaved: true,
+        head_dim: m.opt_usize("attention.key_length")?,
         ..ModelConfig::default()
     };
+    // (zero heads are the validation's to report)
+    let key = cfg.head_dim.or((n_heads > 0).then(|| d_model / n_heads));
+    if m.opt_usize("attention.value_length")?
+        .is_some_and(|v| Some(v) != key)
+    {
+        return Err(Error::file(
+            m.path,
+            format!(
+                "`{}` differs from `{}`: heads with values of another width are not supported",
+                m.key("attention.value_length"),
+                m.key("attention.key_length")
+            ),
+        ));
+    }
+    Ok(cfg)
+}
+
+/// RoPE must turn the whole head (`rope.dimension_count`, if given).
+pub(super) fn full_rope(m: &Meta, cfg: &ModelConfig) -> Result<()> {
+    let (n_heads, d_model) = (cfg.n_heads, cfg.d_model);
     if let Some(rd) = m.opt_usize("rope.dimension_count")? {
         // (heads that do not divide the width are the validation's to report)
-        let sane = n_heads > 0 && d_model.is_multiple_of(n_heads);
+        let sane = cfg.head_dim.is_some() || (n_heads > 0 && d_model.is_multiple_of(n_heads));
         if sane && rd != cfg.head_dim() {
             return Err(Error::file(
                 m.path,
@@ -64,5 +97,5 @@ fn config(m: &Meta) -> Result<ModelConfig> {
             ));
         }
     }
-    Ok(cfg)
+    Ok(())
 }

@@ -13,6 +13,9 @@ use std::path::Path;
 
 mod gemma3;
 mod llama;
+mod phi3;
+mod qwen2;
+mod qwen3;
 
 /// One architecture: `general.architecture`'s value, the configuration its
 /// metadata describes, and its tensor names.
@@ -25,9 +28,18 @@ pub struct Arch {
     pub fixed: &'static [(&'static str, &'static str)],
     /// Names inside block N (`blk.N.` in the file, `decoder.N.` in attend).
     pub block: &'static [(&'static str, &'static str)],
+    /// Fused block tensors, split by rows into attend's (Phi-3's qkv and
+    /// gate/up): the file's name and attend's parts, in order.
+    pub fused: &'static [(&'static str, &'static [&'static str])],
 }
 
-pub static ARCHS: &[&Arch] = &[&llama::ARCH, &gemma3::ARCH];
+pub static ARCHS: &[&Arch] = &[
+    &llama::ARCH,
+    &gemma3::ARCH,
+    &qwen2::ARCH,
+    &qwen3::ARCH,
+    &phi3::ARCH,
+];
 
 /// The architecture called `name`.
 pub fn find(name: &str) -> Option<&'static Arch> {
@@ -46,6 +58,27 @@ impl Arch {
         Some(format!("decoder.{layer}.{o}"))
     }
 
+    /// A fused file tensor → attend's parameter names and their rows under
+    /// `cfg`, in the order the file stacks them.
+    pub fn split(&self, name: &str, cfg: &ModelConfig) -> Option<Vec<(String, usize)>> {
+        let (layer, part) = name.strip_prefix("blk.")?.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let (_, parts) = self.fused.iter().find(|(f, _)| *f == part)?;
+        let rows = |p: &str| match p {
+            "self_attn.q_proj.weight" => cfg.n_heads * cfg.head_dim(),
+            "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => {
+                cfg.kv_heads() * cfg.head_dim()
+            }
+            _ => cfg.d_ff, // the FFN's gate and up maps
+        };
+        Some(
+            parts
+                .iter()
+                .map(|p| (format!("decoder.{layer}.{p}"), rows(p)))
+                .collect(),
+        )
+    }
+
     /// attend parameter name → file tensor name (for messages).
     pub fn theirs(&self, ours: &str) -> String {
         if let Some((f, _)) = self.fixed.iter().find(|(_, o)| *o == ours) {
@@ -55,7 +88,10 @@ impl Arch {
             .strip_prefix("decoder.")
             .and_then(|r| r.split_once('.'))
             .and_then(|(layer, part)| {
-                let (f, _) = self.block.iter().find(|(_, o)| *o == part)?;
+                let f = match self.block.iter().find(|(_, o)| *o == part) {
+                    Some((f, _)) => *f,
+                    None => self.fused.iter().find(|(_, ps)| ps.contains(&part))?.0,
+                };
                 Some(format!("blk.{layer}.{f}"))
             });
         found.unwrap_or_else(|| ours.to_string())

@@ -59,6 +59,29 @@ pub enum Format {
     Q6K,
 }
 
+impl Format {
+    /// The format of a GGUF tensor type, if attend's kernels run it.
+    pub fn of_ggml(t: candle_core::quantized::GgmlDType) -> Option<Format> {
+        use candle_core::quantized::GgmlDType as G;
+        Some(match t {
+            G::F32 => Format::F32,
+            G::F16 => Format::F16,
+            G::BF16 => Format::BF16,
+            G::Q4_0 => Format::Q4_0,
+            G::Q4_1 => Format::Q4_1,
+            G::Q5_0 => Format::Q5_0,
+            G::Q5_1 => Format::Q5_1,
+            G::Q8_0 => Format::Q8_0,
+            G::Q2K => Format::Q2K,
+            G::Q3K => Format::Q3K,
+            G::Q4K => Format::Q4K,
+            G::Q5K => Format::Q5K,
+            G::Q6K => Format::Q6K,
+            _ => return None,
+        })
+    }
+}
+
 /// How a sub-block's d and m are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scales {

@@ -206,23 +206,9 @@ impl QMatrix {
 
     /// Repack a 2-D candle `QTensor` (any GGUF type attend runs).
     pub fn from_qtensor(q: &candle_core::quantized::QTensor) -> candle_core::Result<Self> {
-        use candle_core::quantized::GgmlDType as G;
-        let fmt = match q.dtype() {
-            G::F32 => Format::F32,
-            G::F16 => Format::F16,
-            G::BF16 => Format::BF16,
-            G::Q4_0 => Format::Q4_0,
-            G::Q4_1 => Format::Q4_1,
-            G::Q5_0 => Format::Q5_0,
-            G::Q5_1 => Format::Q5_1,
-            G::Q8_0 => Format::Q8_0,
-            G::Q2K => Format::Q2K,
-            G::Q3K => Format::Q3K,
-            G::Q4K => Format::Q4K,
-            G::Q5K => Format::Q5K,
-            G::Q6K => Format::Q6K,
-            other => candle_core::bail!("tensor type {other:?} is not supported"),
-        };
+        let fmt = Format::of_ggml(q.dtype()).ok_or_else(|| {
+            candle_core::Error::Msg(format!("tensor type {:?} is not supported", q.dtype()))
+        })?;
         let dims = q.shape().dims();
         if dims.len() != 2 {
             candle_core::bail!("a weight matrix needs 2 dimensions, got {dims:?}");

@@ -1,0 +1,42 @@
+//! `qwen2` (Qwen2, Qwen2.5): the Llama shape with biases on the query, key
+//! and value projections, and RoPE on halves (NeoX layout: llama.cpp's
+//! converter does not permute Qwen's q/k).
+
+use super::{llama, Arch, Meta};
+use crate::config::ModelConfig;
+use crate::error::Result;
+
+pub static ARCH: Arch = Arch {
+    name: "qwen2",
+    config,
+    fixed: llama::ARCH.fixed,
+    block: &[
+        ("attn_norm.weight", "ln_1.weight"),
+        ("attn_q.weight", "self_attn.q_proj.weight"),
+        ("attn_q.bias", "self_attn.q_proj.bias"),
+        ("attn_k.weight", "self_attn.k_proj.weight"),
+        ("attn_k.bias", "self_attn.k_proj.bias"),
+        ("attn_v.weight", "self_attn.v_proj.weight"),
+        ("attn_v.bias", "self_attn.v_proj.bias"),
+        ("attn_output.weight", "self_attn.o_proj.weight"),
+        ("ffn_norm.weight", "ln_2.weight"),
+        ("ffn_gate.weight", "ffn.w1.weight"),
+        ("ffn_up.weight", "ffn.w3.weight"),
+        ("ffn_down.weight", "ffn.w2.weight"),
+    ],
+    fused: &[],
+};
+
+fn config(m: &Meta) -> Result<ModelConfig> {
+    let cfg = ModelConfig {
+        qkv_bias: true,
+        rope_interleaved: false,
+        rope_theta: m.opt_f64("rope.freq_base")?.unwrap_or(1_000_000.0),
+        norm_eps: m
+            .opt_f64("attention.layer_norm_rms_epsilon")?
+            .unwrap_or(1e-6),
+        ..llama::base(m)?
+    };
+    llama::full_rope(m, &cfg)?;
+    Ok(cfg)
+}

@@ -6,8 +6,8 @@ each with transformers (random weights from a fixed seed, 2 layers, d_model
 64, a 384-token byte-level BPE vocabulary trained on tinyshakespeare with the
 family's own pre-tokenizer), saves it as a Hugging Face folder (weights in
 f32, bf16 or f16, so that every safetensors type is covered) and converts it
-to GGUF (f32) with llama.cpp's convert_hf_to_gguf.py from the vendored
-source. References come from PyTorch: token ids of a few texts, the logits
+to GGUF (f32, and q8_0) with llama.cpp's convert_hf_to_gguf.py from the
+vendored source. References come from PyTorch: token ids of a few texts, the logits
 of every position of a prompt, and a greedy continuation.
 
     /tmp/stenv/bin/python scripts/make-tiny-decoders.py LLAMA_CPP_DIR [OUT]
@@ -108,14 +108,14 @@ def init_weights(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
 
 
-def convert(llama: Path, folder: Path, out: Path, pre: str) -> None:
-    """convert_hf_to_gguf.py --outtype f32, with the pre-tokenizer named."""
+def convert(llama: Path, folder: Path, out: Path, pre: str, outtype: str) -> None:
+    """convert_hf_to_gguf.py --outtype OUTTYPE, with the pre-tokenizer named."""
     code = f"""
 import sys, runpy
 sys.path.insert(0, {str(llama)!r}); sys.path.insert(1, {str(llama / 'gguf-py')!r})
 import conversion.base as b
 b.TextModel.get_vocab_base_pre = lambda self, tokenizer: {pre!r}
-sys.argv = ['convert_hf_to_gguf.py', {str(folder)!r}, '--outtype', 'f32', '--outfile', {str(out)!r}]
+sys.argv = ['convert_hf_to_gguf.py', {str(folder)!r}, '--outtype', {outtype!r}, '--outfile', {str(out)!r}]
 runpy.run_path({str(llama / 'convert_hf_to_gguf.py')!r}, run_name='__main__')
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -151,7 +151,10 @@ def main() -> None:
         (folder / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
         for junk in ["generation_config.json", "special_tokens_map.json"]:
             (folder / junk).unlink(missing_ok=True)
-        convert(llama, folder, out / f"{name}.gguf", pre)
+        # f32 (the exact weights) and q8_0 (llama.cpp's quantization, which
+        # attend's --quantize q8_0 must reproduce)
+        convert(llama, folder, out / f"{name}.gguf", pre, "f32")
+        convert(llama, folder, out / f"{name}-q8_0.gguf", pre, "q8_0")
         ids = tok(PROMPT)["input_ids"]
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0]

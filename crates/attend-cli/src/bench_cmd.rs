@@ -1,7 +1,7 @@
 //! `attend bench`: prefill and decode speed of a GGUF decoder, or
 //! sentences/s of an encoder, with peak memory.
 
-use crate::load::load_gguf;
+use crate::load::{load_model, WeightArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
@@ -11,7 +11,8 @@ use std::time::Instant;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// A GGUF file (decoder) or a Hugging Face encoder directory.
+    /// A GGUF file or Hugging Face decoder folder (llama, qwen2, qwen3,
+    /// phi3, gemma3), or a Hugging Face encoder (BERT) folder.
     #[arg(long, required_unless_present = "mechanisms")]
     model: Option<PathBuf>,
     /// Instead of a model file: time one decode step of a 2-layer,
@@ -38,8 +39,8 @@ pub struct BenchArgs {
     /// Repetitions; the median is reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    #[arg(long)]
-    dequantize: bool,
+    #[command(flatten)]
+    weights: WeightArgs,
     /// Encoders: one sentence per line (default: 1,000 built-in sentences of mixed length).
     #[arg(long)]
     file: Option<PathBuf>,
@@ -75,7 +76,7 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
     }
     let report = match &a.model {
         _ if !a.mechanisms.is_empty() => bench_mechanisms(&a)?,
-        Some(m) if m.is_dir() => bench_encoder(&a, m)?,
+        Some(m) if m.is_dir() && crate::load::is_encoder_dir(m) => bench_encoder(&a, m)?,
         Some(m) => bench_decoder(&a, m)?,
         None => bail!("--model or --mechanisms is required"),
     };
@@ -90,7 +91,7 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
 }
 
 fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
-    let mut l = load_gguf(model, a.dequantize)?;
+    let mut l = load_model(model, &a.weights)?;
     a.kv.set_dtype(&mut l);
     if let Some(c) = a.kv.resolve(&l)? {
         return bench_capped(a, &l, &c);
@@ -136,9 +137,19 @@ fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
         }
         decode.push(a.decode_tokens as f64 / t1.elapsed().as_secs_f64());
     }
+    // what the cache holds after the last decode: tokens per layer (a
+    // sliding window's ring holds at most its window) and bytes
+    let held: Vec<usize> = state
+        .layers
+        .iter()
+        .map(|l| match &l.mixer {
+            attend::attention::MixerState::Kv(c) => c.iter().map(|c| c.len()).sum(),
+            _ => 0,
+        })
+        .collect();
     Ok(serde_json::json!({
         "model": model,
-        "weights": if a.dequantize { "f32".to_string() } else { format!("{:?}", l.gguf.tensor_types) },
+        "weights": if a.weights.dequantize { "f32".to_string() } else { format!("{:?}", l.gguf.tensor_types) },
         "prefill_tokens": a.prompt_tokens,
         "prefill_tokens_per_sec": median(prefill),
         "decode_tokens": a.decode_tokens,
@@ -146,6 +157,8 @@ fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
         "decode_tokens_per_sec": median(decode),
         "executor": format!("{:?}", m.executor()).to_lowercase(),
         "kv_dtype": m.kv_dtype.to_string(),
+        "kv_tokens_per_layer": held,
+        "kv_cache_bytes": state.state_bytes(),
         "threads": crate::train_cmd::threads(),
         "peak_rss_mib": peak_rss_mib(),
     }))

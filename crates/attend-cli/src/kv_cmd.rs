@@ -112,7 +112,8 @@ pub fn streaming_cmd(l: &Loaded, ids: &[u32], kv: &KvArgs, json: bool) -> Result
 
 #[derive(Args)]
 pub struct KvSweepArgs {
-    /// A GGUF model (default: SmolLM2 from scripts/fetch-models).
+    /// A GGUF file or Hugging Face decoder folder (default: SmolLM2 from
+    /// scripts/fetch-models).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Text to stream (default: ../shared/data/tinyshakespeare.txt).

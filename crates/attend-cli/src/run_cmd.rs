@@ -2,7 +2,7 @@
 //! `inspect`.
 
 use crate::kv_cmd::{Capped, KvArgs};
-use crate::load::{load_gguf, Loaded};
+use crate::load::{load_model, Loaded, WeightArgs};
 use anyhow::{bail, Context, Result};
 use attend::decode::{generate, Sampler, SamplingParams};
 use attend::formats::chat::{render, Message};
@@ -78,7 +78,8 @@ impl SamplingArgs {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// A GGUF file (Llama architecture).
+    /// A GGUF file (llama, gemma3, qwen2, qwen3, phi3) or a Hugging Face
+    /// decoder folder (config.json + *.safetensors + tokenizer.json).
     #[arg(long)]
     model: PathBuf,
     #[arg(long)]
@@ -87,9 +88,8 @@ pub struct GenerateArgs {
     max_tokens: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Load every weight as f32 instead of keeping quantized matrices.
-    #[arg(long)]
-    dequantize: bool,
+    #[command(flatten)]
+    weights: WeightArgs,
     /// Print {"prompt_ids", "ids", "text"} for the generated part instead of streaming.
     #[arg(long)]
     json: bool,
@@ -100,7 +100,7 @@ pub struct GenerateArgs {
 pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     // the flags first: a bad one is refused before the model loads
     let mut sampler = a.sampling.sampler()?;
-    let mut l = load_gguf(&a.model, a.dequantize)?;
+    let mut l = load_model(&a.model, &a.weights)?;
     a.kv.set_dtype(&mut l);
     let tok = &l.gguf.tokenizer;
     // with the special tokens the file asks for (Gemma's BOS)
@@ -135,7 +135,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct ChatArgs {
-    /// A GGUF file with a chat template in its metadata.
+    /// A GGUF file or Hugging Face decoder folder with a chat template.
     #[arg(long)]
     model: PathBuf,
     /// Optional system message (otherwise the template's default, if any).
@@ -145,15 +145,15 @@ pub struct ChatArgs {
     max_tokens: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
-    #[arg(long)]
-    dequantize: bool,
+    #[command(flatten)]
+    weights: WeightArgs,
     #[command(flatten)]
     kv: KvArgs,
 }
 
 pub fn chat_cmd(a: ChatArgs) -> Result<()> {
     let mut sampler = a.sampling.sampler()?;
-    let mut l = load_gguf(&a.model, a.dequantize)?;
+    let mut l = load_model(&a.model, &a.weights)?;
     a.kv.set_dtype(&mut l);
     let tok = &l.gguf.tokenizer;
     let template = l.gguf.chat_template.clone().with_context(|| {
@@ -238,7 +238,7 @@ pub fn chat_cmd(a: ChatArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct PerplexityArgs {
-    /// A GGUF file.
+    /// A GGUF file or Hugging Face decoder folder.
     #[arg(long)]
     model: PathBuf,
     /// UTF-8 text to score.
@@ -251,8 +251,8 @@ pub struct PerplexityArgs {
     /// Score at most this many tokens (0 = the whole file).
     #[arg(long, default_value_t = 0)]
     max_tokens: usize,
-    #[arg(long)]
-    dequantize: bool,
+    #[command(flatten)]
+    weights: WeightArgs,
     /// Feed the text one token at a time through a decode state (the
     /// StreamingLLM protocol) instead of scoring windows; with --kv-policy
     /// the cache is capped. JSON adds cache_bytes_max.
@@ -296,7 +296,7 @@ pub fn score(model: &Transformer, ids: &[u32], ctx: usize) -> Result<(f64, usize
 }
 
 pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
-    let mut l = load_gguf(&a.model, a.dequantize)?;
+    let mut l = load_model(&a.model, &a.weights)?;
     a.kv.set_dtype(&mut l);
     if a.kv.kv_policy.is_some() && !a.streaming {
         bail!("--kv-policy applies to --streaming perplexity (windows are scored whole)");
@@ -415,14 +415,20 @@ pub fn embed_cmd(a: EmbedArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct InspectArgs {
-    /// A GGUF file.
+    /// A GGUF file or Hugging Face decoder folder.
     #[arg(long)]
     model: PathBuf,
 }
 
 pub fn inspect_cmd(a: InspectArgs) -> Result<()> {
-    let g = gguf::load(&a.model, false, &Device::Cpu)?;
+    let g = if a.model.is_dir() {
+        attend::formats::hf_decoder::load(&a.model, None, &Device::Cpu)?
+    } else {
+        gguf::load(&a.model, false, &Device::Cpu)?
+    };
     outln!("{}", serde_json::to_string_pretty(&g.config)?);
+    outln!("architecture: {}", g.arch.name);
+    outln!("layer pattern: {}", g.config.layer_pattern());
     outln!("tensor types: {:?}", g.tensor_types);
     for (k, v) in &g.metadata {
         outln!("{k} = {v}");

@@ -1119,3 +1119,157 @@ fn killed_training_resumes_to_the_same_losses() {
     assert!(mid_run >= 5, "only {mid_run} of 20 kills landed mid-run");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The tiny Hugging Face decoders (`scripts/make-tiny-decoders.py`).
+fn tiny(family: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../attend/tests/data/tiny-decoders")
+        .join(family)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn decoder_folders_run_every_command() {
+    let text = tmp("folders");
+    std::fs::create_dir_all(&text).unwrap();
+    let file = text.join("t.txt");
+    std::fs::write(
+        &file,
+        "ROMEO:\nBut soft, what light through yonder window breaks?\n".repeat(20),
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    for family in ["qwen2", "qwen3", "phi3", "llama3"] {
+        let dir = tiny(family);
+        let gguf = format!("{dir}.gguf");
+        // the folder and the GGUF converted from it say the same
+        let gen = |m: &str, extra: &[&str]| {
+            let mut args = vec![
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "ROMEO:",
+                "--max-tokens",
+                "6",
+                "--temperature",
+                "0",
+                "--json",
+            ];
+            args.extend(extra);
+            let v: serde_json::Value = serde_json::from_slice(&succeeds(&args).stdout).unwrap();
+            v["ids"].clone()
+        };
+        assert_eq!(gen(&dir, &[]), gen(&gguf, &[]), "{family}");
+        assert_eq!(
+            gen(&dir, &["--kv-policy", "sinks=2,window=6"])
+                .as_array()
+                .unwrap()
+                .len(),
+            6
+        );
+        gen(&dir, &["--quantize", "q8_0"]);
+        let ppl = |m: &str| {
+            let out = succeeds(&[
+                "perplexity",
+                "--model",
+                m,
+                "--file",
+                f,
+                "--ctx",
+                "64",
+                "--json",
+            ]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["perplexity"].as_f64().unwrap()
+        };
+        let (a, b) = (ppl(&dir), ppl(&gguf));
+        assert!((a - b).abs() < 1e-3 * b, "{family}: perplexity {a} vs {b}");
+        let tok = |m: &str| succeeds(&["tokenize", "--model", m, "--text", "What's 12345?"]).stdout;
+        assert_eq!(tok(&dir), tok(&gguf));
+        let out = succeeds(&["inspect", "--model", &dir]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("layer pattern: 0-1 global"));
+        succeeds(&[
+            "bench",
+            "--model",
+            &dir,
+            "--prompt-tokens",
+            "16",
+            "--decode-tokens",
+            "4",
+            "--reps",
+            "1",
+            "--json",
+        ]);
+        let chat = Command::new(env!("CARGO_BIN_EXE_attend"))
+            .args([
+                "chat",
+                "--model",
+                &dir,
+                "--max-tokens",
+                "4",
+                "--temperature",
+                "0",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(b"hello\n")?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        assert!(
+            chat.status.success(),
+            "{}",
+            String::from_utf8_lossy(&chat.stderr)
+        );
+    }
+    let kv = text.join("kv");
+    succeeds(&[
+        "kv-sweep",
+        "--model",
+        &tiny("qwen2"),
+        "--file",
+        f,
+        "--tokens",
+        "200",
+        "--budgets",
+        "16",
+        "--policies",
+        "window",
+        "--out",
+        kv.to_str().unwrap(),
+    ]);
+    assert!(kv.join("results.json").exists());
+    // bad flags and folders: one line naming them
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            &tiny("qwen2"),
+            "--prompt",
+            "x",
+            "--quantize",
+            "q9_9",
+        ],
+        &["--quantize", "q9_9", "q8_0"],
+    );
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            &format!("{}.gguf", tiny("qwen2")),
+            "--prompt",
+            "x",
+            "--quantize",
+            "q8_0",
+        ],
+        &["--quantize", "GGUF"],
+    );
+    std::fs::remove_dir_all(text).unwrap();
+}

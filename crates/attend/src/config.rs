@@ -714,6 +714,38 @@ pub fn is_positive(x: f64) -> bool {
 }
 
 impl ModelConfig {
+    /// The decoder's layers as runs of equal ones: mechanism (global
+    /// softmax or a window) and RoPE base, e.g. Gemma 3's
+    /// `0-4 window 512, RoPE 10000; 5 global, RoPE 1000000; …`.
+    pub fn layer_pattern(&self) -> String {
+        let rope = self.position == PositionKind::Rope;
+        let desc = |i: usize| match self.layer_mechanism(false, i) {
+            MechanismConfig::Softmax if rope => format!("global, RoPE {}", self.rope_theta),
+            MechanismConfig::Softmax => "global".to_string(),
+            MechanismConfig::Window(w) if rope => format!(
+                "window {}, RoPE {}",
+                w.window,
+                self.rope_theta_window.unwrap_or(self.rope_theta)
+            ),
+            m => m.to_string(),
+        };
+        let mut runs: Vec<(usize, usize, String)> = vec![];
+        for i in 0..self.n_decoder_layers {
+            let d = desc(i);
+            match runs.last_mut() {
+                Some((_, end, last)) if *last == d => *end = i,
+                _ => runs.push((i, i, d)),
+            }
+        }
+        runs.iter()
+            .map(|(a, b, d)| match a == b {
+                true => format!("{a} {d}"),
+                false => format!("{a}-{b} {d}"),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.n_kv_heads.unwrap_or(self.n_heads)
     }

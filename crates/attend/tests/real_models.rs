@@ -519,3 +519,46 @@ fn gemma3_quantized_matches_reference() {
     let (model, g) = gemma3(false);
     check_gemma3_window(&model, &g, &fx, false);
 }
+
+#[test]
+fn gemma3_local_layers_hold_their_window_at_8192_tokens() {
+    // 8,192 tokens of context (a prefill, then decode steps): each of the
+    // five-in-six sliding-window layers holds its last 512 tokens, and its
+    // reported bytes are those of 512 f16 keys and values; the global
+    // layers hold everything
+    use attend::attention::MixerState;
+    use attend::config::MechanismConfig;
+    let (mut model, _) = gemma3(false);
+    model.kv_dtype = attend::kernels::kv::KvDType::F16;
+    let mut st = model.new_state(None).unwrap();
+    let ids: Vec<u32> = (0..8190u32).map(|i| 1000 + i * 7919 % 200_000).collect();
+    let x = Tensor::new(&ids[..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model.step_last(&x, &mut st).unwrap();
+    for id in [5u32, 6] {
+        model
+            .step_last(&Tensor::new(&[[id]], &Device::Cpu).unwrap(), &mut st)
+            .unwrap();
+    }
+    let cfg = &model.cfg;
+    let (h_kv, hd) = (cfg.kv_heads(), cfg.head_dim());
+    let mut local = 0;
+    for (i, l) in st.layers.iter().enumerate() {
+        let MixerState::Kv(c) = &l.mixer else {
+            panic!("layer {i} keeps no KV cache")
+        };
+        let held = match cfg.layer_mechanism(false, i) {
+            MechanismConfig::Window(w) => {
+                local += 1;
+                assert_eq!(w.window, 512);
+                512
+            }
+            _ => 8192,
+        };
+        assert_eq!(c[0].len(), held, "layer {i}");
+        assert_eq!(c[0].state_bytes(), 2 * h_kv * held * hd * 2, "layer {i}");
+    }
+    assert_eq!(local, 15);
+}

@@ -29,6 +29,8 @@ pub struct GgufModel {
     pub path: std::path::PathBuf,
     /// Its architecture (`general.architecture`).
     pub arch: &'static super::arch::Arch,
+    /// Read from a Hugging Face folder (`hf_decoder`), not a GGUF file.
+    pub hf: bool,
 }
 
 impl GgufModel {
@@ -38,21 +40,35 @@ impl GgufModel {
     pub fn build(&self) -> Result<crate::model::Transformer> {
         let path = &self.path;
         let layers = self.config.n_decoder_layers;
+        // messages in the file's own names and keys
+        let names = match (self.hf, self.arch.hf_names()) {
+            (true, Some(n)) => n,
+            _ => self.arch.gguf_names(),
+        };
+        let (count, whole) = if self.hf {
+            (
+                "config.json `num_hidden_layers`".to_string(),
+                "config.json".to_string(),
+            )
+        } else {
+            (
+                format!("`{}.block_count`", self.arch.name),
+                format!("`{}.*`", self.arch.name),
+            )
+        };
         let m = crate::model::Transformer::new(&self.config, &self.store).map_err(|e| match e {
             Error::MissingTensor { name, shape } => Error::file(
                 path,
                 format!(
-                    "tensor `{}` is missing (a {layers}-layer model, `{}.block_count`, needs it with shape {shape:?})",
-                    self.arch.theirs(&name),
-                    self.arch.name
+                    "tensor `{}` is missing (a {layers}-layer model, {count}, needs it with shape {shape:?})",
+                    names.theirs(&name),
                 ),
             ),
             Error::ShapeMismatch { name, found, want } => Error::file(
                 path,
                 format!(
-                    "tensor `{}` has shape {found:?}; the model the metadata describes (`{}.*`) needs {want:?}",
-                    self.arch.theirs(&name),
-                    self.arch.name
+                    "tensor `{}` has shape {found:?}; the model the metadata describes ({whole}) needs {want:?}",
+                    names.theirs(&name),
                 ),
             ),
             e => e,
@@ -66,9 +82,8 @@ impl GgufModel {
             return Err(Error::file(
                 path,
                 format!(
-                    "tensor `{}`{more} is not used by a {layers}-layer model (`{}.block_count`)",
-                    self.arch.theirs(first),
-                    self.arch.name
+                    "tensor `{}`{more} is not used by a {layers}-layer model ({count})",
+                    names.theirs(first),
                 ),
             ));
         }
@@ -212,23 +227,23 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
     for name in names {
         // attend's parameters in this tensor: one, or the row blocks of a
         // fused one (None: the whole tensor)
-        let parts: Vec<(String, Option<usize>)> = match (arch.split(name, &config), arch.ours(name))
-        {
-            (Some(p), _) => p.into_iter().map(|(o, r)| (o, Some(r))).collect(),
-            (None, Some(o)) => vec![(o, None)],
-            // precomputed RoPE tables (attend computes its own) and the
-            // scaling read above
-            (None, None) if name.starts_with("rope_") => continue,
-            (None, None) => {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "unexpected tensor `{name}` for architecture `{}`",
-                        arch.name
-                    ),
-                ))
-            }
-        };
+        let parts: Vec<(String, Option<usize>)> =
+            match (arch.gguf_names().split(name, &config), arch.ours(name)) {
+                (Some(p), _) => p.into_iter().map(|(o, r)| (o, Some(r))).collect(),
+                (None, Some(o)) => vec![(o, None)],
+                // precomputed RoPE tables (attend computes its own) and the
+                // scaling read above
+                (None, None) if name.starts_with("rope_") => continue,
+                (None, None) => {
+                    return Err(Error::file(
+                        path,
+                        format!(
+                            "unexpected tensor `{name}` for architecture `{}`",
+                            arch.name
+                        ),
+                    ))
+                }
+            };
         let info = &ct.tensor_infos[name];
         *tensor_types
             .entry(format!("{:?}", info.ggml_dtype).to_lowercase())
@@ -314,6 +329,7 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
         tensor_types,
         path: path.to_path_buf(),
         arch,
+        hf: false,
     })
 }
 

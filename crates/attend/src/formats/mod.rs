@@ -7,4 +7,5 @@ pub mod chat;
 pub mod gguf;
 pub mod gguf_check;
 pub mod hf;
+pub mod hf_decoder;
 pub mod tokenizer;

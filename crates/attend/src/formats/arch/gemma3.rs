@@ -36,6 +36,7 @@ pub static ARCH: Arch = Arch {
         ("post_ffw_norm.weight", "ln_2_post.weight"),
     ],
     fused: &[],
+    hf: None,
 };
 
 /// Every sixth layer is global (layers 5, 11, 17, …); the others slide.

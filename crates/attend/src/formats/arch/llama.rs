@@ -4,7 +4,7 @@
 //! the loader for any architecture). `base` is the shape the other
 //! Llama-like architectures start from.
 
-use super::{Arch, Meta};
+use super::{Arch, Hf, Meta, HF_BLOCK, HF_FIXED};
 use crate::config::{FfnKind, ModelConfig, NormKind, NormPosition, PositionKind, Shape};
 use crate::error::{Error, Result};
 
@@ -28,6 +28,13 @@ pub static ARCH: Arch = Arch {
         ("ffn_down.weight", "ffn.w2.weight"),
     ],
     fused: &[],
+    hf: Some(Hf {
+        model_types: &["llama"],
+        config: crate::formats::hf_decoder::base,
+        fixed: HF_FIXED,
+        block: HF_BLOCK,
+        fused: &[],
+    }),
 };
 
 fn config(m: &Meta) -> Result<ModelConfig> {

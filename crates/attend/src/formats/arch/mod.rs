@@ -6,6 +6,7 @@
 //! To add one: a file with a `config` function and a tensor table, and a
 //! line in `ARCHS`.
 
+use super::hf_decoder::HfConfig;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -31,6 +32,51 @@ pub struct Arch {
     /// Fused block tensors, split by rows into attend's (Phi-3's qkv and
     /// gate/up): the file's name and attend's parts, in order.
     pub fused: &'static [(&'static str, &'static [&'static str])],
+    /// The same family as a Hugging Face folder, if attend reads one.
+    pub hf: Option<Hf>,
+}
+
+/// An architecture's Hugging Face form: `config.json` and tensor names.
+pub struct Hf {
+    /// `config.json` `model_type` values.
+    pub model_types: &'static [&'static str],
+    pub config: fn(&HfConfig, &Path) -> Result<ModelConfig>,
+    /// Names outside the blocks, and inside block N (`model.layers.N.`).
+    pub fixed: &'static [(&'static str, &'static str)],
+    pub block: &'static [(&'static str, &'static str)],
+    pub fused: &'static [(&'static str, &'static [&'static str])],
+}
+
+/// Hugging Face names of the Llama-like families.
+pub const HF_FIXED: &[(&str, &str)] = &[
+    ("model.embed_tokens.weight", "embed.weight"),
+    ("model.norm.weight", "dec_norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+];
+pub const HF_BLOCK: &[(&str, &str)] = &[
+    ("input_layernorm.weight", "ln_1.weight"),
+    ("self_attn.q_proj.weight", "self_attn.q_proj.weight"),
+    ("self_attn.q_proj.bias", "self_attn.q_proj.bias"),
+    ("self_attn.k_proj.weight", "self_attn.k_proj.weight"),
+    ("self_attn.k_proj.bias", "self_attn.k_proj.bias"),
+    ("self_attn.v_proj.weight", "self_attn.v_proj.weight"),
+    ("self_attn.v_proj.bias", "self_attn.v_proj.bias"),
+    ("self_attn.q_norm.weight", "self_attn.q_norm.weight"),
+    ("self_attn.k_norm.weight", "self_attn.k_norm.weight"),
+    ("self_attn.o_proj.weight", "self_attn.o_proj.weight"),
+    ("post_attention_layernorm.weight", "ln_2.weight"),
+    ("mlp.gate_proj.weight", "ffn.w1.weight"),
+    ("mlp.up_proj.weight", "ffn.w3.weight"),
+    ("mlp.down_proj.weight", "ffn.w2.weight"),
+];
+
+/// The name maps of one format of an architecture: a GGUF file's
+/// (`blk.N.`) or a Hugging Face folder's (`model.layers.N.`).
+pub struct Names {
+    pub prefix: &'static str,
+    pub fixed: &'static [(&'static str, &'static str)],
+    pub block: &'static [(&'static str, &'static str)],
+    pub fused: &'static [(&'static str, &'static [&'static str])],
 }
 
 pub static ARCHS: &[&Arch] = &[
@@ -47,12 +93,44 @@ pub fn find(name: &str) -> Option<&'static Arch> {
 }
 
 impl Arch {
+    /// The GGUF file's names.
+    pub fn gguf_names(&self) -> Names {
+        Names {
+            prefix: "blk.",
+            fixed: self.fixed,
+            block: self.block,
+            fused: self.fused,
+        }
+    }
+
+    /// The Hugging Face folder's names, if attend reads one.
+    pub fn hf_names(&self) -> Option<Names> {
+        self.hf.as_ref().map(|h| Names {
+            prefix: "model.layers.",
+            fixed: h.fixed,
+            block: h.block,
+            fused: h.fused,
+        })
+    }
+
+    /// GGUF tensor name → attend parameter name.
+    pub fn ours(&self, name: &str) -> Option<String> {
+        self.gguf_names().ours(name)
+    }
+
+    /// attend parameter name → GGUF tensor name (for messages).
+    pub fn theirs(&self, ours: &str) -> String {
+        self.gguf_names().theirs(ours)
+    }
+}
+
+impl Names {
     /// File tensor name → attend parameter name.
     pub fn ours(&self, name: &str) -> Option<String> {
         if let Some((_, o)) = self.fixed.iter().find(|(f, _)| *f == name) {
             return Some(o.to_string());
         }
-        let (layer, part) = name.strip_prefix("blk.")?.split_once('.')?;
+        let (layer, part) = name.strip_prefix(self.prefix)?.split_once('.')?;
         let layer: usize = layer.parse().ok()?;
         let (_, o) = self.block.iter().find(|(f, _)| *f == part)?;
         Some(format!("decoder.{layer}.{o}"))
@@ -61,7 +139,7 @@ impl Arch {
     /// A fused file tensor → attend's parameter names and their rows under
     /// `cfg`, in the order the file stacks them.
     pub fn split(&self, name: &str, cfg: &ModelConfig) -> Option<Vec<(String, usize)>> {
-        let (layer, part) = name.strip_prefix("blk.")?.split_once('.')?;
+        let (layer, part) = name.strip_prefix(self.prefix)?.split_once('.')?;
         let layer: usize = layer.parse().ok()?;
         let (_, parts) = self.fused.iter().find(|(f, _)| *f == part)?;
         let rows = |p: &str| match p {
@@ -92,7 +170,7 @@ impl Arch {
                     Some((f, _)) => *f,
                     None => self.fused.iter().find(|(_, ps)| ps.contains(&part))?.0,
                 };
-                Some(format!("blk.{layer}.{f}"))
+                Some(format!("{}{layer}.{f}", self.prefix))
             });
         found.unwrap_or_else(|| ours.to_string())
     }

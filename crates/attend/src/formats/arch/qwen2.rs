@@ -2,9 +2,11 @@
 //! and value projections, and RoPE on halves (NeoX layout: llama.cpp's
 //! converter does not permute Qwen's q/k).
 
-use super::{llama, Arch, Meta};
+use super::{llama, Arch, Hf, Meta, HF_BLOCK, HF_FIXED};
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::formats::hf_decoder::{self, HfConfig};
+use std::path::Path;
 
 pub static ARCH: Arch = Arch {
     name: "qwen2",
@@ -25,7 +27,22 @@ pub static ARCH: Arch = Arch {
         ("ffn_down.weight", "ffn.w2.weight"),
     ],
     fused: &[],
+    hf: Some(Hf {
+        model_types: &["qwen2"],
+        config: hf_config,
+        fixed: HF_FIXED,
+        block: HF_BLOCK,
+        fused: &[],
+    }),
 };
+
+/// Qwen2's biases on q/k/v are implied by the family, not in config.json.
+fn hf_config(c: &HfConfig, path: &Path) -> Result<ModelConfig> {
+    Ok(ModelConfig {
+        qkv_bias: true,
+        ..hf_decoder::base(c, path)?
+    })
+}
 
 fn config(m: &Meta) -> Result<ModelConfig> {
     let cfg = ModelConfig {

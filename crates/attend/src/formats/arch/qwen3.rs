@@ -2,9 +2,11 @@
 //! head before RoPE, heads of their own width (`attention.key_length`, not
 //! d_model / heads), no biases, RoPE on halves (NeoX layout).
 
-use super::{llama, Arch, Meta};
+use super::{llama, Arch, Hf, Meta, HF_BLOCK, HF_FIXED};
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::formats::hf_decoder::{self, HfConfig};
+use std::path::Path;
 
 pub static ARCH: Arch = Arch {
     name: "qwen3",
@@ -24,7 +26,21 @@ pub static ARCH: Arch = Arch {
         ("ffn_down.weight", "ffn.w2.weight"),
     ],
     fused: &[],
+    hf: Some(Hf {
+        model_types: &["qwen3"],
+        config: hf_config,
+        fixed: HF_FIXED,
+        block: HF_BLOCK,
+        fused: &[],
+    }),
 };
+
+fn hf_config(c: &HfConfig, path: &Path) -> Result<ModelConfig> {
+    Ok(ModelConfig {
+        qk_norm: true,
+        ..hf_decoder::base(c, path)?
+    })
+}
 
 fn config(m: &Meta) -> Result<ModelConfig> {
     let cfg = ModelConfig {

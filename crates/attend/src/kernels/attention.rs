@@ -265,8 +265,12 @@ pub fn split_kv_chunked(
         #[cfg(target_arch = "x86_64")]
         let small = in_place.0.is_none()
             && hd.is_multiple_of(16)
-            && g * hd / 16 <= 16
+            && g <= 16
             && std::is_x86_feature_detected!("avx512f");
+        // the group's query vectors fit in registers (g · hd / 16 ≤ 16), or
+        // are read from L1 for each key (wide heads: Gemma 3's 4 × 256)
+        #[cfg(target_arch = "x86_64")]
+        let resident = g * hd / 16 <= 16;
         #[cfg(not(target_arch = "x86_64"))]
         let small = false;
         let len = j1 - j0;
@@ -308,12 +312,16 @@ pub fn split_kv_chunked(
         if small {
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                if f16 {
-                    let p = kb.as_ptr().add(2 * j0 * hd);
-                    scores_avx512::<true>(qg, p, 2 * hd, len, hd, scale, &mut s)
+                let (p, stride) = if f16 {
+                    (kb.as_ptr().add(2 * j0 * hd), 2 * hd)
                 } else {
-                    let p = kf.as_ptr().add(at) as *const u8;
-                    scores_avx512::<false>(qg, p, 4 * stride, len, hd, scale, &mut s)
+                    (kf.as_ptr().add(at) as *const u8, 4 * stride)
+                };
+                match (resident, f16) {
+                    (true, true) => scores_avx512::<true>(qg, p, stride, len, hd, scale, &mut s),
+                    (true, false) => scores_avx512::<false>(qg, p, stride, len, hd, scale, &mut s),
+                    (false, true) => scores_wide::<true>(qg, p, stride, len, hd, scale, &mut s),
+                    (false, false) => scores_wide::<false>(qg, p, stride, len, hd, scale, &mut s),
                 }
             }
         } else {
@@ -335,12 +343,16 @@ pub fn split_kv_chunked(
         if small {
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                if f16 {
-                    let p = vb.as_ptr().add(2 * j0 * hd);
-                    values_avx512::<true>(&s, p, 2 * hd, len, hd, &mut acc)
+                let (p, stride) = if f16 {
+                    (vb.as_ptr().add(2 * j0 * hd), 2 * hd)
                 } else {
-                    let p = vf.as_ptr().add(at) as *const u8;
-                    values_avx512::<false>(&s, p, 4 * stride, len, hd, &mut acc)
+                    (vf.as_ptr().add(at) as *const u8, 4 * stride)
+                };
+                match (resident, f16) {
+                    (true, true) => values_avx512::<true>(&s, p, stride, len, hd, &mut acc),
+                    (true, false) => values_avx512::<false>(&s, p, stride, len, hd, &mut acc),
+                    (false, true) => values_wide::<true>(&s, p, stride, len, hd, &mut acc),
+                    (false, false) => values_wide::<false>(&s, p, stride, len, hd, &mut acc),
                 }
             }
         } else {
@@ -482,6 +494,136 @@ unsafe fn values_avx512<const F16: bool>(
     }
     for (i, r) in av.iter().enumerate().take(g * c) {
         _mm512_storeu_ps(acc.as_mut_ptr().add(16 * i), *r);
+    }
+}
+
+/// `scores_avx512` for groups whose query vectors do not fit in registers
+/// (g · hd / 16 > 16, g ≤ 16): keys two at a time (when g ≤ 8), each loaded
+/// (and converted) once, 16 numbers at a time, into 2·g independent
+/// accumulators, the queries read from L1.
+///
+/// Safety: as `scores_avx512`, with g ≤ 16 instead of the register budget.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_wide<const F16: bool>(
+    q: &[f32],
+    k: *const u8,
+    stride: usize,
+    len: usize,
+    hd: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (g, c) = (q.len() / hd, hd / 16);
+    let pairs = if g <= 8 { len / 2 } else { 0 };
+    for jp in 0..pairs {
+        let (k0, k1) = (k.add(2 * jp * stride), k.add((2 * jp + 1) * stride));
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for x in 0..c {
+            let (v0, v1) = (load16::<F16>(k0, x), load16::<F16>(k1, x));
+            for a in 0..g {
+                let qa = _mm512_loadu_ps(q.as_ptr().add(a * hd + 16 * x));
+                acc[a] = _mm512_fmadd_ps(qa, v0, acc[a]);
+                acc[8 + a] = _mm512_fmadd_ps(qa, v1, acc[8 + a]);
+            }
+        }
+        for a in 0..g {
+            *s.get_unchecked_mut(a * len + 2 * jp) = _mm512_reduce_add_ps(acc[a]) * scale;
+            *s.get_unchecked_mut(a * len + 2 * jp + 1) = _mm512_reduce_add_ps(acc[8 + a]) * scale;
+        }
+    }
+    for j in 2 * pairs..len {
+        let kp = k.add(j * stride);
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for x in 0..c {
+            let kv = load16::<F16>(kp, x);
+            for (a, r) in acc.iter_mut().enumerate().take(g) {
+                let qa = _mm512_loadu_ps(q.as_ptr().add(a * hd + 16 * x));
+                *r = _mm512_fmadd_ps(qa, kv, *r);
+            }
+        }
+        for (a, r) in acc.iter().enumerate().take(g) {
+            *s.get_unchecked_mut(a * len + j) = _mm512_reduce_add_ps(*r) * scale;
+        }
+    }
+}
+
+/// `values_avx512` for wide groups: blocks of 16 / g column chunks (16
+/// numbers each) at a time, their g · 16/g accumulators in registers
+/// (independent chains, so the FMA pipes stay busy) while the len value
+/// rows stream by, each p broadcast once per block. The first block's pass
+/// prefetches each whole row, so the later blocks read the slice from L2.
+///
+/// Safety: as `values_avx512`, with g ≤ 16 instead of the register budget.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn values_wide<const F16: bool>(
+    p: &[f32],
+    v: *const u8,
+    stride: usize,
+    len: usize,
+    hd: usize,
+    acc: &mut [f32],
+) {
+    match acc.len() / hd {
+        1 => values_block::<F16, 1, 16>(p, v, stride, len, hd, acc),
+        2 => values_block::<F16, 2, 8>(p, v, stride, len, hd, acc),
+        4 => values_block::<F16, 4, 4>(p, v, stride, len, hd, acc),
+        8 => values_block::<F16, 8, 2>(p, v, stride, len, hd, acc),
+        _ => values_block::<F16, 16, 1>(p, v, stride, len, hd, acc),
+    }
+}
+
+/// `values_wide` for G query heads (any g ≤ G: the rest of the registers
+/// idle) and NX chunks per block, both known to the compiler so that the
+/// accumulators live in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn values_block<const F16: bool, const G: usize, const NX: usize>(
+    p: &[f32],
+    v: *const u8,
+    stride: usize,
+    len: usize,
+    hd: usize,
+    acc: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (g, c) = (acc.len() / hd, hd / 16);
+    let row = if F16 { 2 * hd } else { 4 * hd };
+    let mut x0 = 0;
+    while x0 < c {
+        let nx = NX.min(c - x0);
+        let mut av = [[_mm512_setzero_ps(); NX]; G];
+        for j in 0..len {
+            let vp = v.add(j * stride);
+            if x0 == 0 && j + 8 < len {
+                let ahead = v.add((j + 8) * stride);
+                for l in (0..row).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(l) as *const i8);
+                }
+            }
+            let mut vv = [_mm512_setzero_ps(); NX];
+            for (i, r) in vv.iter_mut().enumerate() {
+                if i < nx {
+                    *r = load16::<F16>(vp, x0 + i);
+                }
+            }
+            for (a, ra) in av.iter_mut().enumerate() {
+                if a < g {
+                    let pa = _mm512_set1_ps(*p.get_unchecked(a * len + j));
+                    for (r, x) in ra.iter_mut().zip(&vv) {
+                        *r = _mm512_fmadd_ps(pa, *x, *r);
+                    }
+                }
+            }
+        }
+        for (a, ra) in av.iter().enumerate().take(g) {
+            for (i, r) in ra.iter().enumerate().take(nx) {
+                _mm512_storeu_ps(acc.as_mut_ptr().add(a * hd + 16 * (x0 + i)), *r);
+            }
+        }
+        x0 += nx;
     }
 }
 
@@ -673,25 +815,30 @@ mod tests {
     fn split_kv_equals_unsplit_attention() {
         // 3 query heads per kv head, contexts that don't divide the slices;
         // every cache type (against the textbook form on the numbers the
-        // cache holds)
-        let dims = (6, 2, 32);
-        for dtype in [KvDType::F32, KvDType::F16, KvDType::Bf16, KvDType::Q8_0] {
-            for (pos0, t) in [(0, 1), (5, 1), (300, 1), (1000, 3), (77, 16)] {
-                let n = pos0 + t;
-                let q = random(t * 6 * 32, 1 + pos0 as u64);
-                let (kb, k) = rows(&random(n * 64, 2), 2, 32, dtype);
-                let (vb, v) = rows(&random(n * 64, 3), 2, 32, dtype);
-                let want = naive(&q, &k, &v, dims, pos0, true);
-                let (kr, vr) = (views(&kb, dtype, 32), views(&vb, dtype, 32));
-                for chunk in [1, 7, 64, 256, 100_000] {
+        // cache holds); and wide heads (4 × 256 per kv head, Gemma 3's),
+        // whose queries do not fit in registers, in groups of 4 and of 12
+        for dims @ (h, h_kv, hd) in [(6, 2, 32), (8, 2, 256), (24, 2, 64)] {
+            for dtype in [KvDType::F32, KvDType::F16, KvDType::Bf16, KvDType::Q8_0] {
+                for (pos0, t) in [(0, 1), (5, 1), (300, 1), (1000, 3), (77, 16)] {
+                    let n = pos0 + t;
+                    let q = random(t * h * hd, 1 + pos0 as u64);
+                    let (kb, k) = rows(&random(n * h_kv * hd, 2), h_kv, hd, dtype);
+                    let (vb, v) = rows(&random(n * h_kv * hd, 3), h_kv, hd, dtype);
+                    let want = naive(&q, &k, &v, dims, pos0, true);
+                    let (kr, vr) = (views(&kb, dtype, hd), views(&vb, dtype, hd));
+                    for chunk in [1, 7, 64, 256, 100_000] {
+                        let mut got = vec![f32::NAN; q.len()];
+                        split_kv_chunked(&q, &kr, &vr, dims, pos0, &mut got, chunk);
+                        let d = max_diff(&got, &want);
+                        assert!(
+                            d < 1e-5,
+                            "{dims:?} {dtype} pos0 {pos0} t {t} chunk {chunk}: {d}"
+                        );
+                    }
                     let mut got = vec![f32::NAN; q.len()];
-                    split_kv_chunked(&q, &kr, &vr, dims, pos0, &mut got, chunk);
-                    let d = max_diff(&got, &want);
-                    assert!(d < 1e-5, "{dtype} pos0 {pos0} t {t} chunk {chunk}: {d}");
+                    split_kv(&q, &kr, &vr, dims, pos0, &mut got);
+                    assert!(max_diff(&got, &want) < 1e-5);
                 }
-                let mut got = vec![f32::NAN; q.len()];
-                split_kv(&q, &kr, &vr, dims, pos0, &mut got);
-                assert!(max_diff(&got, &want) < 1e-5);
             }
         }
     }

@@ -258,30 +258,51 @@ pub struct PerplexityArgs {
     /// the cache is capped. JSON adds cache_bytes_max.
     #[arg(long)]
     streaming: bool,
+    /// llama-perplexity's protocol instead: whole --ctx chunks only, each
+    /// starting with BOS (when the model takes one), and only the second
+    /// half of each chunk scored (every prediction has ≥ ctx/2 tokens of
+    /// context), so the figure is comparable with llama-perplexity's.
+    #[arg(long, conflicts_with = "streaming")]
+    halves: bool,
     #[command(flatten)]
     kv: KvArgs,
     #[arg(long)]
     json: bool,
 }
 
-/// Mean next-token negative log-likelihood of `ids` in windows of `ctx`,
-/// and the argmax prediction at each scored position.
-pub fn score(model: &Transformer, ids: &[u32], ctx: usize) -> Result<(f64, usize, Vec<u32>)> {
+/// Mean NLL over non-overlapping windows of `ctx` tokens, each scored on
+/// its own; with `halves = Some(bos)` llama-perplexity's protocol: whole
+/// chunks only, the first token replaced by `bos` (if any), predictions
+/// from position ctx/2 on. -> (mean NLL, predictions, argmax per position)
+fn score_windows(
+    model: &Transformer,
+    ids: &[u32],
+    ctx: usize,
+    halves: Option<Option<u32>>,
+) -> Result<(f64, usize, Vec<u32>)> {
     let (mut nll, mut n, mut argmax) = (0f64, 0usize, vec![]);
     for w in ids.chunks(ctx) {
-        if w.len() < 2 {
+        if w.len() < 2 || (halves.is_some() && w.len() < ctx) {
             continue;
         }
+        let mut w = w.to_vec();
+        if let Some(Some(bos)) = halves {
+            w[0] = bos;
+        }
+        let first = if halves.is_some() { ctx / 2 } else { 0 };
         let input = Tensor::new(&w[..w.len() - 1], &Device::Cpu)?.unsqueeze(0)?;
         let target = Tensor::new(&w[1..], &Device::Cpu)?.unsqueeze(0)?;
         // a prefill into a fresh decode state (the CPU executor, with the
         // KV cache type asked for)
         let logits = model.step(&input, &mut model.new_state(None)?)?;
-        let weight = Tensor::ones(target.shape(), candle_core::DType::F32, &Device::Cpu)?;
+        let mask: Vec<f32> = (0..w.len() - 1)
+            .map(|i| if i >= first { 1.0 } else { 0.0 })
+            .collect();
+        let weight = Tensor::from_vec(mask, target.shape(), &Device::Cpu)?;
         let sum = attend::train::cross_entropy_sum(&logits, &target, &weight, 0.0)?
             .to_scalar::<f32>()? as f64;
         nll += sum;
-        n += w.len() - 1;
+        n += w.len() - 1 - first;
         argmax.extend(
             logits
                 .argmax(candle_core::D::Minus1)?
@@ -325,7 +346,12 @@ pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     if a.streaming {
         return crate::kv_cmd::streaming_cmd(&l, &ids, &a.kv, a.json);
     }
-    let (mean_nll, n, _) = score(&l.model, &ids, a.ctx)?;
+    let halves = a.halves.then(|| {
+        // BOS at each chunk's start when the tokenizer put one first
+        let t = &l.gguf.tokenizer;
+        t.bos.filter(|&b| ids.first() == Some(&b))
+    });
+    let (mean_nll, n, _) = score_windows(&l.model, &ids, a.ctx, halves)?;
     let ppl = mean_nll.exp();
     if a.json {
         outln!(

@@ -1187,6 +1187,21 @@ fn decoder_folders_run_every_command() {
         };
         let (a, b) = (ppl(&dir), ppl(&gguf));
         assert!((a - b).abs() < 1e-3 * b, "{family}: perplexity {a} vs {b}");
+        // llama-perplexity's protocol: whole chunks, the second half of each
+        let out = succeeds(&[
+            "perplexity",
+            "--model",
+            &dir,
+            "--file",
+            f,
+            "--ctx",
+            "64",
+            "--halves",
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let n = v["n_tokens"].as_u64().unwrap();
+        assert_eq!(v["n_predictions"].as_u64().unwrap(), n / 64 * 31, "{v}");
         let tok = |m: &str| succeeds(&["tokenize", "--model", m, "--text", "What's 12345?"]).stdout;
         assert_eq!(tok(&dir), tok(&gguf));
         let out = succeeds(&["inspect", "--model", &dir]);

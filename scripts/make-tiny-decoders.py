@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     Phi3Config,
@@ -74,6 +76,12 @@ FAMILIES = {
                dict(tie_word_embeddings=True, rope_theta=500000.0,
                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    # a Hugging Face folder only (llama.cpp's Gemma converter needs a
+    # SentencePiece model; the real Gemma-3-270m GGUF covers that side):
+    # seven layers, so that the sixth is global, with windows of 8 tokens
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, QWEN2, None, torch.bfloat16,
+               dict(num_hidden_layers=7, num_key_value_heads=1, head_dim=32,
+                    query_pre_attn_scalar=32, sliding_window=8)),
 }
 
 
@@ -132,10 +140,11 @@ def main() -> None:
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         tok = train_tokenizer(pattern)
-        cfg = cfg_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, rms_norm_eps=1e-6,
-                      **{"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, **extra})
+        cfg = cfg_cls(**{**dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=256, rms_norm_eps=1e-6,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id), **extra})
         model = model_cls(cfg)
         init_weights(model, 100 + seed)
         # the numbers the saved type holds, computed with in f32 (weights
@@ -153,8 +162,9 @@ def main() -> None:
             (folder / junk).unlink(missing_ok=True)
         # f32 (the exact weights) and q8_0 (llama.cpp's quantization, which
         # attend's --quantize q8_0 must reproduce)
-        convert(llama, folder, out / f"{name}.gguf", pre, "f32")
-        convert(llama, folder, out / f"{name}-q8_0.gguf", pre, "q8_0")
+        if pre is not None:
+            convert(llama, folder, out / f"{name}.gguf", pre, "f32")
+            convert(llama, folder, out / f"{name}-q8_0.gguf", pre, "q8_0")
         ids = tok(PROMPT)["input_ids"]
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0]

@@ -1244,6 +1244,20 @@ fn decoder_folders_run_every_command() {
             String::from_utf8_lossy(&chat.stderr)
         );
     }
+    // Gemma 3 as a folder (no GGUF of the tiny one): generate and inspect
+    let g3 = tiny("gemma3");
+    let out = succeeds(&["inspect", "--model", &g3]);
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("0-4 window 8, RoPE 10000; 5 global, RoPE 1000000; 6 window 8"));
+    succeeds(&[
+        "generate",
+        "--model",
+        &g3,
+        "--prompt",
+        "ROMEO:",
+        "--max-tokens",
+        "20",
+    ]);
     let kv = text.join("kv");
     succeeds(&[
         "kv-sweep",

@@ -1,8 +1,9 @@
 //! Qwen2, Qwen3, Phi-3 and Llama 3, each a tiny random model built with
 //! transformers (`scripts/make-tiny-decoders.py`, committed under
 //! `tests/data/tiny-decoders`) and converted to GGUF with llama.cpp's
-//! converter: attend's token ids, logits at every position of a prompt
-//! (both executors) and greedy continuation against PyTorch's.
+//! converter (and a Gemma 3 folder): attend's token ids, logits at every
+//! position of a prompt (both executors) and greedy continuation against
+//! PyTorch's.
 
 use attend::formats::gguf;
 use attend::model::Executor;
@@ -136,8 +137,10 @@ fn tiny_gguf_decoders_match_transformers() {
 
 #[test]
 fn tiny_hf_decoders_match_transformers() {
+    // (Gemma 3 as a folder too: sandwich norms stored as w for 1 + w,
+    // windows of 8 tokens, the sixth of seven layers global)
     use attend::formats::hf_decoder;
-    for family in FAMILIES {
+    for family in FAMILIES.iter().copied().chain(["gemma3"]) {
         let fx = reference(family);
         let g = hf_decoder::load(&data().join(family), None, &Device::Cpu).unwrap();
         for t in fx["texts"].as_array().unwrap() {

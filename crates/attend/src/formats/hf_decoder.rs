@@ -45,6 +45,9 @@ pub struct HfConfig {
     pub partial_rotary_factor: Option<f64>,
     pub bos_token_id: Option<Value>,
     pub eos_token_id: Option<Value>,
+    /// Everything else, for the fields one family reads.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 /// Quantization at load: what `--quantize` names.
@@ -292,6 +295,13 @@ pub fn load(dir: &Path, quantize: Option<GgmlDType>, device: &Device) -> Result<
                 None => t.clone(),
             };
             r0 += n.unwrap_or(0);
+            // Gemma's RMSNorm scales by 1 + w
+            let is_norm = ours.ends_with("norm.weight") || ours.contains(".ln_");
+            let part = if hf.norm_plus_one && is_norm {
+                (part + 1.0)?
+            } else {
+                part
+            };
             // norms and biases stay f32; matrices take the quantized type
             // (a K-quant needs columns in 256s: else q8_0, else f32)
             let q = quantize.filter(|_| part.dims().len() == 2).and_then(|q| {

@@ -4,14 +4,17 @@
 //! (`attention.key_length`), and five sliding-window layers (window
 //! `attention.sliding_window`, RoPE base 10,000) for every global layer
 //! (RoPE base `rope.freq_base`), as llama.cpp and transformers run it.
-//! RoPE rotates halves (no q/k permutation for Gemma).
+//! RoPE rotates halves (no q/k permutation for Gemma). As a Hugging Face
+//! folder (`gemma3_text`), the norms' weights are stored as w for 1 + w.
 
-use super::{Arch, Meta};
+use super::{Arch, Hf, Meta};
 use crate::config::{
     FfnKind, MechanismConfig, ModelConfig, NormKind, NormPosition, PositionKind, Shape,
     WindowConfig,
 };
 use crate::error::{Error, Result};
+use crate::formats::hf_decoder::HfConfig;
+use std::path::Path;
 
 pub static ARCH: Arch = Arch {
     name: "gemma3",
@@ -36,8 +39,142 @@ pub static ARCH: Arch = Arch {
         ("post_ffw_norm.weight", "ln_2_post.weight"),
     ],
     fused: &[],
-    hf: None,
+    hf: Some(Hf {
+        model_types: &["gemma3_text"],
+        config: hf_config,
+        fixed: &[
+            ("model.embed_tokens.weight", "embed.weight"),
+            ("model.norm.weight", "dec_norm.weight"),
+        ],
+        block: &[
+            ("input_layernorm.weight", "ln_1.weight"),
+            ("self_attn.q_proj.weight", "self_attn.q_proj.weight"),
+            ("self_attn.k_proj.weight", "self_attn.k_proj.weight"),
+            ("self_attn.v_proj.weight", "self_attn.v_proj.weight"),
+            ("self_attn.q_norm.weight", "self_attn.q_norm.weight"),
+            ("self_attn.k_norm.weight", "self_attn.k_norm.weight"),
+            ("self_attn.o_proj.weight", "self_attn.o_proj.weight"),
+            ("post_attention_layernorm.weight", "ln_1_post.weight"),
+            ("pre_feedforward_layernorm.weight", "ln_2.weight"),
+            ("mlp.gate_proj.weight", "ffn.w1.weight"),
+            ("mlp.up_proj.weight", "ffn.w3.weight"),
+            ("mlp.down_proj.weight", "ffn.w2.weight"),
+            ("post_feedforward_layernorm.weight", "ln_2_post.weight"),
+        ],
+        fused: &[],
+        norm_plus_one: true,
+    }),
 };
+
+/// `gemma3_text` config.json: `layer_types` (or every sixth layer global),
+/// the two RoPE bases (`rope_parameters` per layer type in transformers 5,
+/// `rope_theta` / `rope_local_base_freq` before), GeGLU with the tanh GELU.
+fn hf_config(c: &HfConfig, path: &Path) -> Result<ModelConfig> {
+    let bad = |m: String| Err(Error::file(path, m));
+    let x = serde_json::Value::Object(c.extra.clone());
+    if x["hidden_activation"]
+        .as_str()
+        .is_some_and(|a| a != "gelu_pytorch_tanh")
+    {
+        return bad(format!(
+            "`hidden_activation` {} is not supported (gelu_pytorch_tanh)",
+            x["hidden_activation"]
+        ));
+    }
+    for k in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        if !x[k].is_null() {
+            return bad(format!("`{k}` is not supported"));
+        }
+    }
+    let head_dim = c.head_dim.unwrap_or(256);
+    if x["query_pre_attn_scalar"]
+        .as_f64()
+        .is_some_and(|s| s != head_dim as f64)
+    {
+        return bad(format!(
+            "`query_pre_attn_scalar` {} differs from `head_dim` {head_dim}: attend scales scores by 1/√head_dim",
+            x["query_pre_attn_scalar"]
+        ));
+    }
+    let rp = c.rope_parameters.as_ref();
+    let theta = |kind: &str, old: Option<f64>, default: f64| -> Result<f64> {
+        if let Some(t) = rp
+            .and_then(|r| r[kind]["rope_type"].as_str())
+            .filter(|t| *t != "default")
+        {
+            return Err(Error::file(
+                path,
+                format!("rope scaling `{t}` ({kind}) is not supported"),
+            ));
+        }
+        Ok(rp
+            .and_then(|r| r[kind]["rope_theta"].as_f64())
+            .or(old)
+            .unwrap_or(default))
+    };
+    let global = theta("full_attention", c.rope_theta, 1_000_000.0)?;
+    let local = theta(
+        "sliding_attention",
+        x["rope_local_base_freq"].as_f64(),
+        LOCAL_ROPE_BASE,
+    )?;
+    let window = c.sliding_window.unwrap_or(512);
+    let layers = c.num_hidden_layers;
+    let kinds: Vec<bool> = match x["layer_types"].as_array() {
+        Some(t) if t.len() == layers => t
+            .iter()
+            .map(|k| k.as_str() == Some("sliding_attention"))
+            .collect(),
+        Some(t) => {
+            return bad(format!(
+                "`layer_types` has {} entries for {layers} layers",
+                t.len()
+            ))
+        }
+        None => (0..layers).map(|i| (i + 1) % PATTERN != 0).collect(),
+    };
+    let layer_mechanisms = kinds
+        .iter()
+        .map(|&local| match local {
+            true => MechanismConfig::Window(WindowConfig { window }),
+            false => MechanismConfig::Softmax,
+        })
+        .collect();
+    Ok(ModelConfig {
+        d_model: c.hidden_size,
+        n_decoder_layers: layers,
+        n_heads: c.num_attention_heads,
+        n_kv_heads: Some(c.num_key_value_heads.unwrap_or(c.num_attention_heads)),
+        head_dim: Some(head_dim),
+        d_ff: c.intermediate_size,
+        vocab_size: c.vocab_size,
+        max_len: c.max_position_embeddings,
+        rope_theta: global,
+        rope_theta_window: Some(local),
+        norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
+        layer_mechanisms,
+        ..gemma()
+    })
+}
+
+/// What every Gemma 3 is, whatever its size: q/k norms, RoPE on halves,
+/// GeGLU (tanh), sandwich RMSNorms, no biases, embeddings scaled by √d.
+fn gemma() -> ModelConfig {
+    ModelConfig {
+        shape: Shape::Decoder,
+        n_encoder_layers: 0,
+        qk_norm: true,
+        position: PositionKind::Rope,
+        ffn: FfnKind::Geglu,
+        norm: NormKind::Rmsnorm,
+        norm_position: NormPosition::Sandwich,
+        bias: false,
+        dropout: 0.0,
+        scale_embeddings: true,
+        rope_interleaved: false,
+        ..ModelConfig::default()
+    }
+}
 
 /// Every sixth layer is global (layers 5, 11, 17, …); the others slide.
 const PATTERN: usize = 6;
@@ -85,17 +222,10 @@ fn config(m: &Meta) -> Result<ModelConfig> {
         position: PositionKind::Rope,
         rope_theta: m.opt_f64("rope.freq_base")?.unwrap_or(1_000_000.0),
         rope_theta_window: Some(LOCAL_ROPE_BASE),
-        ffn: FfnKind::Geglu,
-        norm: NormKind::Rmsnorm,
-        norm_position: NormPosition::Sandwich,
         norm_eps: m
             .opt_f64("attention.layer_norm_rms_epsilon")?
             .unwrap_or(1e-6),
-        bias: false,
-        dropout: 0.0,
-        scale_embeddings: true,
-        rope_interleaved: false,
         layer_mechanisms,
-        ..ModelConfig::default()
+        ..gemma()
     })
 }

@@ -34,6 +34,7 @@ pub static ARCH: Arch = Arch {
         fixed: HF_FIXED,
         block: HF_BLOCK,
         fused: &[],
+        norm_plus_one: false,
     }),
 };
 

@@ -45,6 +45,9 @@ pub struct Hf {
     pub fixed: &'static [(&'static str, &'static str)],
     pub block: &'static [(&'static str, &'static str)],
     pub fused: &'static [(&'static str, &'static [&'static str])],
+    /// RMSNorm weights stored as w for a scale of 1 + w (Gemma): attend
+    /// adds the 1 at load, as llama.cpp's converter does.
+    pub norm_plus_one: bool,
 }
 
 /// Hugging Face names of the Llama-like families.

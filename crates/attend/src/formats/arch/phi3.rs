@@ -56,6 +56,7 @@ pub static ARCH: Arch = Arch {
                 &["ffn.w1.weight", "ffn.w3.weight"],
             ),
         ],
+        norm_plus_one: false,
     }),
 };
 

@@ -376,9 +376,14 @@ pub struct TokenizeArgs {
 }
 
 pub fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
-    let ids = if a.model.is_dir() {
+    let ids = if a.model.is_dir() && crate::load::is_encoder_dir(&a.model) {
+        // an encoder's: truncated at its max_seq_length, as it embeds
         let (tok, _) = attend::formats::hf::load_tokenizer(&a.model, 512)?;
         tok.encode(&a.text, true)?
+    } else if a.model.is_dir() {
+        let cfg = std::fs::read_to_string(a.model.join("config.json")).unwrap_or_default();
+        let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap_or_default();
+        attend::formats::hf_decoder::load_tokenizer(&a.model, &cfg)?.encode(&a.text, true)?
     } else {
         let l = gguf::load(&a.model, false, &Device::Cpu)?;
         l.tokenizer.encode(&a.text, true)?

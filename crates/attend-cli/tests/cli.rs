@@ -1202,8 +1202,16 @@ fn decoder_folders_run_every_command() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let n = v["n_tokens"].as_u64().unwrap();
         assert_eq!(v["n_predictions"].as_u64().unwrap(), n / 64 * 31, "{v}");
-        let tok = |m: &str| succeeds(&["tokenize", "--model", m, "--text", "What's 12345?"]).stdout;
+        // (longer than an encoder's 512-token truncation: none for decoders)
+        let long = "What's 12345? ".repeat(100);
+        let tok = |m: &str| succeeds(&["tokenize", "--model", m, "--text", &long]).stdout;
         assert_eq!(tok(&dir), tok(&gguf));
+        assert!(
+            String::from_utf8_lossy(&tok(&dir))
+                .split_whitespace()
+                .count()
+                > 600
+        );
         let out = succeeds(&["inspect", "--model", &dir]);
         assert!(String::from_utf8_lossy(&out.stdout).contains("layer pattern: 0-1 global"));
         succeeds(&[

@@ -720,7 +720,16 @@ impl ModelConfig {
     pub fn layer_pattern(&self) -> String {
         let rope = self.position == PositionKind::Rope;
         let desc = |i: usize| match self.layer_mechanism(false, i) {
-            MechanismConfig::Softmax if rope => format!("global, RoPE {}", self.rope_theta),
+            MechanismConfig::Softmax if rope => format!(
+                "global, RoPE {}{}",
+                self.rope_theta,
+                match &self.rope_scaling {
+                    Some(RopeScaling::Llama3 { factor, .. }) =>
+                        format!(" (Llama 3 scaling ×{factor})"),
+                    Some(RopeScaling::Factors(_)) => " (scaled per frequency)".to_string(),
+                    None => String::new(),
+                }
+            ),
             MechanismConfig::Softmax => "global".to_string(),
             MechanismConfig::Window(w) if rope => format!(
                 "window {}, RoPE {}",

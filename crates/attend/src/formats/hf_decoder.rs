@@ -185,6 +185,17 @@ fn special(tok: &Tokenizer, tc: &Value, key: &str, fallback: Option<&Value>) -> 
     })
 }
 
+/// A decoder folder's `tokenizer.json` (no truncation: a decoder scores
+/// and continues text of any length its context allows), with BOS and EOS
+/// from `tokenizer_config.json` or `config` (`config.json`).
+pub fn load_tokenizer(dir: &Path, config: &Value) -> Result<Tokenizer> {
+    let mut t = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let tc: Value = read_json(&dir.join("tokenizer_config.json")).unwrap_or(Value::Null);
+    t.bos = special(&t, &tc, "bos_token", config.get("bos_token_id"));
+    t.eos = special(&t, &tc, "eos_token", config.get("eos_token_id"));
+    Ok(t)
+}
+
 /// Load the decoder in `dir`; `quantize`: hold its weight matrices in this
 /// GGUF type (columns a K-quant cannot tile fall back to q8_0, then f32).
 pub fn load(dir: &Path, quantize: Option<GgmlDType>, device: &Device) -> Result<GgufModel> {
@@ -228,13 +239,7 @@ pub fn load(dir: &Path, quantize: Option<GgmlDType>, device: &Device) -> Result<
         tie_embeddings: !tensors.iter().any(|(n, _)| n == "lm_head.weight"),
         ..(hf.config)(&c, &cfg_path)?
     };
-    let tokenizer = {
-        let mut t = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
-        let tc: Value = read_json(&dir.join("tokenizer_config.json")).unwrap_or(Value::Null);
-        t.bos = special(&t, &tc, "bos_token", c.bos_token_id.as_ref());
-        t.eos = special(&t, &tc, "eos_token", c.eos_token_id.as_ref());
-        t
-    };
+    let tokenizer = load_tokenizer(dir, &raw)?;
     config.vocab_size = config.vocab_size.max(tokenizer.vocab_size());
     config.validate().map_err(|e| Error::file(&cfg_path, e))?;
 

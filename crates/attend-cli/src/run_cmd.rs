@@ -52,27 +52,81 @@ fn stream_generate(
 
 #[derive(Args)]
 pub struct SamplingArgs {
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f64,
+    /// 0 = greedy. Default: generate decodes greedily; chat uses the
+    /// model's recommended sampling (GGUF `general.sampling.*`,
+    /// generation_config.json), else llama.cpp's (0.8, top-k 40, top-p
+    /// 0.95, min-p 0.05). `--temperature 0` is exactly greedy.
+    #[arg(long)]
+    temperature: Option<f64>,
     /// Keep the k most likely tokens (0 = all).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
+    #[arg(long)]
+    top_k: Option<usize>,
     /// Nucleus sampling threshold (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f64,
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Keep tokens at least this fraction as likely as the likeliest (0 = off).
+    #[arg(long)]
+    min_p: Option<f64>,
+    /// Divide a repeated token's positive logit by this (multiply a
+    /// negative one) over the last --penalty-last-n tokens (1 = off).
+    #[arg(long)]
+    repeat_penalty: Option<f64>,
+    /// Subtract this from a repeated token's logit (OpenAI's; -2..2, 0 = off).
+    #[arg(long)]
+    presence_penalty: Option<f64>,
+    /// Subtract this times a token's count (OpenAI's; -2..2, 0 = off).
+    #[arg(long)]
+    frequency_penalty: Option<f64>,
+    /// Tokens (prompt included) the penalties look back over.
+    #[arg(long, default_value_t = 64)]
+    penalty_last_n: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Print the sampling settings in use (to stderr).
+    #[arg(long)]
+    verbose: bool,
 }
 
 impl SamplingArgs {
-    fn sampler(&self) -> Result<Sampler> {
-        Ok(Sampler::new(SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
+    /// `base` with every flag given put over it.
+    fn params(&self, base: SamplingParams) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(base.temperature),
+            top_k: self.top_k.unwrap_or(base.top_k),
+            top_p: self.top_p.unwrap_or(base.top_p),
+            min_p: self.min_p.unwrap_or(base.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(base.repeat_penalty),
+            presence_penalty: self.presence_penalty.unwrap_or(base.presence_penalty),
+            frequency_penalty: self.frequency_penalty.unwrap_or(base.frequency_penalty),
+            penalty_last_n: self.penalty_last_n,
             seed: self.seed,
-        })?)
+        }
+    }
+
+    /// The flags alone, checked before a model loads.
+    fn check(&self) -> Result<()> {
+        Ok(self.params(SamplingParams::default()).validate()?)
+    }
+
+    /// The sampler over `base` (printing the settings with --verbose).
+    fn sampler(&self, base: SamplingParams, from: &str) -> Result<Sampler> {
+        let p = self.params(base);
+        if self.verbose {
+            eprintln!(
+                "sampling ({from}, flags over it): temperature {}, top-k {}, top-p {}, min-p {}, \
+                 repeat penalty {}, presence penalty {}, frequency penalty {} over the last {} tokens, seed {}",
+                p.temperature,
+                p.top_k,
+                p.top_p,
+                p.min_p,
+                p.repeat_penalty,
+                p.presence_penalty,
+                p.frequency_penalty,
+                p.penalty_last_n,
+                p.seed
+            );
+        }
+        Ok(Sampler::new(p)?)
     }
 }
 
@@ -99,8 +153,9 @@ pub struct GenerateArgs {
 
 pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     // the flags first: a bad one is refused before the model loads
-    let mut sampler = a.sampling.sampler()?;
+    a.sampling.check()?;
     let mut l = load_model(&a.model, &a.weights)?;
+    let mut sampler = a.sampling.sampler(SamplingParams::default(), "greedy")?;
     a.kv.set_dtype(&mut l);
     let tok = &l.gguf.tokenizer;
     // with the special tokens the file asks for (Gemma's BOS)
@@ -152,8 +207,18 @@ pub struct ChatArgs {
 }
 
 pub fn chat_cmd(a: ChatArgs) -> Result<()> {
-    let mut sampler = a.sampling.sampler()?;
+    a.sampling.check()?;
     let mut l = load_model(&a.model, &a.weights)?;
+    // what the model recommends, else llama.cpp's defaults: a chat that
+    // decodes greedily falls into loops
+    let mut sampler = match &l.gguf.sampling {
+        Some(p) => a
+            .sampling
+            .sampler(p.clone(), "the model's recommendation")?,
+        None => a
+            .sampling
+            .sampler(SamplingParams::llama_cpp(), "llama.cpp's defaults")?,
+    };
     a.kv.set_dtype(&mut l);
     let tok = &l.gguf.tokenizer;
     let template = l.gguf.chat_template.clone().with_context(|| {

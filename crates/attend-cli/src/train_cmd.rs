@@ -685,6 +685,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         top_k: a.top_k,
         top_p: a.top_p,
         seed: a.seed,
+        ..SamplingParams::default()
     })?;
     match &meta.task {
         TaskConfig::Copy(c) | TaskConfig::Reverse(c) => {

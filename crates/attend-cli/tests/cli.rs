@@ -1252,6 +1252,66 @@ fn decoder_folders_run_every_command() {
             String::from_utf8_lossy(&chat.stderr)
         );
     }
+    // chat samples as the model recommends (generation_config.json), else
+    // as llama.cpp does; --verbose says which
+    let chat_verbose = |m: &str, extra: &[&str]| {
+        let mut args = vec!["chat", "--model", m, "--max-tokens", "4", "--verbose"];
+        args.extend(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_attend"))
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = chat_verbose(&tiny("qwen2"), &[]);
+    assert!(
+        e.contains("llama.cpp's defaults")
+            && e.contains("temperature 0.8, top-k 40, top-p 0.95, min-p 0.05"),
+        "{e}"
+    );
+    let rec = text.join("rec");
+    std::fs::create_dir_all(&rec).unwrap();
+    for entry in std::fs::read_dir(tiny("qwen2")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, rec.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(rec.join("generation_config.json"), r#"{"do_sample": true, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05}"#).unwrap();
+    let e = chat_verbose(rec.to_str().unwrap(), &[]);
+    assert!(
+        e.contains("the model's recommendation")
+            && e.contains("temperature 0.6, top-k 20, top-p 0.9, min-p 0.05, repeat penalty 1.05"),
+        "{e}"
+    );
+    let e = chat_verbose(
+        rec.to_str().unwrap(),
+        &["--temperature", "0", "--min-p", "0"],
+    );
+    assert!(
+        e.contains("temperature 0, top-k 20, top-p 0.9, min-p 0,"),
+        "{e}"
+    );
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            &tiny("qwen2"),
+            "--prompt",
+            "x",
+            "--min-p",
+            "1.5",
+        ],
+        &["min_p"],
+    );
+    fails_with(
+        &["chat", "--model", &tiny("qwen2"), "--presence-penalty", "3"],
+        &["presence_penalty"],
+    );
     // Gemma 3 as a folder (no GGUF of the tiny one): generate and inspect
     let g3 = tiny("gemma3");
     let out = succeeds(&["inspect", "--model", &g3]);

@@ -1,6 +1,8 @@
-//! Decoding: greedy, temperature / top-k / top-p sampling, and beam search
-//! with the GNMT length penalty (Wu et al. 2016), all over the incremental
-//! `Transformer::step` with a KV cache.
+//! Decoding: greedy, temperature / top-k / top-p / min-p sampling with
+//! repetition, presence and frequency penalties (as llama.cpp and the
+//! OpenAI API define them), and beam search with the GNMT length penalty
+//! (Wu et al. 2016), all over the incremental `Transformer::step` with a KV
+//! cache.
 
 use crate::error::{Error, Result};
 use crate::model::{Memory, Transformer};
@@ -16,16 +18,48 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches p (1 = all).
     pub top_p: f64,
+    /// Keep the tokens at least min_p times as likely as the likeliest (0 = all).
+    pub min_p: f64,
+    /// CTRL's repetition penalty on the last `penalty_last_n` tokens: a
+    /// positive logit divided by it, a negative one multiplied (1 = off).
+    pub repeat_penalty: f64,
+    /// OpenAI's: subtracted from the logit of every token among the last
+    /// `penalty_last_n` (0 = off)…
+    pub presence_penalty: f64,
+    /// …and this times its count there (0 = off).
+    pub frequency_penalty: f64,
+    /// How many recent tokens (prompt included) the penalties look at.
+    pub penalty_last_n: usize,
     pub seed: u64,
 }
 
 impl Default for SamplingParams {
+    /// Greedy, no penalties.
     fn default() -> Self {
         Self {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            penalty_last_n: 64,
             seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// llama.cpp's defaults: temperature 0.8, top-k 40, top-p 0.95, min-p
+    /// 0.05 (what chat uses when the model file recommends nothing).
+    pub fn llama_cpp() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            ..Self::default()
         }
     }
 }
@@ -43,6 +77,26 @@ impl SamplingParams {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::config("top_p", "must be in (0, 1]"));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(Error::config("min_p", "must be in [0, 1]"));
+        }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            return Err(Error::config(
+                "repeat_penalty",
+                "must be a positive finite number (1 = off)",
+            ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(Error::config(
+                    name,
+                    "must be in [-2, 2] (0 = off), as in the OpenAI API",
+                ));
+            }
         }
         Ok(())
     }
@@ -62,6 +116,36 @@ impl Sampler {
 
     /// Pick the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        self.sample_after(logits, &[])
+    }
+
+    /// Pick the next token after `history` (the sequence so far, prompt
+    /// included): the penalties on its last `penalty_last_n` tokens, then
+    /// greedy, or temperature, top-k, top-p and min-p sampling.
+    pub fn sample_after(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let p = &self.params;
+        let penalised;
+        let logits =
+            if p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+                let recent = &history[history.len().saturating_sub(p.penalty_last_n)..];
+                let mut counts = std::collections::HashMap::new();
+                for &t in recent {
+                    *counts.entry(t).or_insert(0usize) += 1;
+                }
+                let mut l = logits.to_vec();
+                for (&t, &n) in &counts {
+                    let Some(x) = l.get_mut(t as usize) else {
+                        continue;
+                    };
+                    let rp = p.repeat_penalty as f32;
+                    *x = if *x > 0.0 { *x / rp } else { *x * rp };
+                    *x -= p.presence_penalty as f32 + n as f32 * p.frequency_penalty as f32;
+                }
+                penalised = l;
+                &penalised[..]
+            } else {
+                logits
+            };
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
@@ -75,6 +159,12 @@ impl Sampler {
         probs.sort_by(|a, b| b.1.total_cmp(&a.1));
         if self.params.top_k > 0 {
             probs.truncate(self.params.top_k);
+        }
+        if self.params.min_p > 0.0 {
+            // (sorted: the first is the likeliest, e^0 = 1)
+            let floor = self.params.min_p * probs[0].1;
+            let keep = probs.iter().take_while(|p| p.1 >= floor).count().max(1);
+            probs.truncate(keep);
         }
         let z: f64 = probs.iter().map(|p| p.1).sum();
         if self.params.top_p < 1.0 {
@@ -195,7 +285,7 @@ fn generate_in(
     for _ in 0..max_new {
         // logits: (1, vocab) for the last position
         let row: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-        let next = sampler.sample(&row);
+        let next = sampler.sample_after(&row, &seq);
         seq.push(next);
         on_token(next)?;
         if Some(next) == stop {
@@ -381,6 +471,7 @@ mod tests {
             top_k: 1,
             top_p: 1.0,
             seed: 3,
+            ..SamplingParams::default()
         })
         .unwrap();
         for _ in 0..20 {
@@ -392,6 +483,7 @@ mod tests {
             top_k: 0,
             top_p: 0.8,
             seed: 3,
+            ..SamplingParams::default()
         })
         .unwrap();
         let mut seen = std::collections::HashSet::new();
@@ -399,6 +491,134 @@ mod tests {
             seen.insert(s.sample(&logits));
         }
         assert_eq!(seen, [1u32, 3].into_iter().collect());
+    }
+
+    /// The tokens a sampler draws from in many draws.
+    fn support(p: SamplingParams, logits: &[f32], history: &[u32]) -> Vec<u32> {
+        let mut s = Sampler::new(p).unwrap();
+        let mut seen: Vec<u32> = (0..400).map(|_| s.sample_after(logits, history)).collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    }
+
+    #[test]
+    fn min_p_keeps_the_tokens_near_the_likeliest() {
+        // p ∝ e^l: relative to the likeliest (l = 2): 1, e^-0.1 = 0.905,
+        // e^-1.9 = 0.150, e^-3 = 0.050 → min-p 0.1 keeps {1, 3, 0}, 0.2
+        // keeps {1, 3}, 0.99 keeps {1}
+        let logits = [0.1f32, 2.0, -1.0, 1.9];
+        for (min_p, want) in [(0.1, vec![0, 1, 3]), (0.2, vec![1, 3]), (0.99, vec![1])] {
+            let p = SamplingParams {
+                temperature: 1.0,
+                min_p,
+                seed: 5,
+                ..SamplingParams::default()
+            };
+            assert_eq!(support(p, &logits, &[]), want, "min_p {min_p}");
+        }
+    }
+
+    #[test]
+    fn penalties_follow_their_definitions() {
+        // logits 3, 2.9, -1, 0.5; history: token 0 twice, token 2 once
+        let logits = [3.0f32, 2.9, -1.0, 0.5];
+        let history = [0u32, 2, 0];
+        let greedy = |p: SamplingParams| Sampler::new(p).unwrap().sample_after(&logits, &history);
+        let none = SamplingParams::default();
+        assert_eq!(greedy(none.clone()), 0, "no penalty: argmax");
+        // repetition 1.1: token 0 → 3 / 1.1 = 2.73 < 2.9
+        assert_eq!(
+            greedy(SamplingParams {
+                repeat_penalty: 1.1,
+                ..none.clone()
+            }),
+            1
+        );
+        // 1.01: 2.97 > 2.9 still
+        assert_eq!(
+            greedy(SamplingParams {
+                repeat_penalty: 1.01,
+                ..none.clone()
+            }),
+            0
+        );
+        // presence 0.2: 2.8 < 2.9; frequency 0.04 × 2 = 0.08: 2.92 > 2.9,
+        // 0.06 × 2 = 0.12: 2.88 < 2.9
+        assert_eq!(
+            greedy(SamplingParams {
+                presence_penalty: 0.2,
+                ..none.clone()
+            }),
+            1
+        );
+        assert_eq!(
+            greedy(SamplingParams {
+                frequency_penalty: 0.04,
+                ..none.clone()
+            }),
+            0
+        );
+        assert_eq!(
+            greedy(SamplingParams {
+                frequency_penalty: 0.06,
+                ..none.clone()
+            }),
+            1
+        );
+        // only the last penalty_last_n tokens count: the last one is token 0
+        // once (0.06: 2.94 > 2.9)
+        let last1 = SamplingParams {
+            frequency_penalty: 0.06,
+            penalty_last_n: 1,
+            ..none.clone()
+        };
+        assert_eq!(greedy(last1), 0);
+        // a negative logit is multiplied by the repetition penalty
+        let l2 = [-1.0f32, -5.0];
+        let mut s = Sampler::new(SamplingParams {
+            repeat_penalty: 1.5,
+            ..none.clone()
+        })
+        .unwrap();
+        // -1 → -1.5, still above -5
+        assert_eq!(s.sample_after(&l2, &[0]), 0);
+        let mut s = Sampler::new(SamplingParams {
+            repeat_penalty: 6.0,
+            ..none
+        })
+        .unwrap();
+        // -1 → -6 < -5
+        assert_eq!(s.sample_after(&l2, &[0]), 1);
+    }
+
+    #[test]
+    fn llama_cpp_defaults_and_bad_values() {
+        let d = SamplingParams::llama_cpp();
+        assert_eq!(
+            (d.temperature, d.top_k, d.top_p, d.min_p),
+            (0.8, 40, 0.95, 0.05)
+        );
+        for bad in [
+            SamplingParams {
+                min_p: 1.5,
+                ..d.clone()
+            },
+            SamplingParams {
+                repeat_penalty: 0.0,
+                ..d.clone()
+            },
+            SamplingParams {
+                presence_penalty: 2.5,
+                ..d.clone()
+            },
+            SamplingParams {
+                frequency_penalty: f64::NAN,
+                ..d.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub struct GgufModel {
     pub arch: &'static super::arch::Arch,
     /// Read from a Hugging Face folder (`hf_decoder`), not a GGUF file.
     pub hf: bool,
+    /// The sampling the model's makers recommend, if the file says
+    /// (`general.sampling.*`; generation_config.json): llama.cpp's defaults
+    /// with what the file sets over them.
+    pub sampling: Option<crate::decode::SamplingParams>,
 }
 
 impl GgufModel {
@@ -330,7 +334,47 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
         path: path.to_path_buf(),
         arch,
         hf: false,
+        sampling: recommended_sampling(&ct),
     })
+}
+
+/// `general.sampling.*` (llama.cpp's keys) over llama.cpp's defaults, if
+/// the file sets any.
+fn recommended_sampling(ct: &Content) -> Option<crate::decode::SamplingParams> {
+    let num = |k: &str| -> Option<f64> {
+        match ct.metadata.get(&format!("general.sampling.{k}"))? {
+            Value::F32(x) => Some(*x as f64),
+            Value::F64(x) => Some(*x),
+            v => v
+                .to_u64()
+                .ok()
+                .map(|x| x as f64)
+                .or(v.to_i64().ok().map(|x| x as f64)),
+        }
+    };
+    let keys = [
+        "temp",
+        "top_k",
+        "top_p",
+        "min_p",
+        "penalty_repeat",
+        "penalty_last_n",
+    ];
+    if keys.iter().all(|k| num(k).is_none()) {
+        return None;
+    }
+    let d = crate::decode::SamplingParams::llama_cpp();
+    let p = crate::decode::SamplingParams {
+        temperature: num("temp").unwrap_or(d.temperature),
+        top_k: num("top_k").map_or(d.top_k, |x| x as usize),
+        top_p: num("top_p").unwrap_or(d.top_p),
+        min_p: num("min_p").unwrap_or(d.min_p),
+        repeat_penalty: num("penalty_repeat").unwrap_or(d.repeat_penalty),
+        penalty_last_n: num("penalty_last_n").map_or(d.penalty_last_n, |x| x as usize),
+        ..d
+    };
+    // a recommendation attend cannot use is ignored, not an error
+    p.validate().is_ok().then_some(p)
 }
 
 /// The message of a candle error without the backtrace candle appends when

@@ -355,5 +355,26 @@ pub fn load(dir: &Path, quantize: Option<GgmlDType>, device: &Device) -> Result<
         path: dir.to_path_buf(),
         arch,
         hf: true,
+        sampling: recommended_sampling(dir),
     })
+}
+
+/// generation_config.json's sampling over llama.cpp's defaults (greedy
+/// when it says `do_sample: false`), if the folder has one.
+fn recommended_sampling(dir: &Path) -> Option<crate::decode::SamplingParams> {
+    let g: Value = read_json(&dir.join("generation_config.json")).ok()?;
+    let d = crate::decode::SamplingParams::llama_cpp();
+    let num = |k: &str| g.get(k).and_then(Value::as_f64);
+    let p = crate::decode::SamplingParams {
+        temperature: match g.get("do_sample").and_then(Value::as_bool) {
+            Some(false) => 0.0,
+            _ => num("temperature").unwrap_or(d.temperature),
+        },
+        top_k: num("top_k").map_or(d.top_k, |x| x as usize),
+        top_p: num("top_p").unwrap_or(d.top_p),
+        min_p: num("min_p").unwrap_or(d.min_p),
+        repeat_penalty: num("repetition_penalty").unwrap_or(d.repeat_penalty),
+        ..d
+    };
+    p.validate().is_ok().then_some(p)
 }

@@ -275,6 +275,22 @@ fn bad_hf_folders_name_the_file_and_key() {
             vec!["model.layers.1.", "not used", "num_hidden_layers"],
         ),
         (
+            "a context attend does not support",
+            broken("context", |d| {
+                edit_config(d, |v| {
+                    v["max_position_embeddings"] = 1_000_000_000_000u64.into()
+                })
+            }),
+            vec!["config.json", "`max_position_embeddings`"],
+        ),
+        (
+            "heads that do not divide the width",
+            broken("heads", |d| {
+                edit_config(d, |v| v["num_attention_heads"] = 3.into())
+            }),
+            vec!["config.json", "`hidden_size`", "num_attention_heads (3)"],
+        ),
+        (
             "unsupported rope scaling",
             broken("rope", |d| {
                 edit_config(d, |v| v["rope_parameters"]["rope_type"] = "yarn".into())

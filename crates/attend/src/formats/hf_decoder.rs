@@ -241,7 +241,14 @@ pub fn load(dir: &Path, quantize: Option<GgmlDType>, device: &Device) -> Result<
     };
     let tokenizer = load_tokenizer(dir, &raw)?;
     config.vocab_size = config.vocab_size.max(tokenizer.vocab_size());
-    config.validate().map_err(|e| Error::file(&cfg_path, e))?;
+    config.validate().map_err(|e| match e {
+        // the check names attend's field; say config.json's
+        Error::Config { field, msg } => Error::file(
+            &cfg_path,
+            format!("`{}` {}", hf_key(&field), hf_keys_in(&msg)),
+        ),
+        e => Error::file(&cfg_path, e),
+    })?;
 
     // every weight as f32, or its matrices in the quantized type
     let need = tensors.iter().try_fold(0usize, |acc, (_, v)| {
@@ -377,4 +384,37 @@ fn recommended_sampling(dir: &Path) -> Option<crate::decode::SamplingParams> {
         ..d
     };
     p.validate().is_ok().then_some(p)
+}
+
+/// config.json's name for a `ModelConfig` field (for messages).
+fn hf_key(field: &str) -> &str {
+    match field {
+        "d_model" => "hidden_size",
+        "n_decoder_layers" => "num_hidden_layers",
+        "n_heads" => "num_attention_heads",
+        "n_kv_heads" => "num_key_value_heads",
+        "d_ff" => "intermediate_size",
+        "max_len" => "max_position_embeddings",
+        "norm_eps" => "rms_norm_eps",
+        "rope_theta" => "rope_theta` / `rope_parameters",
+        "rope_scaling" => "rope_parameters` / `rope_scaling",
+        other => other,
+    }
+}
+
+/// `msg` with every `ModelConfig` field name in it spelled as config.json's.
+fn hf_keys_in(msg: &str) -> String {
+    let mut out = String::new();
+    let mut word = String::new();
+    for c in msg.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word.push(c);
+        } else {
+            out.push_str(hf_key(&word));
+            word.clear();
+            out.push(c);
+        }
+    }
+    out.pop();
+    out
 }

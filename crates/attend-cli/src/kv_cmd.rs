@@ -2,7 +2,7 @@
 //! by generate, chat, perplexity and bench, streaming perplexity, and
 //! `attend kv-sweep` (perplexity against cache memory, table and plot).
 
-use crate::load::{load_gguf, Loaded};
+use crate::load::{load_model, Loaded, WeightArgs};
 use crate::train_cmd::{log_line, print_report, progress};
 use anyhow::{bail, Context, Result};
 use attend::cache::policy::KvPolicy;
@@ -183,7 +183,7 @@ pub fn kv_sweep_cmd(mut a: KvSweepArgs) -> Result<()> {
         }
     }
     let model = a.model.clone().unwrap_or_else(default_model);
-    let mut l = load_gguf(&model, false)?;
+    let mut l = load_model(&model, &WeightArgs::default())?;
     l.model.kv_dtype = a.kv_dtype;
     let file = a
         .file

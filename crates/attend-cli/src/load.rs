@@ -62,17 +62,6 @@ pub fn load_model(path: &Path, w: &WeightArgs) -> Result<Loaded> {
     Ok(Loaded { model, gguf: g })
 }
 
-/// A GGUF file or a decoder folder, weights as stored.
-pub fn load_gguf(path: &Path, dequantize: bool) -> Result<Loaded> {
-    load_model(
-        path,
-        &WeightArgs {
-            dequantize,
-            quantize: None,
-        },
-    )
-}
-
 /// Whether `dir` is a Hugging Face encoder (BERT) folder rather than a
 /// decoder's.
 pub fn is_encoder_dir(dir: &Path) -> bool {

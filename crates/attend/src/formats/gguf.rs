@@ -226,13 +226,14 @@ pub fn load(path: &Path, dequantize: bool, device: &Device) -> Result<GgufModel>
     let map = unsafe { memmap2::Mmap::map(&file) }
         .map_err(|e| Error::file(path, format!("cannot map: {e}")))?;
     let mut tensor_types = std::collections::BTreeMap::new();
-    let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
-    names.sort();
-    for name in names {
+    let names = arch.gguf_names();
+    let mut tensors: Vec<&String> = ct.tensor_infos.keys().collect();
+    tensors.sort();
+    for name in tensors {
         // attend's parameters in this tensor: one, or the row blocks of a
         // fused one (None: the whole tensor)
         let parts: Vec<(String, Option<usize>)> =
-            match (arch.gguf_names().split(name, &config), arch.ours(name)) {
+            match (names.split(name, &config), names.ours(name)) {
                 (Some(p), _) => p.into_iter().map(|(o, r)| (o, Some(r))).collect(),
                 (None, Some(o)) => vec![(o, None)],
                 // precomputed RoPE tables (attend computes its own) and the

@@ -27,7 +27,8 @@ struct BertConfig {
     position_embedding_type: Option<String>,
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+/// A JSON file as `T`; errors name the file and the field.
+pub(super) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::file(path, format!("cannot read ({e})")))?;
     let de = &mut serde_json::Deserializer::from_str(&text);

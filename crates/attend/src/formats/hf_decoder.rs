@@ -9,6 +9,7 @@
 
 use super::arch::ARCHS;
 use super::gguf::GgufModel;
+use super::hf::read_json;
 use super::tokenizer::Tokenizer;
 use crate::config::{ModelConfig, NormKind, NormPosition, PositionKind, RopeScaling, Shape};
 use crate::error::{Error, Result};
@@ -69,14 +70,6 @@ pub fn quant_type(name: &str) -> Option<GgmlDType> {
 
 /// The names `--quantize` takes.
 pub const QUANT_TYPES: &str = "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k";
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::file(path, format!("cannot read ({e})")))?;
-    let de = &mut serde_json::Deserializer::from_str(&text);
-    serde_path_to_error::deserialize(de)
-        .map_err(|e| Error::file(path, format!("field `{}`: {}", e.path(), e.inner())))
-}
 
 /// The Llama shape from `config.json`: pre-RMSNorm, SwiGLU, RoPE on halves
 /// (Hugging Face's layout), biases as `attention_bias` says, the RoPE base

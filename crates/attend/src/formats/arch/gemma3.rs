@@ -187,18 +187,7 @@ fn config(m: &Meta) -> Result<ModelConfig> {
     let d_model = m.usize("embedding_length")?;
     let layers = m.layers()?;
     let head_dim = m.usize("attention.key_length")?;
-    if m.opt_usize("attention.value_length")?
-        .is_some_and(|v| v != head_dim)
-    {
-        return Err(Error::file(
-            m.path,
-            format!(
-                "`{}` differs from `{}`: heads with values of another width are not supported",
-                m.key("attention.value_length"),
-                m.key("attention.key_length")
-            ),
-        ));
-    }
+    m.same_value_width(Some(head_dim))?;
     let window = m.usize("attention.sliding_window")?;
     let layer_mechanisms = (0..layers)
         .map(|i| {

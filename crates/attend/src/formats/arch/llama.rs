@@ -73,19 +73,23 @@ pub(super) fn base(m: &Meta) -> Result<ModelConfig> {
         ..ModelConfig::default()
     };
     // (zero heads are the validation's to report)
-    let key = cfg.head_dim.or((n_heads > 0).then(|| d_model / n_heads));
-    if m.opt_usize("attention.value_length")?
-        .is_some_and(|v| Some(v) != key)
-    {
-        return Err(Error::file(
-            m.path,
-            format!(
-                "`{}` differs from `{}`: heads with values of another width are not supported",
-                m.key("attention.value_length"),
-                m.key("attention.key_length")
-            ),
-        ));
-    }
+    m.same_value_width(cfg.head_dim.or((n_heads > 0).then(|| d_model / n_heads)))?;
+    Ok(cfg)
+}
+
+/// `base` with RoPE on halves (NeoX layout: llama.cpp's converter permutes
+/// only Llama's q/k) and Qwen's defaults (base 1,000,000, ε 1e-6), the
+/// whole head rotated: Qwen2 and Qwen3 start here.
+pub(super) fn neox(m: &Meta) -> Result<ModelConfig> {
+    let cfg = ModelConfig {
+        rope_interleaved: false,
+        rope_theta: m.opt_f64("rope.freq_base")?.unwrap_or(1_000_000.0),
+        norm_eps: m
+            .opt_f64("attention.layer_norm_rms_epsilon")?
+            .unwrap_or(1e-6),
+        ..base(m)?
+    };
+    full_rope(m, &cfg)?;
     Ok(cfg)
 }
 

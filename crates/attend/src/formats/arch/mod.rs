@@ -115,16 +115,6 @@ impl Arch {
             fused: h.fused,
         })
     }
-
-    /// GGUF tensor name → attend parameter name.
-    pub fn ours(&self, name: &str) -> Option<String> {
-        self.gguf_names().ours(name)
-    }
-
-    /// attend parameter name → GGUF tensor name (for messages).
-    pub fn theirs(&self, ours: &str) -> String {
-        self.gguf_names().theirs(ours)
-    }
 }
 
 impl Names {
@@ -246,6 +236,25 @@ impl Meta<'_> {
             ));
         }
         Ok(n)
+    }
+
+    /// `attention.value_length`, if given, must be `key` (the heads' width):
+    /// values of another width are not supported.
+    pub fn same_value_width(&self, key: Option<usize>) -> Result<()> {
+        if self
+            .opt_usize("attention.value_length")?
+            .is_some_and(|v| Some(v) != key)
+        {
+            return Err(Error::file(
+                self.path,
+                format!(
+                    "`{}` differs from `{}`: heads with values of another width are not supported",
+                    self.key("attention.value_length"),
+                    self.key("attention.key_length")
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// A float (f32 or f64), if present.

@@ -44,15 +44,8 @@ fn hf_config(c: &HfConfig, path: &Path) -> Result<ModelConfig> {
 }
 
 fn config(m: &Meta) -> Result<ModelConfig> {
-    let cfg = ModelConfig {
+    Ok(ModelConfig {
         qk_norm: true,
-        rope_interleaved: false,
-        rope_theta: m.opt_f64("rope.freq_base")?.unwrap_or(1_000_000.0),
-        norm_eps: m
-            .opt_f64("attention.layer_norm_rms_epsilon")?
-            .unwrap_or(1e-6),
-        ..llama::base(m)?
-    };
-    llama::full_rope(m, &cfg)?;
-    Ok(cfg)
+        ..llama::neox(m)?
+    })
 }

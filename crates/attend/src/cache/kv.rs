@@ -22,12 +22,14 @@
 //!   tokens and the new ones out in order and runs the banded prefill. The
 //!   cache never holds more than w tokens, at any context.
 
+use super::paged::{BlockPool, KvBlock, Pages};
 use super::policy::KvPolicy;
 use crate::error::{Error, Result};
 use crate::kernels::kv::{KvDType, KvRows};
 use crate::kernels::rope::RopeTables;
 use crate::kernels::{attention, axpy, dot};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// One KV head's rows and, under a policy, which slots hold which tokens.
 #[derive(Clone, Debug, Default)]
@@ -190,6 +192,8 @@ pub struct KvCache {
     /// (policy caches; the retrieval-head probe reads `last_probs`).
     pub record: bool,
     pub last_probs: Vec<Vec<f32>>,
+    /// A plain cache whose rows live in blocks of a pool (`paged`).
+    pages: Option<Pages>,
 }
 
 impl KvCache {
@@ -210,7 +214,36 @@ impl KvCache {
             seen: 0,
             record: false,
             last_probs: vec![],
+            pages: None,
         })
+    }
+
+    /// An empty plain cache whose rows live in blocks from `pool` (a
+    /// server's sequences: memory bounded by the pool, blocks shared).
+    pub fn paged(pool: &BlockPool) -> Result<Self> {
+        Self::with_blocks(pool, vec![])
+    }
+
+    /// A paged cache that starts with `blocks` (full, shared with whoever
+    /// else holds them: a cached prefix): blocks.len() · block_tokens
+    /// tokens.
+    pub fn with_blocks(pool: &BlockPool, blocks: Vec<Arc<KvBlock>>) -> Result<Self> {
+        let mut c = Self::new(pool.dtype(), pool.kv_heads(), pool.head_dim())?;
+        let n = blocks.len() * pool.block_tokens();
+        for h in &mut c.heads {
+            h.slots = n;
+        }
+        c.seen = n;
+        c.pages = Some(Pages {
+            pool: pool.clone(),
+            blocks,
+        });
+        Ok(c)
+    }
+
+    /// A paged cache's block table.
+    pub fn blocks(&self) -> Option<&[Arc<KvBlock>]> {
+        self.pages.as_ref().map(|p| &p.blocks[..])
     }
 
     /// An empty ring of the last `w` tokens (a sliding-window layer).
@@ -249,6 +282,9 @@ impl KvCache {
     /// with the same policy, without allocating and page-faulting the rows
     /// again (a benchmark's next repetition, a server's next request).
     pub fn clear(&mut self) {
+        if let Some(p) = &mut self.pages {
+            p.blocks.clear();
+        }
         for h in &mut self.heads {
             h.k.clear();
             h.v.clear();
@@ -329,35 +365,47 @@ impl KvCache {
     /// policy's bookkeeping) — the memory axis attend reports. Spare room
     /// in the growing buffers is not counted (`allocated_bytes`).
     pub fn state_bytes(&self) -> usize {
-        self.heads.iter().map(|h| h.state_bytes()).sum()
+        self.heads.iter().map(|h| h.state_bytes()).sum::<usize>()
+            + self.pages.as_ref().map_or(0, Pages::bytes)
     }
 
     /// Bytes allocated by the cache's buffers (at most about twice what
     /// they hold, plus a policy cache's reserve).
     pub fn allocated_bytes(&self) -> usize {
-        self.heads.iter().map(|h| h.allocated_bytes()).sum()
+        self.heads
+            .iter()
+            .map(|h| h.allocated_bytes())
+            .sum::<usize>()
+            + self.pages.as_ref().map_or(0, Pages::bytes)
     }
 
     /// Plain caches: the rows of each KV head, keys then values (a
     /// window's ring in slot order: position p in slot p mod w).
     pub fn rows(&self) -> (Vec<KvRows<'_>>, Vec<KvRows<'_>>) {
         let (dtype, width) = (self.dtype, self.hd);
+        if let Some(p) = &self.pages {
+            let bt = p.pool.block_tokens();
+            let head = |g: usize, key: bool| {
+                let pages = p
+                    .blocks
+                    .iter()
+                    .map(|b| if key { b.head(g).0 } else { b.head(g).1 })
+                    .collect();
+                KvRows::paged(dtype, pages, bt, width, self.seen)
+            };
+            return (
+                (0..self.heads.len()).map(|g| head(g, true)).collect(),
+                (0..self.heads.len()).map(|g| head(g, false)).collect(),
+            );
+        }
         (
             self.heads
                 .iter()
-                .map(|h| KvRows {
-                    dtype,
-                    bytes: &h.k,
-                    width,
-                })
+                .map(|h| KvRows::contiguous(dtype, &h.k, width))
                 .collect(),
             self.heads
                 .iter()
-                .map(|h| KvRows {
-                    dtype,
-                    bytes: &h.v,
-                    width,
-                })
+                .map(|h| KvRows::contiguous(dtype, &h.v, width))
                 .collect(),
         )
     }
@@ -376,6 +424,14 @@ impl KvCache {
             return Err(Error::msg(
                 "KV cache: keys/values are not (t, h_kv, head_dim)",
             ));
+        }
+        if let Some(p) = &mut self.pages {
+            p.append(self.seen, k, v)?;
+            for h in &mut self.heads {
+                h.slots += t;
+            }
+            self.seen += t;
+            return Ok(());
         }
         let rb = dt.bytes(hd);
         for (g, h) in self.heads.iter_mut().enumerate() {
@@ -776,6 +832,86 @@ mod tests {
                     assert_eq!(c.positions(0), (at - held..at).collect::<Vec<_>>());
                     assert_eq!(c.state_bytes(), 2 * h_kv * held * dt.bytes(hd));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_paged_cache_attends_as_a_contiguous_one_and_shares_a_prefix() {
+        // prefill (the GEMM form), then decode steps (split-KV) across page
+        // boundaries, in every KV type, with pages that do and do not
+        // divide the split-KV slices; then a second sequence that starts
+        // from the first one's full blocks and goes its own way
+        let (h, h_kv, hd) = (6, 2, 32);
+        let rope = crate::kernels::rope::RopeTables::new(hd, 512, 10_000.0, None, false);
+        for dtype in [KvDType::F32, KvDType::F16, KvDType::Q8_0] {
+            for bt in [1, 7, 64, 256] {
+                let pool = BlockPool::new(dtype, h_kv, hd, bt, 10_000).unwrap();
+                let mut plain = KvCache::new(dtype, h_kv, hd).unwrap();
+                let mut paged = KvCache::paged(&pool).unwrap();
+                let mut outs = (vec![], vec![]);
+                for (i, t) in [40usize, 1, 1, 300, 1, 1].into_iter().enumerate() {
+                    let q = random(t * h * hd, 10 + i as u64);
+                    let k = random(t * h_kv * hd, 20 + i as u64);
+                    let v = random(t * h_kv * hd, 30 + i as u64);
+                    for (c, o) in [(&mut plain, &mut outs.0), (&mut paged, &mut outs.1)] {
+                        let (mut q, mut k) = (q.clone(), k.clone());
+                        let mut out = vec![0f32; q.len()];
+                        c.attend(&mut q, &mut k, &v, Some(&rope), h, &mut out)
+                            .unwrap();
+                        o.push(out);
+                    }
+                }
+                for (a, b) in outs.0.iter().zip(&outs.1) {
+                    for (x, y) in a.iter().zip(b) {
+                        assert!(
+                            (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                            "{dtype} bt {bt}: {x} vs {y}"
+                        );
+                    }
+                }
+                assert_eq!((paged.len(), paged.seen), (344, 344));
+                assert_eq!(paged.to_f32(), plain.to_f32());
+                assert_eq!(pool.used(), 344usize.div_ceil(bt));
+                // a second sequence from the first one's full blocks
+                let full = 344 / bt;
+                let shared = paged.blocks().unwrap()[..full].to_vec();
+                let mut fork = KvCache::with_blocks(&pool, shared).unwrap();
+                let mut twin = KvCache::new(dtype, h_kv, hd).unwrap();
+                let (kf, vf) = plain.to_f32();
+                // the plain twin holds the same first full·bt tokens
+                let n0 = full * bt;
+                let tok = |x: &[f32], j: usize| -> Vec<f32> {
+                    (0..h_kv)
+                        .flat_map(|g| x[(g * 344 + j) * hd..][..hd].to_vec())
+                        .collect()
+                };
+                let (k0, v0): (Vec<f32>, Vec<f32>) = (
+                    (0..n0).flat_map(|j| tok(&kf, j)).collect(),
+                    (0..n0).flat_map(|j| tok(&vf, j)).collect(),
+                );
+                twin.append(&k0, &v0).unwrap();
+                let used = pool.used();
+                let q = random(3 * h * hd, 99);
+                let k = random(3 * h_kv * hd, 98);
+                let v = random(3 * h_kv * hd, 97);
+                let mut res = vec![];
+                for c in [&mut twin, &mut fork] {
+                    let (mut q, mut k) = (q.clone(), k.clone());
+                    let mut out = vec![0f32; q.len()];
+                    c.attend(&mut q, &mut k, &v, None, h, &mut out).unwrap();
+                    res.push(out);
+                }
+                for (x, y) in res[0].iter().zip(&res[1]) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                        "{dtype} bt {bt} fork: {x} vs {y}"
+                    );
+                }
+                // the fork took new blocks for its own tokens only; the
+                // first sequence's are untouched
+                assert_eq!(pool.used(), used + (n0 + 3).div_ceil(bt) - full);
+                assert_eq!(paged.to_f32(), plain.to_f32());
             }
         }
     }

@@ -253,13 +253,14 @@ pub fn split_kv_chunked(
             }
         }
     }
-    // per task and query head of its group: (m, l, acc (hd))
-    let work = |&(i, kv, j0, j1): &(usize, usize, usize, usize)| {
-        // the slice's keys and values of this kv head as f32: in place when
+    // one run of keys j0..j0 + len inside a page, for query i and kv head
+    // kv: per query head of the group, (m, l, acc (hd))
+    let run = |i: usize, kv: usize, j0: usize, len: usize| {
+        // the run's keys and values of this kv head as f32: in place when
         // the cache holds f32, else decoded once for the group
-        let width = (j1 - j0) * hd;
+        let width = len * hd;
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
-        let in_place = (k[kv].as_f32(), v[kv].as_f32());
+        let in_place = (k[kv].run_f32(j0), v[kv].run_f32(j0));
         // decoded slices go through the register form (measured faster for
         // them); an f32 cache is read in place by the GEMMs (faster there)
         #[cfg(target_arch = "x86_64")]
@@ -273,14 +274,13 @@ pub fn split_kv_chunked(
         let resident = g * hd / 16 <= 16;
         #[cfg(not(target_arch = "x86_64"))]
         let small = false;
-        let len = j1 - j0;
         // an f16 cache is read by the register form straight from its bytes
         // (the conversion inside the loop: no decoded copy to write and
         // read back)
         let f16 = small && k[kv].dtype == super::kv::KvDType::F16;
-        let (kf, vf, at, stride) = match in_place {
-            (Some(kf), Some(vf)) => (kf, vf, j0 * hd, hd),
-            _ if f16 => (&[][..], &[][..], 0, hd),
+        let (kf, vf) = match in_place {
+            (Some(kf), Some(vf)) => (kf, vf),
+            _ if f16 => (&[][..], &[][..]),
             _ => {
                 (ks, vs) = (
                     super::scratch::take_dirty(width),
@@ -288,34 +288,31 @@ pub fn split_kv_chunked(
                 );
                 k[kv].decode_rows(j0, 0, hd, &mut ks);
                 v[kv].decode_rows(j0, 0, hd, &mut vs);
-                (&ks[..], &vs[..], 0, hd)
+                (&ks[..], &vs[..])
             }
         };
-        let (kb, vb) = (k[kv].bytes, v[kv].bytes);
+        let (kb, vb) = (k[kv].run(j0).0, v[kv].run(j0).0);
         if f16 {
-            let end = 2 * (j0 + len) * hd;
+            let end = 2 * len * hd;
             assert!(kb.len() >= end && vb.len() >= end);
         } else {
-            assert!(
-                kf.len() >= at + (len - 1) * stride + hd
-                    && vf.len() >= at + (len - 1) * stride + hd
-            );
+            assert!(kf.len() >= width && vf.len() >= width);
         }
-        // S (g, len) = scale · Q_g K_sliceᵀ: the group's query heads are
+        // S (g, len) = scale · Q_g K_runᵀ: the group's query heads are
         // consecutive rows of q
         let mut s = super::scratch::take_dirty(g * len);
         let mut acc = vec![0f32; g * hd];
         let qg = &q[(i * h + kv * g) * hd..][..g * hd];
-        // Safety: q's g rows from (i, kv·g), the slice's len keys and values
+        // Safety: q's g rows from (i, kv·g), the run's len keys and values
         // (asserted above) and s, acc lie inside their buffers; `small`
         // checked the CPU and the register budget of the AVX-512 form.
         if small {
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 let (p, stride) = if f16 {
-                    (kb.as_ptr().add(2 * j0 * hd), 2 * hd)
+                    (kb.as_ptr(), 2 * hd)
                 } else {
-                    (kf.as_ptr().add(at) as *const u8, 4 * stride)
+                    (kf.as_ptr() as *const u8, 4 * hd)
                 };
                 match (resident, f16) {
                     (true, true) => scores_avx512::<true>(qg, p, stride, len, hd, scale, &mut s),
@@ -330,7 +327,7 @@ pub fn split_kv_chunked(
                     (g, len, hd),
                     (s.as_mut_ptr(), len as isize),
                     (qg.as_ptr(), hd as isize, 1),
-                    (kf.as_ptr().add(at), 1, stride as isize),
+                    (kf.as_ptr(), 1, hd as isize),
                     scale,
                 );
             }
@@ -339,14 +336,14 @@ pub fn split_kv_chunked(
             .chunks_exact_mut(len)
             .map(super::dense::exp_shifted)
             .collect();
-        // acc (g, hd) = P V_slice
+        // acc (g, hd) = P V_run
         if small {
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 let (p, stride) = if f16 {
-                    (vb.as_ptr().add(2 * j0 * hd), 2 * hd)
+                    (vb.as_ptr(), 2 * hd)
                 } else {
-                    (vf.as_ptr().add(at) as *const u8, 4 * stride)
+                    (vf.as_ptr() as *const u8, 4 * hd)
                 };
                 match (resident, f16) {
                     (true, true) => values_avx512::<true>(&s, p, stride, len, hd, &mut acc),
@@ -361,7 +358,7 @@ pub fn split_kv_chunked(
                     (g, hd, len),
                     (acc.as_mut_ptr(), hd as isize),
                     (s.as_ptr(), len as isize, 1),
-                    (vf.as_ptr().add(at), stride as isize, 1),
+                    (vf.as_ptr(), hd as isize, 1),
                     1.0,
                 );
             }
@@ -376,6 +373,27 @@ pub fn split_kv_chunked(
             .zip(acc.chunks_exact(hd))
             .map(|((m, l), a)| (m, l, a.to_vec()))
             .collect::<Vec<_>>()
+    };
+    // per task: its keys one page's run at a time (a contiguous cache is
+    // one run), the runs' partial softmaxes merged as the tasks' are below
+    let work = |&(i, kv, j0, j1): &(usize, usize, usize, usize)| {
+        let len = k[kv].run(j0).1.min(j1 - j0);
+        let mut part = run(i, kv, j0, len);
+        let mut j = j0 + len;
+        while j < j1 {
+            let len = k[kv].run(j).1.min(j1 - j);
+            for ((m, l, acc), (m2, l2, acc2)) in part.iter_mut().zip(run(i, kv, j, len)) {
+                let mx = m.max(m2);
+                let (w, w2) = ((*m - mx).exp(), (m2 - mx).exp());
+                *l = w * *l + w2 * l2;
+                for (a, b) in acc.iter_mut().zip(&acc2) {
+                    *a = w * *a + w2 * b;
+                }
+                *m = mx;
+            }
+            j += len;
+        }
+        part
     };
     // a step near the start of the context is too little work to share out
     let parts: Vec<Vec<(f32, f32, Vec<f32>)>> = if t * (pos0 + t) * h * hd * 2 < 1 << 16 {
@@ -799,11 +817,7 @@ mod tests {
     fn views(heads: &[Vec<u8>], dtype: KvDType, hd: usize) -> Vec<KvRows<'_>> {
         heads
             .iter()
-            .map(|b| KvRows {
-                dtype,
-                bytes: b,
-                width: hd,
-            })
+            .map(|b| KvRows::contiguous(dtype, b, hd))
             .collect()
     }
 

@@ -181,37 +181,101 @@ unsafe fn f16_rows_avx512(src: &[u8], stride: usize, at: usize, n: usize, dst: &
 }
 
 /// Rows of `width` numbers in a KV type: one KV head's keys or values,
-/// (tokens, head_dim), as the cache (`cache::kv`) holds them.
-#[derive(Clone, Copy)]
+/// (tokens, head_dim), as the cache (`cache::kv`) holds them. The rows lie
+/// in pages of `page` rows each — one page for a contiguous cache, blocks
+/// of a paged one (`cache::paged`): row j is row j mod page of page
+/// j / page. Only the first `n` rows count.
+#[derive(Clone)]
 pub struct KvRows<'a> {
     pub dtype: KvDType,
-    pub bytes: &'a [u8],
     pub width: usize,
+    pub pages: Vec<&'a [u8]>,
+    /// Rows per page (every page but the last holds exactly this many).
+    pub page: usize,
+    n: usize,
 }
 
-impl KvRows<'_> {
+impl<'a> KvRows<'a> {
+    /// All the rows of one buffer.
+    pub fn contiguous(dtype: KvDType, bytes: &'a [u8], width: usize) -> Self {
+        let n = bytes.len() / dtype.bytes(width).max(1);
+        Self {
+            dtype,
+            width,
+            pages: vec![bytes],
+            page: n.max(1),
+            n,
+        }
+    }
+
+    /// The first n rows of pages of `page` rows each.
+    pub fn paged(
+        dtype: KvDType,
+        pages: Vec<&'a [u8]>,
+        page: usize,
+        width: usize,
+        n: usize,
+    ) -> Self {
+        let rb = dtype.bytes(width);
+        assert!(
+            page > 0 && n <= pages.len() * page && pages.iter().all(|p| p.len() >= page * rb),
+            "KvRows: {n} rows do not fit {} pages of {page}",
+            pages.len()
+        );
+        Self {
+            dtype,
+            width,
+            pages,
+            page,
+            n,
+        }
+    }
+
     pub fn rows(&self) -> usize {
-        self.bytes.len() / self.dtype.bytes(self.width)
+        self.n
+    }
+
+    /// The bytes from row j to the end of its page, and how many rows of
+    /// them count (≥ 1 for j < n).
+    pub fn run(&self, j: usize) -> (&'a [u8], usize) {
+        let rb = self.dtype.bytes(self.width);
+        let (p, r) = (j / self.page, j % self.page);
+        let len = (self.page - r).min(self.n.saturating_sub(j));
+        (&self.pages[p][r * rb..], len)
     }
 
     /// Numbers `at..at + dst.len()` of row j (at a block boundary).
     pub fn decode(&self, j: usize, at: usize, dst: &mut [f32]) {
         let t = self.dtype;
-        let row = &self.bytes[j * t.bytes(self.width)..][..t.bytes(self.width)];
+        let row = &self.run(j).0[..t.bytes(self.width)];
         t.decode(&row[t.bytes(at)..][..t.bytes(dst.len())], dst);
     }
 
     /// Numbers `at..at + n` of rows j0..j0 + dst.len() / n, one after
-    /// another into dst ((rows, n)); one call for many rows, so that the
-    /// SIMD conversions are not entered once per short row.
+    /// another into dst ((rows, n)); one call per page's stretch of rows,
+    /// so that the SIMD conversions are not entered once per short row.
     pub fn decode_rows(&self, j0: usize, at: usize, n: usize, dst: &mut [f32]) {
+        let mut j = j0;
+        let mut rest = dst;
+        while !rest.is_empty() {
+            let (bytes, len) = self.run(j);
+            let len = len.min(rest.len() / n);
+            assert!(len > 0, "KvRows: rows past the end");
+            let (d, tail) = rest.split_at_mut(len * n);
+            self.decode_run(bytes, at, n, d);
+            rest = tail;
+            j += len;
+        }
+    }
+
+    /// decode_rows within one page: `src` starts at the first row.
+    fn decode_run(&self, src: &[u8], at: usize, n: usize, dst: &mut [f32]) {
         let t = self.dtype;
         let rb = t.bytes(self.width);
         #[cfg(target_arch = "x86_64")]
         if t == KvDType::F16 && std::is_x86_feature_detected!("avx512f") {
-            let src = &self.bytes[j0 * rb..];
             // Safety: the CPU has AVX-512 F (checked just above); the rows
-            // lie inside `bytes` (the slice index checks the first).
+            // lie inside `src` (asserted).
             assert!(src.len() >= (dst.len() / n - 1) * rb + 2 * (at + n));
             if at == 0 && n == self.width {
                 // whole rows, back to back: one conversion
@@ -220,17 +284,19 @@ impl KvRows<'_> {
             return unsafe { f16_rows_avx512(src, rb, 2 * at, n, dst) };
         }
         for (r, d) in dst.chunks_exact_mut(n).enumerate() {
-            self.decode(j0 + r, at, d);
+            let row = &src[r * rb..][..rb];
+            t.decode(&row[t.bytes(at)..][..t.bytes(n)], d);
         }
     }
 
-    /// The rows as f32 numbers in place, when they are f32 (and aligned).
-    pub fn as_f32(&self) -> Option<&[f32]> {
+    /// The rows from j to the end of j's page as f32 numbers in place,
+    /// when they are f32 (and aligned).
+    pub fn run_f32(&self, j: usize) -> Option<&'a [f32]> {
         if self.dtype != KvDType::F32 {
             return None;
         }
         // Safety: any 4 aligned bytes are a valid f32.
-        let (head, mid, tail) = unsafe { self.bytes.align_to::<f32>() };
+        let (head, mid, tail) = unsafe { self.run(j).0.align_to::<f32>() };
         (head.is_empty() && tail.is_empty()).then_some(mid)
     }
 }

@@ -17,6 +17,7 @@ pub use state::{DecodeState, LayerState};
 
 use crate::attention::{one, Attention, MixerState};
 use crate::cache::kv::KvCache;
+use crate::cache::paged::{BlockPool, KvBlock};
 use crate::cache::policy::KvPolicy;
 use crate::config::{MechanismConfig, ModelConfig, NormPosition, PositionKind};
 use crate::error::{Error, Result};
@@ -663,6 +664,174 @@ impl Transformer {
             }
         };
         state.pos += t;
+        Ok(logits)
+    }
+
+    /// A pool of at most `capacity` blocks of `block_tokens` tokens for
+    /// this model's paged KV caches (`new_state_paged`), in `kv_dtype`.
+    /// Errors for models without a plain softmax layer to page.
+    pub fn kv_pool(&self, block_tokens: usize, capacity: usize) -> Result<BlockPool> {
+        let st = self.new_state(None)?;
+        let c = st
+            .layers
+            .iter()
+            .find_map(|l| match &l.mixer {
+                MixerState::Kv(c) => c.first().filter(|c| c.window.is_none()),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                Error::msg("a paged KV cache needs a softmax attention layer without a window")
+            })?;
+        BlockPool::new(
+            self.kv_dtype,
+            c.kv_heads(),
+            c.head_dim(),
+            block_tokens,
+            capacity,
+        )
+    }
+
+    /// Paged KV caches' blocks per token position: one per plain softmax
+    /// layer (sliding-window layers keep their own ring of w tokens).
+    pub fn paged_layers(&self) -> Result<usize> {
+        Ok(self
+            .new_state(None)?
+            .layers
+            .iter()
+            .filter(|l| {
+                matches!(&l.mixer, MixerState::Kv(c) if c.first().is_some_and(|c| c.window.is_none()))
+            })
+            .count())
+    }
+
+    /// A fresh decode state whose plain softmax layers keep their rows in
+    /// blocks of `pool` (sliding-window layers keep their ring). With
+    /// `prefix` (per plain layer, in order, the blocks of a cached
+    /// prefix), the state starts after those tokens.
+    pub fn new_state_paged(
+        &self,
+        pool: &BlockPool,
+        prefix: Option<&[Vec<Arc<KvBlock>>]>,
+    ) -> Result<DecodeState> {
+        if self.cfg.has_encoder() {
+            return Err(Error::msg("a paged KV cache is for decoder-only models"));
+        }
+        let mut st = self.new_state(None)?;
+        let mut i = 0;
+        let mut pos = 0;
+        for l in &mut st.layers {
+            if let MixerState::Kv(c) = &mut l.mixer {
+                if c.first().is_some_and(|c| c.window.is_none()) {
+                    let blocks = prefix.map(|p| p[i].clone()).unwrap_or_default();
+                    let cache = KvCache::with_blocks(pool, blocks)?;
+                    pos = cache.seen;
+                    *c = vec![cache];
+                    i += 1;
+                }
+            }
+        }
+        if prefix.is_some_and(|p| p.len() != i) {
+            return Err(Error::msg(format!(
+                "a cached prefix holds {} layers, the model pages {i}",
+                prefix.map_or(0, |p| p.len())
+            )));
+        }
+        if pos > 0 && i < st.layers.len() {
+            return Err(Error::msg(
+                "a cached prefix needs every layer paged (this model has sliding-window or recurrent layers)",
+            ));
+        }
+        st.pos = pos;
+        Ok(st)
+    }
+
+    /// One step of several independent sequences at once (continuous
+    /// batching): sequence i feeds `ids[i]` (a decode token or a chunk of
+    /// its prompt) after the `states[i].pos` tokens its state holds. The
+    /// tokens are packed end to end on the CPU executor — every linear
+    /// map runs once over all of them, attention per sequence over its own
+    /// cache — and each state advances by its ids. -> the logits of each
+    /// sequence's last token, (n, vocab) row-major.
+    pub fn step_many(&self, states: &mut [&mut DecodeState], ids: &[&[u32]]) -> Result<Vec<f32>> {
+        if states.len() != ids.len() {
+            return Err(Error::msg("step_many: one id list per state"));
+        }
+        if ids.iter().any(|x| x.is_empty()) {
+            return Err(Error::msg("a decode step needs at least one token"));
+        }
+        if states.is_empty() {
+            return Ok(vec![]);
+        }
+        if self.executor() != Executor::Cpu {
+            return Err(Error::msg(
+                "batched steps of different sequences run on the CPU executor (f32 or quantized weights on the CPU)",
+            ));
+        }
+        let layers = self.decoder.len();
+        if states.iter().any(|s| {
+            s.layers.len() != layers
+                || s.layers.iter().any(|l| {
+                    l.cross_kv.is_some() || !matches!(&l.mixer, MixerState::Kv(c) if c.len() == 1)
+                })
+        }) {
+            return Err(Error::msg(
+                "batched steps of different sequences need one KV cache per layer and sequence (softmax attention)",
+            ));
+        }
+        // one state over the batch: layer l holds every sequence's cache,
+        // moved in for the step and back out after it (even on an error)
+        let mut batch = DecodeState {
+            layers: (0..layers)
+                .map(|l| LayerState {
+                    mixer: MixerState::Kv(
+                        states
+                            .iter_mut()
+                            .map(|s| match &mut s.layers[l].mixer {
+                                MixerState::Kv(c) => c.pop().expect("checked: one cache"),
+                                _ => unreachable!("checked: KV caches"),
+                            })
+                            .collect(),
+                    ),
+                    cross_kv: None,
+                })
+                .collect(),
+            pos: 0,
+            memory_padding: None,
+        };
+        let packed = Packed {
+            ids: ids.concat(),
+            seqs: states
+                .iter()
+                .zip(ids)
+                .map(|(s, x)| crate::exec::cpu::Span {
+                    pos0: s.pos,
+                    len: x.len(),
+                })
+                .collect(),
+        };
+        let mut out: Option<Result<Vec<f32>>> = None;
+        // on a pool thread, as `step_on`
+        rayon::scope(|_| {
+            out = Some((|| {
+                let h = self.run(&Cpu, false, &packed, Some(&mut batch), None, true)?;
+                let mut logits = one(Cpu.linear(&h, &[&self.lm_head])?);
+                Ok(std::mem::take(&mut logits.data))
+            })())
+        });
+        for (l, layer) in batch.layers.into_iter().enumerate() {
+            let MixerState::Kv(caches) = layer.mixer else {
+                unreachable!("built as KV caches")
+            };
+            for (s, c) in states.iter_mut().zip(caches) {
+                if let MixerState::Kv(v) = &mut s.layers[l].mixer {
+                    v.push(c);
+                }
+            }
+        }
+        let logits: Vec<f32> = out.expect("scope ran")?;
+        for (s, x) in states.iter_mut().zip(ids) {
+            s.pos += x.len();
+        }
         Ok(logits)
     }
 

@@ -36,6 +36,7 @@ pub mod model;
 pub mod nn;
 pub mod norm;
 pub mod position;
+pub mod serve;
 pub mod tasks;
 pub mod train;
 pub mod util;

@@ -1,0 +1,272 @@
+//! The serving engine (`attend::serve`) on the tiny Llama 3 (q8_0 GGUF) and
+//! Gemma 3 (sliding-window layers) models: many sequences at once, chunked
+//! prefill, a pool small enough to force preemption, prefix caching and
+//! disconnects all give each request exactly the tokens it gets alone
+//! (`decode::generate`), and the pool's blocks all come back.
+
+use attend::decode::{generate, Sampler, SamplingParams};
+use attend::formats::{gguf, hf_decoder};
+use attend::serve::{Engine, EngineConfig, Event, FinishReason, Request, Sink};
+use attend::Transformer;
+use candle_core::Device;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-decoders")
+}
+
+fn llama() -> Arc<Transformer> {
+    let g = gguf::load(&data().join("llama3-q8_0.gguf"), false, &Device::Cpu).unwrap();
+    Arc::new(g.build().unwrap())
+}
+
+/// Sends events down a channel; "disconnects" after `limit` tokens.
+struct Chan {
+    tx: mpsc::Sender<Event>,
+    tokens: usize,
+    limit: usize,
+}
+
+impl Sink for Chan {
+    fn send(&mut self, e: Event) -> bool {
+        if matches!(e, Event::Token { .. }) {
+            self.tokens += 1;
+        }
+        self.tx.send(e).is_ok() && self.tokens < self.limit
+    }
+    fn closed(&self) -> bool {
+        self.tokens >= self.limit
+    }
+}
+
+/// Prompts of varied lengths from a seed (ids below the tiny vocabulary).
+fn prompt(i: usize, len: usize) -> Vec<u32> {
+    (0..len)
+        .map(|j| ((i * 131 + j * 17 + j * j) % 300 + 3) as u32)
+        .collect()
+}
+
+fn alone(m: &Transformer, p: &[u32], n: usize) -> Vec<u32> {
+    let mut s = Sampler::new(SamplingParams::default()).unwrap();
+    generate(m, p, None, n, &mut s, None, |_| Ok(())).unwrap()
+}
+
+/// Submit every prompt at once; -> per request (tokens, finish, cached).
+fn serve(
+    e: &Engine,
+    prompts: &[Vec<u32>],
+    n: usize,
+    limit: usize,
+) -> Vec<(Vec<u32>, Option<FinishReason>, usize)> {
+    let rxs: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (tx, rx) = mpsc::channel();
+            e.submit(Request {
+                prompt: p.clone(),
+                max_tokens: n,
+                sampling: SamplingParams::default(),
+                stop_ids: vec![],
+                logprobs: None,
+                sink: Box::new(Chan {
+                    tx,
+                    tokens: 0,
+                    limit,
+                }),
+            })
+            .unwrap();
+            rx
+        })
+        .collect();
+    rxs.into_iter()
+        .map(|rx| {
+            let (mut ids, mut fin, mut cached) = (vec![], None, 0);
+            for ev in rx.iter() {
+                match ev {
+                    Event::Token { id, .. } => ids.push(id),
+                    Event::Done {
+                        finish,
+                        cached_tokens,
+                        ..
+                    } => {
+                        fin = Some(finish);
+                        cached = cached_tokens;
+                        break;
+                    }
+                    Event::Error(m) => panic!("engine error: {m}"),
+                }
+                if ids.len() >= limit {
+                    break;
+                }
+            }
+            (ids, fin, cached)
+        })
+        .collect()
+}
+
+#[test]
+fn batched_chunked_and_preempted_sequences_get_the_tokens_they_get_alone() {
+    let m = llama();
+    let prompts: Vec<Vec<u32>> = (0..12).map(|i| prompt(i, 5 + i * 9)).collect();
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&m, p, 24)).collect();
+    // (parallel, step tokens, KV memory): plenty; chunks of 16 tokens; a
+    // pool of barely one context, so sequences wait and are preempted
+    // k and v, 2 kv heads, f32 rows of 16, 2 layers: bytes per token
+    let row = 2 * 2 * 16 * 4 * 2;
+    for (parallel, step, mem) in [
+        (16, 512, 64 << 20),
+        (4, 16, 64 << 20),
+        (12, 64, 2 * 160 * row),
+    ] {
+        let cfg = EngineConfig {
+            parallel,
+            step_tokens: step,
+            kv_memory: mem,
+            block_tokens: 8,
+            ctx: 160,
+            prefix_caching: false,
+            ..Default::default()
+        };
+        let e = Engine::start(m.clone(), cfg).unwrap();
+        let got = serve(&e, &prompts, 24, usize::MAX);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(&g.0, w, "parallel {parallel}, step {step}: request {i}");
+            assert_eq!(g.1, Some(FinishReason::Length));
+        }
+        let st = &e.stats;
+        assert_eq!(st.finished.load(Ordering::Relaxed), 12);
+        if mem < 1 << 20 {
+            assert!(
+                st.preemptions.load(Ordering::Relaxed) > 0,
+                "the small pool preempts"
+            );
+        }
+        if step == 16 {
+            // a 104-token prompt in chunks of at most 16
+            assert!(st.steps.load(Ordering::Relaxed) >= 104 / 16);
+        }
+        e.shutdown(Duration::from_secs(5));
+        assert_eq!(st.kv_blocks_used.load(Ordering::Relaxed), 0);
+    }
+}
+
+#[test]
+fn a_cached_prefix_is_reused_and_gives_the_same_tokens() {
+    let m = llama();
+    let system = prompt(99, 70);
+    let mk = |i: usize| [system.clone(), prompt(i, 6)].concat();
+    let cfg = EngineConfig {
+        block_tokens: 16,
+        ctx: 200,
+        ..Default::default()
+    };
+    let e = Engine::start(m.clone(), cfg).unwrap();
+    let first = serve(&e, &[mk(1)], 10, usize::MAX);
+    assert_eq!(first[0].2, 0, "nothing cached yet");
+    assert_eq!(first[0].0, alone(&m, &mk(1), 10));
+    // the same system prompt: its 4 full blocks of 16 come from the cache
+    let second = serve(&e, &[mk(2), mk(3)], 10, usize::MAX);
+    for (i, r) in second.iter().enumerate() {
+        assert_eq!(r.2, 64, "request {i}: cached tokens");
+        assert_eq!(r.0, alone(&m, &mk(2 + i), 10), "request {i}");
+    }
+    // the whole first request again: its prompt and generated blocks
+    let again = serve(&e, &[[mk(1), first[0].0.clone()].concat()], 5, usize::MAX);
+    assert_eq!(again[0].2, 80);
+    assert_eq!(
+        e.stats.prefix_hit_tokens.load(Ordering::Relaxed),
+        64 * 2 + 80
+    );
+    // the cache keeps its blocks; nothing else does
+    e.shutdown(Duration::from_secs(5));
+    let blocks = e.stats.kv_blocks_used.load(Ordering::Relaxed);
+    assert_eq!(blocks, e.stats.prefix_cache_blocks.load(Ordering::Relaxed));
+}
+
+#[test]
+fn a_disconnected_client_frees_its_blocks() {
+    let m = llama();
+    let cfg = EngineConfig {
+        block_tokens: 8,
+        ctx: 200,
+        prefix_caching: false,
+        ..Default::default()
+    };
+    let e = Engine::start(m, cfg).unwrap();
+    let got = serve(&e, &[prompt(1, 40), prompt(2, 50)], 100, 3);
+    assert!(got.iter().all(|g| g.0.len() == 3 && g.1.is_none()));
+    // the engine notices at its next step
+    for _ in 0..100 {
+        if e.stats.running.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(e.stats.running.load(Ordering::Relaxed), 0);
+    assert_eq!(e.stats.kv_blocks_used.load(Ordering::Relaxed), 0);
+    assert_eq!(e.stats.cancelled.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn sliding_window_layers_keep_rings_beside_the_paged_ones() {
+    // the tiny Gemma 3: windows of 8 on 5 of 6 layers, one global layer
+    let g = hf_decoder::load(&data().join("gemma3"), None, &Device::Cpu).unwrap();
+    let m = Arc::new(g.build().unwrap());
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(i, 4 + 7 * i)).collect();
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&m, p, 20)).collect();
+    let cfg = EngineConfig {
+        block_tokens: 8,
+        step_tokens: 16,
+        ctx: 128,
+        ..Default::default()
+    };
+    let e = Engine::start(m, cfg).unwrap();
+    let got = serve(&e, &prompts, 20, usize::MAX);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(&g.0, w, "request {i}");
+        assert_eq!(g.2, 0, "no prefix caching with ring layers");
+    }
+}
+
+#[test]
+fn requests_that_cannot_run_are_refused_at_once() {
+    let m = llama();
+    let cfg = EngineConfig {
+        ctx: 100,
+        max_queue: 0,
+        ..Default::default()
+    };
+    let e = Engine::start(m.clone(), cfg).unwrap();
+    let (tx, _rx) = mpsc::channel();
+    let req = |p: Vec<u32>| Request {
+        prompt: p,
+        max_tokens: 4,
+        sampling: SamplingParams::default(),
+        stop_ids: vec![],
+        logprobs: None,
+        sink: Box::new(Chan {
+            tx: tx.clone(),
+            tokens: 0,
+            limit: 9,
+        }),
+    };
+    let err = e.submit(req(prompt(0, 100))).unwrap_err().to_string();
+    assert!(err.contains("--ctx"), "{err}");
+    assert!(e.submit(req(vec![])).is_err());
+    assert_eq!(
+        e.submit(req(prompt(0, 10))).unwrap_err(),
+        attend::serve::SubmitError::QueueFull
+    );
+    // a pool that cannot hold one context is refused when starting
+    let small = EngineConfig {
+        ctx: 100,
+        kv_memory: 1000,
+        ..Default::default()
+    };
+    let err = Engine::start(m, small).err().unwrap().to_string();
+    assert!(err.contains("kv-memory"), "{err}");
+}

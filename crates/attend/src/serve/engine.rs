@@ -243,11 +243,9 @@ impl Engine {
         // the pool gets what the fixed states of `parallel` sequences leave,
         // and at least room for one sequence's context
         let min_seq = cfg.ctx.div_ceil(cfg.block_tokens) * block_bytes;
-        let parallel = if fixed == 0 {
-            cfg.parallel
-        } else {
-            cfg.parallel
-                .min(cfg.kv_memory.saturating_sub(min_seq) / fixed)
+        let parallel = match cfg.kv_memory.saturating_sub(min_seq).checked_div(fixed) {
+            None => cfg.parallel,
+            Some(n) => cfg.parallel.min(n),
         };
         if parallel == 0 {
             return Err(Error::config(
@@ -397,8 +395,8 @@ struct Scheduler {
     /// paged layers (a token block costs this many pool blocks)
     layers: usize,
     prefix: Option<PrefixCache>,
-    waiting: VecDeque<Box<Seq>>,
-    running: Vec<Box<Seq>>,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
     stats: Arc<Stats>,
     rx: mpsc::Receiver<Msg>,
     deadline: Option<Instant>,
@@ -429,7 +427,7 @@ impl Scheduler {
                                 .sink
                                 .send(Event::Error("the server is shutting down".into()));
                         } else {
-                            self.waiting.push_back(s);
+                            self.waiting.push_back(*s);
                         }
                     }
                     Msg::Shutdown(at) => {

@@ -43,6 +43,7 @@ mod frontier_cmd;
 mod kv_cmd;
 mod load;
 mod run_cmd;
+mod serve_cmd;
 mod train_cmd;
 
 /// candle allocates a fresh buffer for every op; glibc's malloc returns large
@@ -124,6 +125,11 @@ enum Cmd {
     /// against cache memory, as results.json, table.md and plot.svg.
     #[command(allow_negative_numbers = true)]
     KvSweep(kv_cmd::KvSweepArgs),
+    /// An OpenAI-compatible HTTP server: chat, completions and embeddings
+    /// for several users at once (continuous batching, a paged KV cache,
+    /// prefix caching), a chat page at /, Prometheus metrics.
+    #[command(allow_negative_numbers = true)]
+    Serve(Box<serve_cmd::ServeArgs>),
     /// Train MQAR models over attention mechanisms × sizes × key–value
     /// pairs: recall against decode-state bytes, as results.json, table.md
     /// and plots (`--quick`: about 2 minutes).
@@ -201,6 +207,7 @@ fn main() {
         Cmd::Inspect(a) => run_cmd::inspect_cmd(a).context("inspect failed"),
         Cmd::KvSweep(a) => kv_cmd::kv_sweep_cmd(a).context("kv-sweep failed"),
         Cmd::Frontier(a) => frontier_cmd::frontier_cmd(a).context("frontier failed"),
+        Cmd::Serve(a) => serve_cmd::serve_cmd(*a).context("serve failed"),
     };
     if let Err(e) = result {
         // One line: the context chain, outermost first; a config field that

@@ -514,7 +514,11 @@ impl KvCache {
         }
         self.append(k, v)?;
         let (kr, vr) = self.rows();
-        if t >= 16 {
+        // one token (decoding): split-KV; several (a prompt or a chunk of
+        // one): the GEMM form, whose numbers for a position do not depend on
+        // where the chunk starts (`causal_prefill`), so a prompt prefilled
+        // in chunks of two or more tokens gets what a whole prefill gets
+        if t >= 2 {
             attention::causal_prefill(q, &kr, &vr, dims, pos0, out);
         } else {
             attention::split_kv(q, &kr, &vr, dims, pos0, out);
@@ -842,76 +846,77 @@ mod tests {
         // boundaries, in every KV type, with pages that do and do not
         // divide the split-KV slices; then a second sequence that starts
         // from the first one's full blocks and goes its own way
-        let (h, h_kv, hd) = (6, 2, 32);
-        let rope = crate::kernels::rope::RopeTables::new(hd, 512, 10_000.0, None, false);
-        for dtype in [KvDType::F32, KvDType::F16, KvDType::Q8_0] {
-            for bt in [1, 7, 64, 256] {
-                let pool = BlockPool::new(dtype, h_kv, hd, bt, 10_000).unwrap();
-                let mut plain = KvCache::new(dtype, h_kv, hd).unwrap();
-                let mut paged = KvCache::paged(&pool).unwrap();
-                let mut outs = (vec![], vec![]);
-                for (i, t) in [40usize, 1, 1, 300, 1, 1].into_iter().enumerate() {
-                    let q = random(t * h * hd, 10 + i as u64);
-                    let k = random(t * h_kv * hd, 20 + i as u64);
-                    let v = random(t * h_kv * hd, 30 + i as u64);
-                    for (c, o) in [(&mut plain, &mut outs.0), (&mut paged, &mut outs.1)] {
+        for (h, h_kv, hd) in [(6, 2, 32), (9, 3, 64)] {
+            let rope = crate::kernels::rope::RopeTables::new(hd, 512, 10_000.0, None, false);
+            for dtype in [KvDType::F32, KvDType::F16, KvDType::Q8_0] {
+                for bt in [1, 7, 32, 64, 256] {
+                    let pool = BlockPool::new(dtype, h_kv, hd, bt, 10_000).unwrap();
+                    let mut plain = KvCache::new(dtype, h_kv, hd).unwrap();
+                    let mut paged = KvCache::paged(&pool).unwrap();
+                    let mut outs = (vec![], vec![]);
+                    for (i, t) in [40usize, 1, 1, 300, 1, 1].into_iter().enumerate() {
+                        let q = random(t * h * hd, 10 + i as u64);
+                        let k = random(t * h_kv * hd, 20 + i as u64);
+                        let v = random(t * h_kv * hd, 30 + i as u64);
+                        for (c, o) in [(&mut plain, &mut outs.0), (&mut paged, &mut outs.1)] {
+                            let (mut q, mut k) = (q.clone(), k.clone());
+                            let mut out = vec![0f32; q.len()];
+                            c.attend(&mut q, &mut k, &v, Some(&rope), h, &mut out)
+                                .unwrap();
+                            o.push(out);
+                        }
+                    }
+                    for (a, b) in outs.0.iter().zip(&outs.1) {
+                        for (x, y) in a.iter().zip(b) {
+                            assert!(
+                                (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                                "{dtype} bt {bt}: {x} vs {y}"
+                            );
+                        }
+                    }
+                    assert_eq!((paged.len(), paged.seen), (344, 344));
+                    assert_eq!(paged.to_f32(), plain.to_f32());
+                    assert_eq!(pool.used(), 344usize.div_ceil(bt));
+                    // a second sequence from the first one's full blocks
+                    let full = 344 / bt;
+                    let shared = paged.blocks().unwrap()[..full].to_vec();
+                    let mut fork = KvCache::with_blocks(&pool, shared).unwrap();
+                    let mut twin = KvCache::new(dtype, h_kv, hd).unwrap();
+                    let (kf, vf) = plain.to_f32();
+                    // the plain twin holds the same first full·bt tokens
+                    let n0 = full * bt;
+                    let tok = |x: &[f32], j: usize| -> Vec<f32> {
+                        (0..h_kv)
+                            .flat_map(|g| x[(g * 344 + j) * hd..][..hd].to_vec())
+                            .collect()
+                    };
+                    let (k0, v0): (Vec<f32>, Vec<f32>) = (
+                        (0..n0).flat_map(|j| tok(&kf, j)).collect(),
+                        (0..n0).flat_map(|j| tok(&vf, j)).collect(),
+                    );
+                    twin.append(&k0, &v0).unwrap();
+                    let used = pool.used();
+                    let q = random(3 * h * hd, 99);
+                    let k = random(3 * h_kv * hd, 98);
+                    let v = random(3 * h_kv * hd, 97);
+                    let mut res = vec![];
+                    for c in [&mut twin, &mut fork] {
                         let (mut q, mut k) = (q.clone(), k.clone());
                         let mut out = vec![0f32; q.len()];
-                        c.attend(&mut q, &mut k, &v, Some(&rope), h, &mut out)
-                            .unwrap();
-                        o.push(out);
+                        c.attend(&mut q, &mut k, &v, None, h, &mut out).unwrap();
+                        res.push(out);
                     }
-                }
-                for (a, b) in outs.0.iter().zip(&outs.1) {
-                    for (x, y) in a.iter().zip(b) {
+                    for (x, y) in res[0].iter().zip(&res[1]) {
                         assert!(
                             (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
-                            "{dtype} bt {bt}: {x} vs {y}"
+                            "{dtype} bt {bt} fork: {x} vs {y}"
                         );
                     }
+                    // the fork took new blocks for its own tokens only; the
+                    // first sequence's are untouched
+                    assert_eq!(pool.used(), used + (n0 + 3).div_ceil(bt) - full);
+                    assert_eq!(paged.to_f32(), plain.to_f32());
                 }
-                assert_eq!((paged.len(), paged.seen), (344, 344));
-                assert_eq!(paged.to_f32(), plain.to_f32());
-                assert_eq!(pool.used(), 344usize.div_ceil(bt));
-                // a second sequence from the first one's full blocks
-                let full = 344 / bt;
-                let shared = paged.blocks().unwrap()[..full].to_vec();
-                let mut fork = KvCache::with_blocks(&pool, shared).unwrap();
-                let mut twin = KvCache::new(dtype, h_kv, hd).unwrap();
-                let (kf, vf) = plain.to_f32();
-                // the plain twin holds the same first full·bt tokens
-                let n0 = full * bt;
-                let tok = |x: &[f32], j: usize| -> Vec<f32> {
-                    (0..h_kv)
-                        .flat_map(|g| x[(g * 344 + j) * hd..][..hd].to_vec())
-                        .collect()
-                };
-                let (k0, v0): (Vec<f32>, Vec<f32>) = (
-                    (0..n0).flat_map(|j| tok(&kf, j)).collect(),
-                    (0..n0).flat_map(|j| tok(&vf, j)).collect(),
-                );
-                twin.append(&k0, &v0).unwrap();
-                let used = pool.used();
-                let q = random(3 * h * hd, 99);
-                let k = random(3 * h_kv * hd, 98);
-                let v = random(3 * h_kv * hd, 97);
-                let mut res = vec![];
-                for c in [&mut twin, &mut fork] {
-                    let (mut q, mut k) = (q.clone(), k.clone());
-                    let mut out = vec![0f32; q.len()];
-                    c.attend(&mut q, &mut k, &v, None, h, &mut out).unwrap();
-                    res.push(out);
-                }
-                for (x, y) in res[0].iter().zip(&res[1]) {
-                    assert!(
-                        (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
-                        "{dtype} bt {bt} fork: {x} vs {y}"
-                    );
-                }
-                // the fork took new blocks for its own tokens only; the
-                // first sequence's are untouched
-                assert_eq!(pool.used(), used + (n0 + 3).div_ceil(bt) - full);
-                assert_eq!(paged.to_f32(), plain.to_f32());
             }
         }
     }

@@ -69,7 +69,13 @@ impl Mask {
 /// Causal grouped-query softmax attention of t queries at positions
 /// pos0..pos0+t over a cache holding positions 0..pos0+t:
 /// q (t, h, hd), k[g], v[g] (≥ pos0 + t, hd) -> out (t, h, hd).
-/// The cache is decoded to f32 once and handed to `attend_f32`.
+///
+/// The GEMM form, in blocks of 64 query positions aligned to the start of
+/// the sequence (not of this call), each over the keys 0..the block's end
+/// (the cache decoded to f32 once, zero rows past its end): so a query's
+/// numbers depend on its position and the keys before it, not on how the
+/// prompt was cut into chunks (a server's chunked prefill and prefix
+/// cache give the tokens a whole prefill gives).
 pub fn causal_prefill(
     q: &[f32],
     k: &[KvRows],
@@ -80,26 +86,91 @@ pub fn causal_prefill(
 ) {
     let t = queries(q, k, v, (h, h_kv, hd), pos0, out);
     let n = pos0 + t;
+    let np = n.next_multiple_of(QB);
     let decode = |rows: &[KvRows]| {
-        let mut f = super::scratch::take(h_kv * n * hd);
+        let mut f = super::scratch::take(h_kv * np * hd);
         for (g, r) in rows.iter().enumerate() {
-            r.decode_rows(0, 0, hd, &mut f[g * n * hd..][..n * hd]);
+            r.decode_rows(0, 0, hd, &mut f[g * np * hd..][..n * hd]);
         }
         f
     };
     let (kf, vf) = (decode(k), decode(v));
-    let s = |data| Strided {
-        data,
-        head: n * hd,
-        row: hd,
+    let group = h / h_kv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let ld = h * hd;
+    // (head, first query of the block, queries in it)
+    let mut tasks = vec![];
+    for head in 0..h {
+        let mut p = pos0;
+        while p < n {
+            let end = ((p / QB + 1) * QB).min(n);
+            tasks.push((head, p - pos0, end - p));
+            p = end;
+        }
+    }
+    let dst = SharedPtr(out.as_mut_ptr());
+    let work = |&(head, i0, m): &(usize, usize, usize)| {
+        let kv = head / group;
+        let first = pos0 + i0;
+        // the whole aligned block, whatever part of it this call holds:
+        // its queries at rows first % 64.., zero rows around them (gemm's
+        // kernels differ with the shape, so the shape never changes)
+        let r0 = first % QB;
+        let nk = first - r0 + QB;
+        let mut qb = super::scratch::take(QB * hd);
+        for r in 0..m {
+            qb[(r0 + r) * hd..][..hd].copy_from_slice(&q[(i0 + r) * ld + head * hd..][..hd]);
+        }
+        let mut p = super::scratch::take(QB * nk);
+        let mut o = super::scratch::take_dirty(QB * hd);
+        // Safety: qb (64, hd), kf/vf rows 0..nk ≤ np of this kv head, p
+        // (64, nk) and o (64, hd) lie inside their buffers.
+        unsafe {
+            gemm_strided(
+                (QB, nk, hd),
+                (p.as_mut_ptr(), nk as isize),
+                (qb.as_ptr(), hd as isize, 1),
+                (kf.as_ptr().add(kv * np * hd), 1, hd as isize),
+                scale,
+            );
+        }
+        for (r, row) in p.chunks_exact_mut(nk).enumerate() {
+            if r < r0 || r >= r0 + m {
+                row.fill(0.0);
+                continue;
+            }
+            let (seen, after) = row.split_at_mut(first - r0 + r + 1);
+            super::dense::softmax_row(seen);
+            after.fill(0.0);
+        }
+        unsafe {
+            gemm_strided(
+                (QB, hd, nk),
+                (o.as_mut_ptr(), hd as isize),
+                (p.as_ptr(), nk as isize, 1),
+                (vf.as_ptr().add(kv * np * hd), hd as isize, 1),
+                1.0,
+            );
+        }
+        // Safety: tasks write disjoint (rows, head) blocks of out.
+        for r in 0..m {
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    o.as_ptr().add((r0 + r) * hd),
+                    dst.get().add((i0 + r) * ld + head * hd),
+                    hd,
+                );
+            }
+        }
+        super::scratch::give(qb);
+        super::scratch::give(p);
+        super::scratch::give(o);
     };
-    let seq = Seq {
-        q0: 0,
-        t,
-        k0: 0,
-        pos0,
-    };
-    attend_f32(q, s(&kf), s(&vf), (h, h_kv, hd), &[seq], Mask::CAUSAL, out);
+    if tasks.len() == 1 {
+        tasks.iter().for_each(work);
+    } else {
+        tasks.par_iter().for_each(work);
+    }
     super::scratch::give(kf);
     super::scratch::give(vf);
 }
@@ -255,12 +326,12 @@ pub fn split_kv_chunked(
     }
     // one run of keys j0..j0 + len inside a page, for query i and kv head
     // kv: per query head of the group, (m, l, acc (hd))
-    let run = |i: usize, kv: usize, j0: usize, len: usize| {
+    let run = |i: usize, kv: usize, (kr, vr): (&KvRows, &KvRows), j0: usize, len: usize| {
         // the run's keys and values of this kv head as f32: in place when
         // the cache holds f32, else decoded once for the group
         let width = len * hd;
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
-        let in_place = (k[kv].run_f32(j0), v[kv].run_f32(j0));
+        let in_place = (kr.run_f32(j0), vr.run_f32(j0));
         // decoded slices go through the register form (measured faster for
         // them); an f32 cache is read in place by the GEMMs (faster there)
         #[cfg(target_arch = "x86_64")]
@@ -277,7 +348,7 @@ pub fn split_kv_chunked(
         // an f16 cache is read by the register form straight from its bytes
         // (the conversion inside the loop: no decoded copy to write and
         // read back)
-        let f16 = small && k[kv].dtype == super::kv::KvDType::F16;
+        let f16 = small && kr.dtype == super::kv::KvDType::F16;
         let (kf, vf) = match in_place {
             (Some(kf), Some(vf)) => (kf, vf),
             _ if f16 => (&[][..], &[][..]),
@@ -286,12 +357,12 @@ pub fn split_kv_chunked(
                     super::scratch::take_dirty(width),
                     super::scratch::take_dirty(width),
                 );
-                k[kv].decode_rows(j0, 0, hd, &mut ks);
-                v[kv].decode_rows(j0, 0, hd, &mut vs);
+                kr.decode_rows(j0, 0, hd, &mut ks);
+                vr.decode_rows(j0, 0, hd, &mut vs);
                 (&ks[..], &vs[..])
             }
         };
-        let (kb, vb) = (k[kv].run(j0).0, v[kv].run(j0).0);
+        let (kb, vb) = (kr.run(j0).0, vr.run(j0).0);
         if f16 {
             let end = 2 * len * hd;
             assert!(kb.len() >= end && vb.len() >= end);
@@ -374,26 +445,34 @@ pub fn split_kv_chunked(
             .map(|((m, l), a)| (m, l, a.to_vec()))
             .collect::<Vec<_>>()
     };
-    // per task: its keys one page's run at a time (a contiguous cache is
-    // one run), the runs' partial softmaxes merged as the tasks' are below
+    // per task: its keys in one run. A task whose keys span pages (a paged
+    // cache) first copies their bytes together, so that it computes
+    // exactly what it would over a contiguous cache — a sequence's numbers
+    // do not depend on how its cache is stored (batch invariance: a
+    // server's answers do not depend on its load)
     let work = |&(i, kv, j0, j1): &(usize, usize, usize, usize)| {
-        let len = k[kv].run(j0).1.min(j1 - j0);
-        let mut part = run(i, kv, j0, len);
-        let mut j = j0 + len;
-        while j < j1 {
-            let len = k[kv].run(j).1.min(j1 - j);
-            for ((m, l, acc), (m2, l2, acc2)) in part.iter_mut().zip(run(i, kv, j, len)) {
-                let mx = m.max(m2);
-                let (w, w2) = ((*m - mx).exp(), (m2 - mx).exp());
-                *l = w * *l + w2 * l2;
-                for (a, b) in acc.iter_mut().zip(&acc2) {
-                    *a = w * *a + w2 * b;
-                }
-                *m = mx;
-            }
-            j += len;
+        let len = j1 - j0;
+        if k[kv].run(j0).1 >= len {
+            return run(i, kv, (&k[kv], &v[kv]), j0, len);
         }
-        part
+        let rb = k[kv].dtype.bytes(hd);
+        let gather = |r: &KvRows| {
+            let mut b = Vec::with_capacity(len * rb);
+            let mut j = j0;
+            while j < j1 {
+                let (bytes, n) = r.run(j);
+                let n = n.min(j1 - j);
+                b.extend_from_slice(&bytes[..n * rb]);
+                j += n;
+            }
+            b
+        };
+        let (kb, vb) = (gather(&k[kv]), gather(&v[kv]));
+        let (kr, vr) = (
+            KvRows::contiguous(k[kv].dtype, &kb, hd),
+            KvRows::contiguous(v[kv].dtype, &vb, hd),
+        );
+        run(i, kv, (&kr, &vr), 0, len)
     };
     // a step near the start of the context is too little work to share out
     let parts: Vec<Vec<(f32, f32, Vec<f32>)>> = if t * (pos0 + t) * h * hd * 2 < 1 << 16 {

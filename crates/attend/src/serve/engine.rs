@@ -183,6 +183,9 @@ pub struct Engine {
     pub block_bytes: usize,
     /// Sequences that fit at once (parallel, as the memory allows).
     pub parallel: usize,
+    /// Bytes of each running sequence's fixed-size state (sliding-window
+    /// rings, policy-capped caches), outside the pool.
+    pub fixed_bytes: usize,
 }
 
 struct Seq {
@@ -318,11 +321,20 @@ impl Engine {
             cfg,
             block_bytes,
             parallel,
+            fixed_bytes: fixed,
         })
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// KV bytes in use now: the pool's blocks (sequences' and the prefix
+    /// cache's) and the running sequences' fixed states; never above
+    /// `kv_memory`.
+    pub fn kv_bytes(&self) -> usize {
+        self.stats.kv_blocks_used.load(Ordering::Relaxed) * self.block_bytes
+            + self.stats.running.load(Ordering::Relaxed) * self.fixed_bytes
     }
 
     /// Queue a request; its events go to its sink.
@@ -585,8 +597,15 @@ impl Scheduler {
                 if left == 1 {
                     plan.push((i, 1));
                 } else if budget > 0 {
-                    let n = left.min(budget);
-                    budget -= n;
+                    // never a chunk of one prompt token, nor one left over:
+                    // a single token takes the decode path (split-KV), whose
+                    // numbers differ from the prefill form's, and a
+                    // sequence's tokens must not depend on the load
+                    let mut n = left.min(budget).max(2);
+                    if left - n == 1 {
+                        n += 1;
+                    }
+                    budget = budget.saturating_sub(n);
                     plan.push((i, n));
                 }
             }

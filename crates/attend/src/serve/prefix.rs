@@ -46,12 +46,13 @@ impl PrefixCache {
     }
 
     /// The longest run of cached blocks that starts `tokens`, leaving at
-    /// least one token to compute (the next token's logits come from it):
-    /// per paged layer, its blocks in order.
+    /// least two tokens to compute (the next token's logits come from the
+    /// last; one token alone would take the decode path, whose numbers
+    /// differ from a prefill's): per paged layer, its blocks in order.
     pub fn lookup(&mut self, tokens: &[u32], bt: usize) -> Vec<Vec<Arc<KvBlock>>> {
         self.tick += 1;
         let mut h = 0;
-        let n = tokens.len().saturating_sub(1) / bt;
+        let n = tokens.len().saturating_sub(2) / bt;
         let mut hashes = vec![];
         for b in 0..n {
             let blk = &tokens[b * bt..][..bt];
@@ -140,13 +141,14 @@ mod tests {
         let toks = [1, 2, 3, 4, 5, 6, 7];
         pc.insert(&toks, &[&blocks], 2);
         assert_eq!(pc.len(), 3);
-        // the same start: all three blocks (7 tokens leave one to compute)
-        let hit = pc.lookup(&toks, 2);
+        // the same start: all three blocks (8 tokens leave two to compute)
+        let toks8 = [1, 2, 3, 4, 5, 6, 7, 8];
+        let hit = pc.lookup(&toks8, 2);
         assert_eq!(hit.len(), 1);
         assert_eq!(hit[0].len(), 3);
         assert!(Arc::ptr_eq(&hit[0][2], &blocks[2]));
-        // exactly 6 tokens: only 2 blocks (one token must be computed)
-        assert_eq!(pc.lookup(&toks[..6], 2)[0].len(), 2);
+        // 7 tokens: only 2 blocks (two tokens must be computed)
+        assert_eq!(pc.lookup(&toks, 2)[0].len(), 2);
         // a different second block: only the first matches
         assert_eq!(pc.lookup(&[1, 2, 9, 9, 5, 6, 7], 2)[0].len(), 1);
         // a different first block: nothing, even if later blocks agree
@@ -155,7 +157,7 @@ mod tests {
         assert_eq!(pc.evict_one(), 0);
         drop((blocks, hit));
         assert_eq!(pc.evict_one(), 1);
-        assert_eq!(pc.lookup(&toks, 2)[0].len(), 2);
+        assert_eq!(pc.lookup(&toks8, 2)[0].len(), 2);
         pc.clear_unused();
         assert!(pc.is_empty());
         assert_eq!(pool.used(), 0);

@@ -833,6 +833,9 @@ struct GenSpec {
     logprobs: Option<usize>,
     stream: bool,
     include_usage: bool,
+    /// vLLM's and llama.cpp's extension: keep going past end-of-generation
+    /// tokens (benchmarks that want exactly max_tokens).
+    ignore_eos: bool,
 }
 
 fn gen_spec(v: &Value, d: &Decoder, chat: bool, prompt_len: usize) -> Result<GenSpec, ApiError> {
@@ -938,6 +941,7 @@ fn gen_spec(v: &Value, d: &Decoder, chat: bool, prompt_len: usize) -> Result<Gen
         logprobs,
         stream: bool_field(v, "stream")?,
         include_usage,
+        ignore_eos: bool_field(v, "ignore_eos")?,
     })
 }
 
@@ -1026,7 +1030,11 @@ fn start(
         prompt,
         max_tokens: spec.max_tokens,
         sampling: spec.sampling.clone(),
-        stop_ids: d.stop_ids.clone(),
+        stop_ids: if spec.ignore_eos {
+            vec![]
+        } else {
+            d.stop_ids.clone()
+        },
         logprobs: spec.logprobs,
         sink: Box::new(ChanSink(tx)),
     })?;

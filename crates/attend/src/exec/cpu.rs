@@ -374,21 +374,44 @@ impl Exec for Cpu {
         match caches {
             Some(caches) => {
                 caches_for(caches, b.seqs.len())?;
-                for ((r0, s), c) in b.rows().zip(caches.iter_mut()) {
+                // each sequence's rows of q, k, v and out, with its cache
+                let (mut qr, mut kr, mut vr, mut or) = (
+                    &mut q.data[..],
+                    &mut k.data[..],
+                    &v.data[..],
+                    &mut out.data[..],
+                );
+                let mut jobs = Vec::with_capacity(caches.len());
+                for ((_, s), c) in b.rows().zip(caches.iter_mut()) {
                     if c.seen != s.pos0 {
                         return Err(Error::msg(format!(
                             "the KV cache holds {} tokens, the batch continues at position {}",
                             c.seen, s.pos0
                         )));
                     }
-                    c.attend(
-                        &mut q.data[r0 * qd..][..s.len * qd],
-                        &mut k.data[r0 * kvd..][..s.len * kvd],
-                        &v.data[r0 * kvd..][..s.len * kvd],
-                        op.rope.map(|r| &*r.tables),
-                        h,
-                        &mut out.data[r0 * qd..][..s.len * qd],
-                    )?;
+                    let (qa, qb) = std::mem::take(&mut qr).split_at_mut(s.len * qd);
+                    let (ka, kb) = std::mem::take(&mut kr).split_at_mut(s.len * kvd);
+                    let (va, vb) = vr.split_at(s.len * kvd);
+                    let (oa, ob) = std::mem::take(&mut or).split_at_mut(s.len * qd);
+                    (qr, kr, vr, or) = (qb, kb, vb, ob);
+                    jobs.push((c, qa, ka, va, oa));
+                }
+                let rope = op.rope.map(|r| &*r.tables);
+                let run = |(c, q, k, v, o): (
+                    &mut KvCache,
+                    &mut [f32],
+                    &mut [f32],
+                    &[f32],
+                    &mut [f32],
+                )| { c.attend(q, k, v, rope, h, o) };
+                // several sequences (a server's decode step): one parallel
+                // region over them, not one (tiny) region per sequence;
+                // each sequence's arithmetic is the same either way
+                if jobs.len() > 1 {
+                    use rayon::prelude::*;
+                    jobs.into_par_iter().map(run).collect::<Result<Vec<()>>>()?;
+                } else {
+                    jobs.into_iter().try_for_each(run)?;
                 }
             }
             None => {

@@ -456,23 +456,41 @@ pub fn split_kv_chunked(
             return run(i, kv, (&k[kv], &v[kv]), j0, len);
         }
         let rb = k[kv].dtype.bytes(hd);
+        // into pooled f32 buffers (no allocation, no fresh pages), seen as
+        // bytes: 4-aligned, as an f32 cache's rows must be
         let gather = |r: &KvRows| {
-            let mut b = Vec::with_capacity(len * rb);
+            let mut buf = super::scratch::take_dirty((len * rb).div_ceil(4));
+            // Safety: any bytes are valid f32 bits and vice versa; the view
+            // covers the buffer's own len · 4 bytes.
+            let b = unsafe {
+                std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, buf.len() * 4)
+            };
+            let mut at = 0;
             let mut j = j0;
             while j < j1 {
                 let (bytes, n) = r.run(j);
                 let n = n.min(j1 - j);
-                b.extend_from_slice(&bytes[..n * rb]);
+                b[at..at + n * rb].copy_from_slice(&bytes[..n * rb]);
+                at += n * rb;
                 j += n;
             }
-            b
+            buf
         };
         let (kb, vb) = (gather(&k[kv]), gather(&v[kv]));
-        let (kr, vr) = (
-            KvRows::contiguous(k[kv].dtype, &kb, hd),
-            KvRows::contiguous(v[kv].dtype, &vb, hd),
-        );
-        run(i, kv, (&kr, &vr), 0, len)
+        let bytes = |b: &[f32]| unsafe {
+            // Safety: as above; only the len · rb bytes written are read.
+            std::slice::from_raw_parts(b.as_ptr() as *const u8, len * rb)
+        };
+        let part = {
+            let (kr, vr) = (
+                KvRows::contiguous(k[kv].dtype, bytes(&kb), hd),
+                KvRows::contiguous(v[kv].dtype, bytes(&vb), hd),
+            );
+            run(i, kv, (&kr, &vr), 0, len)
+        };
+        super::scratch::give(kb);
+        super::scratch::give(vb);
+        part
     };
     // a step near the start of the context is too little work to share out
     let parts: Vec<Vec<(f32, f32, Vec<f32>)>> = if t * (pos0 + t) * h * hd * 2 < 1 << 16 {

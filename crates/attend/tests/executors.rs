@@ -47,18 +47,25 @@ fn perturbed(cfg: &ModelConfig, seed: u64) -> Transformer {
 /// Feed a batch of 2 sequences in chunks of `lens` through decode states
 /// on both executors; the largest relative difference of the logits.
 fn steps_on_both(m: &Transformer, memory: Option<&Memory>, lens: &[usize], seed: u64) -> f32 {
+    step_diffs(m, memory, lens, seed)
+        .into_iter()
+        .fold(0f32, f32::max)
+}
+
+/// Per step: the relative difference of the two executors' logits.
+fn step_diffs(m: &Transformer, memory: Option<&Memory>, lens: &[usize], seed: u64) -> Vec<f32> {
     let mut r = common::rng(seed);
     let (mut sg, mut sc) = (m.new_state(memory).unwrap(), m.new_state(memory).unwrap());
-    let mut worst = 0f32;
+    let mut diffs = vec![];
     for &len in lens {
         let x = common::random_ids(&mut r, 2, len, m.cfg.vocab_size);
         let g = m.step_on(Executor::Graph, &x, &mut sg, false).unwrap();
         let c = m.step_on(Executor::Cpu, &x, &mut sc, false).unwrap();
         assert_eq!(g.dims(), c.dims());
-        worst = worst.max(max_rel_diff(&c, &g));
+        diffs.push(max_rel_diff(&c, &g));
     }
     assert_eq!(sg.pos, sc.pos);
-    worst
+    diffs
 }
 
 /// Packed encoding of sequences of different lengths on both executors.
@@ -146,12 +153,20 @@ fn quantized_decoders_run_the_same_on_both_executors() {
         // quantized: both executors quantize the activations to 8 bits for
         // the same kernels, so they agree to f32 rounding, except where a
         // value sits on a rounding edge of that quantization and the two
-        // attention forms' last-bit differences put it on either side (a
-        // step of 1/127 of a block's largest value: ~1e-3 of a logit)
+        // attention forms' last-bit differences put it on either side: one
+        // step of 1/127 of a block's largest value, which in this tiny
+        // model moves the logits by up to ~1.4e-2 (measured: seed 7's
+        // two-token step), and the steps after it read the flipped cache.
+        // So: every step within 2e-2, and most at f32 rounding (a broken
+        // rotation, mask or cache is off at every step, by far more)
         let mut q = quantized_llama(interleaved, seed);
         q.kv_dtype = attend::kernels::kv::KvDType::F32;
-        let d = steps_on_both(&q, None, &[13, 1, 1, 1, 2, 1, 1], seed);
-        assert!(d < 5e-3, "q4_1 interleaved={interleaved} seed {seed}: {d}");
+        let d = step_diffs(&q, None, &[13, 1, 1, 1, 2, 1, 1], seed);
+        let exact = d.iter().filter(|&&x| x < 1e-5).count();
+        assert!(
+            d.iter().all(|&x| x < 2e-2) && exact >= 4,
+            "q4_1 interleaved={interleaved} seed {seed}: per step {d:?}"
+        );
     }
 }
 

@@ -234,13 +234,15 @@ fn a_cached_prefix_is_reused_and_gives_the_same_tokens() {
         assert_eq!(r.2, 64, "request {i}: cached tokens");
         assert_eq!(r.0, alone(&m, &mk(2 + i), 10), "request {i}");
     }
-    // the whole first request again: its prompt and generated blocks
-    let again = serve(&e, &[[mk(1), first[0].0.clone()].concat()], 5, usize::MAX);
-    assert_eq!(again[0].2, 80);
-    assert_eq!(
-        e.stats.prefix_hit_tokens.load(Ordering::Relaxed),
-        64 * 2 + 80
-    );
+    // the first request's prompt and reply as a new prompt (a
+    // conversation's next turn): the prompt's blocks come from the cache,
+    // the reply is prefilled afresh (its cached decode-step numbers would
+    // differ from a prefill's), so the tokens are what a fresh run gets
+    let turn = [mk(1), first[0].0.clone()].concat();
+    let again = serve(&e, std::slice::from_ref(&turn), 5, usize::MAX);
+    assert_eq!(again[0].2, 64);
+    assert_eq!(again[0].0, alone(&m, &turn, 5));
+    assert_eq!(e.stats.prefix_hit_tokens.load(Ordering::Relaxed), 64 * 3);
     // the cache keeps its blocks; nothing else does
     e.shutdown(Duration::from_secs(5));
     let blocks = e.stats.kv_blocks_used.load(Ordering::Relaxed);

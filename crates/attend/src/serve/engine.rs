@@ -255,7 +255,7 @@ impl Engine {
             return Err(Error::config(
                 "kv-memory",
                 format!(
-                    "{} holds no sequence: each needs {} of fixed state and {} for a {}-token context",
+                    "{} holds no sequence: each needs {} of fixed state and {} for a {}-token context: raise it or lower --ctx",
                     size(cfg.kv_memory),
                     size(fixed),
                     size(min_seq),
@@ -270,7 +270,7 @@ impl Engine {
                 return Err(Error::config(
                     "kv-memory",
                     format!(
-                        "{} holds {blocks} blocks of {} tokens; one {}-token context needs {} ({})",
+                        "{} holds {blocks} blocks of {} tokens; one {}-token context needs {} ({}): raise it or lower --ctx",
                         size(cfg.kv_memory),
                         cfg.block_tokens,
                         cfg.ctx,

@@ -8,6 +8,7 @@
 # and off.
 #
 #   scripts/bench-serve.sh LLAMA_BIN_DIR MODEL.gguf [STREAMS...]
+#   PREFIX_FLAGS=--completions scripts/bench-serve.sh …   # a model without a chat template
 #
 # Both servers get 2 threads and a 2,048-token context per sequence.
 set -euo pipefail
@@ -22,6 +23,7 @@ lg="python3 $root/scripts/loadgen.py"
 corpus=$root/../shared/data/tinyshakespeare.txt
 port=18123
 pid=
+PREFIX_FLAGS=${PREFIX_FLAGS:-}
 
 stop() {
   if [ -n "$pid" ]; then
@@ -70,9 +72,9 @@ done
 # a shared system prompt of about 1,000 tokens: the first request is cold,
 # the rest share it
 run_attend
-echo "prefix attend (cache on)   $($lg http://127.0.0.1:$port --prefix-test --corpus "$corpus" --json)"
+echo "prefix attend (cache on)   $($lg http://127.0.0.1:$port --prefix-test $PREFIX_FLAGS --corpus "$corpus" --json)"
 run_attend --no-prefix-cache
-echo "prefix attend (cache off)  $($lg http://127.0.0.1:$port --prefix-test --corpus "$corpus" --json)"
+echo "prefix attend (cache off)  $($lg http://127.0.0.1:$port --prefix-test $PREFIX_FLAGS --corpus "$corpus" --json)"
 run_llama 1
-echo "prefix llama-server        $($lg http://127.0.0.1:$port --prefix-test --corpus "$corpus" --json)"
+echo "prefix llama-server        $($lg http://127.0.0.1:$port --prefix-test $PREFIX_FLAGS --corpus "$corpus" --json)"
 stop

@@ -155,21 +155,28 @@ def prefix(a):
     times = []
     for q in qs:
         body = {
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
             "max_tokens": 8,
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if a.completions:
+            # (a model without a chat template: the same text as a prompt)
+            path = "/v1/completions"
+            body["prompt"] = system + "\n\nQuestion: " + q + "\nAnswer:"
+        else:
+            path = "/v1/chat/completions"
+            body["messages"] = [{"role": "system", "content": system}, {"role": "user", "content": q}]
         if a.model:
             body["model"] = a.model
         t0 = time.perf_counter()
         first, usage = None, None
-        for t, j in post_stream(a.url, "/v1/chat/completions", body):
+        for t, j in post_stream(a.url, path, body):
             if j.get("usage"):
                 usage = j["usage"]
             for ch in j.get("choices") or []:
-                if (ch.get("delta") or {}).get("content") and first is None:
+                piece = ch.get("text") or (ch.get("delta") or {}).get("content")
+                if piece and first is None:
                     first = t
         times.append(((first or time.perf_counter()) - t0, usage))
     cold = times[0][0]
@@ -204,6 +211,11 @@ def main():
     p.add_argument("--json", action="store_true")
     p.add_argument("--prefix-test", action="store_true")
     p.add_argument("--system-tokens", type=int, default=1000)
+    p.add_argument(
+        "--completions",
+        action="store_true",
+        help="prefix test over /v1/completions (models without a chat template)",
+    )
     a = p.parse_args()
     if a.requests is None:
         a.requests = max(2 * a.streams, 8)

@@ -241,6 +241,18 @@ impl KvCache {
         Ok(c)
     }
 
+    /// A paged sliding-window cache: as `with_blocks`, each query reading
+    /// only the last `w` positions (every token is kept, so the blocks of a
+    /// prefix can be shared like a full layer's).
+    pub fn paged_window(pool: &BlockPool, blocks: Vec<Arc<KvBlock>>, w: usize) -> Result<Self> {
+        if w == 0 {
+            return Err(Error::config("window", "must be at least 1"));
+        }
+        let mut c = Self::with_blocks(pool, blocks)?;
+        c.window = Some(w);
+        Ok(c)
+    }
+
     /// A paged cache's block table.
     pub fn blocks(&self) -> Option<&[Arc<KvBlock>]> {
         self.pages.as_ref().map(|p| &p.blocks[..])
@@ -413,7 +425,7 @@ impl KvCache {
     /// Plain caches: append t tokens, k and v (t, h_kv, hd) token-major,
     /// keys already rotated to their positions.
     pub fn append(&mut self, k: &[f32], v: &[f32]) -> Result<()> {
-        if self.policy.is_some() || self.window.is_some() {
+        if self.policy.is_some() || (self.window.is_some() && self.pages.is_none()) {
             return Err(Error::msg(
                 "a policy-capped or sliding-window KV cache takes tokens through attend",
             ));
@@ -508,12 +520,22 @@ impl KvCache {
             }
         }
         let dims = (h, h_kv, hd);
-        if let Some(w) = self.window {
+        if let (Some(w), None) = (self.window, &self.pages) {
             self.attend_window(q, k, v, dims, w, out);
             return Ok(());
         }
         self.append(k, v)?;
         let (kr, vr) = self.rows();
+        if let Some(w) = self.window {
+            // a paged sliding-window layer keeps every token and reads the
+            // band (the same shapes as the full forms, so as invariant)
+            if t >= 2 {
+                attention::causal_prefill_window(q, &kr, &vr, dims, pos0, Some(w), out);
+            } else {
+                attention::split_kv_window(q, &kr, &vr, dims, pos0, w, out);
+            }
+            return Ok(());
+        }
         // one token (decoding): split-KV; several (a prompt or a chunk of
         // one): the GEMM form, whose numbers for a position do not depend on
         // where the chunk starts (`causal_prefill`), so a prompt prefilled
@@ -917,6 +939,43 @@ mod tests {
                     assert_eq!(pool.used(), used + (n0 + 3).div_ceil(bt) - full);
                     assert_eq!(paged.to_f32(), plain.to_f32());
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_paged_window_attends_as_the_ring() {
+        // the same band two ways: a ring of w slots, and paged blocks that
+        // keep every token and read the last w; prefill chunks (the GEMM
+        // form) and decode steps (split-KV) across the window's edge
+        let (h, h_kv, hd) = (4, 1, 32);
+        let rope = crate::kernels::rope::RopeTables::new(hd, 512, 10_000.0, None, false);
+        for w in [8, 37] {
+            for dtype in [KvDType::F32, KvDType::F16] {
+                let pool = BlockPool::new(dtype, h_kv, hd, 16, 1000).unwrap();
+                let mut ring = KvCache::windowed(dtype, h_kv, hd, w).unwrap();
+                let mut paged = KvCache::paged_window(&pool, vec![], w).unwrap();
+                for (i, t) in [20usize, 1, 1, 50, 1, 3, 1].into_iter().enumerate() {
+                    let q = random(t * h * hd, 40 + i as u64);
+                    let k = random(t * h_kv * hd, 50 + i as u64);
+                    let v = random(t * h_kv * hd, 60 + i as u64);
+                    let mut outs = vec![];
+                    for c in [&mut ring, &mut paged] {
+                        let (mut q, mut k) = (q.clone(), k.clone());
+                        let mut out = vec![0f32; q.len()];
+                        c.attend(&mut q, &mut k, &v, Some(&rope), h, &mut out)
+                            .unwrap();
+                        outs.push(out);
+                    }
+                    for (x, y) in outs[0].iter().zip(&outs[1]) {
+                        assert!(
+                            (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                            "w {w} {dtype} step {i}: {x} vs {y}"
+                        );
+                    }
+                }
+                assert_eq!(paged.seen, 77);
+                assert_eq!(ring.len(), w);
             }
         }
     }

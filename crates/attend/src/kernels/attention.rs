@@ -80,11 +80,28 @@ pub fn causal_prefill(
     q: &[f32],
     k: &[KvRows],
     v: &[KvRows],
-    (h, h_kv, hd): (usize, usize, usize),
+    dims: (usize, usize, usize),
     pos0: usize,
     out: &mut [f32],
 ) {
+    causal_prefill_window(q, k, v, dims, pos0, None, out)
+}
+
+/// `causal_prefill` where each query sees only the last w positions (i − w
+/// < j ≤ i; a sliding-window layer whose cache keeps every token, as a
+/// server's paged one does). The block of 64 positions aligned at 64b reads
+/// keys max(0, 64b − w + 1)..64b + 64: a fixed shape per block again.
+pub fn causal_prefill_window(
+    q: &[f32],
+    k: &[KvRows],
+    v: &[KvRows],
+    (h, h_kv, hd): (usize, usize, usize),
+    pos0: usize,
+    window: Option<usize>,
+    out: &mut [f32],
+) {
     let t = queries(q, k, v, (h, h_kv, hd), pos0, out);
+    let w = window.unwrap_or(usize::MAX);
     let n = pos0 + t;
     let np = n.next_multiple_of(QB);
     let decode = |rows: &[KvRows]| {
@@ -116,7 +133,9 @@ pub fn causal_prefill(
         // its queries at rows first % 64.., zero rows around them (gemm's
         // kernels differ with the shape, so the shape never changes)
         let r0 = first % QB;
-        let nk = first - r0 + QB;
+        // keys lo..hi: from what the block's first position sees to its end
+        let lo = (first - r0 + 1).saturating_sub(w);
+        let nk = first - r0 + QB - lo;
         let mut qb = super::scratch::take(QB * hd);
         for r in 0..m {
             qb[(r0 + r) * hd..][..hd].copy_from_slice(&q[(i0 + r) * ld + head * hd..][..hd]);
@@ -130,7 +149,7 @@ pub fn causal_prefill(
                 (QB, nk, hd),
                 (p.as_mut_ptr(), nk as isize),
                 (qb.as_ptr(), hd as isize, 1),
-                (kf.as_ptr().add(kv * np * hd), 1, hd as isize),
+                (kf.as_ptr().add((kv * np + lo) * hd), 1, hd as isize),
                 scale,
             );
         }
@@ -139,8 +158,13 @@ pub fn causal_prefill(
                 row.fill(0.0);
                 continue;
             }
-            let (seen, after) = row.split_at_mut(first - r0 + r + 1);
+            // position first − r0 + r sees keys a..b
+            let at = first - r0 + r;
+            let (a, b) = ((at + 1).saturating_sub(w).max(lo) - lo, at + 1 - lo);
+            let (before, rest) = row.split_at_mut(a);
+            let (seen, after) = rest.split_at_mut(b - a);
             super::dense::softmax_row(seen);
+            before.fill(0.0);
             after.fill(0.0);
         }
         unsafe {
@@ -148,7 +172,7 @@ pub fn causal_prefill(
                 (QB, hd, nk),
                 (o.as_mut_ptr(), hd as isize),
                 (p.as_ptr(), nk as isize, 1),
-                (vf.as_ptr().add(kv * np * hd), hd as isize, 1),
+                (vf.as_ptr().add((kv * np + lo) * hd), hd as isize, 1),
                 1.0,
             );
         }
@@ -297,13 +321,44 @@ pub fn split_kv(
     split_kv_chunked(q, k, v, (h, h_kv, hd), pos0, out, KV_CHUNK)
 }
 
+/// `split_kv` where each query sees only the last w positions (a
+/// sliding-window layer whose cache keeps every token).
+pub fn split_kv_window(
+    q: &[f32],
+    k: &[KvRows],
+    v: &[KvRows],
+    dims: (usize, usize, usize),
+    pos0: usize,
+    w: usize,
+    out: &mut [f32],
+) {
+    split_kv_inner(q, k, v, dims, pos0, Some(w), out, KV_CHUNK)
+}
+
 /// `split_kv` with slices of `chunk` keys (tests use small ones).
 pub fn split_kv_chunked(
     q: &[f32],
     k: &[KvRows],
     v: &[KvRows],
+    dims: (usize, usize, usize),
+    pos0: usize,
+    out: &mut [f32],
+    chunk: usize,
+) {
+    split_kv_inner(q, k, v, dims, pos0, None, out, chunk)
+}
+
+/// Split-KV over keys max(0, i + 1 − w)..i + 1 for the query at position i
+/// (all of 0..i + 1 without a window), in slices of `chunk` aligned to the
+/// start of the sequence.
+#[allow(clippy::too_many_arguments)]
+fn split_kv_inner(
+    q: &[f32],
+    k: &[KvRows],
+    v: &[KvRows],
     (h, h_kv, hd): (usize, usize, usize),
     pos0: usize,
+    window: Option<usize>,
     out: &mut [f32],
     chunk: usize,
 ) {
@@ -318,9 +373,13 @@ pub fn split_kv_chunked(
     let mut tasks = vec![];
     for i in 0..t {
         let n = pos0 + i + 1;
+        let lo = window.map_or(0, |w| n.saturating_sub(w));
         for kv in 0..h_kv {
-            for j0 in (0..n).step_by(chunk) {
-                tasks.push((i, kv, j0, (j0 + chunk).min(n)));
+            let mut j0 = lo;
+            while j0 < n {
+                let j1 = ((j0 / chunk + 1) * chunk).min(n);
+                tasks.push((i, kv, j0, j1));
+                j0 = j1;
             }
         }
     }

@@ -676,12 +676,10 @@ impl Transformer {
             .layers
             .iter()
             .find_map(|l| match &l.mixer {
-                MixerState::Kv(c) => c.first().filter(|c| c.window.is_none()),
+                MixerState::Kv(c) => c.first(),
                 _ => None,
             })
-            .ok_or_else(|| {
-                Error::msg("a paged KV cache needs a softmax attention layer without a window")
-            })?;
+            .ok_or_else(|| Error::msg("a paged KV cache needs a softmax attention layer"))?;
         BlockPool::new(
             self.kv_dtype,
             c.kv_heads(),
@@ -691,22 +689,21 @@ impl Transformer {
         )
     }
 
-    /// Paged KV caches' blocks per token position: one per plain softmax
-    /// layer (sliding-window layers keep their own ring of w tokens).
+    /// Paged KV caches' blocks per token position: one per softmax layer
+    /// (sliding-window ones included: paged, they keep every token).
     pub fn paged_layers(&self) -> Result<usize> {
         Ok(self
             .new_state(None)?
             .layers
             .iter()
-            .filter(|l| {
-                matches!(&l.mixer, MixerState::Kv(c) if c.first().is_some_and(|c| c.window.is_none()))
-            })
+            .filter(|l| matches!(&l.mixer, MixerState::Kv(_)))
             .count())
     }
 
-    /// A fresh decode state whose plain softmax layers keep their rows in
-    /// blocks of `pool` (sliding-window layers keep their ring). With
-    /// `prefix` (per plain layer, in order, the blocks of a cached
+    /// A fresh decode state whose softmax layers keep their rows in blocks
+    /// of `pool` — sliding-window layers too (every token kept, the band
+    /// read), so that a prefix's blocks can be shared by every layer. With
+    /// `prefix` (per softmax layer, in order, the blocks of a cached
     /// prefix), the state starts after those tokens.
     pub fn new_state_paged(
         &self,
@@ -721,13 +718,14 @@ impl Transformer {
         let mut pos = 0;
         for l in &mut st.layers {
             if let MixerState::Kv(c) = &mut l.mixer {
-                if c.first().is_some_and(|c| c.window.is_none()) {
-                    let blocks = prefix.map(|p| p[i].clone()).unwrap_or_default();
-                    let cache = KvCache::with_blocks(pool, blocks)?;
-                    pos = cache.seen;
-                    *c = vec![cache];
-                    i += 1;
-                }
+                let blocks = prefix.map(|p| p[i].clone()).unwrap_or_default();
+                let cache = match c.first().and_then(|c| c.window) {
+                    Some(w) => KvCache::paged_window(pool, blocks, w)?,
+                    None => KvCache::with_blocks(pool, blocks)?,
+                };
+                pos = cache.seen;
+                *c = vec![cache];
+                i += 1;
             }
         }
         if prefix.is_some_and(|p| p.len() != i) {
@@ -738,7 +736,7 @@ impl Transformer {
         }
         if pos > 0 && i < st.layers.len() {
             return Err(Error::msg(
-                "a cached prefix needs every layer paged (this model has sliding-window or recurrent layers)",
+                "a cached prefix needs every layer paged (this model has recurrent layers)",
             ));
         }
         st.pos = pos;

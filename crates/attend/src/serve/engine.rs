@@ -43,8 +43,9 @@ pub struct EngineConfig {
     pub parallel: usize,
     /// Most requests waiting for a place; more are refused.
     pub max_queue: usize,
-    /// Bytes for KV caches: the paged pool plus every running sequence's
-    /// fixed-size state (sliding-window rings, policy-capped caches).
+    /// Bytes for KV caches: the paged pool plus, under a policy, every
+    /// running sequence's fixed-size state (policy-capped caches and
+    /// sliding-window rings).
     pub kv_memory: usize,
     /// Tokens per KV block.
     pub block_tokens: usize,
@@ -230,9 +231,12 @@ impl Engine {
                     let c = &c[0];
                     let row = 2 * c.kv_heads() * c.dtype.bytes(c.head_dim());
                     match (c.window, &c.policy) {
-                        (Some(w), _) => fixed += w * row,
                         (None, Some(p)) => fixed += (p.budget().unwrap_or(0) + 1) * row,
-                        (None, None) => {
+                        // beside policy caches, a sliding-window layer keeps its ring
+                        (Some(w), _) if policy.is_some() => fixed += w * row,
+                        // paged: full layers and, keeping every token,
+                        // sliding-window ones
+                        _ => {
                             paged_layers += 1;
                             dims = Some(row);
                         }

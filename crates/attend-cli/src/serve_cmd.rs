@@ -54,9 +54,10 @@ pub struct ServeArgs {
     /// context, at most 8192.
     #[arg(long)]
     ctx: Option<usize>,
-    /// Memory for each decoder's KV caches: a paged pool of blocks (plus
-    /// each running sequence's sliding-window rings). Work waits, or the
-    /// youngest sequence is preempted and recomputed, when it is full.
+    /// Memory for each decoder's KV caches: a paged pool of blocks (with
+    /// --kv-policy, each running sequence's capped cache instead). Work
+    /// waits, or the youngest sequence is preempted and recomputed, when it
+    /// is full.
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = attend::util::parse_bytes)]
     kv_memory: usize,
     /// Tokens per KV block (the unit of memory and of prefix sharing).

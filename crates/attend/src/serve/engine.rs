@@ -184,8 +184,8 @@ pub struct Engine {
     pub block_bytes: usize,
     /// Sequences that fit at once (parallel, as the memory allows).
     pub parallel: usize,
-    /// Bytes of each running sequence's fixed-size state (sliding-window
-    /// rings, policy-capped caches), outside the pool.
+    /// Bytes of each running sequence's fixed-size state outside the pool
+    /// (under a policy: its capped caches and sliding-window rings).
     pub fixed_bytes: usize,
 }
 
@@ -216,8 +216,8 @@ impl Engine {
             return Err(Error::config("step-tokens", "must be at least 1"));
         }
         let policy = cfg.policy.clone().filter(|p| p.budget().is_some());
-        // the fixed part of each sequence: sliding-window rings (and
-        // policy-capped caches, which keep their budget)
+        // the fixed part of each sequence (under a policy: its capped
+        // caches and sliding-window rings); every other layer is paged
         let probe = match &policy {
             Some(p) => model.new_state_with_policy(p, None)?,
             None => model.new_state(None)?,

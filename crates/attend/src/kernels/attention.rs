@@ -160,12 +160,7 @@ pub fn causal_prefill_window(
             }
             // position first − r0 + r sees keys a..b
             let at = first - r0 + r;
-            let (a, b) = ((at + 1).saturating_sub(w).max(lo) - lo, at + 1 - lo);
-            let (before, rest) = row.split_at_mut(a);
-            let (seen, after) = rest.split_at_mut(b - a);
-            super::dense::softmax_row(seen);
-            before.fill(0.0);
-            after.fill(0.0);
+            softmax_band(row, (at + 1).saturating_sub(w).max(lo) - lo, at + 1 - lo);
         }
         unsafe {
             gemm_strided(
@@ -269,11 +264,7 @@ pub fn attend_f32(
         }
         for (r, row) in p.chunks_exact_mut(n).enumerate() {
             let (a, b) = mask.keys(s.pos0 + i0 + r, all);
-            let (before, rest) = row.split_at_mut(a - lo);
-            let (seen, after) = rest.split_at_mut(b - a);
-            super::dense::softmax_row(seen);
-            before.fill(0.0);
-            after.fill(0.0);
+            softmax_band(row, a - lo, b - lo);
         }
         unsafe {
             gemm_strided(
@@ -799,6 +790,16 @@ unsafe fn values_block<const F16: bool, const G: usize, const NX: usize>(
         }
         x0 += nx;
     }
+}
+
+/// A row of scores -> probabilities: softmax over a..b, zero elsewhere
+/// (the keys the query may not see).
+fn softmax_band(row: &mut [f32], a: usize, b: usize) {
+    let (before, rest) = row.split_at_mut(a);
+    let (seen, after) = rest.split_at_mut(b - a);
+    super::dense::softmax_row(seen);
+    before.fill(0.0);
+    after.fill(0.0);
 }
 
 /// The number of queries t, after checking that q and out are (t, h, hd)

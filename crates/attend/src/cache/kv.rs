@@ -526,24 +526,16 @@ impl KvCache {
         }
         self.append(k, v)?;
         let (kr, vr) = self.rows();
-        if let Some(w) = self.window {
-            // a paged sliding-window layer keeps every token and reads the
-            // band (the same shapes as the full forms, so as invariant)
-            if t >= 2 {
-                attention::causal_prefill_window(q, &kr, &vr, dims, pos0, Some(w), out);
-            } else {
-                attention::split_kv_window(q, &kr, &vr, dims, pos0, w, out);
-            }
-            return Ok(());
-        }
         // one token (decoding): split-KV; several (a prompt or a chunk of
         // one): the GEMM form, whose numbers for a position do not depend on
         // where the chunk starts (`causal_prefill`), so a prompt prefilled
-        // in chunks of two or more tokens gets what a whole prefill gets
-        if t >= 2 {
-            attention::causal_prefill(q, &kr, &vr, dims, pos0, out);
-        } else {
-            attention::split_kv(q, &kr, &vr, dims, pos0, out);
+        // in chunks of two or more tokens gets what a whole prefill gets. A
+        // paged sliding-window layer keeps every token and reads the band,
+        // in the same shapes
+        match (t >= 2, self.window) {
+            (true, w) => attention::causal_prefill_window(q, &kr, &vr, dims, pos0, w, out),
+            (false, Some(w)) => attention::split_kv_window(q, &kr, &vr, dims, pos0, w, out),
+            (false, None) => attention::split_kv(q, &kr, &vr, dims, pos0, out),
         }
         Ok(())
     }

@@ -521,12 +521,12 @@ impl Scheduler {
             };
             // the cached prefix of its known tokens
             let bt = self.cfg.block_tokens;
-            let hit = match (&mut self.prefix, s.state.is_none()) {
-                (Some(p), true) => {
+            let hit = match &mut self.prefix {
+                Some(p) => {
                     self.stats.prefix_queries.fetch_add(1, Ordering::Relaxed);
                     p.lookup(&s.tokens, bt)
                 }
-                _ => vec![],
+                None => vec![],
             };
             let cached = hit.first().map_or(0, |b| b.len() * bt);
             // room for its prompt and a block to grow in per running
@@ -655,24 +655,22 @@ impl Scheduler {
             }
             self.preempt();
         };
-        let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
-        idx.sort_unstable();
-        // disjoint &mut to the planned sequences' states, in plan order
+        // the planned sequences' next tokens and states (the plan is in
+        // index order)
+        let mut take = vec![0; self.running.len()];
+        for &(i, n) in &plan {
+            take[i] = n;
+        }
         let mut feeds: Vec<&[u32]> = vec![];
         let mut states: Vec<&mut DecodeState> = vec![];
-        let mut pos = 0;
-        let plan_len: std::collections::HashMap<usize, usize> = plan.iter().copied().collect();
-        let mut rest = &mut self.running[..];
-        let mut order_of = vec![];
-        for &i in &idx {
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(i - pos + 1);
-            let s = head.last_mut().expect("split at i + 1");
-            let n = plan_len[&i];
-            feeds.push(&s.tokens[s.fed..s.fed + n]);
-            states.push(s.state.as_mut().expect("running sequences hold a state"));
-            order_of.push(i);
-            rest = tail;
-            pos = i + 1;
+        for (s, &n) in self.running.iter_mut().zip(&take) {
+            if n > 0 {
+                let Seq {
+                    tokens, state, fed, ..
+                } = s;
+                feeds.push(&tokens[*fed..*fed + n]);
+                states.push(state.as_mut().expect("running sequences hold a state"));
+            }
         }
         let t: usize = feeds.iter().map(|f| f.len()).sum();
         let result = self.model.step_many(&mut states, &feeds);
@@ -681,23 +679,23 @@ impl Scheduler {
         self.stats
             .step_tokens
             .fetch_add(t as u64, Ordering::Relaxed);
-        self.stats.batch_size.store(idx.len(), Ordering::Relaxed);
+        self.stats.batch_size.store(plan.len(), Ordering::Relaxed);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
                 // the step's sequences end with the error
-                for &i in idx.iter().rev() {
+                for &(i, _) in plan.iter().rev() {
                     let mut s = self.running.remove(i);
                     s.req.sink.send(Event::Error(e.to_string()));
                 }
                 return;
             }
         };
-        let vocab = logits.len() / idx.len().max(1);
+        let vocab = logits.len() / plan.len().max(1);
         let mut done = vec![];
-        for (row, &i) in order_of.iter().enumerate() {
+        for (row, &(i, n)) in plan.iter().enumerate() {
             let s = &mut self.running[i];
-            s.fed += plan_len[&i];
+            s.fed += n;
             if s.fed < s.prompt_len {
                 continue;
             }

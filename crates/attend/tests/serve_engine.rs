@@ -6,6 +6,7 @@
 
 use attend::decode::{generate, Sampler, SamplingParams};
 use attend::formats::{gguf, hf_decoder};
+use attend::kernels::kv::KvDType;
 use attend::serve::{Engine, EngineConfig, Event, FinishReason, Request, Sink};
 use attend::Transformer;
 use candle_core::Device;
@@ -20,8 +21,15 @@ fn data() -> PathBuf {
 }
 
 fn llama() -> Arc<Transformer> {
+    llama_kv(KvDType::F32)
+}
+
+/// The tiny Llama with its KV caches in `kv`.
+fn llama_kv(kv: KvDType) -> Arc<Transformer> {
     let g = gguf::load(&data().join("llama3-q8_0.gguf"), false, &Device::Cpu).unwrap();
-    Arc::new(g.build().unwrap())
+    let mut m = g.build().unwrap();
+    m.kv_dtype = kv;
+    Arc::new(m)
 }
 
 /// Sends events down a channel; "disconnects" after `limit` tokens.
@@ -131,8 +139,16 @@ fn logits_alone(m: &Transformer, p: &[u32]) -> (Vec<f32>, Vec<f32>) {
 fn a_sequences_numbers_do_not_depend_on_batch_chunks_or_pages() {
     // bit for bit: the q8_0 model quantizes its activations, so a
     // summation-order difference anywhere can flip a rounding and, through
-    // the layers, a token (batch invariance)
-    let m = llama();
+    // the layers, a token (batch invariance); each KV type has its own read
+    // path across pages (f32 gathered, f16 through row addresses, bf16
+    // decoded; q8_0 needs heads of 32, and this model's have 16)
+    for kv in [KvDType::F32, KvDType::F16, KvDType::Bf16] {
+        invariant_on(kv);
+    }
+}
+
+fn invariant_on(kv: KvDType) {
+    let m = llama_kv(kv);
     let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(i, 20 + 23 * i)).collect();
     let want: Vec<_> = prompts.iter().map(|p| logits_alone(&m, p)).collect();
     for (bt, cut) in [(4, 0), (8, 16), (7, 33), (64, 2)] {
@@ -158,11 +174,11 @@ fn a_sequences_numbers_do_not_depend_on_batch_chunks_or_pages() {
         for (i, w) in want.iter().enumerate() {
             assert!(
                 last[0][i * v..][..v] == w.0[..],
-                "block {bt}, cut {cut}: prefill of {i}"
+                "{kv}: block {bt}, cut {cut}: prefill of {i}"
             );
             assert!(
                 last[1][i * v..][..v] == w.1[..],
-                "block {bt}, cut {cut}: decode of {i}"
+                "{kv}: block {bt}, cut {cut}: decode of {i}"
             );
         }
     }
@@ -282,25 +298,31 @@ fn sliding_window_layers_are_paged_invariant_and_share_prefixes() {
     // on the number of rows, so only quantized models are batch-invariant
     let q8 = hf_decoder::quant_type("q8_0").unwrap();
     let g = hf_decoder::load(&data().join("gemma3"), Some(q8), &Device::Cpu).unwrap();
-    let m = Arc::new(g.build().unwrap());
+    let mut m = g.build().unwrap();
+    // bit for bit: whole, or in two chunks, in blocks of 8 or 5, with f32
+    // and f16 caches (their reads across pages differ)
+    let p = prompt(7, 45);
+    for kv in [KvDType::F32, KvDType::F16] {
+        m.kv_dtype = kv;
+        let logits = |bt: usize, cut: usize| {
+            let pool = m.kv_pool(bt, 10_000).unwrap();
+            let mut st = m.new_state_paged(&pool, None).unwrap();
+            if cut > 0 {
+                m.step_many(&mut [&mut st], &[&p[..cut]]).unwrap();
+            }
+            let a = m.step_many(&mut [&mut st], &[&p[cut..]]).unwrap();
+            let b = m.step_many(&mut [&mut st], &[&[7u32][..]]).unwrap();
+            (a, b)
+        };
+        let whole = logits(8, 0);
+        for (bt, cut) in [(8, 13), (5, 30), (8, 2)] {
+            assert!(logits(bt, cut) == whole, "{kv}: block {bt}, cut {cut}");
+        }
+    }
+    m.kv_dtype = KvDType::F32;
+    let m = Arc::new(m);
     let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(i, 4 + 7 * i)).collect();
     let want: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&m, p, 20)).collect();
-    // bit for bit: whole, or in two chunks, in blocks of 8 or 5
-    let p = prompt(7, 45);
-    let logits = |bt: usize, cut: usize| {
-        let pool = m.kv_pool(bt, 10_000).unwrap();
-        let mut st = m.new_state_paged(&pool, None).unwrap();
-        if cut > 0 {
-            m.step_many(&mut [&mut st], &[&p[..cut]]).unwrap();
-        }
-        let a = m.step_many(&mut [&mut st], &[&p[cut..]]).unwrap();
-        let b = m.step_many(&mut [&mut st], &[&[7u32][..]]).unwrap();
-        (a, b)
-    };
-    let whole = logits(8, 0);
-    for (bt, cut) in [(8, 13), (5, 30), (8, 2)] {
-        assert!(logits(bt, cut) == whole, "block {bt}, cut {cut}");
-    }
     let cfg = EngineConfig {
         block_tokens: 8,
         step_tokens: 16,

@@ -412,34 +412,39 @@ fn split_kv_inner(
                 (&ks[..], &vs[..])
             }
         };
-        let (kb, vb) = (kr.run(j0).0, vr.run(j0).0);
-        if f16 {
-            let end = 2 * len * hd;
-            assert!(kb.len() >= end && vb.len() >= end);
+        // an f16 run over several pages is read through a table of its row
+        // addresses: the same rows in the same order, so the same numbers
+        // as a contiguous cache, without copying them together
+        let (ktab, vtab) = if f16 {
+            (row_table(kr, j0, len), row_table(vr, j0, len))
         } else {
             assert!(kf.len() >= width && vf.len() >= width);
-        }
+            (None, None)
+        };
         // S (g, len) = scale · Q_g K_runᵀ: the group's query heads are
         // consecutive rows of q
         let mut s = super::scratch::take_dirty(g * len);
         let mut acc = vec![0f32; g * hd];
         let qg = &q[(i * h + kv * g) * hd..][..g * hd];
         // Safety: q's g rows from (i, kv·g), the run's len keys and values
-        // (asserted above) and s, acc lie inside their buffers; `small`
-        // checked the CPU and the register budget of the AVX-512 form.
+        // (row_table and the assert above check them) and s, acc lie inside
+        // their buffers; `small` checked the CPU and the register budget of
+        // the AVX-512 form.
         if small {
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                let (p, stride) = if f16 {
-                    (kb.as_ptr(), 2 * hd)
-                } else {
-                    (kf.as_ptr() as *const u8, 4 * hd)
-                };
-                match (resident, f16) {
-                    (true, true) => scores_avx512::<true>(qg, p, stride, len, hd, scale, &mut s),
-                    (true, false) => scores_avx512::<false>(qg, p, stride, len, hd, scale, &mut s),
-                    (false, true) => scores_wide::<true>(qg, p, stride, len, hd, scale, &mut s),
-                    (false, false) => scores_wide::<false>(qg, p, stride, len, hd, scale, &mut s),
+                match (&ktab, f16) {
+                    (Some(t), _) => {
+                        scores_small::<true, _>(resident, qg, Table(t), len, hd, scale, &mut s)
+                    }
+                    (None, true) => {
+                        let r = Spaced(kr.run(j0).0.as_ptr(), 2 * hd);
+                        scores_small::<true, _>(resident, qg, r, len, hd, scale, &mut s)
+                    }
+                    (None, false) => {
+                        let r = Spaced(kf.as_ptr() as *const u8, 4 * hd);
+                        scores_small::<false, _>(resident, qg, r, len, hd, scale, &mut s)
+                    }
                 }
             }
         } else {
@@ -461,16 +466,18 @@ fn split_kv_inner(
         if small {
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                let (p, stride) = if f16 {
-                    (vb.as_ptr(), 2 * hd)
-                } else {
-                    (vf.as_ptr() as *const u8, 4 * hd)
-                };
-                match (resident, f16) {
-                    (true, true) => values_avx512::<true>(&s, p, stride, len, hd, &mut acc),
-                    (true, false) => values_avx512::<false>(&s, p, stride, len, hd, &mut acc),
-                    (false, true) => values_wide::<true>(&s, p, stride, len, hd, &mut acc),
-                    (false, false) => values_wide::<false>(&s, p, stride, len, hd, &mut acc),
+                match (&vtab, f16) {
+                    (Some(t), _) => {
+                        values_small::<true, _>(resident, &s, Table(t), len, hd, &mut acc)
+                    }
+                    (None, true) => {
+                        let r = Spaced(vr.run(j0).0.as_ptr(), 2 * hd);
+                        values_small::<true, _>(resident, &s, r, len, hd, &mut acc)
+                    }
+                    (None, false) => {
+                        let r = Spaced(vf.as_ptr() as *const u8, 4 * hd);
+                        values_small::<false, _>(resident, &s, r, len, hd, &mut acc)
+                    }
                 }
             }
         } else {
@@ -495,14 +502,16 @@ fn split_kv_inner(
             .map(|((m, l), a)| (m, l, a.to_vec()))
             .collect::<Vec<_>>()
     };
-    // per task: its keys in one run. A task whose keys span pages (a paged
-    // cache) first copies their bytes together, so that it computes
-    // exactly what it would over a contiguous cache — a sequence's numbers
-    // do not depend on how its cache is stored (batch invariance: a
-    // server's answers do not depend on its load)
+    // per task: its keys, which may span pages (a paged cache). Each task
+    // computes exactly what it would over a contiguous cache — a
+    // sequence's numbers do not depend on how its cache is stored (batch
+    // invariance: a server's answers do not depend on its load): f16 rows
+    // are read through a table of their addresses, other types decoded
+    // into one buffer, and an f32 cache's rows (read in place by the
+    // GEMMs) copied together first
     let work = |&(i, kv, j0, j1): &(usize, usize, usize, usize)| {
         let len = j1 - j0;
-        if k[kv].run(j0).1 >= len {
+        if k[kv].run(j0).1 >= len || k[kv].dtype != super::kv::KvDType::F32 {
             return run(i, kv, (&k[kv], &v[kv]), j0, len);
         }
         let rb = k[kv].dtype.bytes(hd);
@@ -571,6 +580,240 @@ fn split_kv_inner(
     }
 }
 
+/// Where row j of a run of keys or values starts.
+trait Rows: Copy {
+    /// Safety: j < the run's length.
+    unsafe fn at(self, j: usize) -> *const u8;
+}
+
+/// Rows `.1` bytes apart from `.0` (a run inside one page, or a buffer).
+#[derive(Clone, Copy)]
+struct Spaced(*const u8, usize);
+
+impl Rows for Spaced {
+    #[inline(always)]
+    unsafe fn at(self, j: usize) -> *const u8 {
+        self.0.add(j * self.1)
+    }
+}
+
+/// Each row's address (a run across the pages of a paged cache).
+#[derive(Clone, Copy)]
+struct Table<'a>(&'a [*const u8]);
+
+impl Rows for Table<'_> {
+    #[inline(always)]
+    unsafe fn at(self, j: usize) -> *const u8 {
+        *self.0.get_unchecked(j)
+    }
+}
+
+/// The addresses of rows j0..j0 + len of `r` when they span pages; None
+/// when they lie in one run. Panics if `r` holds fewer rows.
+fn row_table(r: &KvRows, j0: usize, len: usize) -> Option<Vec<*const u8>> {
+    if r.run(j0).1 >= len {
+        return None;
+    }
+    let rb = r.dtype.bytes(r.width);
+    let mut t = Vec::with_capacity(len);
+    let mut j = j0;
+    while j < j0 + len {
+        let (bytes, n) = r.run(j);
+        let n = n.min(j0 + len - j);
+        assert!(
+            n > 0 && bytes.len() >= n * rb,
+            "attention: rows past the cache"
+        );
+        t.extend((0..n).map(|x| bytes[x * rb..].as_ptr()));
+        j += n;
+    }
+    Some(t)
+}
+
+/// Rows ahead that the register forms prefetch: a batched decode step's
+/// keys and values (every sequence's cache) come from memory, not cache,
+/// and the hardware prefetchers lose the trail at every page of a paged
+/// cache. 32 measured best of 0/12/16/24/32/48 (16 SmolLM2 sequences'
+/// caches: 27 → 13 ms a step's attention on one core).
+const PREFETCH: usize = 32;
+
+/// Prefetch row j of `r` (hd numbers, f16 or f32) into L1, if j < len.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_row<const F16: bool, R: Rows>(r: R, j: usize, len: usize, hd: usize) {
+    use std::arch::x86_64::*;
+    if j < len {
+        let p = r.at(j);
+        let bytes = if F16 { 2 * hd } else { 4 * hd };
+        for l in (0..bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(p.add(l) as *const i8);
+        }
+    }
+}
+
+/// `scores_avx512` or `scores_wide`, as the group's queries fit registers.
+///
+/// Safety: as theirs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_small<const F16: bool, R: Rows>(
+    resident: bool,
+    q: &[f32],
+    k: R,
+    len: usize,
+    hd: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    macro_rules! shapes {
+        ($(($g:literal, $c:literal)),*) => {
+            match (q.len() / hd, hd / 16) {
+                $(($g, $c) => scores_gc::<F16, R, $g, $c>(q, k, len, scale, s),)*
+                _ if resident => scores_avx512::<F16, R>(q, k, len, hd, scale, s),
+                _ => scores_wide::<F16, R>(q, k, len, hd, scale, s),
+            }
+        };
+    }
+    shapes!((1, 4), (2, 4), (3, 4), (4, 4), (1, 8), (2, 8))
+}
+
+/// `values_avx512` or `values_wide`, as the group's queries fit registers.
+///
+/// Safety: as theirs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn values_small<const F16: bool, R: Rows>(
+    resident: bool,
+    p: &[f32],
+    v: R,
+    len: usize,
+    hd: usize,
+    acc: &mut [f32],
+) {
+    macro_rules! shapes {
+        ($(($g:literal, $c:literal)),*) => {
+            match (acc.len() / hd, hd / 16) {
+                $(($g, $c) => values_gc::<F16, R, $g, $c>(p, v, len, acc),)*
+                _ if resident => values_avx512::<F16, R>(p, v, len, hd, acc),
+                _ => values_wide::<F16, R>(p, v, len, hd, acc),
+            }
+        };
+    }
+    shapes!((1, 4), (2, 4), (3, 4), (4, 4), (1, 8), (2, 8))
+}
+
+/// `scores_avx512` for G query heads of C·16 numbers, both known to the
+/// compiler (the queries and accumulators in registers): four keys at a
+/// time, their 4·G dot products reduced together by one shuffle tree
+/// instead of one horizontal sum each. A last group of fewer than four
+/// keys repeats the last key (computed, not stored), so every key's score
+/// takes the same sums in the same order wherever it falls.
+///
+/// Safety: as `scores_avx512`, with q holding G·C·16 numbers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_gc<const F16: bool, R: Rows, const G: usize, const C: usize>(
+    q: &[f32],
+    k: R,
+    len: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(q.len() == G * C * 16 && s.len() >= G * len);
+    let mut qv = [[_mm512_setzero_ps(); C]; G];
+    for (a, qa) in qv.iter_mut().enumerate() {
+        for (x, r) in qa.iter_mut().enumerate() {
+            *r = _mm512_loadu_ps(q.as_ptr().add(16 * (a * C + x)));
+        }
+    }
+    let sc = _mm_set1_ps(scale);
+    let mut j = 0;
+    while j < len {
+        let rows: [*const u8; 4] = std::array::from_fn(|r| k.at((j + r).min(len - 1)));
+        for r in 0..4 {
+            prefetch_row::<F16, R>(k, j + r + PREFETCH, len, 16 * C);
+        }
+        let mut acc = [[_mm512_setzero_ps(); 4]; G];
+        for x in 0..C {
+            let kv: [__m512; 4] = std::array::from_fn(|r| load16::<F16>(rows[r], x));
+            for (qa, aa) in qv.iter().zip(acc.iter_mut()) {
+                for (ar, kr) in aa.iter_mut().zip(&kv) {
+                    *ar = _mm512_fmadd_ps(qa[x], *kr, *ar);
+                }
+            }
+        }
+        let n = (len - j).min(4);
+        for (a, aa) in acc.iter().enumerate() {
+            let v = _mm_mul_ps(sum4(aa), sc);
+            let mut o = [0f32; 4];
+            _mm_storeu_ps(o.as_mut_ptr(), v);
+            s.get_unchecked_mut(a * len + j..a * len + j + n)
+                .copy_from_slice(&o[..n]);
+        }
+        j += 4;
+    }
+}
+
+/// The sums of four vectors' 16 numbers: [Σ v0, Σ v1, Σ v2, Σ v3].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn sum4(v: &[std::arch::x86_64::__m512; 4]) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    // 128-bit lanes: halves of v0 and v1 side by side, then added
+    let s01 = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b01_00_01_00>(v[0], v[1]),
+        _mm512_shuffle_f32x4::<0b11_10_11_10>(v[0], v[1]),
+    );
+    let s23 = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b01_00_01_00>(v[2], v[3]),
+        _mm512_shuffle_f32x4::<0b11_10_11_10>(v[2], v[3]),
+    );
+    // lane i: four partial sums of v_i
+    let w = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b10_00_10_00>(s01, s23),
+        _mm512_shuffle_f32x4::<0b11_01_11_01>(s01, s23),
+    );
+    let w = _mm512_add_ps(w, _mm512_permute_ps::<0b01_00_11_10>(w));
+    let w = _mm512_add_ps(w, _mm512_permute_ps::<0b10_11_00_01>(w));
+    let idx = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm512_castps512_ps128(_mm512_permutexvar_ps(idx, w))
+}
+
+/// `values_avx512` for G query heads of C·16 numbers known to the compiler
+/// (the accumulators in registers); the same sums in the same order.
+///
+/// Safety: as `values_avx512`, with acc holding G·C·16 numbers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn values_gc<const F16: bool, R: Rows, const G: usize, const C: usize>(
+    p: &[f32],
+    v: R,
+    len: usize,
+    acc: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(acc.len() == G * C * 16 && p.len() >= G * len);
+    let mut av = [[_mm512_setzero_ps(); C]; G];
+    for j in 0..len {
+        prefetch_row::<F16, R>(v, j + PREFETCH, len, 16 * C);
+        let vp = v.at(j);
+        let vv: [__m512; C] = std::array::from_fn(|x| load16::<F16>(vp, x));
+        for (a, aa) in av.iter_mut().enumerate() {
+            let pa = _mm512_set1_ps(*p.get_unchecked(a * len + j));
+            for (r, x) in aa.iter_mut().zip(&vv) {
+                *r = _mm512_fmadd_ps(pa, *x, *r);
+            }
+        }
+    }
+    for (a, aa) in av.iter().enumerate() {
+        for (x, r) in aa.iter().enumerate() {
+            _mm512_storeu_ps(acc.as_mut_ptr().add(16 * (a * C + x)), *r);
+        }
+    }
+}
+
 /// 16 numbers of a key or value row at `p` as f32: f16 (`F16`) or f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -584,20 +827,18 @@ unsafe fn load16<const F16: bool>(p: *const u8, i: usize) -> std::arch::x86_64::
     }
 }
 
-/// s (g, len) = scale · q_g (g, hd) · kᵀ for the len keys `stride` bytes
-/// apart from k, stored as f16 (`F16`) or f32: each key is loaded (and
+/// s (g, len) = scale · q_g (g, hd) · kᵀ for the len keys at `k`, stored as f16 (`F16`) or f32: each key is loaded (and
 /// converted) once for the g query heads, whose vectors stay in registers
 /// (g · hd / 16 ≤ 16 of them). A GEMM call here spent most of its time
 /// repacking the keys for a 3-row product.
 ///
-/// Safety: the CPU has AVX-512 F; hd is a multiple of 16; k holds
-/// (len − 1)·stride bytes plus one row; s holds g·len numbers.
+/// Safety: the CPU has AVX-512 F; hd is a multiple of 16; k has len rows;
+/// s holds g·len numbers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn scores_avx512<const F16: bool>(
+unsafe fn scores_avx512<const F16: bool, R: Rows>(
     q: &[f32],
-    k: *const u8,
-    stride: usize,
+    k: R,
     len: usize,
     hd: usize,
     scale: f32,
@@ -611,7 +852,8 @@ unsafe fn scores_avx512<const F16: bool>(
     }
     let mut kv = [_mm512_setzero_ps(); 16];
     for j in 0..len {
-        let kp = k.add(j * stride);
+        prefetch_row::<F16, R>(k, j + PREFETCH, len, hd);
+        let kp = k.at(j);
         for (x, v) in kv.iter_mut().enumerate().take(c) {
             *v = load16::<F16>(kp, x);
         }
@@ -625,17 +867,16 @@ unsafe fn scores_avx512<const F16: bool>(
     }
 }
 
-/// acc (g, hd) = p (g, len) · v for the len value rows `stride` bytes apart
-/// from v (f16 or f32): each row is loaded once for the g heads, the
+/// acc (g, hd) = p (g, len) · v for the len value rows at `v` (f16 or
+/// f32): each row is loaded once for the g heads, the
 /// accumulators in registers.
 ///
 /// Safety: as `scores_avx512`, with v for k and acc holding g·hd numbers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn values_avx512<const F16: bool>(
+unsafe fn values_avx512<const F16: bool, R: Rows>(
     p: &[f32],
-    v: *const u8,
-    stride: usize,
+    v: R,
     len: usize,
     hd: usize,
     acc: &mut [f32],
@@ -645,7 +886,8 @@ unsafe fn values_avx512<const F16: bool>(
     let mut av = [_mm512_setzero_ps(); 16];
     let mut vv = [_mm512_setzero_ps(); 16];
     for j in 0..len {
-        let vp = v.add(j * stride);
+        prefetch_row::<F16, R>(v, j + PREFETCH, len, hd);
+        let vp = v.at(j);
         for (x, r) in vv.iter_mut().enumerate().take(c) {
             *r = load16::<F16>(vp, x);
         }
@@ -670,10 +912,9 @@ unsafe fn values_avx512<const F16: bool>(
 /// Safety: as `scores_avx512`, with g ≤ 16 instead of the register budget.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn scores_wide<const F16: bool>(
+unsafe fn scores_wide<const F16: bool, R: Rows>(
     q: &[f32],
-    k: *const u8,
-    stride: usize,
+    k: R,
     len: usize,
     hd: usize,
     scale: f32,
@@ -683,7 +924,9 @@ unsafe fn scores_wide<const F16: bool>(
     let (g, c) = (q.len() / hd, hd / 16);
     let pairs = if g <= 8 { len / 2 } else { 0 };
     for jp in 0..pairs {
-        let (k0, k1) = (k.add(2 * jp * stride), k.add((2 * jp + 1) * stride));
+        prefetch_row::<F16, R>(k, 2 * jp + PREFETCH, len, hd);
+        prefetch_row::<F16, R>(k, 2 * jp + 1 + PREFETCH, len, hd);
+        let (k0, k1) = (k.at(2 * jp), k.at(2 * jp + 1));
         let mut acc = [_mm512_setzero_ps(); 16];
         for x in 0..c {
             let (v0, v1) = (load16::<F16>(k0, x), load16::<F16>(k1, x));
@@ -699,7 +942,8 @@ unsafe fn scores_wide<const F16: bool>(
         }
     }
     for j in 2 * pairs..len {
-        let kp = k.add(j * stride);
+        prefetch_row::<F16, R>(k, j + PREFETCH, len, hd);
+        let kp = k.at(j);
         let mut acc = [_mm512_setzero_ps(); 16];
         for x in 0..c {
             let kv = load16::<F16>(kp, x);
@@ -723,20 +967,19 @@ unsafe fn scores_wide<const F16: bool>(
 /// Safety: as `values_avx512`, with g ≤ 16 instead of the register budget.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn values_wide<const F16: bool>(
+unsafe fn values_wide<const F16: bool, R: Rows>(
     p: &[f32],
-    v: *const u8,
-    stride: usize,
+    v: R,
     len: usize,
     hd: usize,
     acc: &mut [f32],
 ) {
     match acc.len() / hd {
-        1 => values_block::<F16, 1, 16>(p, v, stride, len, hd, acc),
-        2 => values_block::<F16, 2, 8>(p, v, stride, len, hd, acc),
-        4 => values_block::<F16, 4, 4>(p, v, stride, len, hd, acc),
-        8 => values_block::<F16, 8, 2>(p, v, stride, len, hd, acc),
-        _ => values_block::<F16, 16, 1>(p, v, stride, len, hd, acc),
+        1 => values_block::<F16, R, 1, 16>(p, v, len, hd, acc),
+        2 => values_block::<F16, R, 2, 8>(p, v, len, hd, acc),
+        4 => values_block::<F16, R, 4, 4>(p, v, len, hd, acc),
+        8 => values_block::<F16, R, 8, 2>(p, v, len, hd, acc),
+        _ => values_block::<F16, R, 16, 1>(p, v, len, hd, acc),
     }
 }
 
@@ -745,28 +988,23 @@ unsafe fn values_wide<const F16: bool>(
 /// accumulators live in registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn values_block<const F16: bool, const G: usize, const NX: usize>(
+unsafe fn values_block<const F16: bool, R: Rows, const G: usize, const NX: usize>(
     p: &[f32],
-    v: *const u8,
-    stride: usize,
+    v: R,
     len: usize,
     hd: usize,
     acc: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     let (g, c) = (acc.len() / hd, hd / 16);
-    let row = if F16 { 2 * hd } else { 4 * hd };
     let mut x0 = 0;
     while x0 < c {
         let nx = NX.min(c - x0);
         let mut av = [[_mm512_setzero_ps(); NX]; G];
         for j in 0..len {
-            let vp = v.add(j * stride);
-            if x0 == 0 && j + 8 < len {
-                let ahead = v.add((j + 8) * stride);
-                for l in (0..row).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(l) as *const i8);
-                }
+            let vp = v.at(j);
+            if x0 == 0 {
+                prefetch_row::<F16, R>(v, j + PREFETCH, len, hd);
             }
             let mut vv = [_mm512_setzero_ps(); NX];
             for (i, r) in vv.iter_mut().enumerate() {
@@ -987,8 +1225,19 @@ mod tests {
         // 3 query heads per kv head, contexts that don't divide the slices;
         // every cache type (against the textbook form on the numbers the
         // cache holds); and wide heads (4 × 256 per kv head, Gemma 3's),
-        // whose queries do not fit in registers, in groups of 4 and of 12
-        for dims @ (h, h_kv, hd) in [(6, 2, 32), (8, 2, 256), (24, 2, 64)] {
+        // whose queries do not fit in registers, in groups of 4 and of 12;
+        // and the group shapes with kernels of their own (SmolLM2's 3 × 64,
+        // 4 × 64, 2 × 128, 1 × 64)
+        let shapes = [
+            (6, 2, 32),
+            (8, 2, 256),
+            (24, 2, 64),
+            (9, 3, 64),
+            (8, 2, 64),
+            (4, 2, 128),
+            (2, 2, 64),
+        ];
+        for dims @ (h, h_kv, hd) in shapes {
             for dtype in [KvDType::F32, KvDType::F16, KvDType::Bf16, KvDType::Q8_0] {
                 for (pos0, t) in [(0, 1), (5, 1), (300, 1), (1000, 3), (77, 16)] {
                     let n = pos0 + t;

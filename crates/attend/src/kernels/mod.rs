@@ -41,11 +41,17 @@ pub mod scratch {
         static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// A buffer of capacity ≥ len this thread used before, if any.
+    /// The smallest buffer of capacity ≥ len this thread used before, if
+    /// any (best fit: a small request taking a large buffer would send the
+    /// next large one to a fresh allocation, and its page faults).
     fn reuse(len: usize) -> Option<Vec<f32>> {
         POOL.with(|p| {
             let mut p = p.borrow_mut();
-            let i = p.iter().position(|v| v.capacity() >= len)?;
+            let (i, _) = p
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.capacity() >= len)
+                .min_by_key(|(_, v)| v.capacity())?;
             Some(p.swap_remove(i))
         })
     }

@@ -39,6 +39,13 @@ pub struct BenchArgs {
     /// Repetitions; the median is reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Decoders: N sequences at once, as `attend serve` runs them (paged
+    /// KV caches, one batched step for all): N prompts of --prompt-tokens
+    /// prefilled together, then --decode-tokens steps that each decode one
+    /// token of every sequence; reports aggregate tokens/s and ms per step.
+    /// Isolates the engine's batched work from HTTP and a load generator.
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
     #[command(flatten)]
     weights: WeightArgs,
     /// Encoders: one sentence per line (default: 1,000 built-in sentences of mixed length).
@@ -95,6 +102,9 @@ fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
     a.kv.set_dtype(&mut l);
     if let Some(c) = a.kv.resolve(&l)? {
         return bench_capped(a, &l, &c);
+    }
+    if let Some(n) = a.batch {
+        return bench_batched(a, &l, model, n);
     }
     let m = &l.model;
     if a.prompt_tokens.max(a.depth + 1) + a.decode_tokens > m.cfg.max_len {
@@ -165,6 +175,88 @@ fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
 }
 
 /// 1,000 sentences of mixed length (3–60 words) from a fixed vocabulary.
+/// `--batch N`: N sequences prefilled together, then decoding together in
+/// one batched step each (the server's engine without its scheduler).
+fn bench_batched(
+    a: &BenchArgs,
+    l: &crate::load::Loaded,
+    model: &Path,
+    n: usize,
+) -> Result<serde_json::Value> {
+    let m = &l.model;
+    if n == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if a.prompt_tokens == 0 {
+        bail!("--prompt-tokens must be at least 1");
+    }
+    if a.prompt_tokens + a.decode_tokens > m.cfg.max_len {
+        bail!(
+            "--prompt-tokens + --decode-tokens exceed the model's context ({})",
+            m.cfg.max_len
+        );
+    }
+    // the server's block size; room for every sequence's whole context
+    let bt = 32;
+    let blocks = n * (a.prompt_tokens + a.decode_tokens).div_ceil(bt) * m.paged_layers()?;
+    let pool = m
+        .kv_pool(bt, blocks)
+        .context("--batch needs a model with softmax attention layers")?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let prompts: Vec<Vec<u32>> = (0..n)
+        .map(|_| {
+            (0..a.prompt_tokens)
+                .map(|_| rng.random_range(0..m.cfg.vocab_size as u32))
+                .collect()
+        })
+        .collect();
+    let vocab = m.cfg.vocab_size;
+    let argmax = |logits: &[f32]| -> Vec<u32> {
+        logits
+            .chunks_exact(vocab)
+            .map(|r| {
+                r.iter()
+                    .enumerate()
+                    .max_by(|x, y| x.1.total_cmp(y.1))
+                    .map_or(0, |(i, _)| i as u32)
+            })
+            .collect()
+    };
+    let (mut prefill, mut decode) = (vec![], vec![]);
+    for _ in 0..a.reps {
+        let mut states = (0..n)
+            .map(|_| m.new_state_paged(&pool, None))
+            .collect::<attend::Result<Vec<_>>>()?;
+        let mut refs: Vec<&mut _> = states.iter_mut().collect();
+        let t0 = Instant::now();
+        let ids: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+        let mut next = argmax(&m.step_many(&mut refs, &ids)?);
+        prefill.push((n * a.prompt_tokens) as f64 / t0.elapsed().as_secs_f64());
+        let t1 = Instant::now();
+        for _ in 0..a.decode_tokens {
+            let ids: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let ids: Vec<&[u32]> = ids.iter().map(|t| &t[..]).collect();
+            next = argmax(&m.step_many(&mut refs, &ids)?);
+        }
+        decode.push((n * a.decode_tokens) as f64 / t1.elapsed().as_secs_f64());
+    }
+    let decode_tps = median(decode);
+    Ok(serde_json::json!({
+        "model": model,
+        "weights": if a.weights.dequantize { "f32".to_string() } else { format!("{:?}", l.gguf.tensor_types) },
+        "batch": n,
+        "prefill_tokens": a.prompt_tokens,
+        "prefill_tokens_per_sec": median(prefill),
+        "decode_tokens": a.decode_tokens,
+        "decode_tokens_per_sec": decode_tps,
+        "decode_step_ms": 1e3 * n as f64 / decode_tps,
+        "kv_dtype": m.kv_dtype.to_string(),
+        "kv_block_tokens": bt,
+        "threads": crate::train_cmd::threads(),
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
 /// Decode speed with a capped KV cache at several depths into one stream.
 fn bench_capped(
     a: &BenchArgs,

@@ -1351,3 +1351,44 @@ fn decoder_folders_run_every_command() {
     );
     std::fs::remove_dir_all(text).unwrap();
 }
+
+#[test]
+fn bench_batch_times_sequences_decoding_together() {
+    let m = tiny("llama3-q8_0.gguf");
+    let out = succeeds(&[
+        "bench",
+        "--model",
+        &m,
+        "--batch",
+        "3",
+        "--prompt-tokens",
+        "20",
+        "--decode-tokens",
+        "5",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["batch"], 3);
+    assert_eq!(v["kv_block_tokens"], 32);
+    let (tps, ms) = (
+        v["decode_tokens_per_sec"].as_f64().unwrap(),
+        v["decode_step_ms"].as_f64().unwrap(),
+    );
+    // a step decodes one token of each of the 3 sequences
+    assert!(tps > 0.0 && (ms - 3e3 / tps).abs() < 1e-6 * ms, "{v}");
+    fails_with(&["bench", "--model", &m, "--batch", "0"], &["--batch"]);
+    fails_with(
+        &[
+            "bench",
+            "--model",
+            &m,
+            "--batch",
+            "2",
+            "--prompt-tokens",
+            "100000",
+        ],
+        &["--prompt-tokens"],
+    );
+}

@@ -433,17 +433,20 @@ fn split_kv_inner(
         if small {
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                match (&ktab, f16) {
-                    (Some(t), _) => {
-                        scores_small::<true, _>(resident, qg, Table(t), len, hd, scale, &mut s)
+                match (&ktab, &vtab, f16) {
+                    (Some(t), Some(u), _) => {
+                        let (r, w) = (Table(t), Table(u));
+                        scores_small::<true, _>(resident, qg, (r, w), len, hd, scale, &mut s)
                     }
-                    (None, true) => {
+                    (_, _, true) => {
                         let r = Spaced(kr.run(j0).0.as_ptr(), 2 * hd);
-                        scores_small::<true, _>(resident, qg, r, len, hd, scale, &mut s)
+                        let w = Spaced(vr.run(j0).0.as_ptr(), 2 * hd);
+                        scores_small::<true, _>(resident, qg, (r, w), len, hd, scale, &mut s)
                     }
-                    (None, false) => {
+                    (_, _, false) => {
                         let r = Spaced(kf.as_ptr() as *const u8, 4 * hd);
-                        scores_small::<false, _>(resident, qg, r, len, hd, scale, &mut s)
+                        let w = Spaced(vf.as_ptr() as *const u8, 4 * hd);
+                        scores_small::<false, _>(resident, qg, (r, w), len, hd, scale, &mut s)
                     }
                 }
             }
@@ -659,7 +662,7 @@ unsafe fn prefetch_row<const F16: bool, R: Rows>(r: R, j: usize, len: usize, hd:
 unsafe fn scores_small<const F16: bool, R: Rows>(
     resident: bool,
     q: &[f32],
-    k: R,
+    (k, v): (R, R),
     len: usize,
     hd: usize,
     scale: f32,
@@ -668,7 +671,7 @@ unsafe fn scores_small<const F16: bool, R: Rows>(
     macro_rules! shapes {
         ($(($g:literal, $c:literal)),*) => {
             match (q.len() / hd, hd / 16) {
-                $(($g, $c) => scores_gc::<F16, R, $g, $c>(q, k, len, scale, s),)*
+                $(($g, $c) => scores_gc::<F16, R, $g, $c>(q, (k, v), len, scale, s),)*
                 _ if resident => scores_avx512::<F16, R>(q, k, len, hd, scale, s),
                 _ => scores_wide::<F16, R>(q, k, len, hd, scale, s),
             }
@@ -714,7 +717,7 @@ unsafe fn values_small<const F16: bool, R: Rows>(
 #[target_feature(enable = "avx512f")]
 unsafe fn scores_gc<const F16: bool, R: Rows, const G: usize, const C: usize>(
     q: &[f32],
-    k: R,
+    (k, v): (R, R),
     len: usize,
     scale: f32,
     s: &mut [f32],
@@ -733,6 +736,7 @@ unsafe fn scores_gc<const F16: bool, R: Rows, const G: usize, const C: usize>(
         let rows: [*const u8; 4] = std::array::from_fn(|r| k.at((j + r).min(len - 1)));
         for r in 0..4 {
             prefetch_row::<F16, R>(k, j + r + PREFETCH, len, 16 * C);
+            prefetch_row::<F16, R>(v, j + r + PREFETCH, len, 16 * C);
         }
         let mut acc = [[_mm512_setzero_ps(); 4]; G];
         for x in 0..C {

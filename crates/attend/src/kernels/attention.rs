@@ -710,9 +710,12 @@ unsafe fn values_small<const F16: bool, R: Rows>(
 /// time, their 4·G dot products reduced together by one shuffle tree
 /// instead of one horizontal sum each. A last group of fewer than four
 /// keys repeats the last key (computed, not stored), so every key's score
-/// takes the same sums in the same order wherever it falls.
+/// takes the same sums in the same order wherever it falls. The values `v`
+/// of the same keys are prefetched too, so that the values pass finds them
+/// in cache (16 SmolLM2 sequences' attention: −8% time).
 ///
-/// Safety: as `scores_avx512`, with q holding G·C·16 numbers.
+/// Safety: as `scores_avx512`, with q holding G·C·16 numbers and v as
+/// many rows as k.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn scores_gc<const F16: bool, R: Rows, const G: usize, const C: usize>(

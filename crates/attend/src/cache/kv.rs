@@ -194,6 +194,11 @@ pub struct KvCache {
     pub last_probs: Vec<Vec<f32>>,
     /// A plain cache whose rows live in blocks of a pool (`paged`).
     pages: Option<Pages>,
+    /// Attend a step of several tokens as that many one-token steps would
+    /// (split-KV for every query instead of the prefill GEMM), so each
+    /// position's numbers equal plain decoding's, bit for bit: the
+    /// verification pass of speculative decoding.
+    pub one_by_one: bool,
 }
 
 impl KvCache {
@@ -215,6 +220,7 @@ impl KvCache {
             record: false,
             last_probs: vec![],
             pages: None,
+            one_by_one: false,
         })
     }
 
@@ -251,6 +257,42 @@ impl KvCache {
         let mut c = Self::with_blocks(pool, blocks)?;
         c.window = Some(w);
         Ok(c)
+    }
+
+    /// Forget every token from position n on, so that the cache is what
+    /// it was after its first n tokens (speculative decoding's rollback of
+    /// rejected draft tokens). Plain caches, contiguous or paged (a paged
+    /// window too: it keeps every token); a policy cache or a ring has
+    /// evicted or overwritten rows for the tokens it saw, so it refuses
+    /// (the caller restores a copy of its state instead).
+    pub fn truncate(&mut self, n: usize) -> Result<()> {
+        if self.policy.is_some() || (self.window.is_some() && self.pages.is_none()) {
+            return Err(Error::msg(
+                "a policy-capped or ring-window KV cache cannot be rolled back",
+            ));
+        }
+        if n > self.seen {
+            return Err(Error::msg(format!(
+                "KV cache: cannot roll back to {n} tokens, it holds {}",
+                self.seen
+            )));
+        }
+        if let Some(p) = &mut self.pages {
+            // rows past n in the last kept block are stale; the next append
+            // writes over them (copying the block first if it is shared)
+            p.blocks.truncate(n.div_ceil(p.pool.block_tokens()));
+        } else {
+            let rb = self.dtype.bytes(self.hd);
+            for h in &mut self.heads {
+                h.k.truncate(n * rb);
+                h.v.truncate(n * rb);
+            }
+        }
+        for h in &mut self.heads {
+            h.slots = n;
+        }
+        self.seen = n;
+        Ok(())
     }
 
     /// A paged cache's block table.
@@ -532,7 +574,7 @@ impl KvCache {
         // in chunks of two or more tokens gets what a whole prefill gets. A
         // paged sliding-window layer keeps every token and reads the band,
         // in the same shapes
-        match (t >= 2, self.window) {
+        match (t >= 2 && !self.one_by_one, self.window) {
             (true, w) => attention::causal_prefill_window(q, &kr, &vr, dims, pos0, w, out),
             (false, Some(w)) => attention::split_kv_window(q, &kr, &vr, dims, pos0, w, out),
             (false, None) => attention::split_kv(q, &kr, &vr, dims, pos0, out),

@@ -52,6 +52,49 @@ impl DecodeState {
             .collect()
     }
 
+    /// Roll back to the first n tokens (speculative decoding: forget the
+    /// rejected draft tokens) when every layer can: plain KV caches,
+    /// contiguous or paged. Ok(false), the state untouched, when a layer
+    /// cannot (a ring window, a policy cache, a recurrent state: the
+    /// caller restores a copy instead).
+    pub fn truncate(&mut self, n: usize) -> Result<bool> {
+        if n > self.pos {
+            return Err(crate::error::Error::msg(format!(
+                "cannot roll back to {n} tokens: the state holds {}",
+                self.pos
+            )));
+        }
+        let plain =
+            |c: &KvCache| c.policy.is_none() && (c.window.is_none() || c.blocks().is_some());
+        if !self.layers.iter().all(|l| match &l.mixer {
+            MixerState::Kv(cs) => cs.iter().all(plain),
+            _ => false,
+        }) {
+            return Ok(false);
+        }
+        for l in &mut self.layers {
+            if let MixerState::Kv(cs) = &mut l.mixer {
+                for c in cs {
+                    c.truncate(n)?;
+                }
+            }
+        }
+        self.pos = n;
+        Ok(true)
+    }
+
+    /// Make steps of several tokens compute each position as a one-token
+    /// step would (`KvCache::one_by_one`): speculative verification.
+    pub fn set_one_by_one(&mut self, on: bool) {
+        for l in &mut self.layers {
+            if let MixerState::Kv(cs) = &mut l.mixer {
+                for c in cs {
+                    c.one_by_one = on;
+                }
+            }
+        }
+    }
+
     /// Keep only sequences `idx` (in that order), e.g. to reorder beams.
     pub fn select(&mut self, idx: &[u32]) -> Result<()> {
         let Some(first) = self.layers.first() else {

@@ -135,3 +135,33 @@ fn rollback_is_refused_where_rows_are_gone_and_past_the_end() {
     assert!(!capped.truncate(8).unwrap());
     assert_eq!(capped.pos, 10);
 }
+
+#[test]
+fn one_by_one_steps_equal_plain_decoding_through_sliding_window_rings() {
+    // the tiny Gemma 3 (windows of 8 on 5 of 6 layers, kept in rings)
+    let q8 = attend::formats::hf_decoder::quant_type("q8_0").unwrap();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-decoders/gemma3");
+    let m = attend::formats::hf_decoder::load(&dir, Some(q8), &Device::Cpu)
+        .unwrap()
+        .build()
+        .unwrap();
+    for n in [3, 6, 20] {
+        let p = prompt(n);
+        let draft = [5u32, 9, 13, 2, 40, 7, 7, 1, 90, 3];
+        let fresh = || {
+            let mut st = m.new_state(None).unwrap();
+            m.step_last(&ids(&p), &mut st).unwrap();
+            st
+        };
+        let mut plain = fresh();
+        let want: Vec<Vec<f32>> = draft.iter().map(|&t| step_one(&m, &mut plain, t)).collect();
+        let mut spec = fresh();
+        spec.set_one_by_one(true);
+        let got = step_all(&m, &mut spec, &draft);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(g == w, "n {n}: position {i} differs");
+        }
+        // rings cannot roll back: the caller restores a copy
+        assert!(!spec.can_truncate());
+    }
+}

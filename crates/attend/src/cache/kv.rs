@@ -195,9 +195,10 @@ pub struct KvCache {
     /// A plain cache whose rows live in blocks of a pool (`paged`).
     pages: Option<Pages>,
     /// Attend a step of several tokens as that many one-token steps would
-    /// (split-KV for every query instead of the prefill GEMM), so each
-    /// position's numbers equal plain decoding's, bit for bit: the
-    /// verification pass of speculative decoding.
+    /// (split-KV for every query instead of the prefill GEMM; a ring takes
+    /// the tokens one at a time), so each position's numbers equal plain
+    /// decoding's, bit for bit: the verification pass of speculative
+    /// decoding.
     pub one_by_one: bool,
 }
 
@@ -596,6 +597,16 @@ impl KvCache {
         let (dt, pos0) = (self.dtype, self.seen);
         let rb = dt.bytes(hd);
         let t = k.len() / (h_kv * hd);
+        if t >= 2 && self.one_by_one {
+            // verification: each token exactly as a decode step takes it
+            let (qd, kvd) = (h * hd, h_kv * hd);
+            for i in 0..t {
+                let (ki, vi) = (&k[i * kvd..][..kvd], &v[i * kvd..][..kvd]);
+                let oi = &mut out[i * qd..][..qd];
+                self.attend_window(&q[i * qd..][..qd], ki, vi, (h, h_kv, hd), w, oi);
+            }
+            return;
+        }
         // the ring's occupied slots after this step: min(tokens, w)
         let slots = (pos0 + t).min(w);
         if t == 1 {

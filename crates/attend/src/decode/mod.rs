@@ -4,6 +4,8 @@
 //! (Wu et al. 2016), all over the incremental `Transformer::step` with a KV
 //! cache.
 
+pub mod speculative;
+
 use crate::error::{Error, Result};
 use crate::model::{Memory, Transformer};
 use candle_core::{DType, Tensor};

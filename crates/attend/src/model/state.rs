@@ -64,12 +64,7 @@ impl DecodeState {
                 self.pos
             )));
         }
-        let plain =
-            |c: &KvCache| c.policy.is_none() && (c.window.is_none() || c.blocks().is_some());
-        if !self.layers.iter().all(|l| match &l.mixer {
-            MixerState::Kv(cs) => cs.iter().all(plain),
-            _ => false,
-        }) {
+        if !self.can_truncate() {
             return Ok(false);
         }
         for l in &mut self.layers {
@@ -81,6 +76,17 @@ impl DecodeState {
         }
         self.pos = n;
         Ok(true)
+    }
+
+    /// Whether `truncate` can roll this state back: every layer a plain
+    /// KV cache (contiguous, or paged, windows included).
+    pub fn can_truncate(&self) -> bool {
+        let plain =
+            |c: &KvCache| c.policy.is_none() && (c.window.is_none() || c.blocks().is_some());
+        self.layers.iter().all(|l| match &l.mixer {
+            MixerState::Kv(cs) => cs.iter().all(plain),
+            _ => false,
+        })
     }
 
     /// Make steps of several tokens compute each position as a one-token

@@ -1,0 +1,245 @@
+//! Speculative decoding (issue 14): a draft proposes up to k tokens, the
+//! target model verifies them all in one pass, and the output keeps the
+//! longest prefix that plain decoding would have produced plus the
+//! target's own next token; the state forgets the rest.
+//!
+//! Lossless by construction, bit for bit: the verification pass computes
+//! every position as a one-token decode step would
+//! (`DecodeState::set_one_by_one`: split-KV per query, and the quantized
+//! kernels compute each row alone), and the rollback leaves the state
+//! equal to one that never saw the rejected tokens
+//! (`DecodeState::truncate`; caches that cannot roll back — rings, cache
+//! policies, recurrent states — restore a copy taken before the pass and
+//! take the accepted tokens one at a time). Only greedy decoding
+//! (temperature 0, penalties allowed) so far; the speculative-sampling
+//! rejection rule for temperature > 0 is still to come.
+//!
+//! Drafts: `Lookup` (prompt lookup, after "Lossless Acceleration for
+//! Seq2seq Generation with Aggressive Decoding"): find the last n tokens
+//! earlier in the prompt and output, and propose what followed them.
+
+use super::Sampler;
+use crate::error::{Error, Result};
+use crate::model::{DecodeState, Transformer};
+use candle_core::{DType, Tensor};
+
+/// Proposes tokens that may follow a sequence.
+pub trait Draft {
+    /// Up to k tokens that may follow `seq` (prompt and output so far).
+    fn propose(&mut self, seq: &[u32], k: usize) -> Vec<u32>;
+}
+
+/// Prompt lookup: the most recent earlier occurrence of the sequence's
+/// last n tokens (n from `max_ngram` down to 1), and the tokens that
+/// followed it.
+#[derive(Clone, Debug)]
+pub struct Lookup {
+    pub max_ngram: usize,
+}
+
+impl Draft for Lookup {
+    fn propose(&mut self, seq: &[u32], k: usize) -> Vec<u32> {
+        let len = seq.len();
+        for n in (1..=self.max_ngram.min(len.saturating_sub(1))).rev() {
+            let tail = &seq[len - n..];
+            // the latest start before the tail itself
+            if let Some(s) = (0..len - n).rev().find(|&s| &seq[s..s + n] == tail) {
+                let from = s + n;
+                return seq[from..(from + k).min(len)].to_vec();
+            }
+        }
+        vec![]
+    }
+}
+
+/// What a speculative run did: verification passes, tokens drafted and
+/// accepted, and acceptances by draft position.
+#[derive(Clone, Debug, Default)]
+pub struct SpecStats {
+    /// Target passes that verified a draft.
+    pub passes: usize,
+    /// Plain one-token steps (no draft proposed, or no room for one).
+    pub plain_steps: usize,
+    pub drafted: usize,
+    pub accepted: usize,
+    /// accepted_at[i]: passes whose draft token i was accepted.
+    pub accepted_at: Vec<usize>,
+    /// drafted_at[i]: passes that drafted a token i.
+    pub drafted_at: Vec<usize>,
+}
+
+impl SpecStats {
+    /// Tokens produced per target pass (accepted drafts plus the target's
+    /// own token), over verification passes and plain steps alike.
+    pub fn tokens_per_pass(&self) -> f64 {
+        let passes = self.passes + self.plain_steps;
+        if passes == 0 {
+            return 0.0;
+        }
+        (self.accepted + passes) as f64 / passes as f64
+    }
+}
+
+/// Greedy generation as `decode::generate` (same tokens, bit for bit on
+/// quantized weights), drafting up to `k` tokens a pass with `draft`.
+/// `state` is a fresh state for the model (plain, paged, or under a cache
+/// policy). -> (the new tokens, statistics).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_speculative(
+    model: &Transformer,
+    mut state: DecodeState,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    stop: Option<u32>,
+    draft: &mut dyn Draft,
+    k: usize,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<(Vec<u32>, SpecStats)> {
+    if sampler.params.temperature != 0.0 {
+        return Err(Error::msg(
+            "speculative decoding needs greedy decoding (temperature 0) for now",
+        ));
+    }
+    if prompt.is_empty() {
+        return Err(Error::msg("the prompt is empty"));
+    }
+    let max_len = model.cfg.max_len;
+    if prompt.len() > max_len {
+        return Err(Error::msg(format!(
+            "the prompt has {} tokens, more than the model's context of {max_len}",
+            prompt.len()
+        )));
+    }
+    let capped = !state.policy_caches().is_empty();
+    let dev = model.embed.device().clone();
+    let row =
+        |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?) };
+    // the prompt as `generate` feeds it (in chunks under a cache policy)
+    let chunk = if capped { 512 } else { prompt.len() };
+    let mut logits = vec![];
+    for part in prompt.chunks(chunk) {
+        logits = row(&model.step_last(&Tensor::new(part, &dev)?.unsqueeze(0)?, &mut state)?)?;
+    }
+    let mut stats = SpecStats::default();
+    let mut seq = prompt.to_vec();
+    let mut next = sampler.sample_after(&logits, &seq);
+    let one = |state: &mut DecodeState, t: u32| -> Result<Vec<f32>> {
+        row(&model.step_last(&Tensor::new(&[[t]], &dev)?, state)?)
+    };
+    'out: loop {
+        // emit the target's token
+        seq.push(next);
+        on_token(next)?;
+        if Some(next) == stop || seq.len() - prompt.len() >= max_new {
+            break;
+        }
+        // a context that is full is rebuilt from its last half, as
+        // `generate` does
+        if !capped && state.pos >= max_len {
+            let keep = &seq[seq.len() - (max_len / 2).max(1)..];
+            state = model.new_state(None)?;
+            let l = row(&model.step_last(&Tensor::new(keep, &dev)?.unsqueeze(0)?, &mut state)?)?;
+            stats.plain_steps += 1;
+            next = sampler.sample_after(&l, &seq);
+            continue;
+        }
+        let room = if capped {
+            k
+        } else {
+            k.min(max_len - state.pos - 1)
+        };
+        let want = room.min(max_new - (seq.len() - prompt.len()));
+        let mut d = if want > 0 {
+            draft.propose(&seq, want)
+        } else {
+            vec![]
+        };
+        d.truncate(want);
+        if d.is_empty() {
+            let l = one(&mut state, next)?;
+            stats.plain_steps += 1;
+            next = sampler.sample_after(&l, &seq);
+            continue;
+        }
+        // verify [next, d…] in one pass, each position as decoding would
+        let pos0 = state.pos;
+        let copy = (!state.can_truncate()).then(|| state.clone());
+        let mut ids = vec![next];
+        ids.extend_from_slice(&d);
+        state.set_one_by_one(true);
+        let out = model.step(
+            &Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?,
+            &mut state,
+        );
+        state.set_one_by_one(false);
+        let out: Vec<Vec<f32>> = out?.squeeze(0)?.to_dtype(DType::F32)?.to_vec2()?;
+        stats.passes += 1;
+        stats.drafted += d.len();
+        // the longest prefix greedy decoding would have produced
+        let mut hist = seq.clone();
+        let mut a = 0;
+        while a < d.len() {
+            let y = sampler.sample_after(&out[a], &hist);
+            if y != d[a] {
+                break;
+            }
+            hist.push(y);
+            a += 1;
+        }
+        for i in 0..d.len() {
+            if stats.drafted_at.len() <= i {
+                stats.drafted_at.push(0);
+                stats.accepted_at.push(0);
+            }
+            stats.drafted_at[i] += 1;
+            stats.accepted_at[i] += usize::from(i < a);
+        }
+        stats.accepted += a;
+        let bonus = sampler.sample_after(&out[a], &hist);
+        // forget the rejected tokens
+        if a < d.len() {
+            match copy {
+                Some(c) => {
+                    state = c;
+                    one(&mut state, next)?;
+                    for &t in &d[..a] {
+                        one(&mut state, t)?;
+                    }
+                }
+                None => {
+                    state.truncate(pos0 + 1 + a)?;
+                }
+            }
+        }
+        for &t in &d[..a] {
+            seq.push(t);
+            on_token(t)?;
+            if Some(t) == stop || seq.len() - prompt.len() >= max_new {
+                break 'out;
+            }
+        }
+        next = bonus;
+    }
+    Ok((seq.split_off(prompt.len()), stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_proposes_what_followed_the_latest_match() {
+        let mut l = Lookup { max_ngram: 3 };
+        // "1 2 3 4 5 … 1 2 3" -> 4 5
+        let s = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3];
+        assert_eq!(l.propose(&s, 2), vec![4, 5]);
+        assert_eq!(l.propose(&s, 10), vec![4, 5, 9, 9, 1, 2, 3]);
+        // the latest occurrence wins; shorter n-grams when longer ones miss
+        let s = [7, 1, 8, 7, 2, 8, 5, 7];
+        assert_eq!(l.propose(&s, 1), vec![2]);
+        // nothing to copy
+        assert!(l.propose(&[1, 2, 3], 4).is_empty());
+        assert!(l.propose(&[5], 4).is_empty());
+    }
+}

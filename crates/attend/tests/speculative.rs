@@ -1,0 +1,238 @@
+//! Speculative decoding (`decode::speculative`) gives exactly the tokens of
+//! plain greedy decoding, whatever the draft proposes — prompt lookup, an
+//! oracle that is always right, garbage — on the tiny Llama 3 (q8_0),
+//! with a plain, a paged and a policy-capped cache, on the tiny Gemma 3
+//! (sliding-window rings: rolled back by restoring a copy), and when the
+//! context fills up.
+
+use attend::decode::speculative::{generate_speculative, Draft, Lookup};
+use attend::decode::{generate, generate_with_policy, Sampler, SamplingParams};
+use attend::formats::{gguf, hf_decoder};
+use attend::Transformer;
+use candle_core::Device;
+use std::path::PathBuf;
+
+fn data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-decoders")
+}
+
+fn llama() -> Transformer {
+    gguf::load(&data().join("llama3-q8_0.gguf"), false, &Device::Cpu)
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+fn greedy() -> Sampler {
+    Sampler::new(SamplingParams::default()).unwrap()
+}
+
+/// A prompt that repeats itself (something for lookup to copy).
+fn prompt(i: usize, len: usize) -> Vec<u32> {
+    let unit: Vec<u32> = (0..7 + i)
+        .map(|j| ((i * 41 + j * 13) % 280 + 5) as u32)
+        .collect();
+    unit.iter().copied().cycle().take(len).collect()
+}
+
+/// Proposes what it is given, then garbage.
+struct Fixed(Vec<u32>);
+impl Draft for Fixed {
+    fn propose(&mut self, seq: &[u32], k: usize) -> Vec<u32> {
+        // the known continuation from here, if seq is a prefix of it
+        let n = seq.len();
+        if n <= self.0.len() && self.0[..n] == *seq {
+            return self.0[n..].iter().copied().take(k).collect();
+        }
+        vec![1; k]
+    }
+}
+
+/// Random tokens.
+struct Garbage(u64);
+impl Draft for Garbage {
+    fn propose(&mut self, _: &[u32], k: usize) -> Vec<u32> {
+        (0..k)
+            .map(|_| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((self.0 >> 33) % 300) as u32
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn every_draft_gives_the_tokens_of_plain_greedy_decoding() {
+    let m = llama();
+    let pool = m.kv_pool(8, 2000).unwrap();
+    for (i, len) in [(0, 30), (1, 64), (2, 9), (3, 120)] {
+        let p = prompt(i, len);
+        let want = generate(&m, &p, None, 40, &mut greedy(), None, |_| Ok(())).unwrap();
+        let mut full = p.clone();
+        full.extend_from_slice(&want);
+        let drafts: Vec<(&str, Box<dyn Draft>)> = vec![
+            ("lookup", Box::new(Lookup { max_ngram: 3 })),
+            ("oracle", Box::new(Fixed(full.clone()))),
+            ("garbage", Box::new(Garbage(i as u64))),
+        ];
+        for (name, mut d) in drafts {
+            for (k, paged) in [(4, false), (8, true), (1, false)] {
+                let st = if paged {
+                    m.new_state_paged(&pool, None).unwrap()
+                } else {
+                    m.new_state(None).unwrap()
+                };
+                let mut streamed = vec![];
+                let (got, stats) =
+                    generate_speculative(&m, st, &p, 40, &mut greedy(), None, d.as_mut(), k, |t| {
+                        streamed.push(t);
+                        Ok(())
+                    })
+                    .unwrap();
+                assert_eq!(got, want, "{name} k {k} paged {paged} prompt {i}");
+                assert_eq!(streamed, want);
+                if name == "oracle" {
+                    // always right: every drafted token is kept
+                    assert_eq!(stats.accepted, stats.drafted, "{stats:?}");
+                    assert!(stats.tokens_per_pass() > 1.0 + 0.5 * k as f64, "{stats:?}");
+                }
+                if name == "lookup" && len > 9 {
+                    assert!(stats.passes > 0, "lookup never drafted: {stats:?}");
+                }
+            }
+        }
+    }
+    assert_eq!(pool.used(), 0);
+}
+
+#[test]
+fn a_stop_token_and_max_tokens_end_it_where_plain_decoding_ends() {
+    let m = llama();
+    let p = prompt(4, 40);
+    let want = generate(&m, &p, None, 30, &mut greedy(), None, |_| Ok(())).unwrap();
+    let mut full = p.clone();
+    full.extend_from_slice(&want);
+    // stop at the 12th token: the oracle has drafted past it
+    let stop = want[11];
+    let cut = generate(&m, &p, None, 30, &mut greedy(), Some(stop), |_| Ok(())).unwrap();
+    for max_new in [1, 2, 7, 30] {
+        let (got, _) = generate_speculative(
+            &m,
+            m.new_state(None).unwrap(),
+            &p,
+            max_new,
+            &mut greedy(),
+            Some(stop),
+            &mut Fixed(full.clone()),
+            6,
+            |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(got, cut[..cut.len().min(max_new)], "max_new {max_new}");
+    }
+}
+
+#[test]
+fn caches_that_cannot_roll_back_restore_a_copy() {
+    // a cache policy (evicts), and Gemma 3's sliding-window rings
+    let m = llama();
+    let policy: attend::cache::policy::KvPolicy = "sinks=2,window=16".parse().unwrap();
+    let p = prompt(5, 50);
+    let want =
+        generate_with_policy(&m, &policy, None, &p, 30, &mut greedy(), None, |_| Ok(())).unwrap();
+    let (got, stats) = generate_speculative(
+        &m,
+        m.new_state_with_policy(&policy, None).unwrap(),
+        &p,
+        30,
+        &mut greedy(),
+        None,
+        &mut Garbage(7),
+        4,
+        |_| Ok(()),
+    )
+    .unwrap();
+    assert_eq!(got, want);
+    assert!(stats.passes > 0);
+    let q8 = hf_decoder::quant_type("q8_0").unwrap();
+    let g = hf_decoder::load(&data().join("gemma3"), Some(q8), &Device::Cpu)
+        .unwrap()
+        .build()
+        .unwrap();
+    for i in 0..3 {
+        let p = prompt(i, 20 + 9 * i);
+        let want = generate(&g, &p, None, 30, &mut greedy(), None, |_| Ok(())).unwrap();
+        let mut full = p.clone();
+        full.extend_from_slice(&want);
+        for mut d in [
+            Box::new(Lookup { max_ngram: 2 }) as Box<dyn Draft>,
+            Box::new(Garbage(3)),
+            Box::new(Fixed(full)),
+        ] {
+            let (got, _) = generate_speculative(
+                &g,
+                g.new_state(None).unwrap(),
+                &p,
+                30,
+                &mut greedy(),
+                None,
+                d.as_mut(),
+                5,
+                |_| Ok(()),
+            )
+            .unwrap();
+            assert_eq!(got, want, "gemma prompt {i}");
+        }
+    }
+}
+
+#[test]
+fn a_full_context_is_rebuilt_as_plain_decoding_rebuilds_it() {
+    let m = llama();
+    let max_len = m.cfg.max_len;
+    let p = prompt(6, max_len - 10);
+    let want = generate(&m, &p, None, 30, &mut greedy(), None, |_| Ok(())).unwrap();
+    let mut full = p.clone();
+    full.extend_from_slice(&want);
+    for mut d in [
+        Box::new(Fixed(full)) as Box<dyn Draft>,
+        Box::new(Lookup { max_ngram: 3 }),
+    ] {
+        let (got, _) = generate_speculative(
+            &m,
+            m.new_state(None).unwrap(),
+            &p,
+            30,
+            &mut greedy(),
+            None,
+            d.as_mut(),
+            8,
+            |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(got, want);
+    }
+    // sampling is refused, for now, with a clear message
+    let mut hot = Sampler::new(SamplingParams {
+        temperature: 0.8,
+        ..Default::default()
+    })
+    .unwrap();
+    let e = generate_speculative(
+        &m,
+        m.new_state(None).unwrap(),
+        &p[..5],
+        3,
+        &mut hot,
+        None,
+        &mut Lookup { max_ngram: 3 },
+        4,
+        |_| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("temperature 0"), "{e}");
+}

@@ -25,6 +25,57 @@ fn stream_generate(
     sampler: &mut Sampler,
     print: bool,
 ) -> Result<Vec<u32>> {
+    Ok(stream_generate_draft(l, capped, prompt, max_new, sampler, print, None)?.0)
+}
+
+/// `--draft SPEC`: a draft for speculative decoding. So far `lookup`
+/// (prompt lookup: `n` the longest n-gram matched, `k` the most tokens
+/// drafted a pass).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DraftSpec {
+    pub n: usize,
+    pub k: usize,
+}
+
+impl std::str::FromStr for DraftSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (name, opts) = s.split_once(':').unwrap_or((s, ""));
+        if name != "lookup" {
+            return Err(format!(
+                "unknown draft `{name}` (known: lookup[:n=3,k=8]; skip, heads and model drafts are not built yet)"
+            ));
+        }
+        let mut d = DraftSpec { n: 3, k: 8 };
+        for kv in opts.split(',').filter(|o| !o.is_empty()) {
+            let (key, val) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("`{kv}`: expected key=value (n=3, k=8)"))?;
+            let v: usize = val
+                .parse()
+                .map_err(|_| format!("`{kv}`: {val} is not a whole number"))?;
+            match key {
+                "n" if (1..=64).contains(&v) => d.n = v,
+                "k" if (1..=64).contains(&v) => d.k = v,
+                "n" | "k" => return Err(format!("`{kv}`: {key} must be 1 to 64")),
+                _ => return Err(format!("`{key}`: lookup takes n and k")),
+            }
+        }
+        Ok(d)
+    }
+}
+
+/// As `stream_generate`, speculatively with `draft` when given (greedy
+/// only); -> the tokens and, with a draft, what the verifier did.
+fn stream_generate_draft(
+    l: &Loaded,
+    capped: Option<&Capped>,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    print: bool,
+    draft: Option<&DraftSpec>,
+) -> Result<(Vec<u32>, Option<attend::decode::speculative::SpecStats>)> {
     let tok = &l.gguf.tokenizer;
     let mut stream = StreamDecoder::new(tok);
     let mut stdout = std::io::stdout();
@@ -35,19 +86,43 @@ fn stream_generate(
         }
         Ok(())
     };
-    Ok(match capped {
-        None => generate(&l.model, prompt, None, max_new, sampler, tok.eos, on_token)?,
-        Some(c) => attend::decode::generate_with_policy(
+    if let Some(d) = draft {
+        let state = match capped {
+            None => l.model.new_state(None)?,
+            Some(c) => l
+                .model
+                .new_state_with_policy(&c.policy, c.retrieval.as_deref())?,
+        };
+        let mut lookup = attend::decode::speculative::Lookup { max_ngram: d.n };
+        let (ids, stats) = attend::decode::speculative::generate_speculative(
             &l.model,
-            &c.policy,
-            c.retrieval.as_deref(),
+            state,
             prompt,
             max_new,
             sampler,
             tok.eos,
+            &mut lookup,
+            d.k,
             on_token,
-        )?,
-    })
+        )?;
+        return Ok((ids, Some(stats)));
+    }
+    Ok((
+        match capped {
+            None => generate(&l.model, prompt, None, max_new, sampler, tok.eos, on_token)?,
+            Some(c) => attend::decode::generate_with_policy(
+                &l.model,
+                &c.policy,
+                c.retrieval.as_deref(),
+                prompt,
+                max_new,
+                sampler,
+                tok.eos,
+                on_token,
+            )?,
+        },
+        None,
+    ))
 }
 
 #[derive(Args)]
@@ -149,11 +224,22 @@ pub struct GenerateArgs {
     json: bool,
     #[command(flatten)]
     kv: KvArgs,
+    /// Speculative decoding: draft tokens cheaply, verify several in one
+    /// pass of the model, keep exactly the tokens plain decoding gives.
+    /// `lookup[:n=3,k=8]` copies from the prompt and output (the last n
+    /// tokens matched earlier, up to k of what followed: rewriting,
+    /// editing, quoting). Greedy decoding only, for now; --json reports
+    /// the passes and how many drafted tokens were accepted.
+    #[arg(long, value_name = "SPEC")]
+    draft: Option<DraftSpec>,
 }
 
 pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     // the flags first: a bad one is refused before the model loads
     a.sampling.check()?;
+    if a.draft.is_some() && a.sampling.temperature.unwrap_or(0.0) != 0.0 {
+        bail!("--draft needs greedy decoding (--temperature 0) for now");
+    }
     let mut l = load_model(&a.model, &a.weights)?;
     let mut sampler = a.sampling.sampler(SamplingParams::default(), "greedy")?;
     a.kv.set_dtype(&mut l);
@@ -168,20 +254,30 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
             l.model.cfg.max_len
         );
     }
-    let ids = stream_generate(
+    let (ids, spec) = stream_generate_draft(
         &l,
         capped.as_ref(),
         &prompt,
         a.max_tokens,
         &mut sampler,
         !a.json,
+        a.draft.as_ref(),
     )?;
     let text = tok.decode(&ids)?;
     if a.json {
-        outln!(
-            "{}",
-            serde_json::json!({ "prompt_ids": prompt, "ids": ids, "text": text })
-        );
+        let mut v = serde_json::json!({ "prompt_ids": prompt, "ids": ids, "text": text });
+        if let Some(s) = spec {
+            v["speculative"] = serde_json::json!({
+                "passes": s.passes,
+                "plain_steps": s.plain_steps,
+                "drafted": s.drafted,
+                "accepted": s.accepted,
+                "tokens_per_pass": s.tokens_per_pass(),
+                "drafted_at": s.drafted_at,
+                "accepted_at": s.accepted_at,
+            });
+        }
+        outln!("{v}");
     } else {
         outln!();
     }

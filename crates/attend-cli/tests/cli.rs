@@ -1392,3 +1392,59 @@ fn bench_batch_times_sequences_decoding_together() {
         &["--prompt-tokens"],
     );
 }
+
+#[test]
+fn generate_with_a_lookup_draft_gives_the_plain_tokens() {
+    for m in [tiny("llama3-q8_0.gguf"), tiny("gemma3")] {
+        // a prompt that repeats itself, so lookup has something to copy
+        let prompt = "one two three four five one two three four five one two three";
+        let run = |extra: &[&str]| -> serde_json::Value {
+            let mut args = vec![
+                "generate",
+                "--model",
+                &m,
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "24",
+                "--json",
+            ];
+            args.extend_from_slice(extra);
+            serde_json::from_slice(&succeeds(&args).stdout).unwrap()
+        };
+        let plain = run(&[]);
+        let spec = run(&["--draft", "lookup:n=2,k=4"]);
+        assert_eq!(plain["ids"], spec["ids"], "{m}");
+        let s = &spec["speculative"];
+        let passes = s["passes"].as_u64().unwrap() + s["plain_steps"].as_u64().unwrap();
+        assert!(passes > 0, "{s}");
+        assert!(s["accepted"].as_u64().unwrap() <= s["drafted"].as_u64().unwrap());
+        assert!(plain.get("speculative").is_none());
+    }
+    let m = tiny("llama3-q8_0.gguf");
+    for (spec, needle) in [
+        ("lookup:n=0", "n must be"),
+        ("lookup:k=x", "not a whole number"),
+        ("lookup:z=1", "`z`"),
+        ("medusa", "unknown draft"),
+    ] {
+        fails_with(
+            &["generate", "--model", &m, "--prompt", "hi", "--draft", spec],
+            &["--draft", needle],
+        );
+    }
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "hi",
+            "--draft",
+            "lookup",
+            "--temperature",
+            "0.5",
+        ],
+        &["--draft", "temperature 0"],
+    );
+}

@@ -46,6 +46,17 @@ pub struct BenchArgs {
     /// Isolates the engine's batched work from HTTP and a load generator.
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
+    /// Speculative decoding: generate greedily (up to --decode-tokens) for
+    /// each prompt of --workload, plainly and with this draft
+    /// (`lookup[:n=3,k=8]`), check that both give the same tokens, and
+    /// report tokens/s, the speed-up and tokens per model pass.
+    #[arg(long, value_name = "SPEC", requires = "workload")]
+    draft: Option<crate::run_cmd::DraftSpec>,
+    /// Prompts for --draft: JSON lines, each {"prompt": "..."} (raw text)
+    /// or {"chat": "..."} (a user message under the model's chat
+    /// template). `data/speculative/` has a copying and an open workload.
+    #[arg(long, value_name = "FILE", requires = "draft")]
+    workload: Option<PathBuf>,
     #[command(flatten)]
     weights: WeightArgs,
     /// Encoders: one sentence per line (default: 1,000 built-in sentences of mixed length).
@@ -105,6 +116,9 @@ fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
     }
     if let Some(n) = a.batch {
         return bench_batched(a, &l, model, n);
+    }
+    if let (Some(d), Some(w)) = (&a.draft, &a.workload) {
+        return bench_draft(a, &l, model, d, w);
     }
     let m = &l.model;
     if a.prompt_tokens.max(a.depth + 1) + a.decode_tokens > m.cfg.max_len {
@@ -254,6 +268,133 @@ fn bench_batched(
         "kv_block_tokens": bt,
         "threads": crate::train_cmd::threads(),
         "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
+/// `--draft SPEC --workload FILE`: plain greedy generation against
+/// speculative decoding with the draft, prompt by prompt, same tokens
+/// required.
+fn bench_draft(
+    a: &BenchArgs,
+    l: &crate::load::Loaded,
+    model: &Path,
+    d: &crate::run_cmd::DraftSpec,
+    workload: &Path,
+) -> Result<serde_json::Value> {
+    use attend::decode::speculative::{generate_speculative, Lookup};
+    use attend::decode::{generate, Sampler, SamplingParams};
+    let m = &l.model;
+    let tok = &l.gguf.tokenizer;
+    let text = std::fs::read_to_string(workload)
+        .with_context(|| format!("--workload {}", workload.display()))?;
+    let mut prompts = vec![];
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let at = || format!("--workload {}: line {}", workload.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(line).with_context(at)?;
+        let ids = match (v["prompt"].as_str(), v["chat"].as_str()) {
+            (Some(p), None) => tok.encode(p, true)?,
+            (None, Some(c)) => {
+                let template = l.gguf.chat_template.as_deref().with_context(|| {
+                    format!(
+                        "{}: a `chat` prompt needs a chat template, and {} has none",
+                        at(),
+                        model.display()
+                    )
+                })?;
+                let name = |id: Option<u32>| {
+                    id.and_then(|i| tok.inner.id_to_token(i))
+                        .unwrap_or_default()
+                };
+                let msg = attend::formats::chat::Message {
+                    role: "user".into(),
+                    content: c.into(),
+                };
+                let t = attend::formats::chat::render(
+                    template,
+                    &[msg],
+                    true,
+                    &name(tok.bos),
+                    &name(tok.eos),
+                )?;
+                tok.encode(&t, false)?
+            }
+            _ => bail!("{}: expected {{\"prompt\": …}} or {{\"chat\": …}}", at()),
+        };
+        if ids.len() + a.decode_tokens > m.cfg.max_len {
+            bail!(
+                "{}: {} prompt tokens + --decode-tokens pass the model's context ({})",
+                at(),
+                ids.len(),
+                m.cfg.max_len
+            );
+        }
+        prompts.push(ids);
+    }
+    if prompts.is_empty() {
+        bail!("--workload {}: no prompts", workload.display());
+    }
+    let greedy = || Sampler::new(SamplingParams::default());
+    let (mut plain_s, mut spec_s, mut tokens) = (0f64, 0f64, 0usize);
+    let (mut passes, mut accepted, mut drafted) = (0usize, 0usize, 0usize);
+    let bar = indicatif::ProgressBar::new(prompts.len() as u64);
+    for p in &prompts {
+        // the better of --reps runs of each, alternating
+        let (mut best_plain, mut best_spec) = (f64::MAX, f64::MAX);
+        let mut outs = (vec![], vec![]);
+        for _ in 0..a.reps {
+            let t0 = Instant::now();
+            outs.0 = generate(m, p, None, a.decode_tokens, &mut greedy()?, tok.eos, |_| {
+                Ok(())
+            })?;
+            best_plain = best_plain.min(t0.elapsed().as_secs_f64());
+            let t1 = Instant::now();
+            let mut lookup = Lookup { max_ngram: d.n };
+            let (ids, st) = generate_speculative(
+                m,
+                m.new_state(None)?,
+                p,
+                a.decode_tokens,
+                &mut greedy()?,
+                tok.eos,
+                &mut lookup,
+                d.k,
+                |_| Ok(()),
+            )?;
+            best_spec = best_spec.min(t1.elapsed().as_secs_f64());
+            outs.1 = ids;
+            (passes, accepted, drafted) = (
+                passes + st.passes + st.plain_steps,
+                accepted + st.accepted,
+                drafted + st.drafted,
+            );
+        }
+        if outs.0 != outs.1 {
+            bail!("speculative decoding changed the tokens of a prompt: a bug, please report it");
+        }
+        tokens += outs.0.len();
+        plain_s += best_plain;
+        spec_s += best_spec;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let reps = a.reps;
+    Ok(serde_json::json!({
+        "model": model,
+        "workload": workload,
+        "prompts": prompts.len(),
+        "draft": format!("lookup:n={},k={}", d.n, d.k),
+        "generated_tokens": tokens,
+        "plain_tokens_per_sec": tokens as f64 / plain_s,
+        "draft_tokens_per_sec": tokens as f64 / spec_s,
+        "speedup": plain_s / spec_s,
+        "tokens_per_pass": (tokens * reps) as f64 / passes.max(1) as f64,
+        "acceptance_rate": accepted as f64 / drafted.max(1) as f64,
+        "same_tokens": true,
+        "threads": crate::train_cmd::threads(),
     }))
 }
 

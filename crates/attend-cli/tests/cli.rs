@@ -1448,3 +1448,79 @@ fn generate_with_a_lookup_draft_gives_the_plain_tokens() {
         &["--draft", "temperature 0"],
     );
 }
+
+#[test]
+fn bench_draft_compares_speculative_with_plain_decoding_on_a_workload() {
+    let dir = tmp("bench-draft");
+    std::fs::create_dir_all(&dir).unwrap();
+    let w = dir.join("w.jsonl");
+    std::fs::write(
+        &w,
+        "{\"prompt\": \"a b c d e f a b c d e f a b c\"}\n\n{\"prompt\": \"one two three\"}\n",
+    )
+    .unwrap();
+    let m = tiny("llama3-q8_0.gguf");
+    let ws = w.to_str().unwrap();
+    let out = succeeds(&[
+        "bench",
+        "--model",
+        &m,
+        "--draft",
+        "lookup:k=4",
+        "--workload",
+        ws,
+        "--decode-tokens",
+        "16",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["prompts"], 2);
+    assert_eq!(v["same_tokens"], true);
+    assert_eq!(v["draft"], "lookup:n=3,k=4");
+    let (p, d, s) = (
+        v["plain_tokens_per_sec"].as_f64().unwrap(),
+        v["draft_tokens_per_sec"].as_f64().unwrap(),
+        v["speedup"].as_f64().unwrap(),
+    );
+    assert!((s - d / p).abs() < 1e-9 * s, "{v}");
+    assert!(v["tokens_per_pass"].as_f64().unwrap() >= 1.0, "{v}");
+    // a bad line, no workload
+    std::fs::write(&w, "{\"prompt\": 1}\n").unwrap();
+    fails_with(
+        &[
+            "bench",
+            "--model",
+            &m,
+            "--draft",
+            "lookup",
+            "--workload",
+            ws,
+        ],
+        &["--workload", "line 1"],
+    );
+    // a user message under the model's chat template
+    std::fs::write(&w, "{\"chat\": \"say a b c a b c\"}\n").unwrap();
+    let out = succeeds(&[
+        "bench",
+        "--model",
+        &m,
+        "--draft",
+        "lookup",
+        "--workload",
+        ws,
+        "--decode-tokens",
+        "8",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["same_tokens"], true);
+    fails_with(
+        &["bench", "--model", &m, "--draft", "lookup"],
+        &["--workload"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

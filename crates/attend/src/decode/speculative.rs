@@ -66,6 +66,8 @@ pub struct SpecStats {
     pub accepted_at: Vec<usize>,
     /// drafted_at[i]: passes that drafted a token i.
     pub drafted_at: Vec<usize>,
+    /// Times drafting paused after repeated misses.
+    pub backoffs: usize,
 }
 
 impl SpecStats {
@@ -81,7 +83,8 @@ impl SpecStats {
 }
 
 /// Greedy generation as `decode::generate` (same tokens, bit for bit on
-/// quantized weights), drafting up to `k` tokens a pass with `draft`.
+/// quantized weights), drafting up to `k` tokens a pass with `draft`
+/// (fewer, or none for a while, when its drafts keep failing).
 /// `state` is a fresh state for the model (plain, paged, or under a cache
 /// policy). -> (the new tokens, statistics).
 #[allow(clippy::too_many_arguments)]
@@ -124,6 +127,11 @@ pub fn generate_speculative(
     let mut stats = SpecStats::default();
     let mut seq = prompt.to_vec();
     let mut next = sampler.sample_after(&logits, &seq);
+    // back-off: halve the draft length after the second pass in a row
+    // that keeps nothing, double it after one that keeps everything; after
+    // repeated misses at length 1, draft nothing for 4, 8, … 32 steps (a
+    // pass that verifies a rejected draft costs more than a plain step)
+    let (mut kk, mut misses, mut rest) = (k, 0u32, 0usize);
     let one = |state: &mut DecodeState, t: u32| -> Result<Vec<f32>> {
         row(&model.step_last(&Tensor::new(&[[t]], &dev)?, state)?)
     };
@@ -149,13 +157,14 @@ pub fn generate_speculative(
         } else {
             k.min(max_len - state.pos - 1)
         };
-        let want = room.min(max_new - (seq.len() - prompt.len()));
-        let mut d = if want > 0 {
+        let want = room.min(kk).min(max_new - (seq.len() - prompt.len()));
+        let mut d = if want > 0 && rest == 0 {
             draft.propose(&seq, want)
         } else {
             vec![]
         };
         d.truncate(want);
+        rest = rest.saturating_sub(1);
         if d.is_empty() {
             let l = one(&mut state, next)?;
             stats.plain_steps += 1;
@@ -196,6 +205,21 @@ pub fn generate_speculative(
             stats.accepted_at[i] += usize::from(i < a);
         }
         stats.accepted += a;
+        if a == 0 {
+            misses += 1;
+            if kk == 1 && misses >= 2 {
+                rest = 1 << misses.min(5);
+                stats.backoffs += 1;
+            }
+            if misses >= 2 {
+                kk = (kk / 2).max(1);
+            }
+        } else {
+            misses = 0;
+            if a == d.len() {
+                kk = (kk * 2).min(k);
+            }
+        }
         let bonus = sampler.sample_after(&out[a], &hist);
         // forget the rejected tokens
         if a < d.len() {

@@ -562,3 +562,78 @@ fn gemma3_local_layers_hold_their_window_at_8192_tokens() {
     }
     assert_eq!(local, 15);
 }
+
+/// Random draft tokens (a draft that is always wrong, or nearly).
+struct Garbage(u64, u32);
+impl attend::decode::speculative::Draft for Garbage {
+    fn propose(&mut self, _: &[u32], k: usize) -> Vec<u32> {
+        (0..k)
+            .map(|_| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((self.0 >> 33) % self.1 as u64) as u32
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn speculative_decoding_gives_plain_greedy_tokens_on_real_models() {
+    use attend::decode::speculative::{generate_speculative, Draft, Lookup};
+    use attend::decode::{generate, generate_with_policy, Sampler, SamplingParams};
+    let greedy = || Sampler::new(SamplingParams::default()).unwrap();
+    let passage = "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune, or to take arms against a sea of troubles.";
+    let prompts = [
+        format!("Here is a passage:\n{passage}\n\nThe same passage, copied word for word:\nTo be, or not"),
+        "The three most important things about learning a language are".to_string(),
+    ];
+    let policy: attend::cache::policy::KvPolicy = "sinks=4,window=48".parse().unwrap();
+    for (name, (m, g)) in [("smollm2", smollm(false)), ("gemma3", gemma3(false))] {
+        let vocab = m.cfg.vocab_size as u32;
+        for text in &prompts {
+            let p = g.tokenizer.encode(text, true).unwrap();
+            let eos = g.tokenizer.eos;
+            let want = generate(&m, &p, None, 48, &mut greedy(), eos, |_| Ok(())).unwrap();
+            let drafts: Vec<Box<dyn Draft>> = vec![
+                Box::new(Lookup { max_ngram: 3 }),
+                Box::new(Garbage(1, vocab)),
+            ];
+            for mut d in drafts {
+                let (got, _) = generate_speculative(
+                    &m,
+                    m.new_state(None).unwrap(),
+                    &p,
+                    48,
+                    &mut greedy(),
+                    eos,
+                    d.as_mut(),
+                    8,
+                    |_| Ok(()),
+                )
+                .unwrap();
+                assert_eq!(got, want, "{name}: {text}");
+            }
+            // under a cache policy (rolled back by restoring a copy)
+            if name == "smollm2" {
+                let want =
+                    generate_with_policy(&m, &policy, None, &p, 48, &mut greedy(), eos, |_| Ok(()))
+                        .unwrap();
+                let (got, _) = generate_speculative(
+                    &m,
+                    m.new_state_with_policy(&policy, None).unwrap(),
+                    &p,
+                    48,
+                    &mut greedy(),
+                    eos,
+                    &mut Lookup { max_ngram: 3 },
+                    8,
+                    |_| Ok(()),
+                )
+                .unwrap();
+                assert_eq!(got, want, "{name} with a policy: {text}");
+            }
+        }
+    }
+}

@@ -65,8 +65,8 @@ impl std::str::FromStr for DraftSpec {
     }
 }
 
-/// As `stream_generate`, speculatively with `draft` when given (greedy
-/// only); -> the tokens and, with a draft, what the verifier did.
+/// As `stream_generate`, speculatively with `draft` when given; -> the
+/// tokens and, with a draft, what the verifier did.
 fn stream_generate_draft(
     l: &Loaded,
     capped: Option<&Capped>,
@@ -228,8 +228,9 @@ pub struct GenerateArgs {
     /// pass of the model, keep exactly the tokens plain decoding gives.
     /// `lookup[:n=3,k=8]` copies from the prompt and output (the last n
     /// tokens matched earlier, up to k of what followed: rewriting,
-    /// editing, quoting). Greedy decoding only, for now; --json reports
-    /// the passes and how many drafted tokens were accepted.
+    /// editing, quoting). Greedy: exactly plain decoding's tokens;
+    /// sampling: the same distribution (the speculative-sampling rule).
+    /// --json reports the passes and how many drafted tokens were kept.
     #[arg(long, value_name = "SPEC")]
     draft: Option<DraftSpec>,
 }
@@ -237,9 +238,6 @@ pub struct GenerateArgs {
 pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     // the flags first: a bad one is refused before the model loads
     a.sampling.check()?;
-    if a.draft.is_some() && a.sampling.temperature.unwrap_or(0.0) != 0.0 {
-        bail!("--draft needs greedy decoding (--temperature 0) for now");
-    }
     let mut l = load_model(&a.model, &a.weights)?;
     let mut sampler = a.sampling.sampler(SamplingParams::default(), "greedy")?;
     a.kv.set_dtype(&mut l);

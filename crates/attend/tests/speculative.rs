@@ -3,7 +3,8 @@
 //! oracle that is always right, garbage — on the tiny Llama 3 (q8_0),
 //! with a plain, a paged and a policy-capped cache, on the tiny Gemma 3
 //! (sliding-window rings: rolled back by restoring a copy), and when the
-//! context fills up.
+//! context fills up; and with sampling, the tokens that come out are
+//! distributed as the target's (chi-square tests, fixed seeds).
 
 use attend::decode::speculative::{generate_speculative, Draft, Lookup};
 use attend::decode::{generate, generate_with_policy, Sampler, SamplingParams};
@@ -45,6 +46,14 @@ impl Draft for Fixed {
             return self.0[n..].iter().copied().take(k).collect();
         }
         vec![1; k]
+    }
+}
+
+/// The same token, always.
+struct Always(u32);
+impl Draft for Always {
+    fn propose(&mut self, _: &[u32], k: usize) -> Vec<u32> {
+        vec![self.0; k]
     }
 }
 
@@ -215,24 +224,134 @@ fn a_full_context_is_rebuilt_as_plain_decoding_rebuilds_it() {
         .unwrap();
         assert_eq!(got, want);
     }
-    // sampling is refused, for now, with a clear message
-    let mut hot = Sampler::new(SamplingParams {
+}
+
+/// Wilson–Hilferty: the chi-square quantile of `df` degrees of freedom at
+/// the normal quantile z (3.09: α = 0.001).
+fn chi2_crit(df: usize, z: f64) -> f64 {
+    let d = df as f64;
+    d * (1.0 - 2.0 / (9.0 * d) + z * (2.0 / (9.0 * d)).sqrt()).powi(3)
+}
+
+#[test]
+fn the_verification_rule_keeps_the_target_distribution() {
+    use attend::decode::speculative::verify;
+    // six tokens; top-p 0.95 drops the tail, so p is the sampler's own
+    // truncated distribution; drafts: the likeliest, a middling one, one
+    // outside the kept set
+    let logits = [2.0f32, 1.5, 0.3, -0.5, 0.9, -3.0];
+    let params = SamplingParams {
         temperature: 0.8,
+        top_p: 0.95,
+        seed: 11,
         ..Default::default()
-    })
-    .unwrap();
-    let e = generate_speculative(
-        &m,
-        m.new_state(None).unwrap(),
-        &p[..5],
-        3,
-        &mut hot,
-        None,
-        &mut Lookup { max_ngram: 3 },
-        4,
-        |_| Ok(()),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("temperature 0"), "{e}");
+    };
+    let mut s = Sampler::new(params).unwrap();
+    let dist = s.distribution_after(&logits, &[]);
+    let z: f64 = dist.iter().map(|d| d.1).sum();
+    let n = 200_000;
+    for x in [0u32, 2, 5] {
+        let mut counts = [0usize; 6];
+        let mut kept = 0;
+        for _ in 0..n {
+            let t = match verify(&mut s, &logits, &[], x) {
+                None => {
+                    kept += 1;
+                    x
+                }
+                Some(y) => {
+                    assert_ne!(y, x);
+                    y
+                }
+            };
+            counts[t as usize] += 1;
+        }
+        let mut chi2 = 0.0;
+        for &(t, w) in &dist {
+            let e = n as f64 * w / z;
+            chi2 += (counts[t as usize] as f64 - e).powi(2) / e;
+        }
+        // nothing outside the kept set
+        let outside: usize = (0..6u32)
+            .filter(|t| !dist.iter().any(|d| d.0 == *t))
+            .map(|t| counts[t as usize])
+            .sum();
+        assert_eq!(outside, 0, "draft {x}");
+        assert!(
+            chi2 < chi2_crit(dist.len() - 1, 3.09),
+            "draft {x}: chi2 {chi2}"
+        );
+        // the draft was kept as often as p says
+        let px = dist.iter().find(|d| d.0 == x).map_or(0.0, |d| d.1 / z);
+        let sd = (n as f64 * px * (1.0 - px)).sqrt().max(1.0);
+        assert!(
+            (kept as f64 - n as f64 * px).abs() < 5.0 * sd,
+            "draft {x}: kept {kept}"
+        );
+    }
+}
+
+#[test]
+fn sampled_speculative_tokens_are_distributed_as_plain_sampling() {
+    // the tiny Llama, temperature 1 over its 4 likeliest tokens: the
+    // first two generated tokens (the second one goes through the
+    // verifier) from 3,000 seeds with and without a draft
+    let m = llama();
+    let p = prompt(2, 24);
+    let params = |seed| SamplingParams {
+        temperature: 1.0,
+        top_k: 4,
+        seed,
+        ..Default::default()
+    };
+    let runs = 3000u64;
+    let mut plain = std::collections::HashMap::new();
+    let mut spec = std::collections::HashMap::new();
+    let greedy2 = generate(&m, &p, None, 2, &mut greedy(), None, |_| Ok(())).unwrap();
+    let mut kept = 0;
+    for seed in 0..runs {
+        let mut s = Sampler::new(params(seed)).unwrap();
+        let a = generate(&m, &p, None, 2, &mut s, None, |_| Ok(())).unwrap();
+        *plain.entry(a).or_insert(0usize) += 1;
+        // a draft that always proposes greedy's second token
+        let mut s = Sampler::new(params(1_000_000 + seed)).unwrap();
+        let (b, st) = generate_speculative(
+            &m,
+            m.new_state(None).unwrap(),
+            &p,
+            2,
+            &mut s,
+            None,
+            &mut Always(greedy2[1]),
+            1,
+            |_| Ok(()),
+        )
+        .unwrap();
+        kept += st.accepted;
+        *spec.entry(b).or_insert(0usize) += 1;
+    }
+    assert!(kept > 100, "the draft was hardly ever kept ({kept})");
+    // two-sample chi-square over the pairs, rare ones pooled
+    let mut keys: Vec<_> = plain.keys().chain(spec.keys()).cloned().collect();
+    keys.sort();
+    keys.dedup();
+    let (mut chi2, mut df, mut pool) = (0.0, 0usize, (0usize, 0usize));
+    for k in keys {
+        let (a, b) = (*plain.get(&k).unwrap_or(&0), *spec.get(&k).unwrap_or(&0));
+        if a + b < 20 {
+            pool = (pool.0 + a, pool.1 + b);
+            continue;
+        }
+        chi2 += (a as f64 - b as f64).powi(2) / (a + b) as f64;
+        df += 1;
+    }
+    if pool.0 + pool.1 > 0 {
+        chi2 += (pool.0 as f64 - pool.1 as f64).powi(2) / (pool.0 + pool.1) as f64;
+        df += 1;
+    }
+    assert!(df >= 4, "too few outcomes ({df})");
+    assert!(
+        chi2 < chi2_crit(df - 1, 3.09),
+        "chi2 {chi2} over {df} cells"
+    );
 }

@@ -125,32 +125,41 @@ impl Sampler {
     /// included): the penalties on its last `penalty_last_n` tokens, then
     /// greedy, or temperature, top-k, top-p and min-p sampling.
     pub fn sample_after(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let p = &self.params;
-        let penalised;
-        let logits =
-            if p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-                let recent = &history[history.len().saturating_sub(p.penalty_last_n)..];
-                let mut counts = std::collections::HashMap::new();
-                for &t in recent {
-                    *counts.entry(t).or_insert(0usize) += 1;
-                }
-                let mut l = logits.to_vec();
-                for (&t, &n) in &counts {
-                    let Some(x) = l.get_mut(t as usize) else {
-                        continue;
-                    };
-                    let rp = p.repeat_penalty as f32;
-                    *x = if *x > 0.0 { *x / rp } else { *x * rp };
-                    *x -= p.presence_penalty as f32 + n as f32 * p.frequency_penalty as f32;
-                }
-                penalised = l;
-                &penalised[..]
-            } else {
-                logits
-            };
         if self.params.temperature == 0.0 {
-            return argmax(logits);
+            return argmax(&self.penalised(logits, history));
         }
+        let probs = self.distribution_after(logits, history);
+        self.draw(&probs)
+    }
+
+    /// The logits after the penalties on `history`'s last tokens.
+    fn penalised<'a>(&self, logits: &'a [f32], history: &[u32]) -> std::borrow::Cow<'a, [f32]> {
+        let p = &self.params;
+        if p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 {
+            return std::borrow::Cow::Borrowed(logits);
+        }
+        let recent = &history[history.len().saturating_sub(p.penalty_last_n)..];
+        let mut counts = std::collections::HashMap::new();
+        for &t in recent {
+            *counts.entry(t).or_insert(0usize) += 1;
+        }
+        let mut l = logits.to_vec();
+        for (&t, &n) in &counts {
+            let Some(x) = l.get_mut(t as usize) else {
+                continue;
+            };
+            let rp = p.repeat_penalty as f32;
+            *x = if *x > 0.0 { *x / rp } else { *x * rp };
+            *x -= p.presence_penalty as f32 + n as f32 * p.frequency_penalty as f32;
+        }
+        std::borrow::Cow::Owned(l)
+    }
+
+    /// What sampling (temperature > 0) draws from after `history`: the
+    /// tokens kept by top-k, min-p and top-p, likeliest first, with
+    /// unnormalised weights.
+    pub fn distribution_after(&self, logits: &[f32], history: &[u32]) -> Vec<(u32, f64)> {
+        let logits = self.penalised(logits, history);
         let t = self.params.temperature;
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
         let mut probs: Vec<(u32, f64)> = logits
@@ -181,15 +190,25 @@ impl Sampler {
             }
             probs.truncate(keep);
         }
+        probs
+    }
+
+    /// One token from unnormalised weights.
+    pub fn draw(&mut self, probs: &[(u32, f64)]) -> u32 {
         let z: f64 = probs.iter().map(|p| p.1).sum();
         let mut r = self.rng.random::<f64>() * z;
-        for &(id, p) in &probs {
+        for &(id, p) in probs {
             if r < p {
                 return id;
             }
             r -= p;
         }
         probs.last().map_or(0, |p| p.0)
+    }
+
+    /// A uniform number in [0, 1) from the sampler's generator.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
     }
 }
 

@@ -10,9 +10,10 @@
 //! equal to one that never saw the rejected tokens
 //! (`DecodeState::truncate`; caches that cannot roll back — rings, cache
 //! policies, recurrent states — restore a copy taken before the pass and
-//! take the accepted tokens one at a time). Only greedy decoding
-//! (temperature 0, penalties allowed) so far; the speculative-sampling
-//! rejection rule for temperature > 0 is still to come.
+//! take the accepted tokens one at a time). Greedy decoding keeps
+//! exactly plain decoding's tokens; sampling (temperature > 0) keeps the
+//! target's distribution by the speculative-sampling rule (Leviathan et
+//! al., Chen et al.), for drafts that propose one token a position.
 //!
 //! Drafts: `Lookup` (prompt lookup, after "Lossless Acceleration for
 //! Seq2seq Generation with Aggressive Decoding"): find the last n tokens
@@ -82,8 +83,9 @@ impl SpecStats {
     }
 }
 
-/// Greedy generation as `decode::generate` (same tokens, bit for bit on
-/// quantized weights), drafting up to `k` tokens a pass with `draft`
+/// Generation as `decode::generate` — greedy: the same tokens, bit for bit
+/// on quantized weights; sampling: the same distribution of tokens —
+/// drafting up to `k` tokens a pass with `draft`
 /// (fewer, or none for a while, when its drafts keep failing).
 /// `state` is a fresh state for the model (plain, paged, or under a cache
 /// policy). -> (the new tokens, statistics).
@@ -99,11 +101,6 @@ pub fn generate_speculative(
     k: usize,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, SpecStats)> {
-    if sampler.params.temperature != 0.0 {
-        return Err(Error::msg(
-            "speculative decoding needs greedy decoding (temperature 0) for now",
-        ));
-    }
     if prompt.is_empty() {
         return Err(Error::msg("the prompt is empty"));
     }
@@ -185,15 +182,20 @@ pub fn generate_speculative(
         let out: Vec<Vec<f32>> = out?.squeeze(0)?.to_dtype(DType::F32)?.to_vec2()?;
         stats.passes += 1;
         stats.drafted += d.len();
-        // the longest prefix greedy decoding would have produced
+        // greedy: the longest prefix plain decoding would have produced;
+        // sampling: the speculative-sampling rule for a draft that proposes
+        // one token (q = 1 on it): keep it with probability p(token), else
+        // draw the target's token from p without it (renormalised) — so
+        // every output token is distributed as the target's p
         let mut hist = seq.clone();
         let mut a = 0;
+        let mut fix = None;
         while a < d.len() {
-            let y = sampler.sample_after(&out[a], &hist);
-            if y != d[a] {
+            if let Some(y) = verify(sampler, &out[a], &hist, d[a]) {
+                fix = Some(y);
                 break;
             }
-            hist.push(y);
+            hist.push(d[a]);
             a += 1;
         }
         for i in 0..d.len() {
@@ -220,7 +222,10 @@ pub fn generate_speculative(
                 kk = (kk * 2).min(k);
             }
         }
-        let bonus = sampler.sample_after(&out[a], &hist);
+        let bonus = match fix {
+            Some(t) => t,
+            None => sampler.sample_after(&out[a], &hist),
+        };
         // forget the rejected tokens
         if a < d.len() {
             match copy {
@@ -246,6 +251,26 @@ pub fn generate_speculative(
         next = bonus;
     }
     Ok((seq.split_off(prompt.len()), stats))
+}
+
+/// One drafted token `x` against the target's logits after `hist`: None
+/// when it is kept, else the target's token in its place. Greedy: kept
+/// when it is the argmax. Sampling: kept with probability p(x), else the
+/// replacement is drawn from p without x — so the token that comes out is
+/// distributed as p, whatever x was.
+pub fn verify(sampler: &mut Sampler, logits: &[f32], hist: &[u32], x: u32) -> Option<u32> {
+    if sampler.params.temperature == 0.0 {
+        let y = sampler.sample_after(logits, hist);
+        return (y != x).then_some(y);
+    }
+    let p = sampler.distribution_after(logits, hist);
+    let z: f64 = p.iter().map(|t| t.1).sum();
+    let px = p.iter().find(|t| t.0 == x).map_or(0.0, |t| t.1 / z);
+    if sampler.uniform() < px {
+        return None;
+    }
+    let rest: Vec<(u32, f64)> = p.into_iter().filter(|t| t.0 != x).collect();
+    Some(sampler.draw(&rest))
 }
 
 #[cfg(test)]

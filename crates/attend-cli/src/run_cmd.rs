@@ -14,20 +14,6 @@ use clap::Args;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
-/// A loaded decoder checkpoint with its tokenizer.
-/// Generate after `prompt` until EOS or `max_new` tokens, printing the text
-/// as it comes when `print` is set.
-fn stream_generate(
-    l: &Loaded,
-    capped: Option<&Capped>,
-    prompt: &[u32],
-    max_new: usize,
-    sampler: &mut Sampler,
-    print: bool,
-) -> Result<Vec<u32>> {
-    Ok(stream_generate_draft(l, capped, prompt, max_new, sampler, print, None)?.0)
-}
-
 /// `--draft SPEC`: a draft for speculative decoding. So far `lookup`
 /// (prompt lookup: `n` the longest n-gram matched, `k` the most tokens
 /// drafted a pass).
@@ -65,9 +51,10 @@ impl std::str::FromStr for DraftSpec {
     }
 }
 
-/// As `stream_generate`, speculatively with `draft` when given; -> the
-/// tokens and, with a draft, what the verifier did.
-fn stream_generate_draft(
+/// Generate after `prompt` until EOS or `max_new` tokens, printing the text
+/// as it comes when `print` is set; speculatively with `draft` when given.
+/// -> the tokens and, with a draft, what the verifier did.
+fn stream_generate(
     l: &Loaded,
     capped: Option<&Capped>,
     prompt: &[u32],
@@ -252,7 +239,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
             l.model.cfg.max_len
         );
     }
-    let (ids, spec) = stream_generate_draft(
+    let (ids, spec) = stream_generate(
         &l,
         capped.as_ref(),
         &prompt,
@@ -298,6 +285,10 @@ pub struct ChatArgs {
     weights: WeightArgs,
     #[command(flatten)]
     kv: KvArgs,
+    /// Speculative decoding, as `generate --draft` (`lookup[:n=3,k=8]`
+    /// pays off when replies quote the conversation).
+    #[arg(long, value_name = "SPEC")]
+    draft: Option<DraftSpec>,
 }
 
 pub fn chat_cmd(a: ChatArgs) -> Result<()> {
@@ -379,13 +370,14 @@ pub fn chat_cmd(a: ChatArgs) -> Result<()> {
                 l.model.cfg.max_len
             );
         }
-        let ids = stream_generate(
+        let (ids, _) = stream_generate(
             &l,
             capped.as_ref(),
             &prompt,
             a.max_tokens,
             &mut sampler,
             true,
+            a.draft.as_ref(),
         )?;
         outln!();
         messages.push(Message {

@@ -1433,6 +1433,27 @@ fn generate_with_a_lookup_draft_gives_the_plain_tokens() {
             &["--draft", needle],
         );
     }
+    // chat: the same replies with and without a draft
+    let chat = |extra: &[&str]| {
+        let mut args = vec![
+            "chat",
+            "--model",
+            &m,
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        let out = with_stdin(&args, b"a b a b a b\nand again a b a b\n");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    assert_eq!(chat(&[]), chat(&["--draft", "lookup:k=4"]));
     // sampling runs too (its distribution is tested in the library)
     let out = succeeds(&[
         "generate",

@@ -636,8 +636,8 @@ fn row_table(r: &KvRows, j0: usize, len: usize) -> Option<Vec<*const u8>> {
 /// Rows ahead that the register forms prefetch: a batched decode step's
 /// keys and values (every sequence's cache) come from memory, not cache,
 /// and the hardware prefetchers lose the trail at every page of a paged
-/// cache. 32 measured best of 0/12/16/24/32/48 (16 SmolLM2 sequences'
-/// caches: 27 → 13 ms a step's attention on one core).
+/// cache. 32 measured best of 0/12/16/24/32/48 (one step's attention over
+/// 16 SmolLM2 sequences' caches on one core: 35 ms without, 21 at 32).
 const PREFETCH: usize = 32;
 
 /// Prefetch row j of `r` (hd numbers, f16 or f32) into L1, if j < len.
@@ -654,7 +654,9 @@ unsafe fn prefetch_row<const F16: bool, R: Rows>(r: R, j: usize, len: usize, hd:
     }
 }
 
-/// `scores_avx512` or `scores_wide`, as the group's queries fit registers.
+/// The scores kernel for the group's shape: `scores_gc` for the common
+/// ones, else `scores_avx512` or `scores_wide` as the queries fit
+/// registers. `k` is read; `v` (the same keys' values) only prefetched.
 ///
 /// Safety: as theirs.
 #[cfg(target_arch = "x86_64")]
@@ -680,7 +682,9 @@ unsafe fn scores_small<const F16: bool, R: Rows>(
     shapes!((1, 4), (2, 4), (3, 4), (4, 4), (1, 8), (2, 8))
 }
 
-/// `values_avx512` or `values_wide`, as the group's queries fit registers.
+/// The values kernel for the group's shape: `values_gc` for the common
+/// ones, else `values_avx512` or `values_wide` as the queries fit
+/// registers.
 ///
 /// Safety: as theirs.
 #[cfg(target_arch = "x86_64")]

@@ -48,7 +48,8 @@ pub struct BenchArgs {
     batch: Option<usize>,
     /// Speculative decoding: generate greedily (up to --decode-tokens) for
     /// each prompt of --workload, plainly and with this draft
-    /// (`lookup[:n=3,k=8]`), check that both give the same tokens, and
+    /// (`lookup[:n=3,k=8]`, `model:PATH[,k=4]`), check that both give the
+    /// same tokens, and
     /// report tokens/s, the speed-up and tokens per model pass.
     #[arg(long, value_name = "SPEC", requires = "workload")]
     draft: Option<crate::run_cmd::DraftSpec>,
@@ -281,7 +282,7 @@ fn bench_draft(
     d: &crate::run_cmd::DraftSpec,
     workload: &Path,
 ) -> Result<serde_json::Value> {
-    use attend::decode::speculative::{generate_speculative, Lookup};
+    use attend::decode::speculative::generate_speculative;
     use attend::decode::{generate, Sampler, SamplingParams};
     let m = &l.model;
     let tok = &l.gguf.tokenizer;
@@ -337,6 +338,7 @@ fn bench_draft(
     if prompts.is_empty() {
         bail!("--workload {}: no prompts", workload.display());
     }
+    let drafter = d.load_model(l)?;
     let greedy = || Sampler::new(SamplingParams::default());
     let (mut plain_s, mut spec_s, mut tokens) = (0f64, 0f64, 0usize);
     let (mut passes, mut accepted, mut drafted) = (0usize, 0usize, 0usize);
@@ -351,8 +353,8 @@ fn bench_draft(
                 Ok(())
             })?;
             best_plain = best_plain.min(t0.elapsed().as_secs_f64());
+            let mut draft = d.draft(drafter.as_ref())?;
             let t1 = Instant::now();
-            let mut lookup = Lookup { max_ngram: d.n };
             let (ids, st) = generate_speculative(
                 m,
                 m.new_state(None)?,
@@ -360,7 +362,7 @@ fn bench_draft(
                 a.decode_tokens,
                 &mut greedy()?,
                 tok.eos,
-                &mut lookup,
+                draft.as_mut(),
                 d.k,
                 |_| Ok(()),
             )?;
@@ -386,7 +388,7 @@ fn bench_draft(
         "model": model,
         "workload": workload,
         "prompts": prompts.len(),
-        "draft": format!("lookup:n={},k={}", d.n, d.k),
+        "draft": d.describe(),
         "generated_tokens": tokens,
         "plain_tokens_per_sec": tokens as f64 / plain_s,
         "draft_tokens_per_sec": tokens as f64 / spec_s,

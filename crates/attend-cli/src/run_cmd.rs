@@ -14,40 +14,109 @@ use clap::Args;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
-/// `--draft SPEC`: a draft for speculative decoding. So far `lookup`
+/// `--draft SPEC`: a draft for speculative decoding. `lookup[:n=3,k=8]`
 /// (prompt lookup: `n` the longest n-gram matched, `k` the most tokens
-/// drafted a pass).
+/// drafted a pass) or `model:PATH[,k=4]` (a smaller model with the same
+/// tokenizer, decoding greedily).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DraftSpec {
     pub n: usize,
     pub k: usize,
+    /// `model:PATH`: the draft model's file or folder.
+    pub model: Option<PathBuf>,
 }
 
 impl std::str::FromStr for DraftSpec {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let (name, opts) = s.split_once(':').unwrap_or((s, ""));
+        let whole = |kv: &str, val: &str| -> std::result::Result<usize, String> {
+            let v: usize = val
+                .parse()
+                .map_err(|_| format!("`{kv}`: {val} is not a whole number"))?;
+            if (1..=64).contains(&v) {
+                Ok(v)
+            } else {
+                Err(format!("`{kv}`: must be 1 to 64"))
+            }
+        };
+        if name == "model" {
+            let (path, k) = match opts.rsplit_once(",k=") {
+                Some((p, k)) => (p, whole(&format!("k={k}"), k)?),
+                None => (opts, 4),
+            };
+            if path.is_empty() {
+                return Err("model:PATH needs the draft model's file or folder".into());
+            }
+            return Ok(DraftSpec {
+                n: 0,
+                k,
+                model: Some(PathBuf::from(path)),
+            });
+        }
         if name != "lookup" {
             return Err(format!(
-                "unknown draft `{name}` (known: lookup[:n=3,k=8]; skip, heads and model drafts are not built yet)"
+                "unknown draft `{name}` (known: lookup[:n=3,k=8], model:PATH[,k=4]; skip and heads are not built yet)"
             ));
         }
-        let mut d = DraftSpec { n: 3, k: 8 };
+        let mut d = DraftSpec {
+            n: 3,
+            k: 8,
+            model: None,
+        };
         for kv in opts.split(',').filter(|o| !o.is_empty()) {
             let (key, val) = kv
                 .split_once('=')
                 .ok_or_else(|| format!("`{kv}`: expected key=value (n=3, k=8)"))?;
-            let v: usize = val
-                .parse()
-                .map_err(|_| format!("`{kv}`: {val} is not a whole number"))?;
             match key {
-                "n" if (1..=64).contains(&v) => d.n = v,
-                "k" if (1..=64).contains(&v) => d.k = v,
-                "n" | "k" => return Err(format!("`{kv}`: {key} must be 1 to 64")),
+                "n" => d.n = whole(kv, val)?,
+                "k" => d.k = whole(kv, val)?,
                 _ => return Err(format!("`{key}`: lookup takes n and k")),
             }
         }
         Ok(d)
+    }
+}
+
+impl DraftSpec {
+    /// The draft model of a `model:` spec, loaded, its tokenizer checked
+    /// against the target's.
+    pub fn load_model(&self, target: &Loaded) -> Result<Option<Loaded>> {
+        let Some(path) = &self.model else {
+            return Ok(None);
+        };
+        let d = load_model(path, &WeightArgs::default())
+            .with_context(|| format!("--draft model:{}", path.display()))?;
+        let probe = "Hello, world! The draft and the model: 12345 tokens.";
+        if d.model.cfg.vocab_size != target.model.cfg.vocab_size
+            || d.gguf.tokenizer.encode(probe, true)? != target.gguf.tokenizer.encode(probe, true)?
+        {
+            bail!(
+                "--draft model:{}: its tokenizer is not the model's (a draft must share it)",
+                path.display()
+            );
+        }
+        Ok(Some(d))
+    }
+
+    /// The draft itself (`drafter` the loaded draft model of a `model:` spec).
+    pub fn draft<'a>(
+        &self,
+        drafter: Option<&'a Loaded>,
+    ) -> Result<Box<dyn attend::decode::speculative::Draft + 'a>> {
+        use attend::decode::speculative::{Lookup, ModelDraft};
+        Ok(match drafter {
+            Some(d) => Box::new(ModelDraft::new(&d.model, d.model.cfg.vocab_size)?),
+            None => Box::new(Lookup { max_ngram: self.n }),
+        })
+    }
+
+    /// How the spec reads back (reports).
+    pub fn describe(&self) -> String {
+        match &self.model {
+            Some(p) => format!("model:{},k={}", p.display(), self.k),
+            None => format!("lookup:n={},k={}", self.n, self.k),
+        }
     }
 }
 
@@ -80,7 +149,8 @@ fn stream_generate(
                 .model
                 .new_state_with_policy(&c.policy, c.retrieval.as_deref())?,
         };
-        let mut lookup = attend::decode::speculative::Lookup { max_ngram: d.n };
+        let drafter = d.load_model(l)?;
+        let mut draft = d.draft(drafter.as_ref())?;
         let (ids, stats) = attend::decode::speculative::generate_speculative(
             &l.model,
             state,
@@ -88,7 +158,7 @@ fn stream_generate(
             max_new,
             sampler,
             tok.eos,
-            &mut lookup,
+            draft.as_mut(),
             d.k,
             on_token,
         )?;
@@ -215,7 +285,8 @@ pub struct GenerateArgs {
     /// pass of the model, keep exactly the tokens plain decoding gives.
     /// `lookup[:n=3,k=8]` copies from the prompt and output (the last n
     /// tokens matched earlier, up to k of what followed: rewriting,
-    /// editing, quoting). Greedy: exactly plain decoding's tokens;
+    /// editing, quoting); `model:PATH[,k=4]` drafts with a smaller model
+    /// that shares the tokenizer. Greedy: exactly plain decoding's tokens;
     /// sampling: the same distribution (the speculative-sampling rule).
     /// --json reports the passes and how many drafted tokens were kept.
     #[arg(long, value_name = "SPEC")]
@@ -286,7 +357,7 @@ pub struct ChatArgs {
     #[command(flatten)]
     kv: KvArgs,
     /// Speculative decoding, as `generate --draft` (`lookup[:n=3,k=8]`
-    /// pays off when replies quote the conversation).
+    /// pays off when replies quote the conversation; `model:PATH[,k=4]`).
     #[arg(long, value_name = "SPEC")]
     draft: Option<DraftSpec>,
 }

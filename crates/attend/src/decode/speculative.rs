@@ -17,7 +17,9 @@
 //!
 //! Drafts: `Lookup` (prompt lookup, after "Lossless Acceleration for
 //! Seq2seq Generation with Aggressive Decoding"): find the last n tokens
-//! earlier in the prompt and output, and propose what followed them.
+//! earlier in the prompt and output, and propose what followed them;
+//! `ModelDraft`: a smaller model with the same tokenizer, decoding
+//! greedily.
 
 use super::Sampler;
 use crate::error::{Error, Result};
@@ -54,6 +56,93 @@ impl Draft for Lookup {
             }
         }
         vec![]
+    }
+}
+
+/// A separate, smaller model with the same tokenizer drafts greedily
+/// (`model:PATH`). Its own state follows the sequence: rolled back to
+/// what the two share (or rebuilt, for states that cannot roll back), then
+/// fed the rest.
+pub struct ModelDraft<'a> {
+    pub model: &'a Transformer,
+    state: Option<DecodeState>,
+    /// The tokens the draft's state holds.
+    fed: Vec<u32>,
+}
+
+impl<'a> ModelDraft<'a> {
+    /// A draft model for a target with `vocab` tokens: the same
+    /// vocabulary size is required (the same tokenizer is the caller's to
+    /// check).
+    pub fn new(model: &'a Transformer, vocab: usize) -> Result<Self> {
+        if model.cfg.vocab_size != vocab {
+            return Err(Error::msg(format!(
+                "the draft model has {} tokens in its vocabulary, the model {vocab}",
+                model.cfg.vocab_size
+            )));
+        }
+        Ok(Self {
+            model,
+            state: None,
+            fed: vec![],
+        })
+    }
+
+    fn try_propose(&mut self, seq: &[u32], k: usize) -> Result<Vec<u32>> {
+        let m = self.model;
+        let dev = m.embed.device().clone();
+        let max_len = m.cfg.max_len;
+        if seq.len() + k > max_len {
+            return Ok(vec![]);
+        }
+        // what the draft's state and the sequence share (less the last
+        // token, whose logits are needed)
+        let common = self.fed.iter().zip(seq).take_while(|(a, b)| a == b).count();
+        let common = common.min(seq.len().saturating_sub(1));
+        let kept = match self.state.take() {
+            Some(mut st) if common > 0 => st.truncate(common)?.then_some(st),
+            _ => None,
+        };
+        let mut state = match kept {
+            Some(st) => {
+                self.fed.truncate(common);
+                st
+            }
+            None => {
+                self.fed.clear();
+                m.new_state(None)?
+            }
+        };
+        let row = |t: Tensor| -> Result<Vec<f32>> {
+            Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+        };
+        let rest = &seq[self.fed.len()..];
+        let mut logits = row(m.step_last(&Tensor::new(rest, &dev)?.unsqueeze(0)?, &mut state)?)?;
+        self.fed.extend_from_slice(rest);
+        let mut out = vec![];
+        while out.len() < k {
+            let t = super::argmax(&logits);
+            out.push(t);
+            if out.len() == k {
+                break;
+            }
+            logits = row(m.step_last(&Tensor::new(&[[t]], &dev)?, &mut state)?)?;
+            self.fed.push(t);
+        }
+        self.state = Some(state);
+        Ok(out)
+    }
+}
+
+impl Draft for ModelDraft<'_> {
+    /// Greedy tokens of the draft model; none if it fails (a draft's error
+    /// costs speed, never output).
+    fn propose(&mut self, seq: &[u32], k: usize) -> Vec<u32> {
+        self.try_propose(seq, k).unwrap_or_else(|_| {
+            self.state = None;
+            self.fed.clear();
+            vec![]
+        })
     }
 }
 

@@ -374,8 +374,8 @@ fn split_kv_inner(
             }
         }
     }
-    // one run of keys j0..j0 + len inside a page, for query i and kv head
-    // kv: per query head of the group, (m, l, acc (hd))
+    // keys j0..j0 + len (over one page or several) for query i and kv
+    // head kv: per query head of the group, (m, l, acc (hd))
     let run = |i: usize, kv: usize, (kr, vr): (&KvRows, &KvRows), j0: usize, len: usize| {
         // the run's keys and values of this kv head as f32: in place when
         // the cache holds f32, else decoded once for the group
@@ -421,8 +421,9 @@ fn split_kv_inner(
             assert!(kf.len() >= width && vf.len() >= width);
             (None, None)
         };
-        // S (g, len) = scale · Q_g K_runᵀ: the group's query heads are
-        // consecutive rows of q
+        // S (g, len) = scale · Q_g K_runᵀ (the group's query heads are
+        // consecutive rows of q), its rows' softmax statistics, then
+        // acc (g, hd) = P V_run
         let mut s = super::scratch::take_dirty(g * len);
         let mut acc = vec![0f32; g * hd];
         let qg = &q[(i * h + kv * g) * hd..][..g * hd];
@@ -430,26 +431,26 @@ fn split_kv_inner(
         // (row_table and the assert above check them) and s, acc lie inside
         // their buffers; `small` checked the CPU and the register budget of
         // the AVX-512 form.
-        if small {
+        let stats = if small {
             #[cfg(target_arch = "x86_64")]
             unsafe {
+                let pass = (resident, qg, len, hd, scale, &mut s[..], &mut acc[..]);
                 match (&ktab, &vtab, f16) {
-                    (Some(t), Some(u), _) => {
-                        let (r, w) = (Table(t), Table(u));
-                        scores_small::<true, _>(resident, qg, (r, w), len, hd, scale, &mut s)
-                    }
+                    (Some(t), Some(u), _) => small_run::<true, _>(Table(t), Table(u), pass),
                     (_, _, true) => {
                         let r = Spaced(kr.run(j0).0.as_ptr(), 2 * hd);
                         let w = Spaced(vr.run(j0).0.as_ptr(), 2 * hd);
-                        scores_small::<true, _>(resident, qg, (r, w), len, hd, scale, &mut s)
+                        small_run::<true, _>(r, w, pass)
                     }
                     (_, _, false) => {
                         let r = Spaced(kf.as_ptr() as *const u8, 4 * hd);
                         let w = Spaced(vf.as_ptr() as *const u8, 4 * hd);
-                        scores_small::<false, _>(resident, qg, (r, w), len, hd, scale, &mut s)
+                        small_run::<false, _>(r, w, pass)
                     }
                 }
             }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("the register forms are x86-64 only")
         } else {
             unsafe {
                 gemm_strided(
@@ -460,30 +461,10 @@ fn split_kv_inner(
                     scale,
                 );
             }
-        }
-        let stats: Vec<(f32, f32)> = s
-            .chunks_exact_mut(len)
-            .map(super::dense::exp_shifted)
-            .collect();
-        // acc (g, hd) = P V_run
-        if small {
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                match (&vtab, f16) {
-                    (Some(t), _) => {
-                        values_small::<true, _>(resident, &s, Table(t), len, hd, &mut acc)
-                    }
-                    (None, true) => {
-                        let r = Spaced(vr.run(j0).0.as_ptr(), 2 * hd);
-                        values_small::<true, _>(resident, &s, r, len, hd, &mut acc)
-                    }
-                    (None, false) => {
-                        let r = Spaced(vf.as_ptr() as *const u8, 4 * hd);
-                        values_small::<false, _>(resident, &s, r, len, hd, &mut acc)
-                    }
-                }
-            }
-        } else {
+            let stats: Vec<(f32, f32)> = s
+                .chunks_exact_mut(len)
+                .map(super::dense::exp_shifted)
+                .collect();
             unsafe {
                 gemm_strided(
                     (g, hd, len),
@@ -493,7 +474,8 @@ fn split_kv_inner(
                     1.0,
                 );
             }
-        }
+            stats
+        };
         super::scratch::give(s);
         if ks.capacity() > 0 {
             super::scratch::give(ks);
@@ -652,6 +634,35 @@ unsafe fn prefetch_row<const F16: bool, R: Rows>(r: R, j: usize, len: usize, hd:
             _mm_prefetch::<_MM_HINT_T0>(p.add(l) as *const i8);
         }
     }
+}
+
+/// One run through the register kernels: s (g, len) = scale · q kᵀ, each
+/// row turned into e^(s − m) with its statistics (m, Σ), then acc (g, hd)
+/// = P v. -> the statistics per query head.
+///
+/// Safety: as `scores_small` and `values_small`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::type_complexity)]
+unsafe fn small_run<const F16: bool, R: Rows>(
+    k: R,
+    v: R,
+    (resident, q, len, hd, scale, s, acc): (
+        bool,
+        &[f32],
+        usize,
+        usize,
+        f32,
+        &mut [f32],
+        &mut [f32],
+    ),
+) -> Vec<(f32, f32)> {
+    scores_small::<F16, R>(resident, q, (k, v), len, hd, scale, s);
+    let stats = s
+        .chunks_exact_mut(len)
+        .map(super::dense::exp_shifted)
+        .collect();
+    values_small::<F16, R>(resident, s, v, len, hd, acc);
+    stats
 }
 
 /// The scores kernel for the group's shape: `scores_gc` for the common

@@ -353,7 +353,7 @@ fn bench_draft(
                 Ok(())
             })?;
             best_plain = best_plain.min(t0.elapsed().as_secs_f64());
-            let mut draft = d.draft(drafter.as_ref())?;
+            let mut draft = d.draft(drafter.as_ref(), l)?;
             let t1 = Instant::now();
             let (ids, st) = generate_speculative(
                 m,

@@ -88,9 +88,7 @@ impl DraftSpec {
         let d = load_model(path, &WeightArgs::default())
             .with_context(|| format!("--draft model:{}", path.display()))?;
         let probe = "Hello, world! The draft and the model: 12345 tokens.";
-        if d.model.cfg.vocab_size != target.model.cfg.vocab_size
-            || d.gguf.tokenizer.encode(probe, true)? != target.gguf.tokenizer.encode(probe, true)?
-        {
+        if d.gguf.tokenizer.encode(probe, true)? != target.gguf.tokenizer.encode(probe, true)? {
             bail!(
                 "--draft model:{}: its tokenizer is not the model's (a draft must share it)",
                 path.display()
@@ -99,14 +97,19 @@ impl DraftSpec {
         Ok(Some(d))
     }
 
-    /// The draft itself (`drafter` the loaded draft model of a `model:` spec).
+    /// The draft itself for `target` (`drafter` the loaded draft model of
+    /// a `model:` spec).
     pub fn draft<'a>(
         &self,
         drafter: Option<&'a Loaded>,
+        target: &Loaded,
     ) -> Result<Box<dyn attend::decode::speculative::Draft + 'a>> {
         use attend::decode::speculative::{Lookup, ModelDraft};
         Ok(match drafter {
-            Some(d) => Box::new(ModelDraft::new(&d.model, d.model.cfg.vocab_size)?),
+            Some(d) => Box::new(
+                ModelDraft::new(&d.model, target.model.cfg.vocab_size)
+                    .with_context(|| format!("--draft {}", self.describe()))?,
+            ),
             None => Box::new(Lookup { max_ngram: self.n }),
         })
     }
@@ -150,7 +153,7 @@ fn stream_generate(
                 .new_state_with_policy(&c.policy, c.retrieval.as_deref())?,
         };
         let drafter = d.load_model(l)?;
-        let mut draft = d.draft(drafter.as_ref())?;
+        let mut draft = d.draft(drafter.as_ref(), l)?;
         let (ids, stats) = attend::decode::speculative::generate_speculative(
             &l.model,
             state,
@@ -329,6 +332,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
                 "drafted": s.drafted,
                 "accepted": s.accepted,
                 "tokens_per_pass": s.tokens_per_pass(),
+                "backoffs": s.backoffs,
                 "drafted_at": s.drafted_at,
                 "accepted_at": s.accepted_at,
             });

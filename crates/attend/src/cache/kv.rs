@@ -260,6 +260,12 @@ impl KvCache {
         Ok(c)
     }
 
+    /// Whether `truncate` can roll this cache back: a plain cache,
+    /// contiguous or paged (a paged window keeps every token).
+    pub fn can_truncate(&self) -> bool {
+        self.policy.is_none() && (self.window.is_none() || self.pages.is_some())
+    }
+
     /// Forget every token from position n on, so that the cache is what
     /// it was after its first n tokens (speculative decoding's rollback of
     /// rejected draft tokens). Plain caches, contiguous or paged (a paged
@@ -267,7 +273,7 @@ impl KvCache {
     /// evicted or overwritten rows for the tokens it saw, so it refuses
     /// (the caller restores a copy of its state instead).
     pub fn truncate(&mut self, n: usize) -> Result<()> {
-        if self.policy.is_some() || (self.window.is_some() && self.pages.is_none()) {
+        if !self.can_truncate() {
             return Err(Error::msg(
                 "a policy-capped or ring-window KV cache cannot be rolled back",
             ));

@@ -73,7 +73,7 @@ pub struct ModelDraft<'a> {
 impl<'a> ModelDraft<'a> {
     /// A draft model for a target with `vocab` tokens: the same
     /// vocabulary size is required (the same tokenizer is the caller's to
-    /// check).
+    /// check: `attend` compares the two on a probe text).
     pub fn new(model: &'a Transformer, vocab: usize) -> Result<Self> {
         if model.cfg.vocab_size != vocab {
             return Err(Error::msg(format!(
@@ -209,7 +209,11 @@ pub fn generate_speculative(
     let row =
         |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?) };
     // the prompt as `generate` feeds it (in chunks under a cache policy)
-    let chunk = if capped { 512 } else { prompt.len() };
+    let chunk = if capped {
+        super::PREFILL_CHUNK
+    } else {
+        prompt.len()
+    };
     let mut logits = vec![];
     for part in prompt.chunks(chunk) {
         logits = row(&model.step_last(&Tensor::new(part, &dev)?.unsqueeze(0)?, &mut state)?)?;

@@ -81,10 +81,8 @@ impl DecodeState {
     /// Whether `truncate` can roll this state back: every layer a plain
     /// KV cache (contiguous, or paged, windows included).
     pub fn can_truncate(&self) -> bool {
-        let plain =
-            |c: &KvCache| c.policy.is_none() && (c.window.is_none() || c.blocks().is_some());
         self.layers.iter().all(|l| match &l.mixer {
-            MixerState::Kv(cs) => cs.iter().all(plain),
+            MixerState::Kv(cs) => cs.iter().all(KvCache::can_truncate),
             _ => false,
         })
     }

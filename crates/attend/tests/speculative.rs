@@ -49,6 +49,21 @@ impl Draft for Fixed {
     }
 }
 
+/// `generate_speculative` without streaming.
+#[allow(clippy::too_many_arguments)]
+fn quiet(
+    m: &Transformer,
+    st: attend::model::DecodeState,
+    p: &[u32],
+    n: usize,
+    s: &mut Sampler,
+    stop: Option<u32>,
+    d: &mut dyn Draft,
+    k: usize,
+) -> (Vec<u32>, attend::decode::speculative::SpecStats) {
+    generate_speculative(m, st, p, n, s, stop, d, k, |_| Ok(())).unwrap()
+}
+
 /// The same token, always.
 struct Always(u32);
 impl Draft for Always {
@@ -128,7 +143,7 @@ fn a_stop_token_and_max_tokens_end_it_where_plain_decoding_ends() {
     let stop = want[11];
     let cut = generate(&m, &p, None, 30, &mut greedy(), Some(stop), |_| Ok(())).unwrap();
     for max_new in [1, 2, 7, 30] {
-        let (got, _) = generate_speculative(
+        let (got, _) = quiet(
             &m,
             m.new_state(None).unwrap(),
             &p,
@@ -137,9 +152,7 @@ fn a_stop_token_and_max_tokens_end_it_where_plain_decoding_ends() {
             Some(stop),
             &mut Fixed(full.clone()),
             6,
-            |_| Ok(()),
-        )
-        .unwrap();
+        );
         assert_eq!(got, cut[..cut.len().min(max_new)], "max_new {max_new}");
     }
 }
@@ -152,7 +165,7 @@ fn caches_that_cannot_roll_back_restore_a_copy() {
     let p = prompt(5, 50);
     let want =
         generate_with_policy(&m, &policy, None, &p, 30, &mut greedy(), None, |_| Ok(())).unwrap();
-    let (got, stats) = generate_speculative(
+    let (got, stats) = quiet(
         &m,
         m.new_state_with_policy(&policy, None).unwrap(),
         &p,
@@ -161,9 +174,7 @@ fn caches_that_cannot_roll_back_restore_a_copy() {
         None,
         &mut Garbage(7),
         4,
-        |_| Ok(()),
-    )
-    .unwrap();
+    );
     assert_eq!(got, want);
     assert!(stats.passes > 0);
     let q8 = hf_decoder::quant_type("q8_0").unwrap();
@@ -181,7 +192,7 @@ fn caches_that_cannot_roll_back_restore_a_copy() {
             Box::new(Garbage(3)),
             Box::new(Fixed(full)),
         ] {
-            let (got, _) = generate_speculative(
+            let (got, _) = quiet(
                 &g,
                 g.new_state(None).unwrap(),
                 &p,
@@ -190,9 +201,7 @@ fn caches_that_cannot_roll_back_restore_a_copy() {
                 None,
                 d.as_mut(),
                 5,
-                |_| Ok(()),
-            )
-            .unwrap();
+            );
             assert_eq!(got, want, "gemma prompt {i}");
         }
     }
@@ -210,7 +219,7 @@ fn a_full_context_is_rebuilt_as_plain_decoding_rebuilds_it() {
         Box::new(Fixed(full)) as Box<dyn Draft>,
         Box::new(Lookup { max_ngram: 3 }),
     ] {
-        let (got, _) = generate_speculative(
+        let (got, _) = quiet(
             &m,
             m.new_state(None).unwrap(),
             &p,
@@ -219,9 +228,7 @@ fn a_full_context_is_rebuilt_as_plain_decoding_rebuilds_it() {
             None,
             d.as_mut(),
             8,
-            |_| Ok(()),
-        )
-        .unwrap();
+        );
         assert_eq!(got, want);
     }
 }
@@ -315,7 +322,7 @@ fn sampled_speculative_tokens_are_distributed_as_plain_sampling() {
         *plain.entry(a).or_insert(0usize) += 1;
         // a draft that always proposes greedy's second token
         let mut s = Sampler::new(params(1_000_000 + seed)).unwrap();
-        let (b, st) = generate_speculative(
+        let (b, st) = quiet(
             &m,
             m.new_state(None).unwrap(),
             &p,
@@ -324,9 +331,7 @@ fn sampled_speculative_tokens_are_distributed_as_plain_sampling() {
             None,
             &mut Always(greedy2[1]),
             1,
-            |_| Ok(()),
-        )
-        .unwrap();
+        );
         kept += st.accepted;
         *spec.entry(b).or_insert(0usize) += 1;
     }
@@ -371,7 +376,7 @@ fn a_draft_model_with_the_same_tokenizer_gives_the_plain_tokens() {
         let want = generate(&m, &p, None, 40, &mut greedy(), None, |_| Ok(())).unwrap();
         for (name, dm) in [("f32", &f32_model), ("itself", &m)] {
             let mut d = ModelDraft::new(dm, m.cfg.vocab_size).unwrap();
-            let (got, st) = generate_speculative(
+            let (got, st) = quiet(
                 &m,
                 m.new_state(None).unwrap(),
                 &p,
@@ -380,9 +385,7 @@ fn a_draft_model_with_the_same_tokenizer_gives_the_plain_tokens() {
                 None,
                 &mut d,
                 4,
-                |_| Ok(()),
-            )
-            .unwrap();
+            );
             assert_eq!(got, want, "{name} prompt {i}");
             assert!(st.passes > 0);
             if name == "itself" {

@@ -286,59 +286,20 @@ fn bench_draft(
     use attend::decode::{generate, Sampler, SamplingParams};
     let m = &l.model;
     let tok = &l.gguf.tokenizer;
-    let text = std::fs::read_to_string(workload)
-        .with_context(|| format!("--workload {}", workload.display()))?;
-    let mut prompts = vec![];
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
+    let prompts = crate::run_cmd::read_prompts(l, model, workload, "--workload")?;
+    if let Some(i) = prompts
+        .iter()
+        .position(|ids| ids.len() + a.decode_tokens > m.cfg.max_len)
     {
-        let at = || format!("--workload {}: line {}", workload.display(), i + 1);
-        let v: serde_json::Value = serde_json::from_str(line).with_context(at)?;
-        let ids = match (v["prompt"].as_str(), v["chat"].as_str()) {
-            (Some(p), None) => tok.encode(p, true)?,
-            (None, Some(c)) => {
-                let template = l.gguf.chat_template.as_deref().with_context(|| {
-                    format!(
-                        "{}: a `chat` prompt needs a chat template, and {} has none",
-                        at(),
-                        model.display()
-                    )
-                })?;
-                let name = |id: Option<u32>| {
-                    id.and_then(|i| tok.inner.id_to_token(i))
-                        .unwrap_or_default()
-                };
-                let msg = attend::formats::chat::Message {
-                    role: "user".into(),
-                    content: c.into(),
-                };
-                let t = attend::formats::chat::render(
-                    template,
-                    &[msg],
-                    true,
-                    &name(tok.bos),
-                    &name(tok.eos),
-                )?;
-                tok.encode(&t, false)?
-            }
-            _ => bail!("{}: expected {{\"prompt\": …}} or {{\"chat\": …}}", at()),
-        };
-        if ids.len() + a.decode_tokens > m.cfg.max_len {
-            bail!(
-                "{}: {} prompt tokens + --decode-tokens pass the model's context ({})",
-                at(),
-                ids.len(),
-                m.cfg.max_len
-            );
-        }
-        prompts.push(ids);
+        bail!(
+            "--workload {}: prompt {}: {} tokens + --decode-tokens pass the model's context ({})",
+            workload.display(),
+            i + 1,
+            prompts[i].len(),
+            m.cfg.max_len
+        );
     }
-    if prompts.is_empty() {
-        bail!("--workload {}: no prompts", workload.display());
-    }
-    let drafter = d.load_model(l)?;
+    let drafter = d.prepare(l)?;
     let greedy = || Sampler::new(SamplingParams::default());
     let (mut plain_s, mut spec_s, mut tokens) = (0f64, 0f64, 0usize);
     let (mut passes, mut accepted, mut drafted) = (0usize, 0usize, 0usize);
@@ -353,7 +314,7 @@ fn bench_draft(
                 Ok(())
             })?;
             best_plain = best_plain.min(t0.elapsed().as_secs_f64());
-            let mut draft = d.draft(drafter.as_ref(), l)?;
+            let mut draft = d.draft(&drafter)?;
             let t1 = Instant::now();
             let (ids, st) = generate_speculative(
                 m,

@@ -39,6 +39,7 @@ mod out {
 }
 
 mod bench_cmd;
+mod draft_cmd;
 mod frontier_cmd;
 mod kv_cmd;
 mod load;
@@ -135,6 +136,14 @@ enum Cmd {
     /// and plots (`--quick`: about 2 minutes).
     #[command(allow_negative_numbers = true)]
     Frontier(frontier_cmd::FrontierArgs),
+    /// Train Hydra draft heads for a model on text it writes itself, for
+    /// `--draft heads:PATH` (speculative decoding).
+    #[command(allow_negative_numbers = true)]
+    TrainDraftHeads(draft_cmd::TrainHeadsArgs),
+    /// Find which sublayers a `--draft skip:` draft should leave out:
+    /// a greedy search on calibration text, the best sets timed for real.
+    #[command(allow_negative_numbers = true)]
+    DraftSearch(draft_cmd::DraftSearchArgs),
 }
 
 fn main() {
@@ -208,6 +217,10 @@ fn main() {
         Cmd::KvSweep(a) => kv_cmd::kv_sweep_cmd(a).context("kv-sweep failed"),
         Cmd::Frontier(a) => frontier_cmd::frontier_cmd(a).context("frontier failed"),
         Cmd::Serve(a) => serve_cmd::serve_cmd(*a).context("serve failed"),
+        Cmd::TrainDraftHeads(a) => {
+            draft_cmd::train_heads_cmd(a).context("train-draft-heads failed")
+        }
+        Cmd::DraftSearch(a) => draft_cmd::draft_search_cmd(a).context("draft-search failed"),
     };
     if let Err(e) = result {
         // One line: the context chain, outermost first; a config field that

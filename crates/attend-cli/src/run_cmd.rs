@@ -12,18 +12,54 @@ use attend::Transformer;
 use candle_core::{Device, Tensor};
 use clap::Args;
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-/// `--draft SPEC`: a draft for speculative decoding. `lookup[:n=3,k=8]`
-/// (prompt lookup: `n` the longest n-gram matched, `k` the most tokens
-/// drafted a pass) or `model:PATH[,k=4]` (a smaller model with the same
-/// tokenizer, decoding greedily).
+/// `--draft SPEC`: a draft for speculative decoding, and `k`, the most
+/// tokens it drafts a pass.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DraftSpec {
-    pub n: usize,
+    pub kind: DraftKind,
     pub k: usize,
-    /// `model:PATH`: the draft model's file or folder.
-    pub model: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum DraftKind {
+    /// `lookup[:n=3,k=8]`: prompt lookup, n the longest n-gram matched.
+    Lookup { n: usize },
+    /// `model:PATH[,k=4]`: a smaller model with the same tokenizer.
+    Model(PathBuf),
+    /// `heads:PATH[,k=3]`: Hydra heads from `attend train-draft-heads`.
+    Heads(PathBuf),
+    /// `skip:layers=…,attn=…,ffn=…[,k=4]`: the model itself with those
+    /// sublayers skipped.
+    Skip(attend::model::Skip),
+}
+
+/// The known drafts, for errors and --help.
+pub const DRAFTS: &str =
+    "lookup[:n=3,k=8], model:PATH[,k=4], heads:PATH[,k=3], skip:layers=A-B+C,attn=…,ffn=…[,k=4]";
+
+/// "3-5+9" -> [3, 4, 5, 9] (layer indices, from 0).
+fn layer_list(key: &str, val: &str) -> std::result::Result<Vec<usize>, String> {
+    let mut out = vec![];
+    for part in val.split('+') {
+        let num = |x: &str| {
+            x.trim().parse::<usize>().map_err(|_| {
+                format!("`{key}={val}`: expected layer numbers from 0, ranges A-B joined by + (e.g. 10-14+20)")
+            })
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("`{key}={val}`: the range {a}-{b} is empty"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(num(part)?),
+        }
+    }
+    Ok(out)
 }
 
 impl std::str::FromStr for DraftSpec {
@@ -40,85 +76,237 @@ impl std::str::FromStr for DraftSpec {
                 Err(format!("`{kv}`: must be 1 to 64"))
             }
         };
-        if name == "model" {
+        if name == "model" || name == "heads" {
+            let default = if name == "model" { 4 } else { 3 };
             let (path, k) = match opts.rsplit_once(",k=") {
                 Some((p, k)) => (p, whole(&format!("k={k}"), k)?),
-                None => (opts, 4),
+                None => (opts, default),
             };
             if path.is_empty() {
-                return Err("model:PATH needs the draft model's file or folder".into());
+                return Err(format!(
+                    "{name}:PATH needs the {} (known drafts: {DRAFTS})",
+                    if name == "model" {
+                        "draft model's file or folder"
+                    } else {
+                        "heads' folder (from attend train-draft-heads)"
+                    }
+                ));
             }
-            return Ok(DraftSpec {
-                n: 0,
-                k,
-                model: Some(PathBuf::from(path)),
-            });
+            let path = PathBuf::from(path);
+            let kind = if name == "model" {
+                DraftKind::Model(path)
+            } else {
+                DraftKind::Heads(path)
+            };
+            return Ok(DraftSpec { kind, k });
         }
-        if name != "lookup" {
-            return Err(format!(
-                "unknown draft `{name}` (known: lookup[:n=3,k=8], model:PATH[,k=4]; skip and heads are not built yet)"
-            ));
+        let pairs = opts
+            .split(',')
+            .filter(|o| !o.is_empty())
+            .map(|kv| {
+                kv.split_once('=')
+                    .ok_or_else(|| format!("`{kv}`: expected key=value (known drafts: {DRAFTS})"))
+            })
+            .collect::<std::result::Result<Vec<_>, String>>()?;
+        match name {
+            "lookup" => {
+                let (mut n, mut k) = (3, 8);
+                for (key, val) in pairs {
+                    let kv = format!("{key}={val}");
+                    match key {
+                        "n" => n = whole(&kv, val)?,
+                        "k" => k = whole(&kv, val)?,
+                        _ => return Err(format!("`{key}`: lookup takes n and k")),
+                    }
+                }
+                Ok(DraftSpec {
+                    kind: DraftKind::Lookup { n },
+                    k,
+                })
+            }
+            "skip" => {
+                let mut skip = attend::model::Skip::default();
+                let mut k = 4;
+                let set = |v: &mut Vec<bool>, at: Vec<usize>| {
+                    for i in at {
+                        if v.len() <= i {
+                            v.resize(i + 1, false);
+                        }
+                        v[i] = true;
+                    }
+                };
+                for (key, val) in pairs {
+                    match key {
+                        "layers" => {
+                            let at = layer_list(key, val)?;
+                            set(&mut skip.attn, at.clone());
+                            set(&mut skip.ffn, at);
+                        }
+                        "attn" => set(&mut skip.attn, layer_list(key, val)?),
+                        "ffn" => set(&mut skip.ffn, layer_list(key, val)?),
+                        "k" => k = whole(&format!("k={val}"), val)?,
+                        _ => return Err(format!("`{key}`: skip takes layers, attn, ffn and k")),
+                    }
+                }
+                if skip.count() == 0 {
+                    return Err(
+                        "skip: name the sublayers to skip (layers=, attn=, ffn=: e.g. skip:layers=20-27)"
+                            .into(),
+                    );
+                }
+                Ok(DraftSpec {
+                    kind: DraftKind::Skip(skip),
+                    k,
+                })
+            }
+            _ => Err(format!("unknown draft `{name}` (known: {DRAFTS})")),
         }
-        let mut d = DraftSpec {
-            n: 3,
-            k: 8,
-            model: None,
-        };
-        for kv in opts.split(',').filter(|o| !o.is_empty()) {
-            let (key, val) = kv
-                .split_once('=')
-                .ok_or_else(|| format!("`{kv}`: expected key=value (n=3, k=8)"))?;
-            match key {
-                "n" => d.n = whole(kv, val)?,
-                "k" => d.k = whole(kv, val)?,
-                _ => return Err(format!("`{key}`: lookup takes n and k")),
+    }
+}
+
+/// What a draft loads once: a draft model, or heads.
+#[derive(Default)]
+pub struct Drafter {
+    model: Option<std::sync::Arc<attend::Transformer>>,
+    heads: Option<attend::decode::heads::Heads>,
+}
+
+impl DraftSpec {
+    /// Load what the draft needs for `target`: a `model:` draft's model
+    /// (its tokenizer checked against the target's), `heads:` heads
+    /// (checked against the target), `skip:` layers checked.
+    pub fn prepare(&self, target: &Loaded) -> Result<Drafter> {
+        let mut d = Drafter::default();
+        match &self.kind {
+            DraftKind::Lookup { .. } => {}
+            DraftKind::Model(path) => {
+                let m = load_model(path, &WeightArgs::default())
+                    .with_context(|| format!("--draft model:{}", path.display()))?;
+                let probe = "Hello, world! The draft and the model: 12345 tokens.";
+                if m.gguf.tokenizer.encode(probe, true)?
+                    != target.gguf.tokenizer.encode(probe, true)?
+                {
+                    bail!(
+                        "--draft model:{}: its tokenizer is not the model's (a draft must share it)",
+                        path.display()
+                    );
+                }
+                if m.model.cfg.vocab_size != target.model.cfg.vocab_size {
+                    bail!(
+                        "--draft model:{}: the draft model has {} tokens in its vocabulary, the model {}",
+                        path.display(),
+                        m.model.cfg.vocab_size,
+                        target.model.cfg.vocab_size
+                    );
+                }
+                d.model = Some(std::sync::Arc::new(m.model));
+            }
+            DraftKind::Heads(path) => {
+                if !path.join("heads.json").exists() {
+                    bail!(
+                        "--draft heads:{}: no heads.json there (train heads with `attend train-draft-heads`)",
+                        path.display()
+                    );
+                }
+                d.heads = Some(
+                    attend::decode::heads::Heads::load(path, &target.model, true)
+                        .with_context(|| format!("--draft heads:{}", path.display()))?,
+                );
+            }
+            DraftKind::Skip(s) => {
+                let n = target.model.decoder.len();
+                if s.attn.len() > n || s.ffn.len() > n {
+                    bail!(
+                        "--draft {}: the model has {n} layers (numbered 0 to {})",
+                        self.describe(),
+                        n - 1
+                    );
+                }
             }
         }
         Ok(d)
     }
-}
 
-impl DraftSpec {
-    /// The draft model of a `model:` spec, loaded, its tokenizer checked
-    /// against the target's.
-    pub fn load_model(&self, target: &Loaded) -> Result<Option<Loaded>> {
-        let Some(path) = &self.model else {
-            return Ok(None);
+    /// What makes a fresh draft (one per sequence), from what `prepare`
+    /// loaded.
+    pub fn maker(&self, d: &Drafter) -> Result<attend::serve::engine::DraftMaker> {
+        use attend::decode::heads::HeadsDraft;
+        use attend::decode::speculative::{Draft, Lookup, ModelDraft, SkipDraft};
+        type Make = std::sync::Arc<dyn Fn() -> Box<dyn Draft + Send> + Send + Sync>;
+        let make: Make = match &self.kind {
+            DraftKind::Lookup { n } => {
+                let n = *n;
+                std::sync::Arc::new(move || Box::new(Lookup { max_ngram: n }))
+            }
+            DraftKind::Model(_) => {
+                let m = d.model.clone().context("the draft model is not loaded")?;
+                let vocab = m.cfg.vocab_size;
+                std::sync::Arc::new(move || {
+                    Box::new(ModelDraft::new(m.clone(), vocab).expect("the same vocabulary"))
+                })
+            }
+            DraftKind::Heads(_) => {
+                let heads = d.heads.clone().context("the heads are not loaded")?;
+                std::sync::Arc::new(move || {
+                    Box::new(HeadsDraft {
+                        heads: heads.clone(),
+                    })
+                })
+            }
+            DraftKind::Skip(s) => {
+                let skip = s.clone();
+                std::sync::Arc::new(move || Box::new(SkipDraft { skip: skip.clone() }))
+            }
         };
-        let d = load_model(path, &WeightArgs::default())
-            .with_context(|| format!("--draft model:{}", path.display()))?;
-        let probe = "Hello, world! The draft and the model: 12345 tokens.";
-        if d.gguf.tokenizer.encode(probe, true)? != target.gguf.tokenizer.encode(probe, true)? {
-            bail!(
-                "--draft model:{}: its tokenizer is not the model's (a draft must share it)",
-                path.display()
-            );
-        }
-        Ok(Some(d))
+        Ok(attend::serve::engine::DraftMaker(make))
     }
 
-    /// The draft itself for `target` (`drafter` the loaded draft model of
-    /// a `model:` spec).
-    pub fn draft<'a>(
-        &self,
-        drafter: Option<&'a Loaded>,
-        target: &Loaded,
-    ) -> Result<Box<dyn attend::decode::speculative::Draft + 'a>> {
-        use attend::decode::speculative::{Lookup, ModelDraft};
-        Ok(match drafter {
-            Some(d) => Box::new(
-                ModelDraft::new(&d.model, target.model.cfg.vocab_size)
-                    .with_context(|| format!("--draft {}", self.describe()))?,
-            ),
-            None => Box::new(Lookup { max_ngram: self.n }),
-        })
+    /// A fresh draft, from what `prepare` loaded.
+    pub fn draft(&self, d: &Drafter) -> Result<Box<dyn attend::decode::speculative::Draft + Send>> {
+        Ok((self.maker(d)?.0)())
     }
 
     /// How the spec reads back (reports).
     pub fn describe(&self) -> String {
-        match &self.model {
-            Some(p) => format!("model:{},k={}", p.display(), self.k),
-            None => format!("lookup:n={},k={}", self.n, self.k),
+        let k = self.k;
+        match &self.kind {
+            DraftKind::Lookup { n } => format!("lookup:n={n},k={k}"),
+            DraftKind::Model(p) => format!("model:{},k={k}", p.display()),
+            DraftKind::Heads(p) => format!("heads:{},k={k}", p.display()),
+            DraftKind::Skip(s) => {
+                let list = |v: &[bool]| {
+                    let on: Vec<usize> = (0..v.len()).filter(|&i| v[i]).collect();
+                    let mut parts: Vec<String> = vec![];
+                    let mut i = 0;
+                    while i < on.len() {
+                        let mut j = i;
+                        while j + 1 < on.len() && on[j + 1] == on[j] + 1 {
+                            j += 1;
+                        }
+                        parts.push(if i == j {
+                            on[i].to_string()
+                        } else {
+                            format!("{}-{}", on[i], on[j])
+                        });
+                        i = j + 1;
+                    }
+                    parts.join("+")
+                };
+                let mut out = vec![];
+                let (a, f) = (list(&s.attn), list(&s.ffn));
+                if a == f {
+                    out.push(format!("layers={a}"));
+                } else {
+                    if !a.is_empty() {
+                        out.push(format!("attn={a}"));
+                    }
+                    if !f.is_empty() {
+                        out.push(format!("ffn={f}"));
+                    }
+                }
+                out.push(format!("k={k}"));
+                format!("skip:{}", out.join(","))
+            }
         }
     }
 }
@@ -152,8 +340,8 @@ fn stream_generate(
                 .model
                 .new_state_with_policy(&c.policy, c.retrieval.as_deref())?,
         };
-        let drafter = d.load_model(l)?;
-        let mut draft = d.draft(drafter.as_ref(), l)?;
+        let drafter = d.prepare(l)?;
+        let mut draft = d.draft(&drafter)?;
         let (ids, stats) = attend::decode::speculative::generate_speculative(
             &l.model,
             state,
@@ -289,7 +477,11 @@ pub struct GenerateArgs {
     /// `lookup[:n=3,k=8]` copies from the prompt and output (the last n
     /// tokens matched earlier, up to k of what followed: rewriting,
     /// editing, quoting); `model:PATH[,k=4]` drafts with a smaller model
-    /// that shares the tokenizer. Greedy: exactly plain decoding's tokens;
+    /// that shares the tokenizer; `heads:PATH[,k=3]` with Hydra heads
+    /// trained by `attend train-draft-heads`; `skip:layers=20-27[,k=4]`
+    /// (also attn=, ffn=; layers from 0, ranges joined by +) with the
+    /// model itself, those sublayers skipped (`attend draft-search` finds
+    /// which). Greedy: exactly plain decoding's tokens;
     /// sampling: the same distribution (the speculative-sampling rule).
     /// --json reports the passes and how many drafted tokens were kept.
     #[arg(long, value_name = "SPEC")]
@@ -361,7 +553,8 @@ pub struct ChatArgs {
     #[command(flatten)]
     kv: KvArgs,
     /// Speculative decoding, as `generate --draft` (`lookup[:n=3,k=8]`
-    /// pays off when replies quote the conversation; `model:PATH[,k=4]`).
+    /// pays off when replies quote the conversation; `model:PATH[,k=4]`,
+    /// `heads:PATH[,k=3]`, `skip:layers=…[,k=4]`).
     #[arg(long, value_name = "SPEC")]
     draft: Option<DraftSpec>,
 }
@@ -691,4 +884,53 @@ pub fn inspect_cmd(a: InspectArgs) -> Result<()> {
         outln!("{k} = {v}");
     }
     Ok(())
+}
+
+/// Prompts from a JSON-lines file (`flag` names it in errors): each line
+/// {"prompt": "..."} (raw text) or {"chat": "..."} (one user message under
+/// the model's chat template) -> token ids, in order.
+pub fn read_prompts(l: &Loaded, model: &Path, file: &Path, flag: &str) -> Result<Vec<Vec<u32>>> {
+    let tok = &l.gguf.tokenizer;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("{flag} {}", file.display()))?;
+    let mut prompts = vec![];
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let at = || format!("{flag} {}: line {}", file.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(line).with_context(at)?;
+        let ids = match (v["prompt"].as_str(), v["chat"].as_str()) {
+            (Some(p), None) => tok.encode(p, true)?,
+            (None, Some(c)) => {
+                let template = l.gguf.chat_template.as_deref().with_context(|| {
+                    format!(
+                        "{}: a `chat` prompt needs a chat template, and {} has none",
+                        at(),
+                        model.display()
+                    )
+                })?;
+                let name = |id: Option<u32>| {
+                    id.and_then(|i| tok.inner.id_to_token(i))
+                        .unwrap_or_default()
+                };
+                let msg = Message {
+                    role: "user".into(),
+                    content: c.into(),
+                };
+                let t = render(template, &[msg], true, &name(tok.bos), &name(tok.eos))?;
+                tok.encode(&t, false)?
+            }
+            _ => bail!("{}: expected {{\"prompt\": …}} or {{\"chat\": …}}", at()),
+        };
+        if ids.is_empty() {
+            bail!("{}: the prompt has no tokens", at());
+        }
+        prompts.push(ids);
+    }
+    if prompts.is_empty() {
+        bail!("{flag} {}: no prompts", file.display());
+    }
+    Ok(prompts)
 }

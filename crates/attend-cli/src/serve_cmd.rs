@@ -76,6 +76,17 @@ pub struct ServeArgs {
     /// Turn automatic prefix caching off.
     #[arg(long)]
     no_prefix_cache: bool,
+    /// Speculative decoding for the decoder models, as `generate --draft`
+    /// (lookup[:n=3,k=8], heads:PATH[,k=3], skip:…, model:PATH): replies
+    /// are the tokens plain serving gives; /metrics counts drafted and
+    /// accepted tokens. Not with --kv-policy (its caches cannot roll back).
+    #[arg(long, value_name = "SPEC")]
+    draft: Option<crate::run_cmd::DraftSpec>,
+    /// Draft only while at most this many sequences decode at once (a
+    /// fuller batch is compute-bound, and verifying drafts costs more than
+    /// it saves).
+    #[arg(long, default_value_t = 4, requires = "draft")]
+    draft_max_batch: usize,
     /// Largest request body; larger ones get 413 without being read.
     #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = attend::util::parse_bytes)]
     max_body: usize,
@@ -391,6 +402,16 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
                     l.model.cfg.max_len
                 );
             }
+            let draft = match &a.draft {
+                Some(d) => {
+                    if policy.is_some() {
+                        bail!("--draft cannot be used with --kv-policy: a policy's caches cannot roll back rejected drafts");
+                    }
+                    let prepared = d.prepare(&l)?;
+                    Some((d.maker(&prepared)?, d.k))
+                }
+                None => None,
+            };
             let tok = Arc::new(l.gguf.tokenizer);
             let name =
                 |i: Option<u32>| i.and_then(|i| tok.inner.id_to_token(i)).unwrap_or_default();
@@ -426,6 +447,9 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
                     ctx,
                     prefix_caching: !a.no_prefix_cache,
                     policy,
+                    draft_k: draft.as_ref().map_or(4, |d| d.1),
+                    draft: draft.map(|d| d.0),
+                    draft_max_batch: a.draft_max_batch,
                 },
             )
             .with_context(|| format!("--model {}", path.display()))?;
@@ -764,6 +788,24 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         "Sequences preempted (KV pool full) and recomputed.",
         |s: &Stats| l(&s.preemptions)
     );
+    each!(
+        "attend_spec_passes_total",
+        "counter",
+        "Speculative decoding: verification passes (--draft).",
+        |s: &Stats| l(&s.spec_passes)
+    );
+    each!(
+        "attend_spec_drafted_tokens_total",
+        "counter",
+        "Speculative decoding: tokens drafted.",
+        |s: &Stats| l(&s.spec_drafted)
+    );
+    each!(
+        "attend_spec_accepted_tokens_total",
+        "counter",
+        "Speculative decoding: drafted tokens accepted (the tokens plain decoding gives).",
+        |s: &Stats| l(&s.spec_accepted)
+    );
     metric(
         "attend_kv_bytes_used",
         "gauge",
@@ -782,6 +824,36 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
             .map(|(id, d)| (id.to_string(), d.engine.config().kv_memory as f64))
             .collect(),
     );
+    // by draft position: passes that drafted / accepted a token there
+    for (name, help, pick) in [
+        (
+            "attend_spec_drafted_at_total",
+            "Speculative decoding: passes that drafted a token at this position.",
+            0,
+        ),
+        (
+            "attend_spec_accepted_at_total",
+            "Speculative decoding: passes whose token at this position was accepted.",
+            1,
+        ),
+    ] {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+        for (id, d) in &decoders {
+            let s = &d.engine.stats;
+            let v = if pick == 0 {
+                &s.spec_drafted_at
+            } else {
+                &s.spec_accepted_at
+            };
+            for (i, c) in v.iter().enumerate() {
+                out.push_str(&format!(
+                    "{name}{{model=\"{id}\",position=\"{}\"}} {}\n",
+                    i + 1,
+                    l(c)
+                ));
+            }
+        }
+    }
     st.ttft.render(
         "attend_time_to_first_token_seconds",
         "Time from request to first token.",

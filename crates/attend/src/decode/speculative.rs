@@ -19,17 +19,106 @@
 //! Seq2seq Generation with Aggressive Decoding"): find the last n tokens
 //! earlier in the prompt and output, and propose what followed them;
 //! `ModelDraft`: a smaller model with the same tokenizer, decoding
-//! greedily.
+//! greedily; `SkipDraft`: the model itself with sublayers skipped
+//! (self-speculation, after FFN-SkipLLM and LayerSkip), on the target's
+//! own weights and cache; `heads::HeadsDraft`: Hydra draft heads on the
+//! target's final hidden state.
 
 use super::Sampler;
 use crate::error::{Error, Result};
-use crate::model::{DecodeState, Transformer};
+use crate::model::{DecodeState, Skip, StepOpts, Transformer};
 use candle_core::{DType, Tensor};
+
+/// What a draft sees when it proposes.
+pub struct Context<'a> {
+    /// Prompt and output so far; the last token is the target's next
+    /// token, which the state has not yet seen.
+    pub seq: &'a [u32],
+    /// The target's final hidden state (after the final norm, d) at the
+    /// position whose logits chose the last token of `seq`, for drafts
+    /// that ask for it (`wants_hidden`).
+    pub hidden: Option<&'a [f32]>,
+    pub model: &'a Transformer,
+    /// The target's state, holding all of `seq` but its last token. A
+    /// draft may run steps on it if it leaves it as it found it.
+    pub state: &'a mut DecodeState,
+}
 
 /// Proposes tokens that may follow a sequence.
 pub trait Draft {
     /// Up to k tokens that may follow `seq` (prompt and output so far).
-    fn propose(&mut self, seq: &[u32], k: usize) -> Vec<u32>;
+    fn propose(&mut self, _seq: &[u32], _k: usize) -> Vec<u32> {
+        vec![]
+    }
+
+    /// As `propose`, for drafts that need the target's state or hidden
+    /// states.
+    fn propose_in(&mut self, cx: Context, k: usize) -> Vec<u32> {
+        self.propose(cx.seq, k)
+    }
+
+    /// Whether `Context::hidden` is needed.
+    fn wants_hidden(&self) -> bool {
+        false
+    }
+}
+
+/// Self-speculation: the target model with sublayers skipped drafts
+/// greedily on the target's own weights and KV cache, then rolls the
+/// cache back (a state that cannot roll back is copied for the draft).
+/// Skipping nothing drafts exactly the target's own tokens.
+#[derive(Clone, Debug)]
+pub struct SkipDraft {
+    pub skip: Skip,
+}
+
+impl SkipDraft {
+    fn try_propose(&self, cx: Context, k: usize) -> Result<Vec<u32>> {
+        let (m, seq) = (cx.model, cx.seq);
+        let Some(&last) = seq.last() else {
+            return Ok(vec![]);
+        };
+        if cx.state.pos + k > m.cfg.max_len {
+            return Ok(vec![]);
+        }
+        let mut copy;
+        let rollback = cx.state.can_truncate();
+        let st = if rollback {
+            &mut *cx.state
+        } else {
+            copy = cx.state.clone();
+            &mut copy
+        };
+        let pos0 = st.pos;
+        let dev = m.embed.device();
+        let opts = StepOpts {
+            last_only: true,
+            skip: Some(self.skip.clone()),
+            hidden: false,
+        };
+        let mut out = Vec::with_capacity(k);
+        let mut t = last;
+        let mut run = || -> Result<()> {
+            for _ in 0..k {
+                let ids = Tensor::new(&[[t]], &dev)?;
+                let l = m.step_with(m.executor(), &ids, st, &opts)?.logits;
+                t = super::argmax(&l.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?);
+                out.push(t);
+            }
+            Ok(())
+        };
+        let r = run();
+        if rollback {
+            st.truncate(pos0)?;
+        }
+        r.map(|_| out)
+    }
+}
+
+impl Draft for SkipDraft {
+    fn propose_in(&mut self, cx: Context, k: usize) -> Vec<u32> {
+        self.try_propose(cx, k).unwrap_or_default()
+    }
 }
 
 /// Prompt lookup: the most recent earlier occurrence of the sequence's
@@ -63,18 +152,18 @@ impl Draft for Lookup {
 /// (`model:PATH`). Its own state follows the sequence: rolled back to
 /// what the two share (or rebuilt, for states that cannot roll back), then
 /// fed the rest.
-pub struct ModelDraft<'a> {
-    pub model: &'a Transformer,
+pub struct ModelDraft {
+    pub model: std::sync::Arc<Transformer>,
     state: Option<DecodeState>,
     /// The tokens the draft's state holds.
     fed: Vec<u32>,
 }
 
-impl<'a> ModelDraft<'a> {
+impl ModelDraft {
     /// A draft model for a target with `vocab` tokens: the same
     /// vocabulary size is required (the same tokenizer is the caller's to
     /// check: `attend` compares the two on a probe text).
-    pub fn new(model: &'a Transformer, vocab: usize) -> Result<Self> {
+    pub fn new(model: std::sync::Arc<Transformer>, vocab: usize) -> Result<Self> {
         if model.cfg.vocab_size != vocab {
             return Err(Error::msg(format!(
                 "the draft model has {} tokens in its vocabulary, the model {vocab}",
@@ -89,7 +178,7 @@ impl<'a> ModelDraft<'a> {
     }
 
     fn try_propose(&mut self, seq: &[u32], k: usize) -> Result<Vec<u32>> {
-        let m = self.model;
+        let m = &*self.model;
         let dev = m.embed.device().clone();
         let max_len = m.cfg.max_len;
         if seq.len() + k > max_len {
@@ -134,7 +223,7 @@ impl<'a> ModelDraft<'a> {
     }
 }
 
-impl Draft for ModelDraft<'_> {
+impl Draft for ModelDraft {
     /// Greedy tokens of the draft model; none if it fails (a draft's error
     /// costs speed, never output).
     fn propose(&mut self, seq: &[u32], k: usize) -> Vec<u32> {
@@ -144,6 +233,52 @@ impl Draft for ModelDraft<'_> {
             vec![]
         })
     }
+}
+
+/// How often the model with `skip` agrees with the full model's greedy
+/// token, over positions `start..len-1` of each sequence (teacher forced:
+/// one pass of the skipping model over the whole sequence, its skipped
+/// attention layers seeing nothing): `attend draft-search`'s cheap
+/// estimate of a `SkipDraft`'s acceptance. `full[i]`: the full model's
+/// argmax tokens at those positions.
+pub fn skip_agreement(
+    model: &Transformer,
+    seqs: &[(Vec<u32>, usize)],
+    full: &[Vec<u32>],
+    skip: &Skip,
+) -> Result<f64> {
+    let (mut same, mut all) = (0usize, 0usize);
+    for ((s, start), want) in seqs.iter().zip(full) {
+        let got = argmax_tokens(model, s, *start, Some(skip))?;
+        same += got.iter().zip(want).filter(|(a, b)| a == b).count();
+        all += want.len();
+    }
+    Ok(same as f64 / all.max(1) as f64)
+}
+
+/// The argmax token after each position `start..len-1` of `seq`, in one
+/// pass of the model (with `skip`).
+pub fn argmax_tokens(
+    model: &Transformer,
+    seq: &[u32],
+    start: usize,
+    skip: Option<&Skip>,
+) -> Result<Vec<u32>> {
+    let mut st = model.new_state(None)?;
+    let opts = StepOpts {
+        skip: skip.cloned(),
+        ..StepOpts::default()
+    };
+    let dev = model.embed.device();
+    let ids = Tensor::new(seq, &dev)?.unsqueeze(0)?;
+    let l = model
+        .step_with(model.executor(), &ids, &mut st, &opts)?
+        .logits;
+    let l: Vec<Vec<f32>> = l.squeeze(0)?.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(l[start..seq.len() - 1]
+        .iter()
+        .map(|r| super::argmax(r))
+        .collect())
 }
 
 /// What a speculative run did: verification passes, tokens drafted and
@@ -165,6 +300,21 @@ pub struct SpecStats {
 }
 
 impl SpecStats {
+    /// A verification pass of draft `d` that kept `a` tokens.
+    pub fn record(&mut self, d: &[u32], a: usize) {
+        self.passes += 1;
+        self.drafted += d.len();
+        self.accepted += a;
+        for i in 0..d.len() {
+            if self.drafted_at.len() <= i {
+                self.drafted_at.push(0);
+                self.accepted_at.push(0);
+            }
+            self.drafted_at[i] += 1;
+            self.accepted_at[i] += usize::from(i < a);
+        }
+    }
+
     /// Tokens produced per target pass (accepted drafts plus the target's
     /// own token), over verification passes and plain steps alike.
     pub fn tokens_per_pass(&self) -> f64 {
@@ -208,27 +358,38 @@ pub fn generate_speculative(
     let dev = model.embed.device().clone();
     let row =
         |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?) };
+    // steps of the last position only -> (logits, the final hidden state
+    // when the draft wants it)
+    let want_hidden = draft.wants_hidden();
+    let last = StepOpts {
+        last_only: true,
+        skip: None,
+        hidden: want_hidden,
+    };
+    let exec = model.executor();
+    let step_last = |state: &mut DecodeState, ids: &[u32]| -> Result<(Vec<f32>, Vec<f32>)> {
+        let o = model.step_with(exec, &Tensor::new(ids, &dev)?.unsqueeze(0)?, state, &last)?;
+        let h = match &o.hidden {
+            Some(h) => row(h)?,
+            None => vec![],
+        };
+        Ok((row(&o.logits)?, h))
+    };
     // the prompt as `generate` feeds it (in chunks under a cache policy)
     let chunk = if capped {
         super::PREFILL_CHUNK
     } else {
         prompt.len()
     };
-    let mut logits = vec![];
+    let (mut logits, mut hidden) = (vec![], vec![]);
     for part in prompt.chunks(chunk) {
-        logits = row(&model.step_last(&Tensor::new(part, &dev)?.unsqueeze(0)?, &mut state)?)?;
+        (logits, hidden) = step_last(&mut state, part)?;
     }
     let mut stats = SpecStats::default();
     let mut seq = prompt.to_vec();
     let mut next = sampler.sample_after(&logits, &seq);
-    // back-off: halve the draft length after the second pass in a row
-    // that keeps nothing, double it after one that keeps everything; after
-    // repeated misses at length 1, draft nothing for 4, 8, … 32 steps (a
-    // pass that verifies a rejected draft costs more than a plain step)
-    let (mut kk, mut misses, mut rest) = (k, 0u32, 0usize);
-    let one = |state: &mut DecodeState, t: u32| -> Result<Vec<f32>> {
-        row(&model.step_last(&Tensor::new(&[[t]], &dev)?, state)?)
-    };
+    let mut backoff = Backoff::new(k);
+    let one = |state: &mut DecodeState, t: u32| step_last(state, &[t]);
     'out: loop {
         // emit the target's token
         seq.push(next);
@@ -241,7 +402,8 @@ pub fn generate_speculative(
         if !capped && state.pos >= max_len {
             let keep = &seq[seq.len() - (max_len / 2).max(1)..];
             state = model.new_state(None)?;
-            let l = row(&model.step_last(&Tensor::new(keep, &dev)?.unsqueeze(0)?, &mut state)?)?;
+            let l;
+            (l, hidden) = step_last(&mut state, keep)?;
             stats.plain_steps += 1;
             next = sampler.sample_after(&l, &seq);
             continue;
@@ -251,16 +413,25 @@ pub fn generate_speculative(
         } else {
             k.min(max_len - state.pos - 1)
         };
-        let want = room.min(kk).min(max_new - (seq.len() - prompt.len()));
-        let mut d = if want > 0 && rest == 0 {
-            draft.propose(&seq, want)
+        let want = backoff
+            .want()
+            .min(room)
+            .min(max_new - (seq.len() - prompt.len()));
+        let mut d = if want > 0 {
+            let cx = Context {
+                seq: &seq,
+                hidden: want_hidden.then_some(&hidden[..]),
+                model,
+                state: &mut state,
+            };
+            draft.propose_in(cx, want)
         } else {
             vec![]
         };
         d.truncate(want);
-        rest = rest.saturating_sub(1);
         if d.is_empty() {
-            let l = one(&mut state, next)?;
+            let l;
+            (l, hidden) = one(&mut state, next)?;
             stats.plain_steps += 1;
             next = sampler.sample_after(&l, &seq);
             continue;
@@ -271,58 +442,40 @@ pub fn generate_speculative(
         let mut ids = vec![next];
         ids.extend_from_slice(&d);
         state.set_one_by_one(true);
-        let out = model.step(
+        let all = StepOpts {
+            hidden: want_hidden,
+            ..StepOpts::default()
+        };
+        let out = model.step_with(
+            exec,
             &Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?,
             &mut state,
+            &all,
         );
         state.set_one_by_one(false);
-        let out: Vec<Vec<f32>> = out?.squeeze(0)?.to_dtype(DType::F32)?.to_vec2()?;
-        stats.passes += 1;
-        stats.drafted += d.len();
+        let out = out?;
+        let hiddens: Vec<Vec<f32>> = match &out.hidden {
+            Some(h) => h.squeeze(0)?.to_dtype(DType::F32)?.to_vec2()?,
+            None => vec![],
+        };
+        let out: Vec<Vec<f32>> = out.logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec2()?;
         // greedy: the longest prefix plain decoding would have produced;
         // sampling: the speculative-sampling rule for a draft that proposes
         // one token (q = 1 on it): keep it with probability p(token), else
         // draw the target's token from p without it (renormalised) — so
         // every output token is distributed as the target's p
-        let mut hist = seq.clone();
-        let mut a = 0;
-        let mut fix = None;
-        while a < d.len() {
-            if let Some(y) = verify(sampler, &out[a], &hist, d[a]) {
-                fix = Some(y);
-                break;
-            }
-            hist.push(d[a]);
-            a += 1;
-        }
-        for i in 0..d.len() {
-            if stats.drafted_at.len() <= i {
-                stats.drafted_at.push(0);
-                stats.accepted_at.push(0);
-            }
-            stats.drafted_at[i] += 1;
-            stats.accepted_at[i] += usize::from(i < a);
-        }
-        stats.accepted += a;
-        if a == 0 {
-            misses += 1;
-            if kk == 1 && misses >= 2 {
-                rest = 1 << misses.min(5);
-                stats.backoffs += 1;
-            }
-            if misses >= 2 {
-                kk = (kk / 2).max(1);
-            }
-        } else {
-            misses = 0;
-            if a == d.len() {
-                kk = (kk * 2).min(k);
-            }
+        let (a, fix, hist) = accept(sampler, &out, &seq, &d);
+        stats.record(&d, a);
+        if backoff.record(d.len(), a) {
+            stats.backoffs += 1;
         }
         let bonus = match fix {
             Some(t) => t,
             None => sampler.sample_after(&out[a], &hist),
         };
+        if want_hidden {
+            hidden = hiddens.into_iter().nth(a).unwrap_or_default();
+        }
         // forget the rejected tokens
         if a < d.len() {
             match copy {
@@ -348,6 +501,84 @@ pub fn generate_speculative(
         next = bonus;
     }
     Ok((seq.split_off(prompt.len()), stats))
+}
+
+/// The verification of draft `d` after `seq` against the target's
+/// logits of the pass (`out[i]`: after seq and d[..i]) -> (tokens kept, the
+/// target's token in place of the first rejected one if sampling chose it,
+/// seq with the kept tokens). The next token is then `fix`, or the
+/// target's token from `out[a]` after the returned history.
+pub fn accept(
+    sampler: &mut Sampler,
+    out: &[Vec<f32>],
+    seq: &[u32],
+    d: &[u32],
+) -> (usize, Option<u32>, Vec<u32>) {
+    let mut hist = seq.to_vec();
+    let mut a = 0;
+    while a < d.len() {
+        if let Some(y) = verify(sampler, &out[a], &hist, d[a]) {
+            return (a, Some(y), hist);
+        }
+        hist.push(d[a]);
+        a += 1;
+    }
+    (a, None, hist)
+}
+
+/// How long drafts are: halve the length after the second pass in a row
+/// that keeps nothing, double it after one that keeps everything; after
+/// repeated misses at length 1, draft nothing for 4, 8, … 32 steps (a pass
+/// that verifies a rejected draft costs more than a plain step).
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    k: usize,
+    kk: usize,
+    misses: u32,
+    rest: usize,
+}
+
+impl Backoff {
+    pub fn new(k: usize) -> Self {
+        Self {
+            k,
+            kk: k,
+            misses: 0,
+            rest: 0,
+        }
+    }
+
+    /// Tokens to draft at this step (0: a plain step); counts the pause
+    /// down.
+    pub fn want(&mut self) -> usize {
+        if self.rest > 0 {
+            self.rest -= 1;
+            return 0;
+        }
+        self.kk
+    }
+
+    /// A pass that drafted `drafted` tokens kept `accepted`; true when
+    /// drafting pauses.
+    pub fn record(&mut self, drafted: usize, accepted: usize) -> bool {
+        let mut paused = false;
+        if accepted == 0 {
+            self.misses += 1;
+            if self.kk == 1 && self.misses >= 2 {
+                self.rest = 1 << self.misses.min(5);
+                paused = true;
+            }
+            if self.misses >= 2 {
+                self.kk = (self.kk / 2).max(1);
+            }
+        } else {
+            self.misses = 0;
+            if accepted == drafted {
+                self.kk = (self.kk * 2).min(self.k);
+            }
+        }
+        paused
+    }
 }
 
 /// One drafted token `x` against the target's logits after `hist`: None

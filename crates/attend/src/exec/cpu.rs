@@ -74,7 +74,7 @@ impl Packed {
     }
 
     /// (first row, span) of each sequence.
-    fn rows(&self) -> impl Iterator<Item = (usize, Span)> + '_ {
+    pub(crate) fn rows(&self) -> impl Iterator<Item = (usize, Span)> + '_ {
         self.seqs.iter().scan(0, |at, &s| {
             let r = (*at, s);
             *at += s.len;

@@ -49,6 +49,62 @@ pub struct Memory {
     pub padding: Option<Tensor>,
 }
 
+/// Sublayers a pass leaves out: layer i's self-attention when `attn[i]`,
+/// its FFN when `ffn[i]` (self-speculative drafts, issue 14). A skipped
+/// sublayer is not computed and a skipped attention's cache does not see
+/// the tokens; a shorter list skips nothing past its end.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Skip {
+    pub attn: Vec<bool>,
+    pub ffn: Vec<bool>,
+}
+
+impl Skip {
+    /// Whether layer i's attention is skipped.
+    pub fn attn(&self, i: usize) -> bool {
+        self.attn.get(i).copied().unwrap_or(false)
+    }
+
+    /// Whether layer i's FFN is skipped.
+    pub fn ffn(&self, i: usize) -> bool {
+        self.ffn.get(i).copied().unwrap_or(false)
+    }
+
+    /// Sublayers skipped.
+    pub fn count(&self) -> usize {
+        self.attn.iter().chain(&self.ffn).filter(|&&s| s).count()
+    }
+}
+
+/// What `Transformer::step_many_with` returns: rows of the logits
+/// (vocab wide) and, when asked for, the final hidden states (d wide).
+#[derive(Debug, Default)]
+pub struct ManyOut {
+    pub logits: Vec<f32>,
+    pub hidden: Vec<f32>,
+}
+
+/// How `Transformer::step_with` runs a step.
+#[derive(Clone, Debug, Default)]
+pub struct StepOpts {
+    /// Only each sequence's last position.
+    pub last_only: bool,
+    /// Sublayers to leave out.
+    pub skip: Option<Skip>,
+    /// Return the final hidden states too.
+    pub hidden: bool,
+}
+
+/// What `Transformer::step_with` returns.
+#[derive(Debug)]
+pub struct StepOut {
+    /// (b, t, vocab), or (b, 1, vocab) for `last_only`.
+    pub logits: Tensor,
+    /// The final hidden states (after the final norm), shaped as the
+    /// logits with d in place of vocab, when asked for.
+    pub hidden: Option<Tensor>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Block {
     pub ln_1: Norm,
@@ -137,10 +193,15 @@ impl Block {
         b: &E::Batch,
         state: Option<&mut MixerState>,
         cross: Option<(&(Tensor, Tensor), Option<&Tensor>)>,
+        skip: (bool, bool),
     ) -> Result<E::X> {
-        let x = self.sublayer(e, x, &self.ln_1, self.ln_1_post.as_ref(), |h| {
-            self.self_attn.forward(e, h, b, state)
-        })?;
+        let x = if skip.0 {
+            x
+        } else {
+            self.sublayer(e, x, &self.ln_1, self.ln_1_post.as_ref(), |h| {
+                self.self_attn.forward(e, h, b, state)
+            })?
+        };
         let x = match (&self.cross_attn, &self.ln_cross, cross) {
             (Some(attn), Some(ln), Some((kv, pad))) => self.sublayer(e, x, ln, None, |h| {
                 e.graph(h, b, &mut |h, _| attn.cross(h, kv, pad))
@@ -152,6 +213,9 @@ impl Block {
             }
             _ => x,
         };
+        if skip.1 {
+            return Ok(x);
+        }
         self.sublayer(e, x, &self.ln_2, self.ln_2_post.as_ref(), |h| {
             self.ffn.forward(e, h)
         })
@@ -350,7 +414,8 @@ impl Transformer {
     /// the stack; `state` is the decoder's decode state (appended to);
     /// `memory` the encoder output cross-attention reads when the state
     /// does not hold its keys/values; `last_only` keeps only each
-    /// sequence's last token after the blocks.
+    /// sequence's last token after the blocks; `skip` leaves sublayers out.
+    #[allow(clippy::too_many_arguments)]
     pub fn run<E: Exec>(
         &self,
         e: &E,
@@ -359,6 +424,7 @@ impl Transformer {
         mut state: Option<&mut DecodeState>,
         memory: Option<&Memory>,
         last_only: bool,
+        skip: Option<&Skip>,
     ) -> Result<E::X> {
         let (blocks, pos, final_norm, name) = if encoder {
             (&self.encoder, &self.pos_enc, &self.enc_norm, "encoder")
@@ -409,7 +475,8 @@ impl Transformer {
                 _ => None,
             };
             let kv = held.or(fresh.as_ref());
-            x = block.forward(e, x, b, mixer, kv.map(|kv| (kv, mem_pad.as_ref())))?;
+            let sk = skip.map_or((false, false), |s| (s.attn(i), s.ffn(i)));
+            x = block.forward(e, x, b, mixer, kv.map(|kv| (kv, mem_pad.as_ref())), sk)?;
         }
         if last_only {
             x = e.last(x, b)?;
@@ -438,7 +505,7 @@ impl Transformer {
             padding: padding.cloned(),
         };
         Ok(Memory {
-            hidden: self.run(&Graph, true, &b, None, None, false)?,
+            hidden: self.run(&Graph, true, &b, None, None, false, None)?,
             padding: padding.cloned(),
         })
     }
@@ -465,7 +532,7 @@ impl Transformer {
                 let mut out = None;
                 // on a pool thread, so that the parallel regions fork from
                 // inside the pool
-                rayon::scope(|_| out = Some(self.run(&Cpu, true, &b, None, None, false)));
+                rayon::scope(|_| out = Some(self.run(&Cpu, true, &b, None, None, false, None)));
                 Ok(std::mem::take(&mut out.expect("scope ran")?.data))
             }
             Executor::Graph => {
@@ -490,6 +557,11 @@ impl Transformer {
         }
     }
 
+    /// The output projection (vocab, d).
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
     /// Output projection: h (b, t, d) -> logits (b, t, vocab)
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(h)
@@ -510,7 +582,7 @@ impl Transformer {
             offset: 0,
             padding: None,
         };
-        self.run(&Graph, false, &b, None, memory, false)
+        self.run(&Graph, false, &b, None, memory, false, None)
     }
 
     /// A fresh decode state (cross-attention keys and values of `memory`
@@ -634,18 +706,39 @@ impl Transformer {
         state: &mut DecodeState,
         last_only: bool,
     ) -> Result<Tensor> {
+        let o = StepOpts {
+            last_only,
+            ..StepOpts::default()
+        };
+        Ok(self.step_with(exec, ids, state, &o)?.logits)
+    }
+
+    /// A decode step as `opts` says (last position only, sublayers
+    /// skipped, final hidden states returned): ids (b, t) -> `StepOut`.
+    pub fn step_with(
+        &self,
+        exec: Executor,
+        ids: &Tensor,
+        state: &mut DecodeState,
+        opts: &StepOpts,
+    ) -> Result<StepOut> {
         let (bsz, t) = ids.dims2()?;
         if t == 0 {
             return Err(Error::msg("a decode step needs at least one token"));
         }
-        let logits = match exec {
+        let (last_only, skip) = (opts.last_only, opts.skip.as_ref());
+        let out = match exec {
             Executor::Graph => {
                 let b = GraphBatch {
                     ids: ids.clone(),
                     offset: state.pos,
                     padding: None,
                 };
-                self.logits(&self.run(&Graph, false, &b, Some(state), None, last_only)?)?
+                let h = self.run(&Graph, false, &b, Some(state), None, last_only, skip)?;
+                StepOut {
+                    logits: self.logits(&h)?,
+                    hidden: opts.hidden.then_some(h),
+                }
             }
             Executor::Cpu => {
                 let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
@@ -656,15 +749,19 @@ impl Transformer {
                 // it and putting the calling thread to sleep
                 rayon::scope(|_| {
                     out = Some((|| {
-                        let h = self.run(&Cpu, false, &b, Some(&mut *state), None, last_only)?;
-                        one(Cpu.linear(&h, &[&self.lm_head])?).to_tensor(bsz)
+                        let h =
+                            self.run(&Cpu, false, &b, Some(&mut *state), None, last_only, skip)?;
+                        Ok::<_, Error>(StepOut {
+                            logits: one(Cpu.linear(&h, &[&self.lm_head])?).to_tensor(bsz)?,
+                            hidden: opts.hidden.then(|| h.to_tensor(bsz)).transpose()?,
+                        })
                     })())
                 });
                 out.expect("scope ran")?
             }
         };
         state.pos += t;
-        Ok(logits)
+        Ok(out)
     }
 
     /// A pool of at most `capacity` blocks of `block_tokens` tokens for
@@ -751,6 +848,20 @@ impl Transformer {
     /// cache — and each state advances by its ids. -> the logits of each
     /// sequence's last token, (n, vocab) row-major.
     pub fn step_many(&self, states: &mut [&mut DecodeState], ids: &[&[u32]]) -> Result<Vec<f32>> {
+        Ok(self.step_many_with(states, ids, &[], false)?.logits)
+    }
+
+    /// As `step_many`, with every position's logits for the sequences
+    /// `all[i]` marks (speculative verification: `ids[i].len()` rows for
+    /// those, one for the others, in sequence order), and the final hidden
+    /// states of the same rows when `hidden`.
+    pub fn step_many_with(
+        &self,
+        states: &mut [&mut DecodeState],
+        ids: &[&[u32]],
+        all: &[bool],
+        hidden: bool,
+    ) -> Result<ManyOut> {
         if states.len() != ids.len() {
             return Err(Error::msg("step_many: one id list per state"));
         }
@@ -758,8 +869,9 @@ impl Transformer {
             return Err(Error::msg("a decode step needs at least one token"));
         }
         if states.is_empty() {
-            return Ok(vec![]);
+            return Ok(ManyOut::default());
         }
+        let every = |i: usize| all.get(i).copied().unwrap_or(false);
         if self.executor() != Executor::Cpu {
             return Err(Error::msg(
                 "batched steps of different sequences run on the CPU executor (f32 or quantized weights on the CPU)",
@@ -807,13 +919,38 @@ impl Transformer {
                 })
                 .collect(),
         };
-        let mut out: Option<Result<Vec<f32>>> = None;
+        let mut out: Option<Result<ManyOut>> = None;
+        let last_only = !(0..ids.len()).any(every);
         // on a pool thread, as `step_on`
         rayon::scope(|_| {
             out = Some((|| {
-                let h = self.run(&Cpu, false, &packed, Some(&mut batch), None, true)?;
+                let mut h = self.run(
+                    &Cpu,
+                    false,
+                    &packed,
+                    Some(&mut batch),
+                    None,
+                    last_only,
+                    None,
+                )?;
+                if !last_only {
+                    // every row of the marked sequences, the last of others
+                    let w = h.width;
+                    let mut keep = vec![];
+                    for (i, (r0, sp)) in packed.rows().enumerate() {
+                        let from = if every(i) { r0 } else { r0 + sp.len - 1 };
+                        keep.extend_from_slice(&h.data[from * w..(r0 + sp.len) * w]);
+                    }
+                    h = crate::exec::cpu::Rows {
+                        data: keep,
+                        width: w,
+                    };
+                }
                 let mut logits = one(Cpu.linear(&h, &[&self.lm_head])?);
-                Ok(std::mem::take(&mut logits.data))
+                Ok(ManyOut {
+                    logits: std::mem::take(&mut logits.data),
+                    hidden: if hidden { h.data.clone() } else { vec![] },
+                })
             })())
         });
         for (l, layer) in batch.layers.into_iter().enumerate() {
@@ -826,11 +963,11 @@ impl Transformer {
                 }
             }
         }
-        let logits: Vec<f32> = out.expect("scope ran")?;
+        let out = out.expect("scope ran")?;
         for (s, x) in states.iter_mut().zip(ids) {
             s.pos += x.len();
         }
-        Ok(logits)
+        Ok(out)
     }
 
     /// Encoder-only models: per-token logits over the vocabulary,

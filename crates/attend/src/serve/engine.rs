@@ -19,6 +19,15 @@
 //!    all the step's tokens), samples each sequence that reached the end of
 //!    its known tokens, and streams the token to its client.
 //!
+//! With a draft (`EngineConfig::draft`, speculative decoding), a decoding
+//! sequence feeds its last token and up to k drafted ones while at most
+//! `draft_max_batch` sequences decode; the step computes each of those
+//! positions as a one-token step would, keeps the longest accepted prefix
+//! plus the target's own token, and rolls the cache back over the rest
+//! (`decode::speculative`) — so replies are the tokens plain serving
+//! gives. Drafting needs caches that roll back (paged ones: no
+//! `--kv-policy`).
+//!
 //! A sequence is its tokens (prompt, then what it generated) and how many of
 //! them its KV cache holds; a decode step and a prompt chunk are the same
 //! thing — feeding the next known tokens — and the logits are used when
@@ -27,6 +36,7 @@
 use super::prefix::PrefixCache;
 use crate::cache::paged::{BlockPool, KvBlock};
 use crate::cache::policy::KvPolicy;
+use crate::decode::speculative::{accept, Backoff, Context, Draft};
 use crate::decode::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
 use crate::model::{DecodeState, Transformer};
@@ -57,6 +67,24 @@ pub struct EngineConfig {
     /// An eviction policy for every sequence's caches (`cache::policy`);
     /// such caches hold a fixed budget and are not paged.
     pub policy: Option<KvPolicy>,
+    /// Speculative decoding: a fresh draft for each sequence.
+    pub draft: Option<DraftMaker>,
+    /// The most tokens drafted a pass.
+    pub draft_k: usize,
+    /// Draft only while at most this many sequences decode (a full batch
+    /// is compute-bound: verifying drafts then costs more than it saves).
+    pub draft_max_batch: usize,
+}
+
+/// Makes each sequence's draft (a draft keeps per-sequence state: a
+/// lookup index, a draft model's cache).
+#[derive(Clone)]
+pub struct DraftMaker(pub Arc<dyn Fn() -> Box<dyn Draft + Send> + Send + Sync>);
+
+impl std::fmt::Debug for DraftMaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DraftMaker")
+    }
 }
 
 impl Default for EngineConfig {
@@ -70,6 +98,9 @@ impl Default for EngineConfig {
             ctx: 4096,
             prefix_caching: true,
             policy: None,
+            draft: None,
+            draft_k: 4,
+            draft_max_batch: 4,
         }
     }
 }
@@ -166,6 +197,13 @@ pub struct Stats {
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
     pub prefix_cache_blocks: AtomicUsize,
+    /// Speculative decoding: verification passes, tokens drafted and
+    /// accepted, and by draft position (the first 8).
+    pub spec_passes: AtomicU64,
+    pub spec_drafted: AtomicU64,
+    pub spec_accepted: AtomicU64,
+    pub spec_drafted_at: [AtomicU64; 8],
+    pub spec_accepted_at: [AtomicU64; 8],
 }
 
 enum Msg {
@@ -204,6 +242,12 @@ struct Seq {
     /// the prompt's blocks went to the prefix cache (at the end of its
     /// first prefill; a preempted sequence's recomputed reply is not added)
     registered: bool,
+    /// speculative decoding: the draft, its length, the tokens drafted for
+    /// this step, and the final hidden state that chose the last token
+    draft: Option<Box<dyn Draft + Send>>,
+    backoff: Backoff,
+    drafted: Vec<u32>,
+    hidden: Vec<f32>,
 }
 
 impl Engine {
@@ -378,6 +422,10 @@ impl Engine {
             cached: 0,
             order: 0,
             registered: false,
+            draft: self.cfg.draft.as_ref().map(|m| (m.0)()),
+            backoff: Backoff::new(self.cfg.draft_k.max(1)),
+            drafted: vec![],
+            hidden: vec![],
         };
         let tx = self.tx.lock().expect("engine lock");
         tx.send(Msg::Submit(Box::new(seq))).map_err(|_| {
@@ -573,25 +621,85 @@ impl Scheduler {
         let mut s = self.running.remove(i);
         s.state = None;
         s.fed = 0;
+        s.drafted.clear();
+        s.hidden.clear();
         self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
         self.stats.waiting.fetch_add(1, Ordering::AcqRel);
         self.waiting.push_front(s);
         true
     }
 
+    /// Speculative decoding: draft for each decoding sequence (while few
+    /// decode, and where the cache rolls back), into `Seq::drafted`.
+    fn draft(&mut self) {
+        for s in &mut self.running {
+            s.drafted.clear();
+        }
+        let decoding = self
+            .running
+            .iter()
+            .filter(|s| s.tokens.len() - s.fed == 1)
+            .count();
+        if self.cfg.draft.is_none() || decoding > self.cfg.draft_max_batch {
+            return;
+        }
+        let (model, ctx) = (&self.model, self.cfg.ctx.min(self.model.cfg.max_len));
+        for s in &mut self.running {
+            let Seq {
+                tokens,
+                fed,
+                state,
+                draft,
+                backoff,
+                drafted,
+                hidden,
+                generated,
+                req,
+                ..
+            } = s;
+            let (Some(d), Some(st)) = (draft.as_mut(), state.as_mut()) else {
+                continue;
+            };
+            if tokens.len() - *fed != 1 || !st.can_truncate() {
+                continue;
+            }
+            // room in the context and in max_tokens (the target's own
+            // token always follows the kept drafts)
+            let room = ctx
+                .saturating_sub(*fed + 1)
+                .min(req.max_tokens.saturating_sub(*generated + 1));
+            let want = backoff.want().min(room);
+            if want == 0 {
+                continue;
+            }
+            let h = (d.wants_hidden() && !hidden.is_empty()).then_some(&hidden[..]);
+            let cx = Context {
+                seq: tokens,
+                hidden: h,
+                model,
+                state: st,
+            };
+            let mut p = d.propose_in(cx, want);
+            p.truncate(want);
+            *drafted = p;
+        }
+    }
+
     fn step(&mut self) {
         if self.running.is_empty() {
             return;
         }
+        self.draft();
         // the plan: (index into running, tokens to feed)
         let plan = loop {
             self.running.sort_by_key(|s| s.order);
             let mut plan: Vec<(usize, usize)> = vec![];
-            let decoding = self
+            let decoding: usize = self
                 .running
                 .iter()
                 .filter(|s| s.tokens.len() - s.fed == 1)
-                .count();
+                .map(|s| 1 + s.drafted.len())
+                .sum();
             let mut budget = self
                 .cfg
                 .step_tokens
@@ -600,7 +708,7 @@ impl Scheduler {
             for (i, s) in self.running.iter().enumerate() {
                 let left = s.tokens.len() - s.fed;
                 if left == 1 {
-                    plan.push((i, 1));
+                    plan.push((i, 1 + s.drafted.len()));
                 } else if budget > 0 {
                     // never a chunk of one prompt token, nor one left over:
                     // a single token takes the decode path (split-KV), whose
@@ -655,32 +763,45 @@ impl Scheduler {
             }
             self.preempt();
         };
-        // the planned sequences' next tokens and states (the plan is in
-        // index order)
+        // the planned sequences' next tokens (and drafts) and states (the
+        // plan is in index order)
         let mut take = vec![0; self.running.len()];
         for &(i, n) in &plan {
             take[i] = n;
         }
-        let mut feeds: Vec<&[u32]> = vec![];
+        let mut feeds: Vec<Vec<u32>> = vec![];
+        let mut verifying: Vec<bool> = vec![];
         let mut states: Vec<&mut DecodeState> = vec![];
+        let mut hidden = false;
         for (s, &n) in self.running.iter_mut().zip(&take) {
             if n > 0 {
-                let Seq {
-                    tokens, state, fed, ..
-                } = s;
-                feeds.push(&tokens[*fed..*fed + n]);
-                states.push(state.as_mut().expect("running sequences hold a state"));
+                let known = n - s.drafted.len();
+                let mut f = s.tokens[s.fed..s.fed + known].to_vec();
+                f.extend_from_slice(&s.drafted);
+                feeds.push(f);
+                verifying.push(!s.drafted.is_empty());
+                hidden |= s.draft.as_ref().is_some_and(|d| d.wants_hidden());
+                let st = s.state.as_mut().expect("running sequences hold a state");
+                // each drafted position computed as a one-token step would
+                st.set_one_by_one(!s.drafted.is_empty());
+                states.push(st);
             }
         }
         let t: usize = feeds.iter().map(|f| f.len()).sum();
-        let result = self.model.step_many(&mut states, &feeds);
-        drop((states, feeds));
+        let refs: Vec<&[u32]> = feeds.iter().map(|f| &f[..]).collect();
+        let result = self
+            .model
+            .step_many_with(&mut states, &refs, &verifying, hidden);
+        for st in &mut states {
+            st.set_one_by_one(false);
+        }
+        drop((states, refs));
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats
             .step_tokens
             .fetch_add(t as u64, Ordering::Relaxed);
         self.stats.batch_size.store(plan.len(), Ordering::Relaxed);
-        let logits = match result {
+        let out = match result {
             Ok(l) => l,
             Err(e) => {
                 // the step's sequences end with the error
@@ -691,10 +812,20 @@ impl Scheduler {
                 return;
             }
         };
-        let vocab = logits.len() / plan.len().max(1);
+        let rows: usize = plan
+            .iter()
+            .zip(&verifying)
+            .map(|(&(_, n), &v)| if v { n } else { 1 })
+            .sum();
+        let vocab = out.logits.len() / rows.max(1);
+        let d_model = out.hidden.len() / rows.max(1);
         let mut done = vec![];
-        for (row, &(i, n)) in plan.iter().enumerate() {
+        let mut row0 = 0;
+        for (&(i, n), &v) in plan.iter().zip(&verifying) {
+            let here = row0;
+            row0 += if v { n } else { 1 };
             let s = &mut self.running[i];
+            let fed0 = s.fed;
             s.fed += n;
             if s.fed < s.prompt_len {
                 continue;
@@ -705,27 +836,67 @@ impl Scheduler {
                     register(p, s, self.cfg.block_tokens);
                 }
             }
-            if s.fed < s.tokens.len() {
+            if !v && s.fed < s.tokens.len() {
                 continue;
             }
-            let l = &logits[row * vocab..][..vocab];
-            let id = s.sampler.sample_after(l, &s.tokens);
-            let stop = s.req.stop_ids.contains(&id);
+            let logits_at = |r: usize| &out.logits[(here + r) * vocab..][..vocab];
+            // the tokens this step gives, each with its logits' row
+            let mut emit: Vec<(u32, usize)> = vec![];
+            let kept_row = if v {
+                let d = std::mem::take(&mut s.drafted);
+                let rows: Vec<Vec<f32>> = (0..n).map(|r| logits_at(r).to_vec()).collect();
+                let (a, fix, hist) = accept(&mut s.sampler, &rows, &s.tokens, &d);
+                let bonus = fix.unwrap_or_else(|| s.sampler.sample_after(&rows[a], &hist));
+                let st = &self.stats;
+                st.spec_passes.fetch_add(1, Ordering::Relaxed);
+                st.spec_drafted.fetch_add(d.len() as u64, Ordering::Relaxed);
+                st.spec_accepted.fetch_add(a as u64, Ordering::Relaxed);
+                for j in 0..d.len().min(8) {
+                    st.spec_drafted_at[j].fetch_add(1, Ordering::Relaxed);
+                    st.spec_accepted_at[j].fetch_add(u64::from(j < a), Ordering::Relaxed);
+                }
+                s.backoff.record(d.len(), a);
+                // forget the rejected tokens
+                s.fed = fed0 + 1 + a;
+                if a < d.len() {
+                    let st = s.state.as_mut().expect("running");
+                    if let Err(e) = st.truncate(s.fed) {
+                        s.req.sink.send(Event::Error(e.to_string()));
+                        done.push(i);
+                        continue;
+                    }
+                }
+                emit.extend(d[..a].iter().enumerate().map(|(r, &t)| (t, r)));
+                emit.push((bonus, a));
+                a
+            } else {
+                let id = s.sampler.sample_after(logits_at(0), &s.tokens);
+                emit.push((id, 0));
+                0
+            };
+            if d_model > 0 {
+                s.hidden = out.hidden[(here + kept_row) * d_model..][..d_model].to_vec();
+            }
+            let mut finish = None;
             let mut alive = true;
-            if !stop {
-                let logprob = s.req.logprobs.map(|k| logprob(l, id, k));
+            for (id, r) in emit {
+                if s.req.stop_ids.contains(&id) {
+                    finish = Some(FinishReason::Stop);
+                    break;
+                }
+                let logprob = s.req.logprobs.map(|k| logprob(logits_at(r), id, k));
                 s.tokens.push(id);
                 s.generated += 1;
                 self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
                 alive = s.req.sink.send(Event::Token { id, logprob });
+                if s.generated >= s.req.max_tokens || s.tokens.len() >= self.cfg.ctx {
+                    finish = Some(FinishReason::Length);
+                    break;
+                }
+                if !alive {
+                    break;
+                }
             }
-            let finish = if stop {
-                Some(FinishReason::Stop)
-            } else if s.generated >= s.req.max_tokens || s.tokens.len() >= self.cfg.ctx {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
             if let Some(finish) = finish {
                 // (the counters first: a client that reads /metrics after
                 // its reply sees its request counted)
@@ -746,6 +917,7 @@ impl Scheduler {
             }
         }
         done.sort_unstable();
+        done.dedup();
         for &i in done.iter().rev() {
             // (only prompt blocks are cached, at the end of the prefill: a
             // reply's keys and values come from decode steps, whose numbers

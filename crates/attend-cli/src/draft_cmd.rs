@@ -260,6 +260,7 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
         base_vocab: m.cfg.vocab_size,
         base: model_name.clone(),
         base_fingerprint: vec![],
+        min_confidence: 0.0,
     };
     let cfg = HeadsConfig {
         base_fingerprint: heads::fingerprint(m, &cfg.vocab)?,
@@ -404,9 +405,40 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
         return Ok(());
     }
 
-    // 5. held-out acceptance (the heads as drafting reads them: q8_0)
-    let drafting = Heads::load(&a.out, m, true)?;
-    let ev = heads::evaluate(&drafting, m, &test, &test_pos)?;
+    // 5. the confidence below which drafting stops, chosen on validation
+    // against measured verification costs; held-out acceptance (the heads
+    // as drafting reads them: q8_0)
+    let mut drafting = Heads::load(&a.out, m, true)?;
+    let verify_cost = {
+        let mut st = m.new_state(None)?;
+        let p = &val[0].tokens;
+        m.step_last(
+            &candle_core::Tensor::new(p.as_slice(), &Device::Cpu)?.unsqueeze(0)?,
+            &mut st,
+        )?;
+        let t1 = step_time(m, &mut st, 1, None, 20)?;
+        (0..=a.heads)
+            .map(|j| Ok(step_time(m, &mut st, j + 1, None, 20)? / t1))
+            .collect::<Result<Vec<f64>>>()?
+    };
+    let val_chains = heads::chains(&drafting, m, &val, &val_pos)?;
+    let (cal, _) = heads::calibrate(&val_chains, &verify_cost);
+    drafting.cfg.min_confidence = cal.min_confidence;
+    let kept_cfg = HeadsConfig {
+        min_confidence: cal.min_confidence,
+        ..serde_json::from_str(&std::fs::read_to_string(a.out.join("heads.json"))?)?
+    };
+    attend::util::write_atomic(
+        &a.out.join("heads.json"),
+        serde_json::to_string_pretty(&kept_cfg)?.as_bytes(),
+    )?;
+    let test_chains = heads::chains(&drafting, m, &test, &test_pos)?;
+    let ev = heads::evaluate_chains(&test_chains);
+    let test_cal = heads::calibrate(&test_chains, &verify_cost)
+        .1
+        .into_iter()
+        .find(|c| c.min_confidence == cal.min_confidence)
+        .expect("the same thresholds");
     let train_ev = heads::evaluate(
         &drafting,
         m,
@@ -426,6 +458,9 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
         "total_seconds": gen_s + hidden_s + train_s,
         "draft_vocab_coverage_held_out": coverage(&test),
         "held_out": ev,
+        "verify_cost": verify_cost,
+        "min_confidence": cal.min_confidence,
+        "held_out_with_min_confidence": test_cal,
         "train_sample": train_ev,
         "loss": losses,
         "threads": crate::train_cmd::threads(),
@@ -463,6 +498,15 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
         "  mean accepted draft tokens a pass: {:.2} (training sample: {:.2})",
         ev.mean_accepted,
         train_ev.mean_accepted
+    );
+    outln!(
+        "  drafting while a head is at least {:.2} sure (chosen on validation): {:.2} drafted, {:.2} accepted a pass; predicted speed-up {:.2}x (verifying 1..{} drafts costs {} steps)",
+        cal.min_confidence,
+        test_cal.drafted,
+        test_cal.accepted,
+        test_cal.speedup,
+        a.heads,
+        verify_cost[1..].iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join("/")
     );
     outln!(
         "heads written to {} (use --draft heads:{})",

@@ -1687,6 +1687,24 @@ fn draft_heads_train_resume_and_draft_the_plain_tokens() {
     let plain = run_gen(&m, &[]);
     let spec = run_gen(&m, &["--draft", &heads]);
     assert_eq!(plain["ids"], spec["ids"]);
+    // calibrated on validation: a threshold in [0, 1) with its figures
+    let tau = report["min_confidence"].as_f64().unwrap();
+    assert!((0.0..1.0).contains(&tau), "{report}");
+    assert!(
+        report["held_out_with_min_confidence"]["speedup"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    // heads that always draft (the tiny heads may be calibrated never to)
+    let cfg_path = whole.join("heads.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    assert!((cfg["min_confidence"].as_f64().unwrap() - tau).abs() < 1e-6);
+    cfg["min_confidence"] = 0.0.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let spec = run_gen(&m, &["--draft", &heads]);
+    assert_eq!(plain["ids"], spec["ids"]);
     assert!(
         spec["speculative"]["passes"].as_u64().unwrap() > 0,
         "{spec}"

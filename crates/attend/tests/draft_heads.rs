@@ -37,6 +37,7 @@ fn config(m: &Transformer, heads: usize, vocab: Vec<u32>) -> HeadsConfig {
         base_vocab: m.cfg.vocab_size,
         base: "tiny".into(),
         base_fingerprint: vec![],
+        min_confidence: 0.0,
     }
 }
 
@@ -258,4 +259,27 @@ fn training_learns_a_continuation_the_next_token_determines() {
     for w in after.accepted_at.windows(2) {
         assert!(w[1] <= w[0]);
     }
+}
+
+#[test]
+fn calibration_stops_drafting_where_the_heads_are_unsure() {
+    // heads sure and right on half the positions, unsure and wrong on the
+    // rest: drafting should stop at the first unsure head (0.25 is the
+    // lowest threshold that drops the 0.2s and keeps the 0.8s)
+    let sure = vec![(0.9, true), (0.8, true), (0.1, false)];
+    let unsure = vec![(0.2, false), (0.15, false), (0.1, false)];
+    let chains = vec![sure, unsure];
+    let cost = [1.0, 1.2, 1.4, 1.6];
+    let (best, all) = heads::calibrate(&chains, &cost);
+    assert_eq!(best.min_confidence, 0.25);
+    // (1 + 2 tokens) + (1 + 0) over cost 1.4 + 1.0
+    assert!((best.speedup - 4.0 / 2.4).abs() < 1e-9, "{best:?}");
+    assert_eq!((best.drafted, best.accepted), (1.0, 1.0));
+    // no threshold: every head drafts, (3 + 1) tokens over 1.6 + 1.6
+    assert!((all[0].speedup - 4.0 / 3.2).abs() < 1e-9, "{:?}", all[0]);
+    // the figures of the held-out evaluation from the same chains
+    let ev = heads::evaluate_chains(&chains);
+    assert_eq!(ev.accepted_at, vec![0.5, 0.5, 0.0]);
+    assert_eq!(ev.head_accuracy, vec![0.5, 0.5, 0.0]);
+    assert_eq!(ev.mean_accepted, 1.0);
 }

@@ -414,6 +414,7 @@ fn speculative_serving_gives_the_tokens_of_plain_serving() {
         base_vocab: m.cfg.vocab_size,
         base: "test".into(),
         base_fingerprint: vec![],
+        min_confidence: 0.0,
     };
     let store = attend::nn::ParamStore::new(2, candle_core::DType::F32, Device::Cpu);
     let heads = Heads::new(cfg, &store, &m).unwrap();

@@ -413,6 +413,7 @@ fn random_heads(m: &Transformer, seed: u64) -> attend::decode::heads::HeadsDraft
         base_vocab: m.cfg.vocab_size,
         base: "test".into(),
         base_fingerprint: vec![],
+        min_confidence: 0.0,
     };
     let store = attend::nn::ParamStore::new(seed, candle_core::DType::F32, Device::Cpu);
     attend::decode::heads::HeadsDraft {
@@ -614,4 +615,28 @@ fn the_hidden_state_a_draft_sees_chose_the_last_token() {
     );
     assert_eq!(got, want);
     assert!(d.checked >= 10, "{}", d.checked);
+}
+
+#[test]
+fn heads_draft_only_while_sure_enough() {
+    let m = llama();
+    let p = prompt(1, 30);
+    let want = generate(&m, &p, None, 20, &mut greedy(), None, |_| Ok(())).unwrap();
+    // never sure enough: no pass verifies anything; always: they draft
+    for (min, drafts) in [(1.01f32, false), (0.0, true)] {
+        let mut d = random_heads(&m, 9);
+        d.heads.cfg.min_confidence = min;
+        let (got, st) = quiet(
+            &m,
+            m.new_state(None).unwrap(),
+            &p,
+            20,
+            &mut greedy(),
+            None,
+            &mut d,
+            3,
+        );
+        assert_eq!(got, want);
+        assert_eq!(st.passes > 0, drafts, "{min}: {st:?}");
+    }
 }

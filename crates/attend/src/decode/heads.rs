@@ -66,6 +66,11 @@ pub struct HeadsConfig {
     /// Empty: not checked.
     #[serde(default)]
     pub base_fingerprint: Vec<f32>,
+    /// Drafting stops at the first head whose token's probability is
+    /// below this (`calibrate` picks it on validation text; 0: every head
+    /// drafts).
+    #[serde(default)]
+    pub min_confidence: f32,
 }
 
 impl HeadsConfig {
@@ -347,7 +352,14 @@ impl HeadsDraft {
             cx.model.embed.rows_into(&[t], &mut raw)?;
             embs.push(self.heads.embed(&Cpu, row(raw))?);
             let logits = self.heads.head(&Cpu, i, &h, &embs)?;
-            t = self.heads.cfg.vocab[super::argmax(&logits.data) as usize];
+            let best = super::argmax(&logits.data) as usize;
+            // the head's probability of its token: stop when unsure
+            let top = logits.data[best];
+            let z: f32 = logits.data.iter().map(|&l| (l - top).exp()).sum();
+            if 1.0 / z < self.heads.cfg.min_confidence {
+                break;
+            }
+            t = self.heads.cfg.vocab[best];
             out.push(t);
         }
         Ok(out)
@@ -559,18 +571,18 @@ pub struct HeadsEval {
     pub mean_accepted: f64,
 }
 
-/// `HeadsEval` over `pos`, drafting as `HeadsDraft` does (argmax over the
-/// draft vocabulary), on the graph executor in batches.
-pub fn evaluate(
+/// Per position, per head: (the head's probability of its token, whether
+/// it is the base model's token), drafting as `HeadsDraft` does (argmax
+/// over the draft vocabulary, teacher forced), on the graph executor.
+pub fn chains(
     heads: &Heads,
     base: &Transformer,
     seqs: &[DistillSeq],
     pos: &[(u32, u32)],
-) -> Result<HeadsEval> {
+) -> Result<Vec<Vec<(f32, bool)>>> {
     let (d, k) = (heads.cfg.d_model, heads.cfg.heads);
     let dev = Device::Cpu;
-    let mut chain = vec![0usize; k];
-    let mut alone = vec![0usize; k];
+    let mut out = Vec::with_capacity(pos.len());
     for part in pos.chunks(512) {
         let n = part.len();
         let mut h = Vec::with_capacity(n * d);
@@ -586,24 +598,100 @@ pub fn evaluate(
         base.embed.rows_into(&toks, &mut raw)?;
         let emb = Tensor::from_vec(raw, (n, k + 1, d), &dev)?;
         let mut embs = vec![];
-        let mut ok = vec![true; n];
+        let mut rows = vec![Vec::with_capacity(k); n];
         for i in 0..k {
             embs.push(heads.embed(&Graph, emb.narrow(1, i, 1)?.squeeze(1)?)?);
-            let pred: Vec<u32> = heads.head(&Graph, i, &h, &embs)?.argmax(1)?.to_vec1()?;
+            let logits = heads.head(&Graph, i, &h, &embs)?;
+            let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+            let top: Vec<f32> = crate::nn::softmax_last(&logits)?.max(1)?.to_vec1()?;
             for r in 0..n {
                 let right = heads.cfg.vocab[pred[r] as usize] == toks[r * (k + 1) + i + 1];
-                alone[i] += usize::from(right);
-                ok[r] &= right;
-                chain[i] += usize::from(ok[r]);
+                rows[r].push((top[r], right));
             }
         }
+        out.extend(rows);
     }
-    let total = pos.len().max(1) as f64;
+    Ok(out)
+}
+
+/// `HeadsEval` of `chains`.
+pub fn evaluate_chains(chains: &[Vec<(f32, bool)>]) -> HeadsEval {
+    let k = chains.first().map_or(0, |c| c.len());
+    let total = chains.len().max(1) as f64;
+    let (mut chain, mut alone) = (vec![0usize; k], vec![0usize; k]);
+    for c in chains {
+        let mut ok = true;
+        for (i, &(_, right)) in c.iter().enumerate() {
+            alone[i] += usize::from(right);
+            ok &= right;
+            chain[i] += usize::from(ok);
+        }
+    }
     let accepted_at: Vec<f64> = chain.iter().map(|&c| c as f64 / total).collect();
-    Ok(HeadsEval {
-        positions: pos.len(),
+    HeadsEval {
+        positions: chains.len(),
         mean_accepted: accepted_at.iter().sum(),
         accepted_at,
         head_accuracy: alone.iter().map(|&c| c as f64 / total).collect(),
-    })
+    }
+}
+
+/// Held-out acceptance (`HeadsEval`) over `pos`.
+pub fn evaluate(
+    heads: &Heads,
+    base: &Transformer,
+    seqs: &[DistillSeq],
+    pos: &[(u32, u32)],
+) -> Result<HeadsEval> {
+    Ok(evaluate_chains(&chains(heads, base, seqs, pos)?))
+}
+
+/// Drafting that stops at the first head less sure than `min_confidence`:
+/// its expected figures over `chains`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Calibration {
+    pub min_confidence: f32,
+    /// Mean tokens drafted and accepted a pass.
+    pub drafted: f64,
+    pub accepted: f64,
+    /// Predicted speed-up over plain decoding: tokens a pass over the
+    /// pass's cost, `verify_cost[j]` the cost of verifying j drafted
+    /// tokens in plain steps (the heads' own cost left out).
+    pub speedup: f64,
+}
+
+/// The confidence threshold (0, 0.05, … 0.95) with the best predicted
+/// speed-up over `chains`, and each threshold's figures.
+pub fn calibrate(
+    chains: &[Vec<(f32, bool)>],
+    verify_cost: &[f64],
+) -> (Calibration, Vec<Calibration>) {
+    let mut all = vec![];
+    for step in 0..20 {
+        let tau = step as f32 * 0.05;
+        let (mut drafted, mut accepted, mut cost) = (0usize, 0usize, 0f64);
+        for c in chains {
+            let n = c.iter().take_while(|x| x.0 >= tau).count();
+            let a = c[..n].iter().take_while(|x| x.1).count();
+            drafted += n;
+            accepted += a;
+            cost += verify_cost.get(n).copied().unwrap_or(1.0 + n as f64);
+        }
+        let m = chains.len().max(1) as f64;
+        all.push(Calibration {
+            min_confidence: tau,
+            drafted: drafted as f64 / m,
+            accepted: accepted as f64 / m,
+            speedup: (m + accepted as f64) / cost.max(1e-9),
+        });
+    }
+    let best = all
+        .iter()
+        .cloned()
+        .fold(None::<Calibration>, |b, c| match b {
+            Some(b) if b.speedup >= c.speedup => Some(b),
+            _ => Some(c),
+        })
+        .expect("twenty thresholds");
+    (best, all)
 }

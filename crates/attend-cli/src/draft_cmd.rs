@@ -63,6 +63,10 @@ pub struct TrainHeadsArgs {
     /// Peak learning rate (AdamW; warm-up then cosine decay to a tenth).
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// Train on the model's argmax tokens only, instead of its whole
+    /// distribution over the draft vocabulary (self-distillation).
+    #[arg(long)]
+    hard_targets: bool,
     /// AdamW weight decay (on matrices).
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
@@ -293,7 +297,7 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
     let settings = serde_json::json!({
         "model": model_name, "data": a.data, "heads": a.heads, "layers": a.layers,
         "draft_vocab": a.draft_vocab, "gen_tokens": a.gen_tokens, "batch_size": a.batch_size,
-        "lr": a.lr, "weight_decay": a.weight_decay, "held_out": a.held_out, "seed": a.seed,
+        "lr": a.lr, "weight_decay": a.weight_decay, "hard_targets": a.hard_targets, "held_out": a.held_out, "seed": a.seed,
     });
     let store = ParamStore::new(a.seed, DType::F32, Device::Cpu);
     let state_path = a.out.join("train.json");
@@ -364,7 +368,7 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
         let batch: Vec<(u32, u32)> = (0..a.batch_size)
             .map(|_| train_pos[rng.random_range(0..train_pos.len())])
             .collect();
-        let (loss, _) = heads::batch_loss(&h, m, &train, &batch)?;
+        let (loss, _) = heads::batch_loss(&h, m, &train, &batch, !a.hard_targets)?;
         let grads = loss.backward()?;
         let norm = opt.grad_norm(&grads)?;
         let scale = if norm > 1.0 { 1.0 / norm } else { 1.0 };

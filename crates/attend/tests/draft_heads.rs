@@ -245,7 +245,7 @@ fn training_learns_a_continuation_the_next_token_determines() {
         let batch: Vec<(u32, u32)> = (0..48)
             .map(|j| train_pos[(step * 48 + j * 7) % train_pos.len()])
             .collect();
-        let (loss, _) = heads::batch_loss(&h, &m, &train, &batch).unwrap();
+        let (loss, _) = heads::batch_loss(&h, &m, &train, &batch, false).unwrap();
         let g = loss.backward().unwrap();
         opt.step(&g, 3e-3, 1.0).unwrap();
         last = loss.to_scalar::<f32>().unwrap();
@@ -282,4 +282,102 @@ fn calibration_stops_drafting_where_the_heads_are_unsure() {
     assert_eq!(ev.accepted_at, vec![0.5, 0.5, 0.0]);
     assert_eq!(ev.head_accuracy, vec![0.5, 0.5, 0.0]);
     assert_eq!(ev.mean_accepted, 1.0);
+}
+
+#[test]
+fn distillation_learns_the_models_own_text() {
+    // self-distillation: the tiny model's own greedy answers, the heads
+    // trained on its distribution at each position; held out: other
+    // prompts' answers
+    let m = model("llama3.gguf");
+    let prompts: Vec<Vec<u32>> = (0..14)
+        .map(|i| {
+            (0..6)
+                .map(|j| ((i * 53 + j * 11) % 280 + 4) as u32)
+                .collect()
+        })
+        .collect();
+    let mut seqs = heads::self_distill(&m, &prompts, 40, None, 7, |_| {}).unwrap();
+    heads::fill_hidden(&m, &mut seqs).unwrap();
+    let test = seqs.split_off(11);
+    let vocab = heads::draft_vocab(&seqs, m.cfg.vocab_size, 300);
+    let store = ParamStore::new(5, DType::F32, Device::Cpu);
+    let h = Heads::new(config(&m, 2, vocab), &store, &m).unwrap();
+    let (train_pos, test_pos) = (heads::positions(&seqs, 2), heads::positions(&test, 2));
+    let before = heads::evaluate(&h, &m, &test, &test_pos).unwrap();
+    let mut opt = AdamW::new(store.vars(), 0.9, 0.95, 1e-8, 0.0).unwrap();
+    let (mut first, mut last) = (None, 0.0);
+    for step in 0..200 {
+        let batch: Vec<(u32, u32)> = (0..64)
+            .map(|j| train_pos[(step * 64 + j * 5) % train_pos.len()])
+            .collect();
+        let (loss, _) = heads::batch_loss(&h, &m, &seqs, &batch, true).unwrap();
+        opt.step(&loss.backward().unwrap(), 3e-3, 1.0).unwrap();
+        last = loss.to_scalar::<f32>().unwrap();
+        first.get_or_insert(last);
+    }
+    let after = heads::evaluate(&h, &m, &test, &test_pos).unwrap();
+    eprintln!("{before:?} -> {after:?}; loss {first:?} -> {last}");
+    assert!(last < first.unwrap(), "loss {first:?} -> {last}");
+    assert!(
+        after.mean_accepted > before.mean_accepted + 0.15,
+        "{before:?} -> {after:?}"
+    );
+    // the distillation loss of one head at one position, by hand: the
+    // base's softmax over the draft vocabulary (its full logits, those
+    // rows) against the head's log-softmax
+    let one = Heads::new(config(&m, 1, h.cfg.vocab.clone()), &store, &m).unwrap();
+    let (si, p) = train_pos[17];
+    let (got, _) = heads::batch_loss(&one, &m, &seqs, &[(si, p)], true).unwrap();
+    let s = &seqs[si as usize];
+    let d = m.cfg.d_model;
+    let row = |q: usize| {
+        let r = q - s.start;
+        Tensor::from_slice(&s.hidden[r * d..(r + 1) * d], (1, d), &Device::Cpu).unwrap()
+    };
+    let full: Vec<f32> = m
+        .logits(&row(p as usize + 1))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let base: Vec<f64> = one
+        .cfg
+        .vocab
+        .iter()
+        .map(|&t| full[t as usize] as f64)
+        .collect();
+    let mut raw = vec![0f32; d];
+    m.embed
+        .rows_into(&[s.tokens[p as usize + 1]], &mut raw)
+        .unwrap();
+    let e = one
+        .embed(&Graph, Tensor::from_vec(raw, (1, d), &Device::Cpu).unwrap())
+        .unwrap();
+    let z: Vec<f64> = one
+        .head(&Graph, 0, &row(p as usize), &[e])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let lse = |v: &[f64]| {
+        let mx = v.iter().cloned().fold(f64::MIN, f64::max);
+        mx + v.iter().map(|x| (x - mx).exp()).sum::<f64>().ln()
+    };
+    let (lb, lz) = (lse(&base), lse(&z));
+    let want: f64 = base
+        .iter()
+        .zip(&z)
+        .map(|(b, z)| -(b - lb).exp() * (z - lz))
+        .sum();
+    let got = got.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        (got - want).abs() < 1e-4 * want.abs().max(1.0),
+        "{got} vs {want}"
+    );
 }

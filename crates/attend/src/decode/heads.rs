@@ -500,13 +500,18 @@ pub fn positions(seqs: &[DistillSeq], heads: usize) -> Vec<(u32, u32)> {
 }
 
 /// One batch on the graph executor: the mean over heads of each head's
-/// cross-entropy on the positions whose target is in the draft vocabulary
-/// -> (loss, per head: (correct, counted)) for `pos`.
+/// loss -> (loss, per head: (correct, counted)) for `pos`. The loss is the
+/// cross-entropy against the base model's token (positions whose token is
+/// in the draft vocabulary), or with `distill` against the base model's
+/// whole distribution over the draft vocabulary at that position (its
+/// final hidden state through the same output rows: Medusa-2's and
+/// Hydra++'s self-distillation, more signal per position than its argmax).
 pub fn batch_loss(
     heads: &Heads,
     base: &Transformer,
     seqs: &[DistillSeq],
     pos: &[(u32, u32)],
+    distill: bool,
 ) -> Result<(Tensor, Vec<(usize, usize)>)> {
     let (d, k) = (heads.cfg.d_model, heads.cfg.heads);
     let n = pos.len();
@@ -538,13 +543,27 @@ pub fn batch_loss(
         let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;
         let correct = (0..n).filter(|&r| w[r] > 0.0 && pred[r] == tgt[r]).count();
         stats.push((correct, n));
-        let counted: f32 = w.iter().sum();
-        if counted == 0.0 {
-            continue;
-        }
-        let tgt = Tensor::from_vec(tgt, (1, n), &dev)?;
-        let w = Tensor::from_vec(w, (1, n), &dev)?;
-        let l = crate::train::cross_entropy(&logits.unsqueeze(0)?, &tgt, &w, 0.0)?;
+        let l = if distill {
+            // the base's final hidden state where it chose the target
+            let mut ht = Vec::with_capacity(n * d);
+            for &(si, p) in pos {
+                let s = &seqs[si as usize];
+                let r = p as usize + 1 + i - s.start;
+                ht.extend_from_slice(&s.hidden[r * d..(r + 1) * d]);
+            }
+            let ht = Tensor::from_vec(ht, (n, d), &dev)?;
+            let q = crate::nn::softmax_last(&one(Graph.linear(&ht, &[&heads.lm])?))?;
+            let logp = crate::nn::log_softmax_last(&logits)?;
+            (logp * q)?.sum_all()?.neg()?.affine(1.0 / n as f64, 0.0)?
+        } else {
+            let counted: f32 = w.iter().sum();
+            if counted == 0.0 {
+                continue;
+            }
+            let tgt = Tensor::from_vec(tgt, (1, n), &dev)?;
+            let w = Tensor::from_vec(w, (1, n), &dev)?;
+            crate::train::cross_entropy(&logits.unsqueeze(0)?, &tgt, &w, 0.0)?
+        };
         loss = Some(match loss {
             None => l,
             Some(a) => (a + l)?,

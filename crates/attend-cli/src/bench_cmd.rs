@@ -303,6 +303,7 @@ fn bench_draft(
     let greedy = || Sampler::new(SamplingParams::default());
     let (mut plain_s, mut spec_s, mut tokens) = (0f64, 0f64, 0usize);
     let (mut passes, mut accepted, mut drafted) = (0usize, 0usize, 0usize);
+    let (mut drafted_at, mut accepted_at) = (vec![0usize; 0], vec![0usize; 0]);
     let bar = indicatif::ProgressBar::new(prompts.len() as u64);
     for p in &prompts {
         // the better of --reps runs of each, alternating
@@ -334,6 +335,14 @@ fn bench_draft(
                 accepted + st.accepted,
                 drafted + st.drafted,
             );
+            for (i, (&d, &k)) in st.drafted_at.iter().zip(&st.accepted_at).enumerate() {
+                if drafted_at.len() <= i {
+                    drafted_at.push(0);
+                    accepted_at.push(0);
+                }
+                drafted_at[i] += d;
+                accepted_at[i] += k;
+            }
         }
         if outs.0 != outs.1 {
             bail!("speculative decoding changed the tokens of a prompt: a bug, please report it");
@@ -356,6 +365,14 @@ fn bench_draft(
         "speedup": plain_s / spec_s,
         "tokens_per_pass": (tokens * reps) as f64 / passes.max(1) as f64,
         "acceptance_rate": accepted as f64 / drafted.max(1) as f64,
+        // per draft position: of the passes that drafted a token there,
+        // the share whose token there was kept
+        "acceptance_by_position": drafted_at
+            .iter()
+            .zip(&accepted_at)
+            .map(|(&d, &k)| k as f64 / d.max(1) as f64)
+            .collect::<Vec<_>>(),
+        "mean_accepted_per_verification": accepted as f64 / drafted_at.first().copied().unwrap_or(0).max(1) as f64,
         "same_tokens": true,
         "threads": crate::train_cmd::threads(),
     }))

@@ -227,7 +227,7 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
     // 2. its final hidden states over them
     let t0 = Instant::now();
     let pb = progress(seqs.len() as u64, 0, "hidden states");
-    for part in seqs.chunks_mut(8) {
+    for part in seqs.chunks_mut(16) {
         heads::fill_hidden(m, part)?;
         pb.inc(part.len() as u64);
     }
@@ -425,8 +425,37 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
             .map(|j| Ok(step_time(m, &mut st, j + 1, None, 20)? / t1))
             .collect::<Result<Vec<f64>>>()?
     };
+    // one head's cost, in plain steps: every head drafting once
+    let head_cost = {
+        use attend::decode::speculative::{Context, Draft};
+        let mut d = heads::HeadsDraft {
+            heads: drafting.clone(),
+        };
+        d.heads.cfg.min_confidence = 0.0;
+        let seq = &val[0].tokens;
+        let mut st = m.new_state(None)?;
+        m.step_last(
+            &candle_core::Tensor::new(&seq[..seq.len() - 1], &Device::Cpu)?.unsqueeze(0)?,
+            &mut st,
+        )?;
+        let t1 = step_time(m, &mut st, 1, None, 20)?;
+        let h = val[0].hidden[..m.cfg.d_model].to_vec();
+        let mut best = f64::MAX;
+        for _ in 0..20 {
+            let t0 = Instant::now();
+            let cx = Context {
+                seq,
+                hidden: Some(&h),
+                model: m,
+                state: &mut st,
+            };
+            d.propose_in(cx, a.heads);
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        best / a.heads as f64 / t1
+    };
     let val_chains = heads::chains(&drafting, m, &val, &val_pos)?;
-    let (cal, _) = heads::calibrate(&val_chains, &verify_cost);
+    let (cal, _) = heads::calibrate(&val_chains, &verify_cost, head_cost);
     drafting.cfg.min_confidence = cal.min_confidence;
     let kept_cfg = HeadsConfig {
         min_confidence: cal.min_confidence,
@@ -438,7 +467,7 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
     )?;
     let test_chains = heads::chains(&drafting, m, &test, &test_pos)?;
     let ev = heads::evaluate_chains(&test_chains);
-    let test_cal = heads::calibrate(&test_chains, &verify_cost)
+    let test_cal = heads::calibrate(&test_chains, &verify_cost, head_cost)
         .1
         .into_iter()
         .find(|c| c.min_confidence == cal.min_confidence)
@@ -463,6 +492,7 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
         "draft_vocab_coverage_held_out": coverage(&test),
         "held_out": ev,
         "verify_cost": verify_cost,
+        "head_cost": head_cost,
         "min_confidence": cal.min_confidence,
         "held_out_with_min_confidence": test_cal,
         "train_sample": train_ev,
@@ -479,7 +509,7 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
     }
     outln!(
         "{} heads on {} ({} answers, {} tokens): generated in {:.0} s, hidden states {:.0} s, trained {} steps in {:.0} s",
-        a.heads, model_name, train.len() + test.len(), answer_tokens, gen_s, hidden_s, step, train_s
+        a.heads, model_name, train.len() + val.len() + test.len(), answer_tokens, gen_s, hidden_s, step, train_s
     );
     outln!(
         "kept the heads of step {} (validation); test prompts ({} prompts, {} positions; draft vocabulary {} tokens covers {:.1}% of their tokens):",
@@ -504,11 +534,12 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
         train_ev.mean_accepted
     );
     outln!(
-        "  drafting while a head is at least {:.2} sure (chosen on validation): {:.2} drafted, {:.2} accepted a pass; predicted speed-up {:.2}x (verifying 1..{} drafts costs {} steps)",
+        "  drafting while a head is at least {:.2} sure (chosen on validation): {:.2} drafted, {:.2} accepted a pass; predicted speed-up {:.2}x (a head costs {:.3} steps; verifying 1..{} drafts {} steps)",
         cal.min_confidence,
         test_cal.drafted,
         test_cal.accepted,
         test_cal.speedup,
+        head_cost,
         a.heads,
         verify_cost[1..].iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join("/")
     );

@@ -270,13 +270,17 @@ fn calibration_stops_drafting_where_the_heads_are_unsure() {
     let unsure = vec![(0.2, false), (0.15, false), (0.1, false)];
     let chains = vec![sure, unsure];
     let cost = [1.0, 1.2, 1.4, 1.6];
-    let (best, all) = heads::calibrate(&chains, &cost);
+    let (best, all) = heads::calibrate(&chains, &cost, 0.0);
     assert_eq!(best.min_confidence, 0.25);
     // (1 + 2 tokens) + (1 + 0) over cost 1.4 + 1.0
     assert!((best.speedup - 4.0 / 2.4).abs() < 1e-9, "{best:?}");
     assert_eq!((best.drafted, best.accepted), (1.0, 1.0));
     // no threshold: every head drafts, (3 + 1) tokens over 1.6 + 1.6
     assert!((all[0].speedup - 4.0 / 3.2).abs() < 1e-9, "{:?}", all[0]);
+    // with each head costing 0.1 step: (3 + 1) over (1.4 + 0.3) + (1.0 + 0.1)
+    let (best, _) = heads::calibrate(&chains, &cost, 0.1);
+    assert_eq!(best.min_confidence, 0.25);
+    assert!((best.speedup - 4.0 / 2.8).abs() < 1e-9, "{best:?}");
     // the figures of the held-out evaluation from the same chains
     let ev = heads::evaluate_chains(&chains);
     assert_eq!(ev.accepted_at, vec![0.5, 0.5, 0.0]);

@@ -447,9 +447,28 @@ pub fn self_distill(
     Ok(out)
 }
 
-/// Fill each sequence's final hidden states from `start` on, as one
-/// prefill pass of the sequence computes them.
+/// Fill each sequence's final hidden states from `start` on, as a
+/// prefill pass of the sequence computes them (the sequences packed into
+/// one batched pass on the CPU executor, one at a time on the graph one).
 pub fn fill_hidden(model: &Transformer, seqs: &mut [DistillSeq]) -> Result<()> {
+    let d = model.cfg.d_model;
+    if model.executor() == crate::model::Executor::Cpu {
+        let mut states: Vec<DecodeState> = seqs
+            .iter()
+            .map(|_| model.new_state(None))
+            .collect::<Result<_>>()?;
+        let mut refs: Vec<&mut DecodeState> = states.iter_mut().collect();
+        let ids: Vec<&[u32]> = seqs.iter().map(|s| &s.tokens[..]).collect();
+        let all = vec![true; seqs.len()];
+        let out = model.step_many_with(&mut refs, &ids, &all, true, false)?;
+        let mut row = 0;
+        for s in seqs.iter_mut() {
+            let n = s.tokens.len();
+            s.hidden = out.hidden[(row + s.start) * d..(row + n) * d].to_vec();
+            row += n;
+        }
+        return Ok(());
+    }
     let opts = StepOpts {
         hidden: true,
         ..StepOpts::default()
@@ -675,15 +694,18 @@ pub struct Calibration {
     pub accepted: f64,
     /// Predicted speed-up over plain decoding: tokens a pass over the
     /// pass's cost, `verify_cost[j]` the cost of verifying j drafted
-    /// tokens in plain steps (the heads' own cost left out).
+    /// tokens in plain steps, plus the heads run.
     pub speedup: f64,
 }
 
 /// The confidence threshold (0, 0.05, … 0.95) with the best predicted
-/// speed-up over `chains`, and each threshold's figures.
+/// speed-up over `chains`, and each threshold's figures. `head_cost`: one
+/// head's cost in plain steps (every head run is paid, the unsure one
+/// that stops the draft too).
 pub fn calibrate(
     chains: &[Vec<(f32, bool)>],
     verify_cost: &[f64],
+    head_cost: f64,
 ) -> (Calibration, Vec<Calibration>) {
     let mut all = vec![];
     for step in 0..20 {
@@ -694,7 +716,8 @@ pub fn calibrate(
             let a = c[..n].iter().take_while(|x| x.1).count();
             drafted += n;
             accepted += a;
-            cost += verify_cost.get(n).copied().unwrap_or(1.0 + n as f64);
+            let run = (n + 1).min(c.len());
+            cost += verify_cost.get(n).copied().unwrap_or(1.0 + n as f64) + head_cost * run as f64;
         }
         let m = chains.len().max(1) as f64;
         all.push(Calibration {

@@ -413,6 +413,7 @@ pub fn generate_speculative(
         } else {
             k.min(max_len - state.pos - 1)
         };
+        let t0 = std::time::Instant::now();
         let want = backoff
             .want()
             .min(room)
@@ -434,6 +435,7 @@ pub fn generate_speculative(
             (l, hidden) = one(&mut state, next)?;
             stats.plain_steps += 1;
             next = sampler.sample_after(&l, &seq);
+            backoff.timed(false, 1, t0.elapsed().as_secs_f64());
             continue;
         }
         // verify [next, d…] in one pass, each position as decoding would
@@ -491,6 +493,9 @@ pub fn generate_speculative(
                 }
             }
         }
+        if backoff.timed(true, 1 + a, t0.elapsed().as_secs_f64()) {
+            stats.backoffs += 1;
+        }
         for &t in &d[..a] {
             seq.push(t);
             on_token(t)?;
@@ -529,13 +534,21 @@ pub fn accept(
 /// How long drafts are: halve the length after the second pass in a row
 /// that keeps nothing, double it after one that keeps everything; after
 /// repeated misses at length 1, draft nothing for 4, 8, … 32 steps (a pass
-/// that verifies a rejected draft costs more than a plain step).
+/// that verifies a rejected draft costs more than a plain step). And, when
+/// told the time each step took (`timed`), pause drafting while drafting
+/// passes give fewer tokens a second than plain steps (a draft that is
+/// often right but costs nearly a step itself), for 8, 16, … 256 steps,
+/// then try again.
 #[derive(Clone, Debug)]
 pub struct Backoff {
     k: usize,
     kk: usize,
     misses: u32,
     rest: usize,
+    /// Decayed sums of (seconds, tokens): plain steps, drafting passes.
+    time: [(f64, f64); 2],
+    drafting_passes: usize,
+    slow_pause: usize,
 }
 
 impl Backoff {
@@ -545,6 +558,9 @@ impl Backoff {
             kk: k,
             misses: 0,
             rest: 0,
+            time: [(0.0, 0.0); 2],
+            drafting_passes: 0,
+            slow_pause: 8,
         }
     }
 
@@ -579,6 +595,34 @@ impl Backoff {
         }
         paused
     }
+
+    /// A step took `secs` and gave `tokens`, drafting or not (its
+    /// drafting included); true when drafting pauses for being slower.
+    pub fn timed(&mut self, drafting: bool, tokens: usize, secs: f64) -> bool {
+        let t = &mut self.time[usize::from(drafting)];
+        *t = (0.9 * t.0 + secs, 0.9 * t.1 + tokens as f64);
+        if !drafting {
+            return false;
+        }
+        self.drafting_passes += 1;
+        let [plain, draft] = self.time;
+        if plain.1 == 0.0 {
+            // no plain step seen yet: take a few to compare with
+            if self.drafting_passes.is_multiple_of(8) {
+                self.rest = self.rest.max(3);
+            }
+            return false;
+        }
+        if draft.0 / draft.1 > plain.0 / plain.1 {
+            self.rest = self.rest.max(self.slow_pause);
+            self.slow_pause = (self.slow_pause * 2).min(256);
+            // start the comparison afresh after the pause
+            self.time[1] = (0.0, 0.0);
+            return true;
+        }
+        self.slow_pause = 8;
+        false
+    }
 }
 
 /// One drafted token `x` against the target's logits after `hist`: None
@@ -604,6 +648,40 @@ pub fn verify(sampler: &mut Sampler, logits: &[f32], hist: &[u32], x: u32) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drafting_pauses_while_it_is_slower_than_plain_steps() {
+        let mut b = Backoff::new(4);
+        // no plain step seen: after 8 drafting passes, 3 plain ones
+        for _ in 0..7 {
+            assert!(!b.timed(true, 2, 1.0));
+        }
+        assert_eq!(b.want(), 4);
+        b.timed(true, 2, 1.0);
+        assert_eq!((b.want(), b.want(), b.want()), (0, 0, 0));
+        assert_eq!(b.want(), 4);
+        // plain: 1 token a second; drafting: 2 tokens in 1 s is faster
+        for _ in 0..3 {
+            b.timed(false, 1, 1.0);
+        }
+        assert!(!b.timed(true, 2, 1.0));
+        assert_eq!(b.want(), 4);
+        // drafting at 2 tokens in 3 s: slower; within a few passes (the
+        // sums decay) it pauses 8 steps; after a pause the comparison
+        // starts afresh, so one slow pass pauses 16
+        let slow = (0..10).position(|_| b.timed(true, 2, 3.0));
+        assert!(slow.is_some_and(|n| n > 0), "{slow:?}");
+        assert_eq!((0..8).map(|_| b.want()).sum::<usize>(), 0);
+        assert_eq!(b.want(), 4);
+        assert!(b.timed(true, 2, 3.0));
+        assert_eq!((0..16).map(|_| b.want()).sum::<usize>(), 0);
+        assert_eq!(b.want(), 4);
+        // fast again: no pause, and the next slow pause is 8 again
+        assert!(!b.timed(true, 4, 1.0));
+        assert!((0..10).any(|_| b.timed(true, 1, 9.0)));
+        assert_eq!((0..8).map(|_| b.want()).sum::<usize>(), 0);
+        assert_eq!(b.want(), 4);
+    }
 
     #[test]
     fn lookup_proposes_what_followed_the_latest_match() {

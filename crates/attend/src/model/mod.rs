@@ -848,19 +848,20 @@ impl Transformer {
     /// cache — and each state advances by its ids. -> the logits of each
     /// sequence's last token, (n, vocab) row-major.
     pub fn step_many(&self, states: &mut [&mut DecodeState], ids: &[&[u32]]) -> Result<Vec<f32>> {
-        Ok(self.step_many_with(states, ids, &[], false)?.logits)
+        Ok(self.step_many_with(states, ids, &[], false, true)?.logits)
     }
 
     /// As `step_many`, with every position's logits for the sequences
     /// `all[i]` marks (speculative verification: `ids[i].len()` rows for
     /// those, one for the others, in sequence order), and the final hidden
-    /// states of the same rows when `hidden`.
+    /// states of the same rows when `hidden`; no logits unless `logits`.
     pub fn step_many_with(
         &self,
         states: &mut [&mut DecodeState],
         ids: &[&[u32]],
         all: &[bool],
         hidden: bool,
+        logits: bool,
     ) -> Result<ManyOut> {
         if states.len() != ids.len() {
             return Err(Error::msg("step_many: one id list per state"));
@@ -946,9 +947,14 @@ impl Transformer {
                         width: w,
                     };
                 }
-                let mut logits = one(Cpu.linear(&h, &[&self.lm_head])?);
+                let logits = if logits {
+                    let mut l = one(Cpu.linear(&h, &[&self.lm_head])?);
+                    std::mem::take(&mut l.data)
+                } else {
+                    vec![]
+                };
                 Ok(ManyOut {
-                    logits: std::mem::take(&mut logits.data),
+                    logits,
                     hidden: if hidden { h.data.clone() } else { vec![] },
                 })
             })())

@@ -791,7 +791,7 @@ impl Scheduler {
         let refs: Vec<&[u32]> = feeds.iter().map(|f| &f[..]).collect();
         let result = self
             .model
-            .step_many_with(&mut states, &refs, &verifying, hidden);
+            .step_many_with(&mut states, &refs, &verifying, hidden, true);
         for st in &mut states {
             st.set_one_by_one(false);
         }

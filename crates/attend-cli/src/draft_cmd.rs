@@ -255,21 +255,8 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
         val = test.clone();
     }
     let vocab = heads::draft_vocab(&train, m.cfg.vocab_size, a.draft_vocab);
-    let cfg = HeadsConfig {
-        format: heads::FORMAT.into(),
-        d_model: m.cfg.d_model,
-        heads: a.heads,
-        layers: a.layers,
-        vocab,
-        base_vocab: m.cfg.vocab_size,
-        base: model_name.clone(),
-        base_fingerprint: vec![],
-        min_confidence: 0.0,
-    };
-    let cfg = HeadsConfig {
-        base_fingerprint: heads::fingerprint(m, &cfg.vocab)?,
-        ..cfg
-    };
+    let mut cfg = HeadsConfig::for_model(m, a.heads, a.layers, vocab, &model_name);
+    cfg.base_fingerprint = heads::fingerprint(m, &cfg.vocab)?;
     let coverage = |seqs: &[DistillSeq]| {
         let set: std::collections::HashSet<u32> = cfg.vocab.iter().copied().collect();
         let (mut inside, mut all) = (0usize, 0usize);

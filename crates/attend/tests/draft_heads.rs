@@ -5,7 +5,7 @@
 //! continuation that the next token determines — to near-full acceptance
 //! on held-out positions, from near none.
 
-use attend::decode::heads::{self, DistillSeq, Heads, HeadsConfig, FORMAT};
+use attend::decode::heads::{self, DistillSeq, Heads, HeadsConfig};
 use attend::decode::{generate, Sampler, SamplingParams};
 use attend::exec::cpu::{Cpu, Rows};
 use attend::exec::graph::Graph;
@@ -28,17 +28,7 @@ fn model(file: &str) -> Transformer {
 }
 
 fn config(m: &Transformer, heads: usize, vocab: Vec<u32>) -> HeadsConfig {
-    HeadsConfig {
-        format: FORMAT.into(),
-        d_model: m.cfg.d_model,
-        heads,
-        layers: 1,
-        vocab,
-        base_vocab: m.cfg.vocab_size,
-        base: "tiny".into(),
-        base_fingerprint: vec![],
-        min_confidence: 0.0,
-    }
+    HeadsConfig::for_model(m, heads, 1, vocab, "tiny")
 }
 
 /// Seeded values in [-1, 1).

@@ -388,7 +388,7 @@ fn maker(
 
 #[test]
 fn speculative_serving_gives_the_tokens_of_plain_serving() {
-    use attend::decode::heads::{Heads, HeadsConfig, HeadsDraft, FORMAT};
+    use attend::decode::heads::{Heads, HeadsConfig, HeadsDraft};
     use attend::decode::speculative::{Lookup, SkipDraft};
     // a repeating prompt or two (lookup copies), varied ones; several
     // sequences at once, more than draft_max_batch at first (no drafts),
@@ -405,17 +405,7 @@ fn speculative_serving_gives_the_tokens_of_plain_serving() {
         .zip(&n)
         .map(|(p, &k)| alone(&m, p, k))
         .collect();
-    let cfg = HeadsConfig {
-        format: FORMAT.into(),
-        d_model: m.cfg.d_model,
-        heads: 3,
-        layers: 1,
-        vocab: (0..m.cfg.vocab_size as u32).collect(),
-        base_vocab: m.cfg.vocab_size,
-        base: "test".into(),
-        base_fingerprint: vec![],
-        min_confidence: 0.0,
-    };
+    let cfg = HeadsConfig::for_model(&m, 3, 1, (0..m.cfg.vocab_size as u32).collect(), "test");
     let store = attend::nn::ParamStore::new(2, candle_core::DType::F32, Device::Cpu);
     let heads = Heads::new(cfg, &store, &m).unwrap();
     let skip = attend::model::Skip {

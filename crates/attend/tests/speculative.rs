@@ -403,18 +403,8 @@ fn a_draft_model_with_the_same_tokenizer_gives_the_plain_tokens() {
 
 /// Untrained heads for `m` (seeded), drafting from its whole vocabulary.
 fn random_heads(m: &Transformer, seed: u64) -> attend::decode::heads::HeadsDraft {
-    use attend::decode::heads::{Heads, HeadsConfig, FORMAT};
-    let cfg = HeadsConfig {
-        format: FORMAT.into(),
-        d_model: m.cfg.d_model,
-        heads: 3,
-        layers: 1,
-        vocab: (0..m.cfg.vocab_size as u32).collect(),
-        base_vocab: m.cfg.vocab_size,
-        base: "test".into(),
-        base_fingerprint: vec![],
-        min_confidence: 0.0,
-    };
+    use attend::decode::heads::{Heads, HeadsConfig};
+    let cfg = HeadsConfig::for_model(m, 3, 1, (0..m.cfg.vocab_size as u32).collect(), "test");
     let store = attend::nn::ParamStore::new(seed, candle_core::DType::F32, Device::Cpu);
     attend::decode::heads::HeadsDraft {
         heads: Heads::new(cfg, &store, m).unwrap(),

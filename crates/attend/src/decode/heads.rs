@@ -74,6 +74,28 @@ pub struct HeadsConfig {
 }
 
 impl HeadsConfig {
+    /// Heads for `base` drafting among `vocab` (unchecked against it: no
+    /// fingerprint; every head drafts).
+    pub fn for_model(
+        base: &Transformer,
+        heads: usize,
+        layers: usize,
+        vocab: Vec<u32>,
+        name: &str,
+    ) -> Self {
+        Self {
+            format: FORMAT.into(),
+            d_model: base.cfg.d_model,
+            heads,
+            layers,
+            vocab,
+            base_vocab: base.cfg.vocab_size,
+            base: name.into(),
+            base_fingerprint: vec![],
+            min_confidence: 0.0,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.format != FORMAT {
             return Err(Error::config(
@@ -518,6 +540,33 @@ pub fn positions(seqs: &[DistillSeq], heads: usize) -> Vec<(u32, u32)> {
     out
 }
 
+/// What the heads read at positions `pos`: the base's hidden states
+/// (n, d), the k + 1 tokens after each position (n × (k+1)), and their raw
+/// embeddings (n, k + 1, d).
+fn inputs(
+    heads: &Heads,
+    base: &Transformer,
+    seqs: &[DistillSeq],
+    pos: &[(u32, u32)],
+) -> Result<(Tensor, Vec<u32>, Tensor)> {
+    let (d, k, n) = (heads.cfg.d_model, heads.cfg.heads, pos.len());
+    let mut h = Vec::with_capacity(n * d);
+    let mut toks = Vec::with_capacity(n * (k + 1));
+    for &(i, p) in pos {
+        let s = &seqs[i as usize];
+        let r = p as usize - s.start;
+        h.extend_from_slice(&s.hidden[r * d..(r + 1) * d]);
+        toks.extend_from_slice(&s.tokens[p as usize + 1..p as usize + k + 2]);
+    }
+    let mut raw = vec![0f32; toks.len() * d];
+    base.embed.rows_into(&toks, &mut raw)?;
+    Ok((
+        Tensor::from_vec(h, (n, d), &Device::Cpu)?,
+        toks,
+        Tensor::from_vec(raw, (n, k + 1, d), &Device::Cpu)?,
+    ))
+}
+
 /// One batch on the graph executor: the mean over heads of each head's
 /// loss -> (loss, per head: (correct, counted)) for `pos`. The loss is the
 /// cross-entropy against the base model's token (positions whose token is
@@ -535,18 +584,7 @@ pub fn batch_loss(
     let (d, k) = (heads.cfg.d_model, heads.cfg.heads);
     let n = pos.len();
     let dev = Device::Cpu;
-    let mut h = Vec::with_capacity(n * d);
-    let mut toks = Vec::with_capacity(n * (k + 1));
-    for &(i, p) in pos {
-        let s = &seqs[i as usize];
-        let r = p as usize - s.start;
-        h.extend_from_slice(&s.hidden[r * d..(r + 1) * d]);
-        toks.extend_from_slice(&s.tokens[p as usize + 1..p as usize + k + 2]);
-    }
-    let h = Tensor::from_vec(h, (n, d), &dev)?;
-    let mut raw = vec![0f32; toks.len() * d];
-    base.embed.rows_into(&toks, &mut raw)?;
-    let emb = Tensor::from_vec(raw, (n, k + 1, d), &dev)?;
+    let (h, toks, emb) = inputs(heads, base, seqs, pos)?;
     let mut embs = vec![];
     let mut loss = None;
     let mut stats = vec![];
@@ -618,23 +656,11 @@ pub fn chains(
     seqs: &[DistillSeq],
     pos: &[(u32, u32)],
 ) -> Result<Vec<Vec<(f32, bool)>>> {
-    let (d, k) = (heads.cfg.d_model, heads.cfg.heads);
-    let dev = Device::Cpu;
+    let k = heads.cfg.heads;
     let mut out = Vec::with_capacity(pos.len());
     for part in pos.chunks(512) {
         let n = part.len();
-        let mut h = Vec::with_capacity(n * d);
-        let mut toks = Vec::with_capacity(n * (k + 1));
-        for &(i, p) in part {
-            let s = &seqs[i as usize];
-            let r = p as usize - s.start;
-            h.extend_from_slice(&s.hidden[r * d..(r + 1) * d]);
-            toks.extend_from_slice(&s.tokens[p as usize + 1..p as usize + k + 2]);
-        }
-        let h = Tensor::from_vec(h, (n, d), &dev)?;
-        let mut raw = vec![0f32; toks.len() * d];
-        base.embed.rows_into(&toks, &mut raw)?;
-        let emb = Tensor::from_vec(raw, (n, k + 1, d), &dev)?;
+        let (h, toks, emb) = inputs(heads, base, seqs, part)?;
         let mut embs = vec![];
         let mut rows = vec![Vec::with_capacity(k); n];
         for i in 0..k {

@@ -286,19 +286,13 @@ fn bench_draft(
     use attend::decode::{generate, Sampler, SamplingParams};
     let m = &l.model;
     let tok = &l.gguf.tokenizer;
-    let prompts = crate::run_cmd::read_prompts(l, model, workload, "--workload")?;
-    if let Some(i) = prompts
-        .iter()
-        .position(|ids| ids.len() + a.decode_tokens > m.cfg.max_len)
-    {
-        bail!(
-            "--workload {}: prompt {}: {} tokens + --decode-tokens pass the model's context ({})",
-            workload.display(),
-            i + 1,
-            prompts[i].len(),
-            m.cfg.max_len
-        );
-    }
+    let prompts = crate::run_cmd::read_prompts(
+        l,
+        model,
+        workload,
+        "--workload",
+        ("--decode-tokens", a.decode_tokens),
+    )?;
     let drafter = d.prepare(l)?;
     let greedy = || Sampler::new(SamplingParams::default());
     let (mut plain_s, mut spec_s, mut tokens) = (0f64, 0f64, 0usize);

@@ -166,20 +166,13 @@ pub fn train_heads_cmd(a: TrainHeadsArgs) -> Result<()> {
             a.model.display()
         );
     }
-    let prompts = crate::run_cmd::read_prompts(&l, &a.model, &a.data, "--data")?;
-    if let Some(i) = prompts
-        .iter()
-        .position(|p| p.len() + a.gen_tokens > m.cfg.max_len)
-    {
-        bail!(
-            "--data {}: prompt {} has {} tokens, and with --gen-tokens {} passes the model's context of {}",
-            a.data.display(),
-            i + 1,
-            prompts[i].len(),
-            a.gen_tokens,
-            m.cfg.max_len
-        );
-    }
+    let prompts = crate::run_cmd::read_prompts(
+        &l,
+        &a.model,
+        &a.data,
+        "--data",
+        ("--gen-tokens", a.gen_tokens),
+    )?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
     let model_name = a.model.file_name().map_or_else(
         || a.model.display().to_string(),
@@ -647,18 +640,14 @@ pub fn draft_search_cmd(a: DraftSearchArgs) -> Result<()> {
             a.model.display()
         );
     }
-    let mut prompts = crate::run_cmd::read_prompts(&l, &a.model, &a.data, "--data")?;
+    let mut prompts = crate::run_cmd::read_prompts(
+        &l,
+        &a.model,
+        &a.data,
+        "--data",
+        ("--decode-tokens", a.decode_tokens),
+    )?;
     prompts.truncate(a.prompts);
-    if let Some(p) = prompts
-        .iter()
-        .find(|p| p.len() + a.decode_tokens > m.cfg.max_len)
-    {
-        bail!(
-            "--data: a prompt of {} tokens + --decode-tokens passes the model's context ({})",
-            p.len(),
-            m.cfg.max_len
-        );
-    }
     let greedy = || Sampler::new(SamplingParams::default());
     let eos = l.gguf.tokenizer.eos;
     // 1. the calibration text: the model's own answers

@@ -888,8 +888,16 @@ pub fn inspect_cmd(a: InspectArgs) -> Result<()> {
 
 /// Prompts from a JSON-lines file (`flag` names it in errors): each line
 /// {"prompt": "..."} (raw text) or {"chat": "..."} (one user message under
-/// the model's chat template) -> token ids, in order.
-pub fn read_prompts(l: &Loaded, model: &Path, file: &Path, flag: &str) -> Result<Vec<Vec<u32>>> {
+/// the model's chat template) -> token ids, in order. `room`: the flag
+/// and number of tokens generated after each prompt, which must fit in the
+/// model's context with it.
+pub fn read_prompts(
+    l: &Loaded,
+    model: &Path,
+    file: &Path,
+    flag: &str,
+    room: (&str, usize),
+) -> Result<Vec<Vec<u32>>> {
     let tok = &l.gguf.tokenizer;
     let text =
         std::fs::read_to_string(file).with_context(|| format!("{flag} {}", file.display()))?;
@@ -926,6 +934,16 @@ pub fn read_prompts(l: &Loaded, model: &Path, file: &Path, flag: &str) -> Result
         };
         if ids.is_empty() {
             bail!("{}: the prompt has no tokens", at());
+        }
+        let max = l.model.cfg.max_len;
+        if ids.len() + room.1 > max {
+            bail!(
+                "{}: {} prompt tokens + {} {} pass the model's context ({max})",
+                at(),
+                ids.len(),
+                room.0,
+                room.1
+            );
         }
         prompts.push(ids);
     }

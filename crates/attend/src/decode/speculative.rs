@@ -466,7 +466,8 @@ pub fn generate_speculative(
         // one token (q = 1 on it): keep it with probability p(token), else
         // draw the target's token from p without it (renormalised) — so
         // every output token is distributed as the target's p
-        let (a, fix, hist) = accept(sampler, &out, &seq, &d);
+        let rows: Vec<&[f32]> = out.iter().map(|r| &r[..]).collect();
+        let (a, fix, hist) = accept(sampler, &rows, &seq, &d);
         stats.record(&d, a);
         if backoff.record(d.len(), a) {
             stats.backoffs += 1;
@@ -515,14 +516,14 @@ pub fn generate_speculative(
 /// target's token from `out[a]` after the returned history.
 pub fn accept(
     sampler: &mut Sampler,
-    out: &[Vec<f32>],
+    out: &[&[f32]],
     seq: &[u32],
     d: &[u32],
 ) -> (usize, Option<u32>, Vec<u32>) {
     let mut hist = seq.to_vec();
     let mut a = 0;
     while a < d.len() {
-        if let Some(y) = verify(sampler, &out[a], &hist, d[a]) {
+        if let Some(y) = verify(sampler, out[a], &hist, d[a]) {
             return (a, Some(y), hist);
         }
         hist.push(d[a]);

@@ -844,9 +844,9 @@ impl Scheduler {
             let mut emit: Vec<(u32, usize)> = vec![];
             let kept_row = if v {
                 let d = std::mem::take(&mut s.drafted);
-                let rows: Vec<Vec<f32>> = (0..n).map(|r| logits_at(r).to_vec()).collect();
+                let rows: Vec<&[f32]> = (0..n).map(logits_at).collect();
                 let (a, fix, hist) = accept(&mut s.sampler, &rows, &s.tokens, &d);
-                let bonus = fix.unwrap_or_else(|| s.sampler.sample_after(&rows[a], &hist));
+                let bonus = fix.unwrap_or_else(|| s.sampler.sample_after(rows[a], &hist));
                 let st = &self.stats;
                 st.spec_passes.fetch_add(1, Ordering::Relaxed);
                 st.spec_drafted.fetch_add(d.len() as u64, Ordering::Relaxed);

@@ -60,6 +60,8 @@ pub struct BenchArgs {
     workload: Option<PathBuf>,
     #[command(flatten)]
     weights: WeightArgs,
+    #[command(flatten)]
+    prune: crate::load::PruneArgs,
     /// Encoders: one sentence per line (default: 1,000 built-in sentences of mixed length).
     #[arg(long)]
     file: Option<PathBuf>,
@@ -111,6 +113,10 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
 
 fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
     let mut l = load_model(model, &a.weights)?;
+    let dropped = a.prune.apply(&mut l)?;
+    if l.model.prune.active() && a.batch.is_some() {
+        bail!("--batch runs the server's paged caches, which do not take --drop or --ffn-skip");
+    }
     a.kv.set_dtype(&mut l);
     if let Some(c) = a.kv.resolve(&l)? {
         return bench_capped(a, &l, &c);
@@ -186,6 +192,11 @@ fn bench_decoder(a: &BenchArgs, model: &Path) -> Result<serde_json::Value> {
         "kv_cache_bytes": state.state_bytes(),
         "threads": crate::train_cmd::threads(),
         "peak_rss_mib": peak_rss_mib(),
+        "dropped": dropped,
+        "ffn_skip": m.prune.ffn_skip.as_ref().map(|f| serde_json::json!({
+            "spec": f.to_string(),
+            "share_skipped": m.prune.stats.snapshot().share(),
+        })),
     }))
 }
 

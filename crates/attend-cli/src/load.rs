@@ -69,3 +69,105 @@ pub fn is_encoder_dir(dir: &Path) -> bool {
     let v: serde_json::Value = serde_json::from_str(&cfg).unwrap_or_default();
     v["model_type"].as_str().is_none_or(|t| t == "bert")
 }
+
+/// Cheaper models without retraining (issue 15): sublayers dropped,
+/// FFNs skipped per token.
+#[derive(Args, Clone, Debug, Default)]
+pub struct PruneArgs {
+    /// Drop sublayers for good: `attn:L,…`, `ffn:L,…`, `layer:L,…` (layers
+    /// from 0, ranges A-B; several joined by `;`). A dropped attention
+    /// sublayer keeps no KV cache (LLM-Drop, FinerCut).
+    #[arg(long, value_name = "SPEC")]
+    pub drop: Option<String>,
+    /// Drop the K sublayers whose output is most similar to their input
+    /// (cosine of the residual stream before and after) on --calibration
+    /// text: `attn=K`, `ffn=K`, `layer=K`, comma-separated.
+    #[arg(long, value_name = "SPEC", requires = "calibration")]
+    pub drop_auto: Option<String>,
+    /// UTF-8 text that --drop-auto ranks sublayers on.
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<std::path::PathBuf>,
+    /// Tokens of --calibration to rank on (windows of 512).
+    #[arg(long, default_value_t = 4096)]
+    pub calibration_tokens: usize,
+    /// Skip FFNs per token (FFN-SkipLLM): once the residual stream barely
+    /// changes across a token's FFN (cosine ≥ threshold) its next FFNs are
+    /// skipped; never in the first and last layers or the first `warmup`
+    /// positions. `threshold=0.95[,warmup=8]`, or `ratio=0.25` to skip
+    /// that share of each token's FFNs (from where it saturates, else as
+    /// late as fits).
+    #[arg(long, value_name = "SPEC")]
+    pub ffn_skip: Option<String>,
+}
+
+impl PruneArgs {
+    /// Put the drops and the skipping rule on `l`'s model; -> what was
+    /// dropped, for the caller to report.
+    pub fn apply(&self, l: &mut Loaded) -> Result<Option<String>> {
+        use attend::model::prune;
+        let layers = l.model.decoder.len();
+        let mut drop = match &self.drop {
+            Some(s) => prune::parse_drop(s, layers)?,
+            None => attend::model::Skip {
+                attn: vec![false; layers],
+                ffn: vec![false; layers],
+            },
+        };
+        if let Some(spec) = &self.drop_auto {
+            let n = prune::parse_drop_auto(spec, layers)?;
+            let file = self
+                .calibration
+                .as_ref()
+                .context("--drop-auto needs --calibration FILE")?;
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("--calibration {}: cannot read", file.display()))?;
+            let mut ids = l.model_tokens(&text)?;
+            ids.truncate(self.calibration_tokens.max(2));
+            if ids.len() < 2 {
+                bail!("--calibration {}: no text to rank on", file.display());
+            }
+            let ctx = 512.min(l.model.cfg.max_len);
+            let windows: Vec<&[u32]> = ids.chunks(ctx).collect();
+            let probe = l.model.probe(&windows)?;
+            let auto = prune::auto_drop(&probe, layers, n);
+            for i in 0..layers {
+                drop.attn[i] |= auto.attn[i];
+                drop.ffn[i] |= auto.ffn[i];
+            }
+        }
+        if let Some(s) = &self.ffn_skip {
+            l.model.prune.ffn_skip = Some(prune::FfnSkip::parse(s, layers)?);
+        }
+        let said = describe_drop(&drop);
+        l.model.prune.drop = drop;
+        Ok(said)
+    }
+}
+
+/// "attn 3,7; ffn 12" for a drop set, None when empty.
+pub fn describe_drop(s: &attend::model::Skip) -> Option<String> {
+    let list = |v: &[bool]| {
+        v.iter()
+            .enumerate()
+            .filter(|(_, &d)| d)
+            .map(|(i, _)| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (a, f) = (list(&s.attn), list(&s.ffn));
+    let mut parts = vec![];
+    if !a.is_empty() {
+        parts.push(format!("attn {a}"));
+    }
+    if !f.is_empty() {
+        parts.push(format!("ffn {f}"));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+impl Loaded {
+    /// Text -> ids with the special tokens the file asks for (BOS).
+    pub fn model_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.gguf.tokenizer.encode(text, true)?)
+    }
+}

@@ -2,7 +2,7 @@
 //! `inspect`.
 
 use crate::kv_cmd::{Capped, KvArgs};
-use crate::load::{load_model, Loaded, WeightArgs};
+use crate::load::{load_model, Loaded, PruneArgs, WeightArgs};
 use anyhow::{bail, Context, Result};
 use attend::decode::{generate, Sampler, SamplingParams};
 use attend::formats::chat::{render, Message};
@@ -467,6 +467,8 @@ pub struct GenerateArgs {
     sampling: SamplingArgs,
     #[command(flatten)]
     weights: WeightArgs,
+    #[command(flatten)]
+    prune: PruneArgs,
     /// Print {"prompt_ids", "ids", "text"} for the generated part instead of streaming.
     #[arg(long)]
     json: bool,
@@ -492,6 +494,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     // the flags first: a bad one is refused before the model loads
     a.sampling.check()?;
     let mut l = load_model(&a.model, &a.weights)?;
+    let dropped = a.prune.apply(&mut l)?;
     let mut sampler = a.sampling.sampler(SamplingParams::default(), "greedy")?;
     a.kv.set_dtype(&mut l);
     let tok = &l.gguf.tokenizer;
@@ -517,6 +520,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let text = tok.decode(&ids)?;
     if a.json {
         let mut v = serde_json::json!({ "prompt_ids": prompt, "ids": ids, "text": text });
+        prune_report(&l, dropped.as_deref(), &mut v);
         if let Some(s) = spec {
             v["speculative"] = serde_json::json!({
                 "passes": s.passes,
@@ -551,6 +555,8 @@ pub struct ChatArgs {
     #[command(flatten)]
     weights: WeightArgs,
     #[command(flatten)]
+    prune: PruneArgs,
+    #[command(flatten)]
     kv: KvArgs,
     /// Speculative decoding, as `generate --draft` (`lookup[:n=3,k=8]`
     /// pays off when replies quote the conversation; `model:PATH[,k=4]`,
@@ -562,6 +568,9 @@ pub struct ChatArgs {
 pub fn chat_cmd(a: ChatArgs) -> Result<()> {
     a.sampling.check()?;
     let mut l = load_model(&a.model, &a.weights)?;
+    if let Some(d) = a.prune.apply(&mut l)? {
+        eprintln!("dropped: {d}");
+    }
     // what the model recommends, else llama.cpp's defaults: a chat that
     // decodes greedily falls into loops
     let mut sampler = match &l.gguf.sampling {
@@ -672,6 +681,8 @@ pub struct PerplexityArgs {
     max_tokens: usize,
     #[command(flatten)]
     weights: WeightArgs,
+    #[command(flatten)]
+    prune: PruneArgs,
     /// Feed the text one token at a time through a decode state (the
     /// StreamingLLM protocol) instead of scoring windows; with --kv-policy
     /// the cache is capped. JSON adds cache_bytes_max.
@@ -737,6 +748,7 @@ fn score_windows(
 
 pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     let mut l = load_model(&a.model, &a.weights)?;
+    let dropped = a.prune.apply(&mut l)?;
     a.kv.set_dtype(&mut l);
     if a.kv.kv_policy.is_some() && !a.streaming {
         bail!("--kv-policy applies to --streaming perplexity (windows are scored whole)");
@@ -773,14 +785,39 @@ pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     let (mean_nll, n, _) = score_windows(&l.model, &ids, a.ctx, halves)?;
     let ppl = mean_nll.exp();
     if a.json {
-        outln!(
-            "{}",
-            serde_json::json!({ "perplexity": ppl, "n_tokens": ids.len(), "n_predictions": n, "mean_nll": mean_nll })
-        );
+        let mut v = serde_json::json!({ "perplexity": ppl, "n_tokens": ids.len(), "n_predictions": n, "mean_nll": mean_nll });
+        prune_report(&l, dropped.as_deref(), &mut v);
+        outln!("{v}");
     } else {
         outln!("perplexity {ppl:.4} (mean NLL {mean_nll:.5} over {n} predictions, {} tokens, windows of {})", ids.len(), a.ctx);
+        if let Some(d) = &dropped {
+            outln!("dropped: {d}");
+        }
+        if l.model.prune.ffn_skip.is_some() {
+            outln!(
+                "FFNs skipped: {:.1}%",
+                100.0 * l.model.prune.stats.snapshot().share()
+            );
+        }
     }
     Ok(())
+}
+
+/// `dropped` and, with --ffn-skip, the share of FFNs skipped, into a JSON
+/// report.
+fn prune_report(l: &Loaded, dropped: Option<&str>, v: &mut serde_json::Value) {
+    if let Some(d) = dropped {
+        v["dropped"] = d.into();
+    }
+    if let Some(f) = &l.model.prune.ffn_skip {
+        let c = l.model.prune.stats.snapshot();
+        v["ffn_skip"] = serde_json::json!({
+            "spec": f.to_string(),
+            "share_skipped": c.share(),
+            "skipped_per_layer": c.skipped,
+            "computed_per_layer": c.computed,
+        });
+    }
 }
 
 #[derive(Args)]

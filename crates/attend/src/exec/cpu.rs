@@ -498,4 +498,32 @@ impl Exec for Cpu {
         }
         Ok(y)
     }
+
+    fn positions(&self, b: &Packed) -> Vec<usize> {
+        b.seqs.iter().flat_map(|s| s.pos0..s.pos0 + s.len).collect()
+    }
+
+    fn cos_rows(&self, a: &Rows, b: &Rows) -> Result<Vec<f32>> {
+        let w = a.width;
+        Ok(a.data
+            .chunks_exact(w)
+            .zip(b.data.chunks_exact(w))
+            .map(|(a, b)| super::cos(a, b))
+            .collect())
+    }
+
+    fn keep_rows(&self, mut y: Rows, x: &Rows, keep: &[bool]) -> Result<Rows> {
+        let w = y.width;
+        for ((yr, xr), &k) in y
+            .data
+            .chunks_exact_mut(w)
+            .zip(x.data.chunks_exact(w))
+            .zip(keep)
+        {
+            if k {
+                yr.copy_from_slice(xr);
+            }
+        }
+        Ok(y)
+    }
 }

@@ -200,6 +200,31 @@ impl Exec for Graph {
         let t = x.dim(1)?;
         Ok(x.narrow(1, t - 1, 1)?)
     }
+
+    fn positions(&self, b: &GraphBatch) -> Vec<usize> {
+        let (n, t) = b.ids.dims2().unwrap_or((0, 0));
+        (0..n).flat_map(|_| b.offset..b.offset + t).collect()
+    }
+
+    fn cos_rows(&self, a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
+        // (b, t, d) each -> rows of d
+        let d = a.dim(candle_core::D::Minus1)?;
+        let a = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let b = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(a.chunks_exact(d)
+            .zip(b.chunks_exact(d))
+            .map(|(a, b)| super::cos(a, b))
+            .collect())
+    }
+
+    fn keep_rows(&self, y: Tensor, x: &Tensor, keep: &[bool]) -> Result<Tensor> {
+        // y (b, t, d), x (b, t, d): y ⊙ (1 − m) + x ⊙ m, m (b, t, 1)
+        let (nb, t, _) = y.dims3()?;
+        let m: Vec<f32> = keep.iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
+        let m = Tensor::from_vec(m, (nb, t, 1), y.device())?.to_dtype(y.dtype())?;
+        let keep_y = (1.0 - &m)?;
+        Ok((y.broadcast_mul(&keep_y)? + x.broadcast_mul(&m)?)?)
+    }
 }
 
 /// Attention through caches that attend on their own buffers (a policy's,

@@ -114,6 +114,29 @@ pub trait Exec {
     fn graph(&self, x: &Self::X, b: &Self::Batch, f: &mut GraphOp) -> Result<Self::X>;
     /// Only the last token of each sequence.
     fn last(&self, x: Self::X, b: &Self::Batch) -> Result<Self::X>;
+    /// Each row's position in its sequence, in row order.
+    fn positions(&self, b: &Self::Batch) -> Vec<usize>;
+    /// The cosine similarity of each row of a with the same row of b
+    /// (0 where either row is zero).
+    fn cos_rows(&self, a: &Self::X, b: &Self::X) -> Result<Vec<f32>>;
+    /// y, with the rows marked in `keep` taken from x instead.
+    fn keep_rows(&self, y: Self::X, x: &Self::X, keep: &[bool]) -> Result<Self::X>;
+}
+
+/// cos(a, b) of two rows, in f64 (0 when either is zero).
+pub(crate) fn cos(a: &[f32], b: &[f32]) -> f32 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64, y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        (ab / (aa.sqrt() * bb.sqrt())) as f32
+    }
 }
 
 /// A decode state's per-sequence caches for a batch of `n`: the one empty

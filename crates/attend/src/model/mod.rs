@@ -11,8 +11,10 @@
 //! (decoding, packed encoder batches). A new norm, FFN or per-layer option
 //! is written here once and reaches both.
 
+pub mod prune;
 pub mod state;
 
+pub use prune::{FfnSkip, Probe, Prune};
 pub use state::{DecodeState, LayerState};
 
 use crate::attention::{one, Attention, MixerState};
@@ -183,39 +185,40 @@ impl Block {
         }
     }
 
-    /// x (tokens, d) -> (tokens, d). `state`: this layer's decode state;
-    /// `cross`: the encoder memory's keys/values for this layer and its
-    /// padding mask (encoder–decoder models).
-    fn forward<E: Exec>(
+    /// Token mixing: x (tokens, d) -> (tokens, d), self-attention (and
+    /// cross-attention in an encoder–decoder's decoder) with their
+    /// residuals. `state`: this layer's decode state; `cross`: the encoder
+    /// memory's keys/values for this layer and its padding mask.
+    fn mix_tokens<E: Exec>(
         &self,
         e: &E,
         x: E::X,
         b: &E::Batch,
         state: Option<&mut MixerState>,
         cross: Option<(&(Tensor, Tensor), Option<&Tensor>)>,
-        skip: (bool, bool),
+        skip_attn: bool,
     ) -> Result<E::X> {
-        let x = if skip.0 {
+        let x = if skip_attn {
             x
         } else {
             self.sublayer(e, x, &self.ln_1, self.ln_1_post.as_ref(), |h| {
                 self.self_attn.forward(e, h, b, state)
             })?
         };
-        let x = match (&self.cross_attn, &self.ln_cross, cross) {
+        match (&self.cross_attn, &self.ln_cross, cross) {
             (Some(attn), Some(ln), Some((kv, pad))) => self.sublayer(e, x, ln, None, |h| {
                 e.graph(h, b, &mut |h, _| attn.cross(h, kv, pad))
-            })?,
-            (Some(_), _, _) => {
-                return Err(Error::msg(
-                    "encoder–decoder model called without encoder memory",
-                ))
-            }
-            _ => x,
-        };
-        if skip.1 {
-            return Ok(x);
+            }),
+            (Some(_), _, _) => Err(Error::msg(
+                "encoder–decoder model called without encoder memory",
+            )),
+            _ => Ok(x),
         }
+    }
+
+    /// Channel mixing: x (tokens, d) -> (tokens, d), the FFN with its
+    /// residual.
+    fn mix_channels<E: Exec>(&self, e: &E, x: E::X) -> Result<E::X> {
         self.sublayer(e, x, &self.ln_2, self.ln_2_post.as_ref(), |h| {
             self.ffn.forward(e, h)
         })
@@ -242,6 +245,9 @@ pub struct Transformer {
     /// What KV caches store keys and values in: f32 from `new`; the CLI's
     /// run commands set `--kv-dtype` (default f16).
     pub kv_dtype: crate::kernels::kv::KvDType,
+    /// Sublayers dropped or skipped per token, and the similarity probe
+    /// (`prune`); nothing by default. Applies to the decoder.
+    pub prune: Prune,
 }
 
 impl Transformer {
@@ -390,6 +396,7 @@ impl Transformer {
             // research: the same precision as the recurrent states they are
             // compared with); the run commands pick `--kv-dtype` (f16)
             kv_dtype: crate::kernels::kv::KvDType::F32,
+            prune: Prune::default(),
         })
     }
 
@@ -462,6 +469,13 @@ impl Transformer {
             (None, Some(m)) => m.padding.clone(),
             _ => None,
         };
+        // what the decoder leaves out or measures (`prune`)
+        let prune = (!encoder && self.prune.active()).then_some(&self.prune);
+        let probe = prune.and_then(|p| p.probe.as_deref());
+        let mut rows = prune
+            .and_then(|p| p.ffn_skip.as_ref())
+            .map(|f| prune::RowSkip::new(f, blocks.len(), &e.positions(b)));
+        let stats = &self.prune.stats;
         for (i, block) in blocks.iter().enumerate() {
             let (mixer, held) = match state.as_deref_mut() {
                 Some(s) => {
@@ -475,8 +489,63 @@ impl Transformer {
                 _ => None,
             };
             let kv = held.or(fresh.as_ref());
-            let sk = skip.map_or((false, false), |s| (s.attn(i), s.ffn(i)));
-            x = block.forward(e, x, b, mixer, kv.map(|kv| (kv, mem_pad.as_ref())), sk)?;
+            let cross = kv.map(|kv| (kv, mem_pad.as_ref()));
+            let dropped = |s: Option<&Skip>, attn: bool| {
+                s.is_some_and(|s| if attn { s.attn(i) } else { s.ffn(i) })
+            };
+            let skip_attn = dropped(skip, true) || dropped(prune.map(|p| &p.drop), true);
+            let skip_ffn = dropped(skip, false) || dropped(prune.map(|p| &p.drop), false);
+            if prune.is_none() {
+                x = block.mix_tokens(e, x, b, mixer, cross, skip_attn)?;
+                if !skip_ffn {
+                    x = block.mix_channels(e, x)?;
+                }
+                continue;
+            }
+            // token mixing, its similarity recorded when probed
+            let before = (probe.is_some() && !skip_attn).then(|| x.clone());
+            x = block.mix_tokens(e, x, b, mixer, cross, skip_attn)?;
+            if let (Some(p), Some(before)) = (probe, &before) {
+                p.record(prune::Sublayer::Attn, i, &e.cos_rows(before, &x)?);
+            }
+            if skip_ffn {
+                continue;
+            }
+            // channel mixing, skipped per token where its FFNs saturated
+            let plan = rows.as_mut().and_then(|r| r.plan(i));
+            let n = plan.as_ref().map_or(0, |p| p.len());
+            let skipped = plan
+                .as_ref()
+                .map_or(0, |p| p.iter().filter(|&&s| s).count());
+            if plan.is_some() && skipped == n {
+                stats.add(i, 0, n as u64);
+                continue;
+            }
+            let before = x.clone();
+            let mut y = block.mix_channels(e, x)?;
+            if let Some(p) = &plan {
+                y = e.keep_rows(y, &before, p)?;
+            }
+            let cos = e.cos_rows(&before, &y)?;
+            if rows.is_some() {
+                stats.add(i, (cos.len() - skipped) as u64, skipped as u64);
+            }
+            if let Some(r) = rows.as_mut() {
+                r.observe(i, &cos, plan.as_deref());
+            }
+            if let Some(p) = probe {
+                let ran: Vec<f32> = match &plan {
+                    Some(pl) => cos
+                        .iter()
+                        .zip(pl)
+                        .filter(|(_, &s)| !s)
+                        .map(|(&c, _)| c)
+                        .collect(),
+                    None => cos.clone(),
+                };
+                p.record(prune::Sublayer::Ffn, i, &ran);
+            }
+            x = y;
         }
         if last_only {
             x = e.last(x, b)?;

@@ -14,13 +14,46 @@ use std::path::Path;
 pub struct WeightArgs {
     /// Load every weight as f32 instead of keeping quantized matrices
     /// (exact reference numerics; GGUF files).
-    #[arg(long, conflicts_with = "quantize")]
+    #[arg(long)]
     pub dequantize: bool,
-    /// Hugging Face folders: hold the weight matrices in this GGUF type,
-    /// quantized at load onto the same kernels as a GGUF file's (q4_0,
-    /// q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k). Default: f32.
+    /// Hold the weight matrices in another type. Hugging Face folders:
+    /// a GGUF type, quantized at load onto the same kernels as a GGUF
+    /// file's (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k).
+    /// Float weights (a Hugging Face folder, or a GGUF file with
+    /// --dequantize): `int8`, vector-wise int8 (a scale per activation row
+    /// and per output), or `llm-int8[:threshold=6]`, LLM.int8() — the
+    /// activation columns with |x| > threshold kept out of int8, in f32
+    /// against a 16-bit copy of the weights. The embedding and output
+    /// projection keep their type. Default: f32.
     #[arg(long, value_name = "TYPE")]
     pub quantize: Option<String>,
+}
+
+/// `--quantize int8` or `llm-int8[:threshold=T]` -> the int8 mode.
+fn int8_mode(q: &str) -> Result<Option<attend::nn::Int8Mode>> {
+    use attend::nn::Int8Mode;
+    if q == "int8" {
+        return Ok(Some(Int8Mode::Plain));
+    }
+    let Some(rest) = q.strip_prefix("llm-int8") else {
+        return Ok(None);
+    };
+    let threshold = match rest.strip_prefix(':') {
+        None if rest.is_empty() => 6.0,
+        Some(kv) => {
+            let v = kv
+                .strip_prefix("threshold=")
+                .with_context(|| format!("--quantize {q}: expected llm-int8:threshold=T"))?;
+            let t: f32 = v
+                .parse()
+                .ok()
+                .filter(|t: &f32| t.is_finite() && *t >= 0.0)
+                .with_context(|| format!("--quantize {q}: the threshold must be a number ≥ 0"))?;
+            t
+        }
+        None => bail!("--quantize {q}: unknown type (int8, llm-int8[:threshold=T] or a GGUF type)"),
+    };
+    Ok(Some(Int8Mode::LlmInt8 { threshold }))
 }
 
 /// A decoder and what came with it (tokenizer, chat template).
@@ -31,15 +64,23 @@ pub struct Loaded {
 
 /// A GGUF file or a Hugging Face decoder folder, as `w` says.
 pub fn load_model(path: &Path, w: &WeightArgs) -> Result<Loaded> {
+    let int8 = match w.quantize.as_deref() {
+        Some(q) => int8_mode(q)?,
+        None => None,
+    };
     let quant = match w.quantize.as_deref() {
         None => None,
+        Some(_) if int8.is_some() => None,
         Some(q) => Some(hf_decoder::quant_type(q).with_context(|| {
             format!(
-                "--quantize: unknown type `{q}` (one of {})",
+                "--quantize: unknown type `{q}` (int8, llm-int8[:threshold=T], or one of {})",
                 hf_decoder::QUANT_TYPES
             )
         })?),
     };
+    if w.dequantize && quant.is_some() {
+        bail!("--dequantize loads f32 weights; --quantize {} would quantize them again (int8 and llm-int8 start from --dequantize's f32)", w.quantize.as_deref().unwrap_or_default());
+    }
     if !path.exists() {
         bail!(
             "{}: model file not found (run scripts/fetch-models?)",
@@ -57,8 +98,19 @@ pub fn load_model(path: &Path, w: &WeightArgs) -> Result<Loaded> {
         }
         gguf::load(path, w.dequantize, &Device::Cpu)?
     };
-    let model: Transformer = g.build()?;
+    let mut model: Transformer = g.build()?;
     g.store.release_quantized();
+    if let Some(mode) = int8 {
+        let q = w.quantize.as_deref().unwrap_or_default();
+        model.quantize_int8(mode).map_err(|e| {
+            let hint = if path.is_dir() {
+                ""
+            } else {
+                " (add --dequantize to start from f32)"
+            };
+            anyhow::anyhow!("--quantize {q}: {}: {e}{hint}", path.display())
+        })?;
+    }
     Ok(Loaded { model, gguf: g })
 }
 

@@ -43,6 +43,7 @@ mod draft_cmd;
 mod frontier_cmd;
 mod kv_cmd;
 mod load;
+mod prune_cmd;
 mod run_cmd;
 mod serve_cmd;
 mod train_cmd;
@@ -126,6 +127,12 @@ enum Cmd {
     /// against cache memory, as results.json, table.md and plot.svg.
     #[command(allow_negative_numbers = true)]
     KvSweep(kv_cmd::KvSweepArgs),
+    /// Cheaper models without retraining: FFN skipping, attention / FFN /
+    /// layer dropping by similarity, int8 and LLM.int8 — held-out
+    /// perplexity against decode speed, KV and weight bytes, as
+    /// results.json, table.md and plot.svg (`--quick`: about a minute).
+    #[command(allow_negative_numbers = true)]
+    PruneSweep(prune_cmd::PruneSweepArgs),
     /// An OpenAI-compatible HTTP server: chat, completions and embeddings
     /// for several users at once (continuous batching, a paged KV cache,
     /// prefix caching), a chat page at /, Prometheus metrics.
@@ -215,6 +222,7 @@ fn main() {
         Cmd::Bench(a) => bench_cmd::bench_cmd(a).context("bench failed"),
         Cmd::Inspect(a) => run_cmd::inspect_cmd(a).context("inspect failed"),
         Cmd::KvSweep(a) => kv_cmd::kv_sweep_cmd(a).context("kv-sweep failed"),
+        Cmd::PruneSweep(a) => prune_cmd::prune_sweep_cmd(a).context("prune-sweep failed"),
         Cmd::Frontier(a) => frontier_cmd::frontier_cmd(a).context("frontier failed"),
         Cmd::Serve(a) => serve_cmd::serve_cmd(*a).context("serve failed"),
         Cmd::TrainDraftHeads(a) => {

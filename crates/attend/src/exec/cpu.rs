@@ -241,10 +241,7 @@ impl Exec for Cpu {
         let mut outs = maps
             .iter()
             .map(|l| {
-                let n = match &l.w {
-                    Weight::Dense(w) => w.dims2()?.0,
-                    Weight::Q(m) => m.rows,
-                };
+                let n = l.w.dims()?.0;
                 Ok(Rows::zeros(t, n))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -255,13 +252,26 @@ impl Exec for Cpu {
             .zip(outs.iter_mut())
             .filter_map(|(l, o)| match &l.w {
                 Weight::Q(m) => Some((&**m, &mut o.data[..])),
-                Weight::Dense(_) => None,
+                _ => None,
             })
             .collect();
         if !jobs.is_empty() {
             matmul_many(&acts, &mut jobs);
         }
         drop(jobs);
+        // int8 weights (LLM.int8): their own row-wise activation quantization
+        let mut int8: Vec<_> = maps
+            .iter()
+            .zip(outs.iter_mut())
+            .filter_map(|(l, o)| match &l.w {
+                Weight::Int8(m) => Some((&**m, &mut o.data[..])),
+                _ => None,
+            })
+            .collect();
+        if !int8.is_empty() {
+            crate::kernels::quant::int8::matmul_int8(&x.data, t, k, &mut int8);
+        }
+        drop(int8);
         for (l, o) in maps.iter().zip(outs.iter_mut()) {
             let n = o.width;
             match (&l.w, &l.b) {
@@ -274,14 +284,14 @@ impl Exec for Cpu {
                         Ok(())
                     }
                 })??,
-                (Weight::Q(_), Some(b)) => with_f32(b, |b| {
+                (Weight::Q(_) | Weight::Int8(_), Some(b)) => with_f32(b, |b| {
                     for row in o.data.chunks_exact_mut(n) {
                         for (a, &c) in row.iter_mut().zip(b) {
                             *a += c;
                         }
                     }
                 })?,
-                (Weight::Q(_), None) => {}
+                (Weight::Q(_) | Weight::Int8(_), None) => {}
             }
         }
         Ok(outs)

@@ -626,6 +626,69 @@ impl Transformer {
         }
     }
 
+    /// The linear maps of every block: attention's q, k, v, o (cross-
+    /// attention's too) and the FFN's, encoder then decoder.
+    pub fn block_linears(&self) -> Vec<&Linear> {
+        let mut out = vec![];
+        for b in self.encoder.iter().chain(&self.decoder) {
+            for a in std::iter::once(&b.self_attn).chain(&b.cross_attn) {
+                out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]);
+            }
+            out.extend([&b.ffn.w1, &b.ffn.w2]);
+            out.extend(&b.ffn.w3);
+        }
+        out
+    }
+
+    /// As `block_linears`, to change.
+    pub fn block_linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = vec![];
+        for b in self.encoder.iter_mut().chain(&mut self.decoder) {
+            for a in std::iter::once(&mut b.self_attn).chain(&mut b.cross_attn) {
+                out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            }
+            out.extend([&mut b.ffn.w1, &mut b.ffn.w2]);
+            out.extend(&mut b.ffn.w3);
+        }
+        out
+    }
+
+    /// Hold every block's linear maps in vector-wise int8 (LLM.int8 with a
+    /// threshold); the embedding and output projection keep their type.
+    /// Quantized (GGUF) weights are refused: start from float weights.
+    pub fn quantize_int8(&mut self, mode: crate::nn::Int8Mode) -> Result<()> {
+        for l in self.block_linears_mut() {
+            l.to_int8(mode)?;
+        }
+        Ok(())
+    }
+
+    /// Outliers the int8 maps met (`kernels::quant::int8`), summed over
+    /// the blocks; `reset` starts the counts again.
+    pub fn outlier_stats(&self, reset: bool) -> crate::kernels::quant::int8::OutlierStats {
+        let mut s = crate::kernels::quant::int8::OutlierStats::default();
+        for l in self.block_linears() {
+            if let crate::nn::Weight::Int8(m) = &l.w {
+                s.add(m.stats(reset));
+            }
+        }
+        s
+    }
+
+    /// Bytes of the weights: embedding, blocks' linear maps, and the
+    /// output projection when it is not the embedding (norms and biases
+    /// are left out: a few KiB).
+    pub fn weight_bytes(&self) -> usize {
+        let tied = self.cfg.tie_embeddings;
+        self.embed.w.bytes()
+            + self
+                .block_linears()
+                .iter()
+                .map(|l| l.w.bytes())
+                .sum::<usize>()
+            + if tied { 0 } else { self.lm_head.w.bytes() }
+    }
+
     /// The output projection (vocab, d).
     pub fn lm_head(&self) -> &Linear {
         &self.lm_head

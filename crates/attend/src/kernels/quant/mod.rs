@@ -20,6 +20,7 @@
 //! `ATTEND_ISA=portable|avx2|avx512` caps the choice (benchmarks, tests).
 
 pub mod formats;
+pub mod int8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -389,6 +390,18 @@ impl<'a> Activations<'a> {
             n,
             k,
             q8: OnceLock::new(),
+        }
+    }
+
+    /// x (n, k) with its 8-bit form made already (int8's row-wise
+    /// quantization).
+    pub fn with_q8(x: &'a [f32], n: usize, k: usize, q8: Q8Rows) -> Self {
+        assert_eq!(x.len(), n * k, "Activations: {} != {n}·{k}", x.len());
+        Self {
+            x,
+            n,
+            k,
+            q8: OnceLock::from(q8),
         }
     }
 

@@ -1998,3 +1998,54 @@ fn pruned_and_int8_models_generate() {
         "{a:?} {b:?}"
     );
 }
+
+#[test]
+fn hugging_face_folders_run_in_int8() {
+    let text = tmp("int8-folders");
+    std::fs::create_dir_all(&text).unwrap();
+    let file = text.join("t.txt");
+    std::fs::write(
+        &file,
+        "ROMEO:\nBut soft, what light through yonder window breaks?\n".repeat(20),
+    )
+    .unwrap();
+    let ppl = |dir: &str, extra: &[&str]| -> f64 {
+        let mut args = vec![
+            "perplexity",
+            "--model",
+            dir,
+            "--file",
+            file.to_str().unwrap(),
+            "--ctx",
+            "64",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let v: serde_json::Value = serde_json::from_slice(&succeeds(&args).stdout).unwrap();
+        v["perplexity"].as_f64().unwrap()
+    };
+    for family in ["llama3", "qwen2", "gemma3"] {
+        let dir = tiny(family);
+        let f = ppl(&dir, &[]);
+        // threshold 0: every column in f32 against the 16-bit copy
+        let z = ppl(&dir, &["--quantize", "llm-int8:threshold=0"]);
+        assert!((z / f - 1.0).abs() < 1e-3, "{family}: {z} vs {f}");
+        let q = ppl(&dir, &["--quantize", "int8"]);
+        assert!((q / f - 1.0).abs() < 0.05, "{family}: {q} vs {f}");
+        let out = succeeds(&[
+            "generate",
+            "--model",
+            &dir,
+            "--prompt",
+            "ROMEO:",
+            "--max-tokens",
+            "4",
+            "--quantize",
+            "llm-int8",
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["ids"].as_array().unwrap().len(), 4);
+    }
+    std::fs::remove_dir_all(&text).ok();
+}

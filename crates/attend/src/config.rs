@@ -194,6 +194,28 @@ impl Default for GlaConfig {
     }
 }
 
+/// The delta rule (DeltaNet), optionally with Gated DeltaNet's
+/// data-dependent decay α_t = sigmoid(w_α·x_t + b_α)^(1/τ) per kv head.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeltaConfig {
+    /// Gated DeltaNet (a decay per token and kv head) instead of DeltaNet.
+    pub gated: bool,
+    /// τ of the gate.
+    pub tau: f64,
+    pub chunk: usize,
+}
+
+impl Default for DeltaConfig {
+    fn default() -> Self {
+        Self {
+            gated: false,
+            tau: 16.0,
+            chunk: 16,
+        }
+    }
+}
+
 /// The token-mixing mechanism of a self-attention layer, with its settings.
 ///
 /// In JSON: `"softmax"`, a spec string as on the command line
@@ -210,6 +232,7 @@ pub enum MechanismConfig {
     Based(BasedConfig),
     Decay(DecayConfig),
     Gla(GlaConfig),
+    Delta(DeltaConfig),
 }
 
 /// The name the first releases used; kept so older code still compiles.
@@ -225,6 +248,7 @@ enum TaggedMechanism {
     Based(BasedConfig),
     Decay(DecayConfig),
     Gla(GlaConfig),
+    Delta(DeltaConfig),
 }
 
 impl From<TaggedMechanism> for MechanismConfig {
@@ -236,6 +260,7 @@ impl From<TaggedMechanism> for MechanismConfig {
             TaggedMechanism::Based(c) => Self::Based(c),
             TaggedMechanism::Decay(c) => Self::Decay(c),
             TaggedMechanism::Gla(c) => Self::Gla(c),
+            TaggedMechanism::Delta(c) => Self::Delta(c),
         }
     }
 }
@@ -269,7 +294,16 @@ impl<'de> Deserialize<'de> for MechanismConfig {
 }
 
 impl MechanismConfig {
-    pub const NAMES: [&'static str; 6] = ["softmax", "window", "linear", "based", "decay", "gla"];
+    pub const NAMES: [&'static str; 8] = [
+        "softmax",
+        "window",
+        "linear",
+        "based",
+        "decay",
+        "gla",
+        "deltanet",
+        "gated-deltanet",
+    ];
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -279,12 +313,15 @@ impl MechanismConfig {
             Self::Based(_) => "based",
             Self::Decay(_) => "decay",
             Self::Gla(_) => "gla",
+            Self::Delta(c) if c.gated => "gated-deltanet",
+            Self::Delta(_) => "deltanet",
         }
     }
 
-    /// Decay and GLA are defined causally only (decoder layers).
+    /// Decay, GLA and the delta rule are defined causally only (decoder
+    /// layers).
     pub fn supports_bidirectional(&self) -> bool {
-        !matches!(self, Self::Decay(_) | Self::Gla(_))
+        !matches!(self, Self::Decay(_) | Self::Gla(_) | Self::Delta(_))
     }
 
     /// The width of q and k per head when it differs from the head dimension.
@@ -327,6 +364,15 @@ impl MechanismConfig {
                             format!("must be in (0, 1), got {g}"),
                         ));
                     }
+                }
+                at_least_1("chunk", c.chunk)?;
+            }
+            Self::Delta(c) => {
+                if !is_positive(c.tau) || !c.tau.is_finite() {
+                    return Err(Error::config(
+                        "tau",
+                        format!("must be positive, got {}", c.tau),
+                    ));
                 }
                 at_least_1("chunk", c.chunk)?;
             }
@@ -487,6 +533,21 @@ impl std::str::FromStr for MechanismConfig {
                 }
                 Self::Gla(c)
             }
+            "deltanet" | "gated-deltanet" => {
+                let mut c = DeltaConfig {
+                    gated: name == "gated-deltanet",
+                    ..DeltaConfig::default()
+                };
+                for (k, v) in &settings {
+                    match k.as_str() {
+                        "tau" if c.gated => c.tau = num("tau", v)?,
+                        "chunk" => c.chunk = num("chunk", v)?,
+                        _ if c.gated => return Err(unknown(k, &["tau", "chunk"])),
+                        _ => return Err(unknown(k, &["chunk"])),
+                    }
+                }
+                Self::Delta(c)
+            }
             _ => {
                 return Err(Error::config(
                     "mechanism",
@@ -530,6 +591,10 @@ impl fmt::Display for MechanismConfig {
                 "gla:rank={},tau={},chunk={}",
                 c.gate_rank, c.tau, c.chunk
             ),
+            Self::Delta(c) if c.gated => {
+                write!(f, "gated-deltanet:tau={},chunk={}", c.tau, c.chunk)
+            }
+            Self::Delta(c) => write!(f, "deltanet:chunk={}", c.chunk),
         }
     }
 }
@@ -948,6 +1013,15 @@ impl ModelConfig {
                     qk(c.feature_dim)?
                         .checked_add(conv)?
                         .checked_add(window_qk)?
+                }
+                MechanismConfig::Delta(c) => {
+                    // w_β (and w_α) with their biases
+                    let one = d.checked_add(1)?.checked_mul(kvh)?;
+                    if c.gated {
+                        one.checked_mul(2)?
+                    } else {
+                        one
+                    }
                 }
                 MechanismConfig::Gla(c) => {
                     let kvd = kvh.checked_mul(hd)?;

@@ -268,7 +268,7 @@ fn closed_form_bytes(cfg: &attend::ModelConfig, b: usize, n: usize) -> usize {
                         + b * kv * f * (hd + 1)
                         + 2 * b * kv * c.window * hd
                 }
-                M::Decay(_) | M::Gla(_) => b * kv * hd * hd,
+                M::Decay(_) | M::Gla(_) | M::Delta(_) => b * kv * hd * hd,
             }
         })
         .sum()

@@ -59,7 +59,8 @@ fn gradients_match_finite_differences() {
 }
 
 /// The attention zoo: every mechanism's parameters (projections, BASED's
-/// convolution and window projections, GLA's gate) get the gradient finite
+/// convolution and window projections, GLA's gate, the delta rule's β and
+/// α) get the gradient finite
 /// differences give, through the chunked forms (chunks of 2-3 tokens, so the
 /// 4-token targets cross chunk boundaries).
 #[test]
@@ -76,6 +77,8 @@ fn mechanism_gradients_match_finite_differences() {
         mech("gla:rank=2,chunk=3", PositionKind::Rope),
         mech("gla:rank=3,tau=2,chunk=2", PositionKind::Learned),
         mech("decay:chunk=3", PositionKind::Rope),
+        mech("deltanet:chunk=3", PositionKind::Rope),
+        mech("gated-deltanet:tau=2,chunk=2", PositionKind::Learned),
         mech("window:w=2", PositionKind::Rope),
         mech("based:dim=2,w=2,conv=3,chunk=3", PositionKind::Rope),
         attend::ModelConfig {

@@ -7,6 +7,7 @@
 mod common;
 
 use attend::attention::decay::{retnet_gammas, DecayAttention};
+use attend::attention::delta::{self, DeltaRule};
 use attend::attention::gla::{self, Gla};
 use attend::attention::linear::{self, LinearAttention};
 use attend::attention::window::{self, WindowAttention};
@@ -345,6 +346,129 @@ impl Mixer for GlaM {
     }
 }
 
+/// The delta rule, its β and log α drawn from the test's log-decay
+/// tensor (channels 1 and 0), q and k through its feature map.
+struct DeltaM {
+    m: DeltaRule,
+    la_range: (f64, f64),
+}
+
+impl DeltaM {
+    fn new(h: usize, h_kv: usize, gated: bool, la_range: (f64, f64), dtype: DType) -> Self {
+        let store = ParamStore::new(0, dtype, Device::Cpu);
+        let model = ModelConfig {
+            d_model: 8 * h,
+            n_heads: h,
+            n_kv_heads: Some(h_kv),
+            ..ModelConfig::default()
+        };
+        let cfg = DeltaConfig {
+            gated,
+            chunk: CHUNK,
+            ..DeltaConfig::default()
+        };
+        Self {
+            m: DeltaRule::new(&store.builder(), &cfg, &model).unwrap(),
+            la_range,
+        }
+    }
+
+    /// (q, k, β, log α) as the mechanism takes them.
+    fn prep(&self, x: &Tensors) -> (Tensor, Tensor, Tensor, Tensor) {
+        let c1 = x.la.narrow(3, 1, 1).unwrap();
+        let beta = candle_nn::ops::sigmoid(&((c1 * 4.0).unwrap() + 2.0).unwrap()).unwrap();
+        let la = if self.m.gate.is_some() {
+            x.la.narrow(3, 0, 1).unwrap()
+        } else {
+            beta.zeros_like().unwrap()
+        };
+        (
+            DeltaRule::features(&x.q).unwrap(),
+            DeltaRule::features(&x.k).unwrap(),
+            beta,
+            la,
+        )
+    }
+
+    /// The same in f64: [b][h_kv][t] for β and log α.
+    #[allow(clippy::type_complexity)]
+    fn prep_naive(&self, x: &Nested) -> (Heads, Heads, Vec<Vec<Vec<f64>>>, Vec<Vec<Vec<f64>>>) {
+        let feat = |v: &Vec<f64>| -> Vec<f64> {
+            let s: Vec<f64> = v.iter().map(|&a| a / (1.0 + (-a).exp())).collect();
+            let n = (s.iter().map(|a| a * a).sum::<f64>() + delta::L2_EPS).sqrt();
+            s.iter().map(|a| a / n).collect()
+        };
+        let map = |h: &Heads| -> Heads {
+            h.iter()
+                .map(|b| b.iter().map(|hh| hh.iter().map(feat).collect()).collect())
+                .collect()
+        };
+        let per = |f: &dyn Fn(&Vec<f64>) -> f64| -> Vec<Vec<Vec<f64>>> {
+            x.la.iter()
+                .map(|b| b.iter().map(|hh| hh.iter().map(f).collect()).collect())
+                .collect()
+        };
+        let gated = self.m.gate.is_some();
+        (
+            map(&x.q),
+            map(&x.k),
+            per(&|c| 1.0 / (1.0 + (-(4.0 * c[1] + 2.0)).exp())),
+            per(&|c| if gated { c[0] } else { 0.0 }),
+        )
+    }
+}
+
+impl Mixer for DeltaM {
+    fn name(&self) -> String {
+        format!("{} log α in {:?}", self.m_name(), self.la_range)
+    }
+    fn bidirectional(&self) -> bool {
+        false
+    }
+    fn forward(
+        &self,
+        x: &Tensors,
+        causal: bool,
+        pad: Option<&Tensor>,
+        st: Option<&mut MixerState>,
+    ) -> Tensor {
+        assert!(causal);
+        let (q, k, b, la) = self.prep(x);
+        self.m
+            .forward(&q, &k, &x.v, &b, &la, pad, recurrent(st))
+            .unwrap()
+    }
+    fn step(&self, x: &Tensors, st: &mut MixerState) -> Tensor {
+        let (q, k, b, la) = self.prep(x);
+        self.m
+            .step(&q, &k, &x.v, &b, &la, recurrent(Some(st)).unwrap())
+            .unwrap()
+    }
+    fn naive(&self, x: &Nested, _causal: bool, key_ok: &dyn Fn(usize, usize) -> bool) -> Heads {
+        let (q, k, b, la) = self.prep_naive(x);
+        delta::naive(&q, &k, &x.v, &b, &la, key_ok, None).0
+    }
+    fn state(&self) -> MixerState {
+        MixerState::Recurrent(Default::default())
+    }
+    fn bytes(&self, b: usize, h_kv: usize, dqk: usize, dv: usize, elem: usize) -> usize {
+        b * h_kv * dqk * dv * elem
+    }
+    fn la_range(&self) -> (f64, f64) {
+        self.la_range
+    }
+}
+
+impl DeltaM {
+    fn m_name(&self) -> &'static str {
+        if self.m.gate.is_some() {
+            "gated-deltanet"
+        } else {
+            "deltanet"
+        }
+    }
+}
+
 /// Every mechanism, with the head layout (h, h_kv) it is tested in.
 fn zoo(h: usize, h_kv: usize, dtype: DType) -> Vec<Box<dyn Mixer>> {
     let mut z: Vec<Box<dyn Mixer>> = vec![];
@@ -385,6 +509,10 @@ fn zoo(h: usize, h_kv: usize, dtype: DType) -> Vec<Box<dyn Mixer>> {
     // strong decays: e^(Σ log α) spans ~1e-70 within a chunk; the chunked
     // form must neither overflow nor lose the recent terms
     z.push(Box::new(GlaM::new(h, h_kv, (-20.0, -0.5), dtype)));
+    z.push(Box::new(DeltaM::new(h, h_kv, false, (-1.0, 0.0), dtype)));
+    z.push(Box::new(DeltaM::new(h, h_kv, true, (-1.0, 0.0), dtype)));
+    // strong decays, as for GLA
+    z.push(Box::new(DeltaM::new(h, h_kv, true, (-20.0, -0.5), dtype)));
     z
 }
 
@@ -767,6 +895,35 @@ fn naive_layer(
                 .collect();
             gla::naive(&q, &k, &v, &heads(&la, h_kv), key_ok)
         }
+        Mechanism::Delta(m) => {
+            let feat = |v: &Vec<f64>| -> Vec<f64> {
+                let s: Vec<f64> = v.iter().map(|&a| a / (1.0 + (-a).exp())).collect();
+                let n = (s.iter().map(|a| a * a).sum::<f64>() + delta::L2_EPS).sqrt();
+                s.iter().map(|a| a / n).collect()
+            };
+            let map = |h: &Heads| -> Heads {
+                h.iter()
+                    .map(|b| b.iter().map(|hh| hh.iter().map(feat).collect()).collect())
+                    .collect()
+            };
+            // per kv head and position: [b][h_kv][t]
+            let per_head = |z: Vec<Vec<Vec<f64>>>, f: &dyn Fn(f64) -> f64| -> Vec<Vec<Vec<f64>>> {
+                z.iter()
+                    .map(|s| {
+                        (0..h_kv)
+                            .map(|kv| s.iter().map(|zt| f(zt[kv])).collect())
+                            .collect()
+                    })
+                    .collect()
+            };
+            let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
+            let beta = per_head(project(&m.beta, x), &sigmoid);
+            let la = match &m.gate {
+                Some((g, tau)) => per_head(project(g, x), &|z| sigmoid(z).ln() / tau),
+                None => per_head(project(&m.beta, x), &|_| 0.0),
+            };
+            delta::naive(&map(&q), &map(&k), &v, &beta, &la, key_ok, None).0
+        }
         Mechanism::Based(m) => {
             let qw = heads(&project(&m.q_win, &u), h);
             let kw = heads(&project(&m.k_win, &u), h_kv);
@@ -791,11 +948,13 @@ fn layer_forward_equals_naive_for_every_mechanism() {
         "decay:gamma=0.6,chunk=5",
         "gla:rank=3,chunk=4",
         "gla:rank=2,tau=3,chunk=3",
+        "deltanet:chunk=4",
+        "gated-deltanet:tau=3,chunk=5",
     ];
     let (b, t) = (2, 13);
     // built past the config's validation, a causal-only mechanism refuses
     // to run bidirectionally
-    for spec in ["decay", "gla"] {
+    for spec in ["decay", "gla", "deltanet", "gated-deltanet"] {
         let mech: MechanismConfig = spec.parse().unwrap();
         let cfg = tiny(Shape::Decoder);
         let store = ParamStore::new(1, DType::F32, Device::Cpu);
@@ -845,4 +1004,93 @@ fn layer_forward_equals_naive_for_every_mechanism() {
             }
         }
     }
+}
+
+/// As fla checks its delta-rule kernels: the final state of the chunked
+/// form against the recurrence's, from zero and continuing from a state,
+/// and a state that keeps an association: written once at key k, read
+/// back at k (the delta rule's fast-weight memory).
+#[test]
+fn delta_rule_final_states_match_the_recurrence() {
+    let (b, h, h_kv, t, d) = (2, 4, 2, 21, 8);
+    for gated in [false, true] {
+        let m = DeltaM::new(h, h_kv, gated, (-0.5, 0.0), DType::F64);
+        let (nested, tensors) = inputs(31, b, h, h_kv, t, d, d, (-0.5, 0.0), DType::F64);
+        let (q, k, beta, la) = m.prep_naive(&nested);
+        let (_, want) = delta::naive(&q, &k, &nested.v, &beta, &la, &|_, _| true, None);
+        // the first 9 tokens, then the other 12 from the state they left
+        let mut st = MixerState::Recurrent(Default::default());
+        m.forward(&tensors.narrow(0, 9), true, None, Some(&mut st));
+        let y2 = m.forward(&tensors.narrow(9, t - 9), true, None, Some(&mut st));
+        let MixerState::Recurrent(r) = &st else {
+            unreachable!()
+        };
+        let got = to4(&r.s.clone().unwrap());
+        for (bi, heads) in want.iter().enumerate() {
+            for (kv, s) in heads.iter().enumerate() {
+                for (row, w) in s.iter().enumerate() {
+                    for (c, w) in w.iter().enumerate() {
+                        let g = got[bi][kv][row][c];
+                        assert!(
+                            (g - w).abs() < 1e-10,
+                            "gated {gated}: S[{bi}][{kv}][{row}][{c}] {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+        let whole = delta::naive(&q, &k, &nested.v, &beta, &la, &|_, _| true, None).0;
+        let y2 = to4(&y2);
+        for bi in 0..b {
+            for hi in 0..h {
+                for i in 0..t - 9 {
+                    for c in 0..d {
+                        assert!((y2[bi][hi][i][c] - whole[bi][hi][i + 9][c]).abs() < 1e-9);
+                    }
+                }
+            }
+        }
+    }
+    // one association, β = 1: S = k vᵀ, read at k gives v (‖k‖ = 1)
+    let k = vec![vec![vec![vec![0.6, 0.8]]]];
+    let v = vec![vec![vec![vec![3.0, -1.0, 2.0]]]];
+    let (_, s) = delta::naive(
+        &k,
+        &k,
+        &v,
+        &[vec![vec![1.0]]],
+        &[vec![vec![0.0]]],
+        &|_, _| true,
+        None,
+    );
+    let read: Vec<f64> = (0..3)
+        .map(|c| 0.6 * s[0][0][0][c] + 0.8 * s[0][0][1][c])
+        .collect();
+    assert!(
+        read.iter()
+            .zip(&v[0][0][0])
+            .all(|(a, b)| (a - b).abs() < 1e-12),
+        "{read:?}"
+    );
+    // writing a new value at the same key replaces the old one
+    let k2 = vec![vec![vec![vec![0.6, 0.8], vec![0.6, 0.8]]]];
+    let v2 = vec![vec![vec![vec![3.0, -1.0, 2.0], vec![5.0, 0.0, 1.0]]]];
+    let (_, s) = delta::naive(
+        &k2,
+        &k2,
+        &v2,
+        &[vec![vec![1.0, 1.0]]],
+        &[vec![vec![0.0, 0.0]]],
+        &|_, _| true,
+        None,
+    );
+    let read: Vec<f64> = (0..3)
+        .map(|c| 0.6 * s[0][0][0][c] + 0.8 * s[0][0][1][c])
+        .collect();
+    assert!(
+        read.iter()
+            .zip(&[5.0, 0.0, 1.0])
+            .all(|(a, b)| (a - b).abs() < 1e-12),
+        "{read:?}"
+    );
 }

@@ -18,6 +18,7 @@
 //! | BASED | `based.rs` | conv inputs + linear state + window ring |
 //! | decayed linear (RetNet) | `decay.rs` | S = Σ γ^(i-j) k vᵀ |
 //! | gated linear (GLA) | `gla.rs` | S = Σ diag(Π α) k vᵀ |
+//! | delta rule (DeltaNet, Gated DeltaNet) | `delta.rs` | S ← α (I − β k kᵀ) S + β k vᵀ |
 //!
 //! Grouped key/value heads work for every mechanism: the state is kept per
 //! kv head, and the g = n_heads / n_kv_heads query heads of a group read it.
@@ -29,6 +30,7 @@
 
 pub mod based;
 pub mod decay;
+pub mod delta;
 pub mod gla;
 pub mod linear;
 pub mod softmax;
@@ -58,6 +60,7 @@ pub enum Mechanism {
     Based(based::Based),
     Decay(decay::DecayAttention),
     Gla(gla::Gla),
+    Delta(delta::DeltaRule),
 }
 
 impl Mechanism {
@@ -79,6 +82,7 @@ impl Mechanism {
                 Mechanism::Decay(decay::DecayAttention::new(c, cfg.kv_heads())?)
             }
             MechanismConfig::Gla(c) => Mechanism::Gla(gla::Gla::new(vb, c, cfg)?),
+            MechanismConfig::Delta(c) => Mechanism::Delta(delta::DeltaRule::new(vb, c, cfg)?),
         })
     }
 
@@ -90,6 +94,8 @@ impl Mechanism {
             Mechanism::Based(_) => "based",
             Mechanism::Decay(_) => "decay",
             Mechanism::Gla(_) => "gla",
+            Mechanism::Delta(m) if m.gate.is_some() => "gated-deltanet",
+            Mechanism::Delta(_) => "deltanet",
         }
     }
 }
@@ -271,9 +277,10 @@ impl Attention {
                 self.head_dim,
                 m.window,
             )?]),
-            Mechanism::Linear(_) | Mechanism::Decay(_) | Mechanism::Gla(_) => {
-                MixerState::Recurrent(linear::RecurrentState::default())
-            }
+            Mechanism::Linear(_)
+            | Mechanism::Decay(_)
+            | Mechanism::Gla(_)
+            | Mechanism::Delta(_) => MixerState::Recurrent(linear::RecurrentState::default()),
             Mechanism::Based(_) => MixerState::Based(based::BasedState::default()),
         })
     }
@@ -327,7 +334,12 @@ impl Attention {
         b: &E::Batch,
         state: Option<&mut MixerState>,
     ) -> Result<E::X> {
-        if !self.causal && matches!(self.mechanism, Mechanism::Decay(_) | Mechanism::Gla(_)) {
+        if !self.causal
+            && matches!(
+                self.mechanism,
+                Mechanism::Decay(_) | Mechanism::Gla(_) | Mechanism::Delta(_)
+            )
+        {
             return Err(Error::msg(format!(
                 "`{}` attention is causal only; it cannot run bidirectionally",
                 self.mechanism.name()
@@ -421,6 +433,19 @@ impl Attention {
                 match st {
                     Some(s) if decode => m.step(&q, &k, &v, &log_alpha, s)?,
                     st => m.forward(&q, &k, &v, &log_alpha, key_padding, st)?,
+                }
+            }
+            Mechanism::Delta(m) => {
+                let st = self.recurrent(state)?;
+                let (q, k, v) = self.qkv(x, offset)?;
+                let (q, k) = (
+                    delta::DeltaRule::features(&q)?,
+                    delta::DeltaRule::features(&k)?,
+                );
+                let (beta, log_alpha) = m.beta_alpha(x)?;
+                match st {
+                    Some(s) if decode => m.step(&q, &k, &v, &beta, &log_alpha, s)?,
+                    st => m.forward(&q, &k, &v, &beta, &log_alpha, key_padding, st)?,
                 }
             }
             Mechanism::Based(m) => {

@@ -286,6 +286,12 @@ pub fn mechanism_variants(shape: Shape) -> Vec<ModelConfig> {
         ("decay:gamma=0.8,chunk=3", PositionKind::None, Some(2)),
         ("gla:rank=4,chunk=4", PositionKind::Rope, None),
         ("gla:rank=2,tau=4,chunk=5", PositionKind::Learned, Some(1)),
+        ("deltanet:chunk=4", PositionKind::Rope, None),
+        (
+            "gated-deltanet:tau=4,chunk=5",
+            PositionKind::Learned,
+            Some(1),
+        ),
     ];
     let mut out = vec![];
     for (spec, position, kv) in specs {

@@ -88,8 +88,13 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
         shards: crate::train_cmd::threads(),
     };
     for m in &mechanisms {
-        m.parse::<attend::config::MechanismConfig>()
-            .map_err(|e| anyhow::anyhow!("--mechanisms: `{m}`: {e}"))?;
+        if attend::config::stack_preset(m, 1)
+            .map_err(|e| anyhow::anyhow!("--mechanisms: {e}"))?
+            .is_none()
+        {
+            m.parse::<attend::config::MechanismConfig>()
+                .map_err(|e| anyhow::anyhow!("--mechanisms: `{m}`: {e}"))?;
+        }
     }
     if setup.n_eval == 0 {
         bail!("--n-eval must be at least 1: each model is scored on held-out sequences");

@@ -23,8 +23,22 @@ pub fn threads() -> usize {
     THREADS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-fn parse_mechanism(s: &str) -> std::result::Result<MechanismConfig, String> {
-    s.parse().map_err(|e: attend::Error| e.to_string())
+/// `--mechanism`: one mechanism for every layer, or a stack preset.
+#[derive(Clone, Debug)]
+enum MechanismArg {
+    One(MechanismConfig),
+    /// `based-stack[:…]`, expanded once the number of layers is known.
+    Stack(String),
+}
+
+fn parse_mechanism(s: &str) -> std::result::Result<MechanismArg, String> {
+    match attend::config::stack_preset(s, 1).map_err(|e| e.to_string())? {
+        Some(_) => Ok(MechanismArg::Stack(s.to_string())),
+        None => s
+            .parse()
+            .map(MechanismArg::One)
+            .map_err(|e: attend::Error| e.to_string()),
+    }
 }
 
 /// Parse a flag value with the same names the JSON config uses.
@@ -150,9 +164,13 @@ pub struct TrainArgs {
     context: Option<usize>,
     /// Token mixer of every self-attention layer: softmax | window:w=64 |
     /// linear:map=elu|relu|taylor|performer,dim=16[,m=64] | based:dim=16,w=64,conv=3 |
-    /// decay[:gamma=0.9] | gla[:rank=16,tau=16] (each takes chunk=N too).
+    /// decay[:gamma=0.9] | gla[:rank=16,tau=16] | deltanet |
+    /// gated-deltanet[:tau=16] (each takes chunk=N too); or the stack
+    /// preset based-stack[:dim=16,w=64,conv=3,every=2]: BASED as the paper
+    /// builds it, short-conv + Taylor linear-attention layers with a
+    /// sliding-window layer every `every`-th.
     #[arg(long, value_name = "SPEC", value_parser = parse_mechanism, help_heading = "Model")]
-    mechanism: Option<MechanismConfig>,
+    mechanism: Option<MechanismArg>,
     /// One mechanism per self-attention layer, encoder layers first:
     /// e.g. "softmax,based:dim=16,w=16,based" (settings after a comma belong to
     /// the mechanism before them; `;` also separates layers).
@@ -234,7 +252,17 @@ fn resolve(a: &TrainArgs) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
     set!(m.norm_position, a.norm_position);
     set!(m.dropout, a.dropout);
     set!(m.max_len, a.context);
-    set!(m.mechanism, a.mechanism.clone());
+    match &a.mechanism {
+        Some(MechanismArg::One(c)) => m.mechanism = c.clone(),
+        Some(MechanismArg::Stack(spec)) => {
+            let layers = m.n_encoder_layers * usize::from(m.has_encoder())
+                + m.n_decoder_layers * usize::from(m.has_decoder());
+            m.layer_mechanisms = attend::config::stack_preset(spec, layers)
+                .map_err(|e| anyhow::anyhow!("--mechanism: {e}"))?
+                .unwrap_or_default();
+        }
+        None => {}
+    }
     if let Some(specs) = &a.layer_mechanisms {
         m.layer_mechanisms = MechanismConfig::parse_list(specs)
             .map_err(|e| anyhow::anyhow!("--layer-mechanisms: {e}"))?;

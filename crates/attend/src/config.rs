@@ -351,8 +351,8 @@ impl MechanismConfig {
                 at_least_1("chunk", c.chunk)?;
             }
             Self::Based(c) => {
+                // window 0: no window branch (the BASED stack's linear layers)
                 at_least_1("feature_dim", c.feature_dim)?;
-                at_least_1("window", c.window)?;
                 at_least_1("conv", c.conv)?;
                 at_least_1("chunk", c.chunk)?;
             }
@@ -412,6 +412,59 @@ impl MechanismConfig {
         }
         specs.iter().map(|s| s.parse()).collect()
     }
+}
+
+/// BASED as the paper builds it (Arora et al. 2024): linear-attention
+/// layers — a short causal convolution, then Taylor linear attention of
+/// feature dimension `dim` — and sliding-window softmax layers of `w`
+/// tokens, interleaved in one stack: every `every`-th layer a window.
+/// `based-stack[:dim=16,w=64,conv=3,every=2,chunk=64]` -> one mechanism per
+/// layer of a stack of `layers`; `None` for any other spec.
+pub fn stack_preset(spec: &str, layers: usize) -> Result<Option<Vec<MechanismConfig>>> {
+    let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
+    if name.trim() != "based-stack" {
+        return Ok(None);
+    }
+    let bad = |m: String| Error::config("mechanism", format!("`{spec}`: {m}"));
+    let (mut dim, mut w, mut conv, mut every, mut chunk) = (16usize, 64usize, 3usize, 2usize, None);
+    for kv in rest.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| bad(format!("`{kv}`: expected key=value")))?;
+        let n: usize = v
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("{k}: `{v}` is not a whole number")))?;
+        match k.trim() {
+            "dim" => dim = n,
+            "w" | "window" => w = n,
+            "conv" => conv = n,
+            "every" => every = n,
+            "chunk" => chunk = Some(n),
+            other => {
+                return Err(bad(format!(
+                    "unknown setting `{other}` (dim, w, conv, every, chunk)"
+                )))
+            }
+        }
+    }
+    if w == 0 || every == 0 {
+        return Err(bad("w and every must be at least 1".into()));
+    }
+    let chunk = chunk.map_or(String::new(), |c| format!(",chunk={c}"));
+    let linear: MechanismConfig = format!("based:dim={dim},w=0,conv={conv}{chunk}").parse()?;
+    let window: MechanismConfig = format!("window:w={w}").parse()?;
+    Ok(Some(
+        (0..layers)
+            .map(|i| {
+                if (i + 1) % every == 0 {
+                    window.clone()
+                } else {
+                    linear.clone()
+                }
+            })
+            .collect(),
+    ))
 }
 
 /// `name[:key=value,...]`, the command-line spec of a mechanism:
@@ -1009,7 +1062,11 @@ impl ModelConfig {
                 }
                 MechanismConfig::Based(c) => {
                     let conv = d.checked_mul(c.conv.checked_add(1)?)?;
-                    let window_qk = d.checked_mul(heads)?.checked_mul(hd.checked_add(1)?)?;
+                    let window_qk = if c.window == 0 {
+                        0
+                    } else {
+                        d.checked_mul(heads)?.checked_mul(hd.checked_add(1)?)?
+                    };
                     qk(c.feature_dim)?
                         .checked_add(conv)?
                         .checked_add(window_qk)?
@@ -1318,8 +1375,10 @@ mod tests {
         );
         let e = err("based:dim=0");
         assert!(e.contains("`feature_dim`"), "{e}");
-        let e = err("based:w=0");
-        assert!(e.contains("`window`"), "{e}");
+        let e = err("based:conv=0");
+        assert!(e.contains("`conv`"), "{e}");
+        // w=0 is BASED without its window branch (the stack's linear layers)
+        assert!("based:w=0".parse::<MechanismConfig>().is_ok());
         for g in ["1.5", "1", "0", "-0.1", "nan"] {
             let e = err(&format!("decay:gamma={g}"));
             assert!(e.contains("`decay`") && e.contains("(0, 1)"), "{e}");
@@ -1449,5 +1508,50 @@ mod tests {
             e.contains("`window`") && e.contains("decoder layer 1"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_based_stack_interleaves_linear_and_window_layers() {
+        let m = |s: &str| s.parse::<MechanismConfig>().unwrap();
+        assert_eq!(stack_preset("gla", 4).unwrap(), None);
+        let lin = m("based:dim=16,w=0,conv=3");
+        assert_eq!(
+            stack_preset("based-stack", 4).unwrap().unwrap(),
+            vec![lin.clone(), m("window:w=64"), lin.clone(), m("window:w=64")]
+        );
+        let lin = m("based:dim=8,w=0,conv=2,chunk=16");
+        assert_eq!(
+            stack_preset("based-stack:dim=8,w=32,conv=2,every=3,chunk=16", 6)
+                .unwrap()
+                .unwrap(),
+            vec![
+                lin.clone(),
+                lin.clone(),
+                m("window:w=32"),
+                lin.clone(),
+                lin,
+                m("window:w=32")
+            ]
+        );
+        for (spec, want) in [
+            ("based-stack:every=0", "at least 1"),
+            ("based-stack:w=0", "at least 1"),
+            ("based-stack:dim=x", "`x` is not a whole number"),
+            ("based-stack:depth=2", "unknown setting `depth`"),
+            ("based-stack:dim=0", "feature_dim"),
+        ] {
+            let e = stack_preset(spec, 4).unwrap_err().to_string();
+            assert!(e.contains(want), "{spec}: {e}");
+        }
+        // a BASED layer without its window has no window parameters
+        let cfg = ModelConfig {
+            mechanism: m("based:dim=4,w=0"),
+            ..ModelConfig::default()
+        };
+        let with = ModelConfig {
+            mechanism: m("based:dim=4,w=8"),
+            ..ModelConfig::default()
+        };
+        assert!(cfg.mechanism_params().unwrap() < with.mechanism_params().unwrap());
     }
 }

@@ -81,6 +81,7 @@ fn mechanism_gradients_match_finite_differences() {
         mech("gated-deltanet:tau=2,chunk=2", PositionKind::Learned),
         mech("window:w=2", PositionKind::Rope),
         mech("based:dim=2,w=2,conv=3,chunk=3", PositionKind::Rope),
+        mech("based:dim=2,w=0,conv=3,chunk=3", PositionKind::Rope),
         attend::ModelConfig {
             layer_mechanisms: attend::config::MechanismConfig::parse_list(
                 "linear:map=taylor,dim=2,chunk=2,based:dim=2,w=2,chunk=2,gla:rank=2,chunk=3,window:w=2",

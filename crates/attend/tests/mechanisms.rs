@@ -924,11 +924,14 @@ fn naive_layer(
             };
             delta::naive(&map(&q), &map(&k), &v, &beta, &la, key_ok, None).0
         }
-        Mechanism::Based(m) => {
-            let qw = heads(&project(&m.q_win, &u), h);
-            let kw = heads(&project(&m.k_win, &u), h_kv);
-            based::naive(&q, &k, &qw, &kw, &v, m.window.window, causal, key_ok)
-        }
+        Mechanism::Based(m) => match &m.window {
+            Some(w) => {
+                let qw = heads(&project(&w.q_win, &u), h);
+                let kw = heads(&project(&w.k_win, &u), h_kv);
+                based::naive(&q, &k, &qw, &kw, &v, w.attn.window, causal, key_ok)
+            }
+            None => based::naive(&q, &k, &q, &k, &v, 0, causal, key_ok),
+        },
     };
     project(&a.o_proj, &merge(&y))
 }
@@ -944,6 +947,7 @@ fn layer_forward_equals_naive_for_every_mechanism() {
         "linear:map=performer,dim=4,m=10,chunk=4",
         "based:dim=3,w=3,conv=3,chunk=4",
         "based:dim=2,w=5,conv=1,chunk=4",
+        "based:dim=3,w=0,conv=3,chunk=4",
         "decay:chunk=4",
         "decay:gamma=0.6,chunk=5",
         "gla:rank=3,chunk=4",

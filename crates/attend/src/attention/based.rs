@@ -10,7 +10,11 @@
 //!   q_w, k_w = W_qw u, W_kw u                head_dim per head, RoPE
 //!   y = LinearAttn_taylor(q, k, v) + WindowAttn_w(q_w, k_w, v)
 //!
-//! summed per head before W_o. The convolution gives every position a view of
+//! summed per head before W_o. With w = 0 the layer has no window branch
+//! (no W_qw, W_kw, no ring): a short convolution before Taylor linear
+//! attention — the paper's linear-attention layers, which a stack
+//! interleaves with `window` layers (the BASED stack of the README). The
+//! convolution gives every position a view of
 //! the K - 1 inputs before it (the token-shift that recall needs, as in H3
 //! and BaseConv); the linear branch is global and fixed-size; the window
 //! branch is exact softmax over the last w tokens. In an encoder the linear
@@ -168,8 +172,15 @@ pub struct Based {
     pub conv: ShortConv,
     /// Taylor linear attention over the layer's q, k (width d').
     pub linear: LinearAttention,
-    pub window: WindowAttention,
-    /// The window branch's own query and key projections (head_dim wide).
+    /// The window branch (w > 0).
+    pub window: Option<WindowBranch>,
+}
+
+/// BASED's sliding-window branch: the window and its own query and key
+/// projections (head_dim wide).
+#[derive(Clone, Debug)]
+pub struct WindowBranch {
+    pub attn: WindowAttention,
     pub q_win: Linear,
     pub k_win: Linear,
 }
@@ -188,22 +199,29 @@ impl Based {
             chunk: cfg.chunk,
             ..LinearConfig::default()
         };
+        let window = if cfg.window == 0 {
+            None
+        } else {
+            Some(WindowBranch {
+                // at most the context (a wider window sees the same keys)
+                attn: WindowAttention::new(&crate::config::WindowConfig {
+                    window: cfg.window.min(model.max_len),
+                })?,
+                q_win: Linear::new(&vb.pp("q_win"), d, h * hd, model.bias)?,
+                k_win: Linear::new(&vb.pp("k_win"), d, h_kv * hd, model.bias)?,
+            })
+        };
         Ok(Self {
             conv: ShortConv::new(&vb.pp("conv"), d, cfg.conv)?,
             linear: LinearAttention::new(vb, &linear)?,
-            // at most the context (a wider window sees the same keys)
-            window: WindowAttention::new(&crate::config::WindowConfig {
-                window: cfg.window.min(model.max_len),
-            })?,
-            q_win: Linear::new(&vb.pp("q_win"), d, h * hd, model.bias)?,
-            k_win: Linear::new(&vb.pp("k_win"), d, h_kv * hd, model.bias)?,
+            window,
         })
     }
 
     /// u (b, t, d) at positions offset.. -> the window branch's q_w
     /// (b, h, t, head_dim), k_w (b, h_kv, t, head_dim), RoPE applied.
     pub fn window_qk(
-        &self,
+        w: &WindowBranch,
         attn: &Attention,
         u: &Tensor,
         offset: usize,
@@ -214,8 +232,8 @@ impl Based {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let mut q = split(self.q_win.forward(u)?, attn.n_heads)?;
-        let mut k = split(self.k_win.forward(u)?, attn.n_kv_heads)?;
+        let mut q = split(w.q_win.forward(u)?, attn.n_heads)?;
+        let mut k = split(w.k_win.forward(u)?, attn.n_kv_heads)?;
         if let Some(rope) = attn.rope() {
             q = rope.apply(&q, offset)?;
             k = rope.apply(&k, offset)?;
@@ -241,16 +259,17 @@ impl Based {
         };
         let u = self.conv.forward(x, key_padding, conv_st)?;
         let (q, k, v) = attn.qkv(&u, offset)?;
-        let (qw, kw) = self.window_qk(attn, &u, offset)?;
-        let (lin, win) = match (lin_st, win_st) {
-            (Some(ls), Some(ws)) if t == 1 => (
-                self.linear.step(&q, &k, &v, ls)?,
-                self.window.step(&qw, &kw, &v, ws)?,
-            ),
-            (ls, ws) => (
-                self.linear.forward(&q, &k, &v, causal, key_padding, ls)?,
-                self.window.forward(&qw, &kw, &v, causal, key_padding, ws)?,
-            ),
+        let lin = match lin_st {
+            Some(ls) if t == 1 => self.linear.step(&q, &k, &v, ls)?,
+            ls => self.linear.forward(&q, &k, &v, causal, key_padding, ls)?,
+        };
+        let Some(w) = &self.window else {
+            return Ok(lin);
+        };
+        let (qw, kw) = Self::window_qk(w, attn, &u, offset)?;
+        let win = match win_st {
+            Some(ws) if t == 1 => w.attn.step(&qw, &kw, &v, ws)?,
+            ws => w.attn.forward(&qw, &kw, &v, causal, key_padding, ws)?,
         };
         Ok((lin + win)?)
     }
@@ -271,6 +290,9 @@ pub fn naive(
 ) -> Heads {
     let phi = |x: &[f64]| super::linear::phi_naive(FeatureMap::Taylor, x, None);
     let lin = super::linear::naive(q, k, v, &phi, causal, key_ok);
+    if window == 0 {
+        return lin;
+    }
     let win = super::window::naive(qw, kw, v, window, causal, key_ok);
     lin.iter()
         .zip(&win)

@@ -55,17 +55,25 @@ pub fn run_point(
     s: &FrontierSetup,
     mut on_step: impl FnMut(u64),
 ) -> Result<FrontierResult> {
-    let mechanism: MechanismConfig = p
-        .mechanism
-        .parse()
-        .map_err(|e| Error::msg(format!("mechanism `{}`: {e}", p.mechanism)))?;
     let (base_model, _, base_train) = preset("mqar")?;
+    // one mechanism for every layer, or a stack preset (`based-stack`)
+    let layers = base_model.n_decoder_layers;
+    let (mechanism, layer_mechanisms) = match crate::config::stack_preset(&p.mechanism, layers)? {
+        Some(list) => (MechanismConfig::default(), list),
+        None => (
+            p.mechanism
+                .parse()
+                .map_err(|e| Error::msg(format!("mechanism `{}`: {e}", p.mechanism)))?,
+            vec![],
+        ),
+    };
     let model_cfg = ModelConfig {
         d_model: p.d_model,
         d_ff: 4 * p.d_model,
         vocab_size: s.vocab,
         max_len: s.seq_len,
         mechanism,
+        layer_mechanisms,
         ..base_model
     };
     let task_cfg = TaskConfig::Mqar(MqarConfig {

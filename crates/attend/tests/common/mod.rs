@@ -282,6 +282,11 @@ pub fn mechanism_variants(shape: Shape) -> Vec<ModelConfig> {
             PositionKind::Learned,
             Some(2),
         ),
+        (
+            "based:dim=4,w=0,conv=3,chunk=4",
+            PositionKind::Rope,
+            Some(2),
+        ),
         ("decay:chunk=4", PositionKind::Rope, None),
         ("decay:gamma=0.8,chunk=3", PositionKind::None, Some(2)),
         ("gla:rank=4,chunk=4", PositionKind::Rope, None),

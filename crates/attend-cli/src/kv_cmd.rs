@@ -158,7 +158,19 @@ fn spec_at(policy: &str, budget: usize) -> Result<String> {
     })
 }
 
-fn default_model() -> PathBuf {
+/// `file`, or the public-domain corpus beside the repository
+/// (../shared/data/tinyshakespeare.txt) -> (its path, its text).
+pub fn read_corpus(file: Option<&PathBuf>) -> Result<(PathBuf, String)> {
+    let file = file
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from("../shared/data/tinyshakespeare.txt"));
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("{}: cannot read", file.display()))?;
+    Ok((file, text))
+}
+
+/// SmolLM2 from scripts/fetch-models (`$ATTEND_MODELS` or target/models).
+pub fn default_model() -> PathBuf {
     let dir = std::env::var_os("ATTEND_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/models"));
@@ -185,12 +197,7 @@ pub fn kv_sweep_cmd(mut a: KvSweepArgs) -> Result<()> {
     let model = a.model.clone().unwrap_or_else(default_model);
     let mut l = load_model(&model, &WeightArgs::default())?;
     l.model.kv_dtype = a.kv_dtype;
-    let file = a
-        .file
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("../shared/data/tinyshakespeare.txt"));
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let (file, text) = read_corpus(a.file.as_ref())?;
     let mut ids = l.gguf.tokenizer.encode(&text, false)?;
     if ids.len() < a.tokens {
         bail!(

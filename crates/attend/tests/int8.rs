@@ -52,6 +52,18 @@ fn reference(w: &Int8Matrix, w16: &[f32], x: &[f32], n: usize, tau: Option<f32>)
     y
 }
 
+/// x (n, k) · w (m, k)ᵀ in f64.
+fn exact_product(x: &[f32], w: &[f32], n: usize, m: usize, k: usize) -> Vec<f64> {
+    (0..n * m)
+        .map(|i| {
+            let (a, r) = (i / m, i % m);
+            (0..k)
+                .map(|j| x[a * k + j] as f64 * w[r * k + j] as f64)
+                .sum()
+        })
+        .collect()
+}
+
 fn run(w: &Int8Matrix, x: &[f32], n: usize) -> Vec<f32> {
     let mut out = vec![0f32; n * w.rows];
     matmul_int8(x, n, w.cols, &mut [(w, &mut out)]);
@@ -98,14 +110,7 @@ fn int8_products_match_an_f64_reference() {
         let s = llm.stats(true);
         assert_eq!((s.products, s.outlier_cols, s.with_outliers), (1, 2, 1));
         // and int8 is close to the float product, the outliers closer
-        let exact: Vec<f64> = (0..n * m)
-            .map(|i| {
-                let (a, r) = (i / m, i % m);
-                (0..k)
-                    .map(|j| x[a * k + j] as f64 * w[r * k + j] as f64)
-                    .sum()
-            })
-            .collect();
+        let exact = exact_product(&x, &w, n, m, k);
         let err = |y: &[f32]| {
             y.iter()
                 .zip(&exact)
@@ -130,14 +135,7 @@ fn llm_int8_reduces_to_plain_int8_and_to_the_float_product() {
     assert_eq!(run(&high, &x, n), run(&plain, &x, n));
     // threshold 0: every column an outlier, the float product
     let zero = Int8Matrix::quantize(&w, m, k, Some(0.0)).unwrap();
-    let exact: Vec<f64> = (0..n * m)
-        .map(|i| {
-            let (a, r) = (i / m, i % m);
-            (0..k)
-                .map(|j| x[a * k + j] as f64 * w[r * k + j] as f64)
-                .sum()
-        })
-        .collect();
+    let exact = exact_product(&x, &w, n, m, k);
     close(&run(&zero, &x, n), &exact, 1e-6);
     // bytes: 1 per weight and the scales; the 16-bit copy adds 2
     assert!(plain.bytes() < m * k * 5 / 4);

@@ -184,17 +184,9 @@ impl Int8Matrix {
 
     /// x (n, cols) → x Wᵀ (n, rows), as candle tensors (the graph path).
     pub fn matmul(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-        let (n, k) = x.dims2()?;
-        if k != self.cols {
-            candle_core::bail!("matmul: input has {k} columns, the weight {}", self.cols);
-        }
-        let xs: Vec<f32> = x
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let mut out = vec![0f32; n * self.rows];
-        matmul_int8(&xs, n, k, &mut [(self, &mut out)]);
-        candle_core::Tensor::from_vec(out, (n, self.rows), x.device())
+        super::tensor_product(x, self.rows, self.cols, |xs, n, out| {
+            matmul_int8(xs, n, self.cols, &mut [(self, out)])
+        })
     }
 }
 

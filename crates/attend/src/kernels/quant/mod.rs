@@ -273,18 +273,31 @@ impl QMatrix {
 
     /// x (n, cols) → x Wᵀ (n, rows), as candle tensors (the graph path).
     pub fn matmul(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-        let (n, k) = x.dims2()?;
-        if k != self.cols {
-            candle_core::bail!("matmul: input has {k} columns, the weight {}", self.cols);
-        }
-        let xs: Vec<f32> = x
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let mut out = vec![0f32; n * self.rows];
-        matmul_many(&Activations::new(&xs, n, k), &mut [(self, &mut out)]);
-        candle_core::Tensor::from_vec(out, (n, self.rows), x.device())
+        tensor_product(x, self.rows, self.cols, |xs, n, out| {
+            matmul_many(&Activations::new(xs, n, self.cols), &mut [(self, out)])
+        })
     }
+}
+
+/// x (n, cols) → (n, rows) through `f(x rows, n, out)`, as candle tensors:
+/// the graph executor's path to a buffer kernel.
+pub(crate) fn tensor_product(
+    x: &candle_core::Tensor,
+    rows: usize,
+    cols: usize,
+    f: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> candle_core::Result<candle_core::Tensor> {
+    let (n, k) = x.dims2()?;
+    if k != cols {
+        candle_core::bail!("matmul: input has {k} columns, the weight {cols}");
+    }
+    let xs: Vec<f32> = x
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let mut out = vec![0f32; n * rows];
+    f(&xs, n, &mut out);
+    candle_core::Tensor::from_vec(out, (n, rows), x.device())
 }
 
 /// Activation rows, quantized to 8 bits per block of 32 for the integer

@@ -216,6 +216,21 @@ impl Default for DeltaConfig {
     }
 }
 
+/// Mamba2's selective state space in its SSD form (`attention/mamba2.rs`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Mamba2Config {
+    /// Kernel of the short causal convolution.
+    pub conv: usize,
+    pub chunk: usize,
+}
+
+impl Default for Mamba2Config {
+    fn default() -> Self {
+        Self { conv: 4, chunk: 16 }
+    }
+}
+
 /// The token-mixing mechanism of a self-attention layer, with its settings.
 ///
 /// In JSON: `"softmax"`, a spec string as on the command line
@@ -233,6 +248,7 @@ pub enum MechanismConfig {
     Decay(DecayConfig),
     Gla(GlaConfig),
     Delta(DeltaConfig),
+    Mamba2(Mamba2Config),
 }
 
 /// The name the first releases used; kept so older code still compiles.
@@ -249,6 +265,7 @@ enum TaggedMechanism {
     Decay(DecayConfig),
     Gla(GlaConfig),
     Delta(DeltaConfig),
+    Mamba2(Mamba2Config),
 }
 
 impl From<TaggedMechanism> for MechanismConfig {
@@ -261,6 +278,7 @@ impl From<TaggedMechanism> for MechanismConfig {
             TaggedMechanism::Decay(c) => Self::Decay(c),
             TaggedMechanism::Gla(c) => Self::Gla(c),
             TaggedMechanism::Delta(c) => Self::Delta(c),
+            TaggedMechanism::Mamba2(c) => Self::Mamba2(c),
         }
     }
 }
@@ -294,7 +312,7 @@ impl<'de> Deserialize<'de> for MechanismConfig {
 }
 
 impl MechanismConfig {
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 9] = [
         "softmax",
         "window",
         "linear",
@@ -303,6 +321,7 @@ impl MechanismConfig {
         "gla",
         "deltanet",
         "gated-deltanet",
+        "mamba2",
     ];
 
     pub fn name(&self) -> &'static str {
@@ -315,13 +334,17 @@ impl MechanismConfig {
             Self::Gla(_) => "gla",
             Self::Delta(c) if c.gated => "gated-deltanet",
             Self::Delta(_) => "deltanet",
+            Self::Mamba2(_) => "mamba2",
         }
     }
 
     /// Decay, GLA and the delta rule are defined causally only (decoder
     /// layers).
     pub fn supports_bidirectional(&self) -> bool {
-        !matches!(self, Self::Decay(_) | Self::Gla(_) | Self::Delta(_))
+        !matches!(
+            self,
+            Self::Decay(_) | Self::Gla(_) | Self::Delta(_) | Self::Mamba2(_)
+        )
     }
 
     /// The width of q and k per head when it differs from the head dimension.
@@ -365,6 +388,10 @@ impl MechanismConfig {
                         ));
                     }
                 }
+                at_least_1("chunk", c.chunk)?;
+            }
+            Self::Mamba2(c) => {
+                at_least_1("conv", c.conv)?;
                 at_least_1("chunk", c.chunk)?;
             }
             Self::Delta(c) => {
@@ -601,6 +628,17 @@ impl std::str::FromStr for MechanismConfig {
                 }
                 Self::Delta(c)
             }
+            "mamba2" => {
+                let mut c = Mamba2Config::default();
+                for (k, v) in &settings {
+                    match k.as_str() {
+                        "conv" => c.conv = num("conv", v)?,
+                        "chunk" => c.chunk = num("chunk", v)?,
+                        _ => return Err(unknown(k, &["conv", "chunk"])),
+                    }
+                }
+                Self::Mamba2(c)
+            }
             _ => {
                 return Err(Error::config(
                     "mechanism",
@@ -648,6 +686,7 @@ impl fmt::Display for MechanismConfig {
                 write!(f, "gated-deltanet:tau={},chunk={}", c.tau, c.chunk)
             }
             Self::Delta(c) => write!(f, "deltanet:chunk={}", c.chunk),
+            Self::Mamba2(c) => write!(f, "mamba2:conv={},chunk={}", c.conv, c.chunk),
         }
     }
 }
@@ -1070,6 +1109,15 @@ impl ModelConfig {
                     qk(c.feature_dim)?
                         .checked_add(conv)?
                         .checked_add(window_qk)?
+                }
+                MechanismConfig::Mamba2(c) => {
+                    // conv (K taps + bias), w_Δ + bias, A_log, D, W_z
+                    let conv = d.checked_mul(c.conv.checked_add(1)?)?;
+                    let dt = d.checked_add(2)?.checked_mul(kvh)?;
+                    let z = d.checked_mul(self.n_heads)?.checked_mul(hd)?;
+                    conv.checked_add(dt)?
+                        .checked_add(self.n_heads)?
+                        .checked_add(z)?
                 }
                 MechanismConfig::Delta(c) => {
                     // w_β (and w_α) with their biases

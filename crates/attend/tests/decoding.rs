@@ -269,6 +269,7 @@ fn closed_form_bytes(cfg: &attend::ModelConfig, b: usize, n: usize) -> usize {
                         + 2 * b * kv * c.window * hd
                 }
                 M::Decay(_) | M::Gla(_) | M::Delta(_) => b * kv * hd * hd,
+                M::Mamba2(c) => b * (c.conv - 1) * cfg.d_model + b * kv * hd * hd,
             }
         })
         .sum()

@@ -79,6 +79,7 @@ fn mechanism_gradients_match_finite_differences() {
         mech("decay:chunk=3", PositionKind::Rope),
         mech("deltanet:chunk=3", PositionKind::Rope),
         mech("gated-deltanet:tau=2,chunk=2", PositionKind::Learned),
+        mech("mamba2:conv=3,chunk=3", PositionKind::None),
         mech("window:w=2", PositionKind::Rope),
         mech("based:dim=2,w=2,conv=3,chunk=3", PositionKind::Rope),
         mech("based:dim=2,w=0,conv=3,chunk=3", PositionKind::Rope),

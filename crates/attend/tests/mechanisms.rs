@@ -10,6 +10,7 @@ use attend::attention::decay::{retnet_gammas, DecayAttention};
 use attend::attention::delta::{self, DeltaRule};
 use attend::attention::gla::{self, Gla};
 use attend::attention::linear::{self, LinearAttention};
+use attend::attention::mamba2::{self, Mamba2};
 use attend::attention::window::{self, WindowAttention};
 use attend::attention::{decay, Heads, MixerState};
 use attend::config::*;
@@ -469,6 +470,83 @@ impl DeltaM {
     }
 }
 
+/// Mamba2's SSD, Δ = e^(channel 1 of the log-decay tensor) and log a its
+/// channel 0 (the skip, gate and norm are the layer's: tested there).
+struct MambaM(Mamba2);
+
+impl MambaM {
+    fn new(h: usize, h_kv: usize, dtype: DType) -> Self {
+        let store = ParamStore::new(0, dtype, Device::Cpu);
+        let model = ModelConfig {
+            d_model: 8 * h,
+            n_heads: h,
+            n_kv_heads: Some(h_kv),
+            ..ModelConfig::default()
+        };
+        let cfg = Mamba2Config {
+            chunk: CHUNK,
+            ..Mamba2Config::default()
+        };
+        Self(Mamba2::new(&store.builder(), &cfg, &model).unwrap())
+    }
+
+    fn prep(x: &Tensors) -> (Tensor, Tensor) {
+        (
+            x.la.narrow(3, 1, 1).unwrap().exp().unwrap(),
+            x.la.narrow(3, 0, 1).unwrap(),
+        )
+    }
+}
+
+impl Mixer for MambaM {
+    fn name(&self) -> String {
+        "mamba2".into()
+    }
+    fn bidirectional(&self) -> bool {
+        false
+    }
+    fn forward(
+        &self,
+        x: &Tensors,
+        causal: bool,
+        pad: Option<&Tensor>,
+        st: Option<&mut MixerState>,
+    ) -> Tensor {
+        assert!(causal);
+        let (dt, la) = Self::prep(x);
+        self.0
+            .forward(&x.q, &x.k, &x.v, &dt, &la, pad, recurrent(st))
+            .unwrap()
+    }
+    fn step(&self, x: &Tensors, st: &mut MixerState) -> Tensor {
+        let (dt, la) = Self::prep(x);
+        self.0
+            .step(&x.q, &x.k, &x.v, &dt, &la, recurrent(Some(st)).unwrap())
+            .unwrap()
+    }
+    fn naive(&self, x: &Nested, _causal: bool, key_ok: &dyn Fn(usize, usize) -> bool) -> Heads {
+        let per = |f: &dyn Fn(&Vec<f64>) -> f64| -> Vec<Vec<Vec<f64>>> {
+            x.la.iter()
+                .map(|b| b.iter().map(|hh| hh.iter().map(f).collect()).collect())
+                .collect()
+        };
+        mamba2::naive(
+            &x.q,
+            &x.k,
+            &x.v,
+            &per(&|c| c[1].exp()),
+            &per(&|c| c[0]),
+            key_ok,
+        )
+    }
+    fn state(&self) -> MixerState {
+        MixerState::Recurrent(Default::default())
+    }
+    fn bytes(&self, b: usize, h_kv: usize, dqk: usize, dv: usize, elem: usize) -> usize {
+        b * h_kv * dqk * dv * elem
+    }
+}
+
 /// Every mechanism, with the head layout (h, h_kv) it is tested in.
 fn zoo(h: usize, h_kv: usize, dtype: DType) -> Vec<Box<dyn Mixer>> {
     let mut z: Vec<Box<dyn Mixer>> = vec![];
@@ -513,6 +591,7 @@ fn zoo(h: usize, h_kv: usize, dtype: DType) -> Vec<Box<dyn Mixer>> {
     z.push(Box::new(DeltaM::new(h, h_kv, true, (-1.0, 0.0), dtype)));
     // strong decays, as for GLA
     z.push(Box::new(DeltaM::new(h, h_kv, true, (-20.0, -0.5), dtype)));
+    z.push(Box::new(MambaM::new(h, h_kv, dtype)));
     z
 }
 
@@ -895,6 +974,97 @@ fn naive_layer(
                 .collect();
             gla::naive(&q, &k, &v, &heads(&la, h_kv), key_ok)
         }
+        Mechanism::Mamba2(m) => {
+            let w = m
+                .conv
+                .weight
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec2::<f64>()
+                .unwrap();
+            let bias = m
+                .conv
+                .bias
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let silu = |a: f64| a / (1.0 + (-a).exp());
+            let u: Vec<Vec<Vec<f64>>> = based::naive_conv(x, &w, &bias, key_ok)
+                .into_iter()
+                .map(|s| {
+                    s.into_iter()
+                        .map(|r| r.into_iter().map(silu).collect())
+                        .collect()
+                })
+                .collect();
+            let (c, bm, xs) = (
+                heads(&project(&a.q_proj, &u), h),
+                heads(&project(&a.k_proj, &u), h_kv),
+                heads(&project(&a.v_proj, &u), h_kv),
+            );
+            let a_log = m
+                .a_log
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let d_skip = m
+                .d_skip
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let softplus = |z: f64| (1.0 + z.exp()).ln();
+            let dtz = project(&m.dt, &u);
+            let dt: Vec<Vec<Vec<f64>>> = dtz
+                .iter()
+                .map(|s| {
+                    (0..h_kv)
+                        .map(|kv| {
+                            s.iter()
+                                .map(|r| softplus(r[kv] + mamba2::DT_SHIFT))
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect();
+            let la: Vec<Vec<Vec<f64>>> = dt
+                .iter()
+                .map(|b| {
+                    b.iter()
+                        .enumerate()
+                        .map(|(kv, r)| r.iter().map(|d| -d * a_log[kv].exp()).collect())
+                        .collect()
+                })
+                .collect();
+            let y = mamba2::naive(&c, &bm, &xs, &dt, &la, key_ok);
+            let z = heads(&project(&m.z_proj, x), h);
+            let out: Heads = y
+                .iter()
+                .enumerate()
+                .map(|(bi, hs)| {
+                    hs.iter()
+                        .enumerate()
+                        .map(|(hi, rows)| {
+                            let kv = hi / (h / h_kv);
+                            rows.iter()
+                                .enumerate()
+                                .map(|(t, yr)| {
+                                    mamba2::naive_output(
+                                        yr,
+                                        &xs[bi][kv][t],
+                                        d_skip[hi],
+                                        &z[bi][hi][t],
+                                    )
+                                })
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect();
+            return project(&a.o_proj, &merge(&out));
+        }
         Mechanism::Delta(m) => {
             let feat = |v: &Vec<f64>| -> Vec<f64> {
                 let s: Vec<f64> = v.iter().map(|&a| a / (1.0 + (-a).exp())).collect();
@@ -954,11 +1124,13 @@ fn layer_forward_equals_naive_for_every_mechanism() {
         "gla:rank=2,tau=3,chunk=3",
         "deltanet:chunk=4",
         "gated-deltanet:tau=3,chunk=5",
+        "mamba2:conv=3,chunk=4",
+        "mamba2:conv=1,chunk=5",
     ];
     let (b, t) = (2, 13);
     // built past the config's validation, a causal-only mechanism refuses
     // to run bidirectionally
-    for spec in ["decay", "gla", "deltanet", "gated-deltanet"] {
+    for spec in ["decay", "gla", "deltanet", "gated-deltanet", "mamba2"] {
         let mech: MechanismConfig = spec.parse().unwrap();
         let cfg = tiny(Shape::Decoder);
         let store = ParamStore::new(1, DType::F32, Device::Cpu);

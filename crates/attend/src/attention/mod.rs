@@ -19,6 +19,7 @@
 //! | decayed linear (RetNet) | `decay.rs` | S = Σ γ^(i-j) k vᵀ |
 //! | gated linear (GLA) | `gla.rs` | S = Σ diag(Π α) k vᵀ |
 //! | delta rule (DeltaNet, Gated DeltaNet) | `delta.rs` | S ← α (I − β k kᵀ) S + β k vᵀ |
+//! | Mamba2 (SSD) | `mamba2.rs` | conv inputs + S ← a S + Δ B xᵀ |
 //!
 //! Grouped key/value heads work for every mechanism: the state is kept per
 //! kv head, and the g = n_heads / n_kv_heads query heads of a group read it.
@@ -33,6 +34,7 @@ pub mod decay;
 pub mod delta;
 pub mod gla;
 pub mod linear;
+pub mod mamba2;
 pub mod softmax;
 pub mod window;
 
@@ -61,6 +63,7 @@ pub enum Mechanism {
     Decay(decay::DecayAttention),
     Gla(gla::Gla),
     Delta(delta::DeltaRule),
+    Mamba2(mamba2::Mamba2),
 }
 
 impl Mechanism {
@@ -83,6 +86,7 @@ impl Mechanism {
             }
             MechanismConfig::Gla(c) => Mechanism::Gla(gla::Gla::new(vb, c, cfg)?),
             MechanismConfig::Delta(c) => Mechanism::Delta(delta::DeltaRule::new(vb, c, cfg)?),
+            MechanismConfig::Mamba2(c) => Mechanism::Mamba2(mamba2::Mamba2::new(vb, c, cfg)?),
         })
     }
 
@@ -96,6 +100,7 @@ impl Mechanism {
             Mechanism::Gla(_) => "gla",
             Mechanism::Delta(m) if m.gate.is_some() => "gated-deltanet",
             Mechanism::Delta(_) => "deltanet",
+            Mechanism::Mamba2(_) => "mamba2",
         }
     }
 }
@@ -281,7 +286,9 @@ impl Attention {
             | Mechanism::Decay(_)
             | Mechanism::Gla(_)
             | Mechanism::Delta(_) => MixerState::Recurrent(linear::RecurrentState::default()),
-            Mechanism::Based(_) => MixerState::Based(based::BasedState::default()),
+            Mechanism::Based(_) | Mechanism::Mamba2(_) => {
+                MixerState::Based(based::BasedState::default())
+            }
         })
     }
 
@@ -337,7 +344,10 @@ impl Attention {
         if !self.causal
             && matches!(
                 self.mechanism,
-                Mechanism::Decay(_) | Mechanism::Gla(_) | Mechanism::Delta(_)
+                Mechanism::Decay(_)
+                    | Mechanism::Gla(_)
+                    | Mechanism::Delta(_)
+                    | Mechanism::Mamba2(_)
             )
         {
             return Err(Error::msg(format!(
@@ -455,6 +465,14 @@ impl Attention {
                     Some(_) => return Err(state_mismatch(&self.mechanism)),
                 };
                 m.forward(self, x, offset, key_padding, st)?
+            }
+            Mechanism::Mamba2(m) => {
+                let st = match state {
+                    None => None,
+                    Some(MixerState::Based(s)) => Some(s),
+                    Some(_) => return Err(state_mismatch(&self.mechanism)),
+                };
+                m.layer(self, x, offset, key_padding, st)?
             }
         };
         self.merge(&y)

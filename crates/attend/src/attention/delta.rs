@@ -29,7 +29,7 @@
 //! * the state is `RecurrentState` with S (b, h_kv, d_k, d_v).
 
 use super::decay::{head_rms_norm, head_rms_norm_naive};
-use super::linear::{causal_rows, fold_heads, key_mask, unfold_heads, RecurrentState};
+use super::linear::{causal_rows, fold_heads, key_mask, unfold_heads, Chunks, RecurrentState};
 use super::Heads;
 use crate::config::{DeltaConfig, ModelConfig};
 use crate::error::Result;
@@ -115,31 +115,21 @@ impl DeltaRule {
         let (b, h, t, dk) = q.dims4()?;
         let (_, h_kv, _, dv) = v.dims4()?;
         let (g, bk) = (h / h_kv, b * h_kv);
-        let l = self.chunk.min(t).max(1);
-        let n = t.div_ceil(l);
-        let pad = n * l - t;
+        let ch = Chunks::new(b, t, self.chunk);
+        let (n, l) = (ch.n, ch.l);
         // a padded position: no key, no decay
         let (k, la) = match key_mask(key_padding, k.dtype())? {
             Some(m) => (k.broadcast_mul(&m)?, log_alpha.broadcast_mul(&m)?),
             None => (k.clone(), log_alpha.clone()),
         };
-        let chunks = |x: &Tensor, heads: usize| -> Result<Tensor> {
-            let d = x.dim(3)?;
-            Ok(x.pad_with_zeros(2, 0, pad)?.reshape((b * heads, n, l, d))?)
-        };
-        // q (bk, n, g·l, d_k): the g query heads of a kv head as rows
-        let q = (chunks(q, h)? * (1.0 / (dk as f64).sqrt()))?
-            .reshape((bk, g, n, l, dk))?
-            .transpose(1, 2)?
-            .reshape((bk, n, g * l, dk))?;
-        let (k, v) = (chunks(&k, h_kv)?, chunks(v, h_kv)?);
-        let (beta, la) = (chunks(beta, h_kv)?, chunks(&la, h_kv)?); // (bk, n, l, 1)
-                                                                    // γ_i: cumulative log-decay inside the chunk, (bk, n, l, 1)
+        let q = (ch.queries(q, h_kv)? * (1.0 / (dk as f64).sqrt()))?; // (bk, n, g·l, d_k)
+        let (k, v) = (ch.view(&k)?, ch.view(v)?);
+        let (beta, la) = (ch.view(beta)?, ch.view(&la)?); // (bk, n, l, 1)
+                                                          // γ_i: cumulative log-decay inside the chunk, (bk, n, l, 1);
+                                                          // D_ij = e^(γ_i − γ_j) for j ≤ i
         let gamma = la.cumsum(2)?;
+        let (dmat, dq, eg) = ch.decay_rows(&gamma, g)?;
         let mask = causal_rows(1, l, q.dtype(), q.device())?.reshape((1, 1, l, l))?;
-        // D_ij = e^(γ_i − γ_j) for j ≤ i (exponent masked before exp)
-        let diff = gamma.broadcast_sub(&gamma.transpose(2, 3)?)?; // (bk, n, i, j)
-        let dmat = diff.broadcast_mul(&mask)?.exp()?.broadcast_mul(&mask)?;
         // A_ij = β_i (k_i·k_j) D_ij for j < i
         let strict = (&mask - Tensor::eye(l, q.dtype(), q.device())?.reshape((1, 1, l, l))?)?;
         let a = k
@@ -170,16 +160,7 @@ impl DeltaRule {
         let (w, u) = (wu.narrow(3, 0, dk)?, wu.narrow(3, dk, dv)?);
         // intra-chunk scores of every chunk at once: (Q Kᵀ ⊙ D) for the g
         // query heads, (bk, n, g·l, l)
-        let dq = dmat
-            .unsqueeze(2)?
-            .broadcast_as((bk, n, g, l, l))?
-            .reshape((bk, n, g * l, l))?;
         let p = q.matmul(&k.t()?)?.mul(&dq)?;
-        let eg = gamma
-            .unsqueeze(2)?
-            .broadcast_as((bk, n, g, l, 1))?
-            .reshape((bk, n, g * l, 1))?
-            .exp()?;
         let g_last = gamma.narrow(2, l - 1, 1)?; // (bk, n, 1, 1)
         let kd = k.broadcast_mul(&g_last.broadcast_sub(&gamma)?.exp()?)?; // e^(γ_C−γ_j) k_j
         let decay = g_last.exp()?; // (bk, n, 1, 1)
@@ -195,11 +176,7 @@ impl DeltaRule {
             outs.push(o);
             s = (s.broadcast_mul(&at(&decay)?)? + at(&kd)?.t()?.matmul(&u2)?)?;
         }
-        let o = Tensor::stack(&outs, 1)? // (bk, n, g·l, d_v)
-            .reshape((bk, n, g, l, dv))?
-            .transpose(1, 2)?
-            .reshape((b, h, n * l, dv))?
-            .narrow(2, 0, t)?;
+        let o = ch.outputs(&Tensor::stack(&outs, 1)?, h, t)?; // (b, h, t, d_v)
         if let Some(st) = state {
             st.s = Some(s.reshape((b, h_kv, dk, dv))?.detach());
         }

@@ -89,6 +89,81 @@ pub(crate) fn causal_rows(g: usize, l: usize, dtype: DType, dev: &Device) -> Res
     Ok(Tensor::from_vec(m, (g * l, l), dev)?.to_dtype(dtype)?)
 }
 
+/// How a chunked whole-sequence form cuts t tokens into n chunks of l
+/// (the last one zero-padded: a zero key adds nothing, a zero log-decay
+/// keeps the state).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Chunks {
+    pub b: usize,
+    pub n: usize,
+    pub l: usize,
+    pad: usize,
+}
+
+impl Chunks {
+    /// b sequences of t tokens in chunks of at most `chunk`.
+    pub(crate) fn new(b: usize, t: usize, chunk: usize) -> Self {
+        let l = chunk.min(t).max(1);
+        let n = t.div_ceil(l);
+        Self {
+            b,
+            n,
+            l,
+            pad: n * l - t,
+        }
+    }
+
+    /// (b, heads, t, d) -> (b·heads, n, l, d)
+    pub(crate) fn view(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, heads, _, d) = x.dims4()?;
+        Ok(x.pad_with_zeros(2, 0, self.pad)?
+            .reshape((self.b * heads, self.n, self.l, d))?)
+    }
+
+    /// Queries (b, h, t, d) -> (b·h_kv, n, g·l, d): the g query heads of a
+    /// kv head stacked as rows of each chunk.
+    pub(crate) fn queries(&self, q: &Tensor, h_kv: usize) -> Result<Tensor> {
+        let (_, h, _, d) = q.dims4()?;
+        let g = h / h_kv;
+        Ok(self
+            .view(q)?
+            .reshape((self.b * h_kv, g, self.n, self.l, d))?
+            .transpose(1, 2)?
+            .reshape((self.b * h_kv, self.n, g * self.l, d))?)
+    }
+
+    /// The inverse of `queries` for outputs: (b·h_kv, n, g·l, d) -> (b, h, t, d).
+    pub(crate) fn outputs(&self, y: &Tensor, h: usize, t: usize) -> Result<Tensor> {
+        let (bk, _, gl, d) = y.dims4()?;
+        let g = gl / self.l;
+        Ok(y.reshape((bk, self.n, g, self.l, d))?
+            .transpose(1, 2)?
+            .reshape((self.b, h, self.n * self.l, d))?
+            .narrow(2, 0, t)?)
+    }
+
+    /// From the cumulative log-decays γ (bk, n, l, 1) of a scalar decay:
+    /// D_ij = e^(γ_i − γ_j) for j ≤ i, else 0 (the exponent masked before
+    /// exp, so never positive), repeated for g query heads as rows
+    /// (bk, n, g·l, l); and e^γ for those rows (bk, n, g·l, 1).
+    pub(crate) fn decay_rows(&self, gamma: &Tensor, g: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let (bk, n, l) = (gamma.dim(0)?, self.n, self.l);
+        let mask = causal_rows(1, l, gamma.dtype(), gamma.device())?.reshape((1, 1, l, l))?;
+        let diff = gamma.broadcast_sub(&gamma.transpose(2, 3)?)?; // (bk, n, i, j)
+        let dmat = diff.broadcast_mul(&mask)?.exp()?.broadcast_mul(&mask)?;
+        let rows = dmat
+            .unsqueeze(2)?
+            .broadcast_as((bk, n, g, l, l))?
+            .reshape((bk, n, g * l, l))?;
+        let eg = gamma
+            .unsqueeze(2)?
+            .broadcast_as((bk, n, g, l, 1))?
+            .reshape((bk, n, g * l, 1))?
+            .exp()?;
+        Ok((dmat, rows, eg))
+    }
+}
+
 /// Linear attention with a feature map.
 #[derive(Clone, Debug)]
 pub struct LinearAttention {

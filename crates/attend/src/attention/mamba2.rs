@@ -23,7 +23,7 @@
 
 use super::based::{BasedState, ConvState, ShortConv};
 use super::decay::{head_rms_norm, head_rms_norm_naive};
-use super::linear::{causal_rows, fold_heads, key_mask, unfold_heads, RecurrentState};
+use super::linear::{fold_heads, key_mask, unfold_heads, Chunks, RecurrentState};
 use super::{Attention, Heads};
 use crate::config::{Mamba2Config, ModelConfig};
 use crate::error::Result;
@@ -135,38 +135,19 @@ impl Mamba2 {
         let (b, h, t, n_st) = c.dims4()?;
         let (_, h_kv, _, p) = xs.dims4()?;
         let (g, bk) = (h / h_kv, b * h_kv);
-        let l = self.chunk.min(t).max(1);
-        let n = t.div_ceil(l);
-        let pad = n * l - t;
+        let ch = Chunks::new(b, t, self.chunk);
+        let (n, l) = (ch.n, ch.l);
         // Δ B as the key; a padded position: no key, no decay
         let k = bm.broadcast_mul(dt)?;
         let (k, la) = match key_mask(key_padding, k.dtype())? {
             Some(m) => (k.broadcast_mul(&m)?, log_a.broadcast_mul(&m)?),
             None => (k, log_a.clone()),
         };
-        let chunks = |x: &Tensor, heads: usize| -> Result<Tensor> {
-            let d = x.dim(3)?;
-            Ok(x.pad_with_zeros(2, 0, pad)?.reshape((b * heads, n, l, d))?)
-        };
-        let q = chunks(c, h)?
-            .reshape((bk, g, n, l, n_st))?
-            .transpose(1, 2)?
-            .reshape((bk, n, g * l, n_st))?;
-        let (k, v, la) = (chunks(&k, h_kv)?, chunks(xs, h_kv)?, chunks(&la, h_kv)?);
+        let q = ch.queries(c, h_kv)?; // (bk, n, g·l, n_st)
+        let (k, v, la) = (ch.view(&k)?, ch.view(xs)?, ch.view(&la)?);
         let gamma = la.cumsum(2)?; // (bk, n, l, 1)
-        let mask = causal_rows(1, l, q.dtype(), q.device())?.reshape((1, 1, l, l))?;
-        let diff = gamma.broadcast_sub(&gamma.transpose(2, 3)?)?;
-        let dmat = diff.broadcast_mul(&mask)?.exp()?.broadcast_mul(&mask)?; // (bk, n, i, j)
-        let dq = dmat
-            .unsqueeze(2)?
-            .broadcast_as((bk, n, g, l, l))?
-            .reshape((bk, n, g * l, l))?;
+        let (_, dq, eg) = ch.decay_rows(&gamma, g)?;
         let intra = q.matmul(&k.t()?)?.mul(&dq)?.matmul(&v)?; // (bk, n, g·l, p)
-        let eg = gamma
-            .unsqueeze(2)?
-            .broadcast_as((bk, n, g, l, 1))?
-            .reshape((bk, n, g * l, 1))?
-            .exp()?;
         let g_last = gamma.narrow(2, l - 1, 1)?;
         let ds = k
             .broadcast_mul(&g_last.broadcast_sub(&gamma)?.exp()?)?
@@ -183,11 +164,7 @@ impl Mamba2 {
             s = (s.broadcast_mul(&decay.get_on_dim(1, ci)?)? + ds.get_on_dim(1, ci)?)?;
         }
         let entering = Tensor::stack(&entering, 1)?; // (bk, n, n_st, p)
-        let y = (intra + q.matmul(&entering)?.broadcast_mul(&eg)?)?
-            .reshape((bk, n, g, l, p))?
-            .transpose(1, 2)?
-            .reshape((b, h, n * l, p))?
-            .narrow(2, 0, t)?;
+        let y = ch.outputs(&(intra + q.matmul(&entering)?.broadcast_mul(&eg)?)?, h, t)?;
         if let Some(st) = state {
             st.s = Some(s.reshape((b, h_kv, n_st, p))?.detach());
         }

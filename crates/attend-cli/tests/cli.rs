@@ -2049,3 +2049,55 @@ fn hugging_face_folders_run_in_int8() {
     }
     std::fs::remove_dir_all(&text).ok();
 }
+
+#[test]
+fn frontier_sweeps_learning_rates_and_plots_the_best() {
+    let out_dir = tmp("frontier-lrs");
+    let out = succeeds(&[
+        "frontier",
+        "--mechanisms",
+        "softmax;deltanet",
+        "--pairs",
+        "2",
+        "--seq-len",
+        "16",
+        "--vocab",
+        "16",
+        "--steps",
+        "30",
+        "--n-eval",
+        "20",
+        "--lrs",
+        "1e-3,3e-3",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    let got: Vec<(String, f64)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r["mechanism"].as_str().unwrap().to_string(),
+                r["lr"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("softmax".to_string(), 1e-3),
+            ("softmax".into(), 3e-3),
+            ("deltanet".into(), 1e-3),
+            ("deltanet".into(), 3e-3)
+        ]
+    );
+    let table = std::fs::read_to_string(out_dir.join("table.md")).unwrap();
+    assert!(table.contains("best lr"), "{table}");
+    fails_with(
+        &["frontier", "--lrs", "0", "--quick"],
+        &["--lrs", "not a positive learning rate"],
+    );
+    std::fs::remove_dir_all(&out_dir).ok();
+}

@@ -18,6 +18,8 @@ pub struct FrontierPoint {
     pub mechanism: String,
     pub d_model: usize,
     pub n_pairs: usize,
+    /// The peak learning rate (None: the MQAR preset's).
+    pub lr: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -30,6 +32,8 @@ pub struct FrontierResult {
     pub seq_len: usize,
     pub n_pairs: usize,
     pub steps: u64,
+    /// The peak learning rate it trained with.
+    pub lr: f64,
     pub accuracy: f64,
     pub n_eval: usize,
     /// Decode-state bytes after one sequence of `seq_len` tokens (batch 1).
@@ -86,8 +90,10 @@ pub fn run_point(
         steps: s.steps,
         seed: s.seed,
         n_eval: s.n_eval,
+        lr: p.lr.unwrap_or(base_train.lr),
         ..base_train
     };
+    let lr = train_cfg.lr;
     let t0 = std::time::Instant::now();
     let mut tr = Trainer::new(model_cfg.clone(), task_cfg, train_cfg)?;
     tr.shards = s.shards;
@@ -119,6 +125,7 @@ pub fn run_point(
         seq_len: s.seq_len,
         n_pairs: p.n_pairs,
         steps: s.steps,
+        lr,
         accuracy: m.accuracy.unwrap_or(0.0),
         n_eval: m.n_examples,
         state_bytes: state.state_bytes(),

@@ -206,18 +206,22 @@ fn write_reports(
         &a.out.join("results.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
+    // mechanism, pairs, lr, state bytes, accuracy
+    let cells = |r: &FrontierResult| {
+        vec![
+            format!("`{}`", r.mechanism),
+            r.n_pairs.to_string(),
+            format!("{:.0e}", r.lr),
+            r.state_bytes.to_string(),
+            format!("{:.1}", r.accuracy * 100.0),
+        ]
+    };
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| {
-            vec![
-                format!("`{}`", r.mechanism),
-                r.n_pairs.to_string(),
-                format!("{:.0e}", r.lr),
-                r.state_bytes.to_string(),
-                format!("{:.1}", r.accuracy * 100.0),
-                r.params.to_string(),
-                format!("{:.0}", r.seconds),
-            ]
+            let mut c = cells(r);
+            c.extend([r.params.to_string(), format!("{:.0}", r.seconds)]);
+            c
         })
         .collect();
     let table = format!(
@@ -236,18 +240,7 @@ fn write_reports(
     // the plots take each (mechanism, pairs) at its best learning rate
     let best = best_runs(results);
     let table = if best.len() < results.len() {
-        let rows: Vec<Vec<String>> = best
-            .iter()
-            .map(|r| {
-                vec![
-                    format!("`{}`", r.mechanism),
-                    r.n_pairs.to_string(),
-                    format!("{:.0e}", r.lr),
-                    r.state_bytes.to_string(),
-                    format!("{:.1}", r.accuracy * 100.0),
-                ]
-            })
-            .collect();
+        let rows: Vec<Vec<String>> = best.iter().map(|r| cells(r)).collect();
         format!(
             "{table}\nAt the best learning rate of each (what the plots show):\n\n{}",
             markdown_table(

@@ -145,27 +145,6 @@ fn outliers_by_input(m: &Transformer) -> Vec<OutliersAt> {
     out
 }
 
-/// Mean NLL over windows of `ctx` (each prefilled into a fresh state) and
-/// the KV bytes the first window leaves in its state.
-fn score(m: &Transformer, ids: &[u32], ctx: usize) -> Result<(f64, usize)> {
-    let (mut nll, mut n, mut kv) = (0f64, 0usize, None);
-    for w in ids.chunks(ctx).filter(|w| w.len() >= 2) {
-        let input = Tensor::new(&w[..w.len() - 1], &Device::Cpu)?.unsqueeze(0)?;
-        let target = Tensor::new(&w[1..], &Device::Cpu)?.unsqueeze(0)?;
-        let mut st = m.new_state(None)?;
-        let logits = m.step(&input, &mut st)?;
-        kv.get_or_insert(st.state_bytes());
-        let weight = Tensor::ones(target.shape(), candle_core::DType::F32, &Device::Cpu)?;
-        nll += attend::train::cross_entropy_sum(&logits, &target, &weight, 0.0)?
-            .to_scalar::<f32>()? as f64;
-        n += w.len() - 1;
-    }
-    if n == 0 {
-        bail!("no held-out tokens to score");
-    }
-    Ok((nll / n as f64, kv.unwrap_or(0)))
-}
-
 /// Greedy decode tokens/s of one run of `tokens` after `prompt` (the
 /// prefill not timed).
 fn decode_once(m: &Transformer, prompt: &[u32], tokens: usize) -> Result<f64> {
@@ -410,7 +389,7 @@ pub fn prune_sweep_cmd(mut a: PruneSweepArgs) -> Result<()> {
         pb.set_message(v.spec.clone());
         let m = &v.model;
         m.outlier_stats(true);
-        let (nll, kv_bytes) = score(m, held, a.ctx)?;
+        let (nll, _, kv_bytes) = crate::run_cmd::score_windows(m, held, a.ctx, None)?;
         let skipped = m
             .prune
             .ffn_skip

@@ -703,14 +703,15 @@ pub struct PerplexityArgs {
 /// Mean NLL over non-overlapping windows of `ctx` tokens, each scored on
 /// its own; with `halves = Some(bos)` llama-perplexity's protocol: whole
 /// chunks only, the first token replaced by `bos` (if any), predictions
-/// from position ctx/2 on. -> (mean NLL, predictions, argmax per position)
-fn score_windows(
+/// from position ctx/2 on. -> (mean NLL, predictions, the bytes the first
+/// window leaves in its decode state)
+pub(crate) fn score_windows(
     model: &Transformer,
     ids: &[u32],
     ctx: usize,
     halves: Option<Option<u32>>,
-) -> Result<(f64, usize, Vec<u32>)> {
-    let (mut nll, mut n, mut argmax) = (0f64, 0usize, vec![]);
+) -> Result<(f64, usize, usize)> {
+    let (mut nll, mut n, mut state_bytes) = (0f64, 0usize, None);
     for w in ids.chunks(ctx) {
         if w.len() < 2 || (halves.is_some() && w.len() < ctx) {
             continue;
@@ -724,7 +725,9 @@ fn score_windows(
         let target = Tensor::new(&w[1..], &Device::Cpu)?.unsqueeze(0)?;
         // a prefill into a fresh decode state (the CPU executor, with the
         // KV cache type asked for)
-        let logits = model.step(&input, &mut model.new_state(None)?)?;
+        let mut state = model.new_state(None)?;
+        let logits = model.step(&input, &mut state)?;
+        state_bytes.get_or_insert(state.state_bytes());
         let mask: Vec<f32> = (0..w.len() - 1)
             .map(|i| if i >= first { 1.0 } else { 0.0 })
             .collect();
@@ -733,17 +736,11 @@ fn score_windows(
             .to_scalar::<f32>()? as f64;
         nll += sum;
         n += w.len() - 1 - first;
-        argmax.extend(
-            logits
-                .argmax(candle_core::D::Minus1)?
-                .flatten_all()?
-                .to_vec1::<u32>()?,
-        );
     }
     if n == 0 {
         bail!("not enough tokens to score");
     }
-    Ok((nll / n as f64, n, argmax))
+    Ok((nll / n as f64, n, state_bytes.unwrap_or(0)))
 }
 
 pub fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {

@@ -170,8 +170,7 @@ fn the_similarity_ranking_picks_the_known_redundant_sublayers() {
     assert!((attn[0].cos - 1.0).abs() < 1e-6 && attn[2].cos < 0.999999);
     let ffn = probe.rank(&[Sublayer::Ffn]);
     assert_eq!(ffn[0].layer, 2, "{ffn:?}");
-    // each similarity against its direct computation on one sublayer:
-    // means over 55 rows of cos(x, x + f(x))
+    // a mean for every layer
     assert_eq!(probe.means(Sublayer::Attn).len(), LAYERS);
     let auto = prune::auto_drop(&probe, LAYERS, [2, 1, 0]);
     assert_eq!(auto, drop(&[1, 4], &[2]));

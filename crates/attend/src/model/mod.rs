@@ -495,7 +495,8 @@ impl Transformer {
             };
             let skip_attn = dropped(skip, true) || dropped(prune.map(|p| &p.drop), true);
             let skip_ffn = dropped(skip, false) || dropped(prune.map(|p| &p.drop), false);
-            if prune.is_none() {
+            if rows.is_none() && probe.is_none() {
+                // nothing measured per token: drops alone need no copies
                 x = block.mix_tokens(e, x, b, mixer, cross, skip_attn)?;
                 if !skip_ffn {
                     x = block.mix_channels(e, x)?;

@@ -22,7 +22,6 @@
 
 use super::Skip;
 use crate::error::{Error, Result};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What a model leaves out (see the module doc). The default is nothing.
@@ -142,7 +141,6 @@ impl std::fmt::Display for FfnSkip {
 pub struct SkipStats {
     computed: Mutex<Vec<u64>>,
     skipped: Mutex<Vec<u64>>,
-    passes: AtomicU64,
 }
 
 /// A snapshot of `SkipStats`.
@@ -181,20 +179,17 @@ impl SkipStats {
 
     /// The counts so far, and start again from zero.
     pub fn take(&self) -> SkipCounts {
-        self.passes.store(0, Ordering::Relaxed);
-        let take =
-            |v: &Mutex<Vec<u64>>| std::mem::take(&mut *v.lock().unwrap_or_else(|e| e.into_inner()));
-        let (mut computed, mut skipped) = (take(&self.computed), take(&self.skipped));
-        let n = computed.len().max(skipped.len());
-        computed.resize(n, 0);
-        skipped.resize(n, 0);
-        SkipCounts { computed, skipped }
+        self.counts(std::mem::take)
     }
 
     /// The counts so far.
     pub fn snapshot(&self) -> SkipCounts {
-        let get = |v: &Mutex<Vec<u64>>| v.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let (mut computed, mut skipped) = (get(&self.computed), get(&self.skipped));
+        self.counts(|v| v.clone())
+    }
+
+    fn counts(&self, get: impl Fn(&mut Vec<u64>) -> Vec<u64>) -> SkipCounts {
+        let read = |v: &Mutex<Vec<u64>>| get(&mut v.lock().unwrap_or_else(|e| e.into_inner()));
+        let (mut computed, mut skipped) = (read(&self.computed), read(&self.skipped));
         let n = computed.len().max(skipped.len());
         computed.resize(n, 0);
         skipped.resize(n, 0);

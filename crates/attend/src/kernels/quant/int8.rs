@@ -208,14 +208,7 @@ pub fn quantize_rows(x: &[f32], n: usize, k: usize, zero: &[usize]) -> Q8Rows {
     let nb = k / 32;
     let mut mask = vec![false; k];
     zero.iter().for_each(|&j| mask[j] = true);
-    let mut q = Q8Rows {
-        n,
-        k,
-        qs: vec![0; n * k],
-        d: vec![0.0; n * nb],
-        s: vec![[0.0; 2]; n * nb],
-        sum: vec![[0; 2]; n * nb],
-    };
+    let mut q = Q8Rows::zeroed(n, k);
     q.qs.par_chunks_mut(k)
         .zip(q.d.par_chunks_mut(nb))
         .zip(q.s.par_chunks_mut(nb))

@@ -313,16 +313,11 @@ pub struct Q8Rows {
 }
 
 impl Q8Rows {
-    /// xs (n, k) row-major, k a multiple of 32.
-    pub fn quantize(xs: &[f32], n: usize, k: usize) -> Self {
-        assert!(
-            xs.len() == n * k && k.is_multiple_of(32),
-            "Q8Rows: {} != {n}·{k}",
-            xs.len()
-        );
+    /// Zeroed rows for (n, k), in the buffers of an earlier product on this
+    /// thread when there is one (fresh ones cost page faults on every
+    /// product of a prefill).
+    pub(crate) fn zeroed(n: usize, k: usize) -> Self {
         let nb = n * k / 32;
-        // the buffers of an earlier product on this thread, when there is one
-        // (fresh ones cost page faults on every product of a prefill)
         let mut q = SPARE_Q8.with(|c| c.borrow_mut().take()).unwrap_or(Self {
             n: 0,
             k: 0,
@@ -340,6 +335,17 @@ impl Q8Rows {
         q.s.resize(nb, [0.0; 2]);
         q.sum.clear();
         q.sum.resize(nb, [0; 2]);
+        q
+    }
+
+    /// xs (n, k) row-major, k a multiple of 32.
+    pub fn quantize(xs: &[f32], n: usize, k: usize) -> Self {
+        assert!(
+            xs.len() == n * k && k.is_multiple_of(32),
+            "Q8Rows: {} != {n}·{k}",
+            xs.len()
+        );
+        let mut q = Self::zeroed(n, k);
         let chunk = 256; // blocks per parallel task
         q.qs.par_chunks_mut(32 * chunk)
             .zip(q.d.par_chunks_mut(chunk))

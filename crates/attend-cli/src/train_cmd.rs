@@ -74,6 +74,13 @@ pub struct TrainArgs {
     /// Skip the held-out evaluation at the end.
     #[arg(long)]
     no_eval: bool,
+    /// Step through candle's autograd even where the fused trainer applies.
+    /// The fused trainer (hand-written forward and backward on reused
+    /// buffers, gradients equal to autograd's) runs decoder-only models with
+    /// softmax attention, pre-norm, no dropout and learned, sinusoidal or no
+    /// positions; everything else always steps through autograd.
+    #[arg(long)]
+    autograd: bool,
 
     // --- training ---
     /// Total optimisation steps.
@@ -449,15 +456,20 @@ pub fn train(a: TrainArgs) -> Result<()> {
     // the settings are valid and the model fits: now --out, before step 1
     check_out(&a.out, a.resume, a.overwrite)?;
     tr.shards = threads();
+    let mut tr = tr.with_fused(!a.autograd);
     if !a.json {
         eprintln!(
-            "training {} on `{}`: {} parameters, {} steps of {} (from step {})",
+            "training {} on `{}`: {} parameters, {} steps of {} (from step {}), {}",
             shape_name(&tr.model_cfg),
             tr.task.cfg.name(),
             tr.store.num_params(),
             tr.train_cfg.steps,
             tr.train_cfg.batch_size,
-            tr.step
+            tr.step,
+            match &tr.autograd_reason {
+                None => "fused trainer".to_string(),
+                Some(why) => format!("autograd ({why})"),
+            }
         );
     }
     let RunReport {
@@ -476,6 +488,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         "task": tr.task.cfg.name(),
         "step": tr.step,
         "params": tr.store.num_params(),
+        "trainer": tr.executor(),
         "train_loss": last.as_ref().map(|l| l.loss),
         "tokens_per_sec": tps,
         "seconds": secs,

@@ -63,6 +63,16 @@ impl RopeTables {
 
     /// Rotate x (head_dim) in place to position `pos`.
     pub fn rotate(&self, x: &mut [f32], pos: usize) {
+        self.rotate_signed(x, pos, 1.0)
+    }
+
+    /// The transpose of `rotate` (rotation by the negative angle): the
+    /// backward of `rotate`, or undoing it.
+    pub fn rotate_back(&self, x: &mut [f32], pos: usize) {
+        self.rotate_signed(x, pos, -1.0)
+    }
+
+    fn rotate_signed(&self, x: &mut [f32], pos: usize, sign: f32) {
         let half = x.len() / 2;
         let (cos, sin) = (
             &self.cos[pos * half..][..half],
@@ -74,9 +84,9 @@ impl RopeTables {
             } else {
                 (p, p + half)
             };
-            let (x1, x2) = (x[a], x[b]);
-            x[a] = x1 * cos[p] - x2 * sin[p];
-            x[b] = x2 * cos[p] + x1 * sin[p];
+            let (x1, x2, sn) = (x[a], x[b], sign * sin[p]);
+            x[a] = x1 * cos[p] - x2 * sn;
+            x[b] = x2 * cos[p] + x1 * sn;
         }
     }
 }

@@ -405,6 +405,11 @@ impl Transformer {
         &self.pos_enc
     }
 
+    /// The decoder's additive positions (table or none).
+    pub fn pos_dec(&self) -> &Additive {
+        &self.pos_dec
+    }
+
     /// The LayerNorm of the embedding sum (BERT), if any.
     pub fn embed_norm(&self) -> Option<&Norm> {
         self.embed_norm.as_ref()

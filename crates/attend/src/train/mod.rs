@@ -6,6 +6,7 @@
 //! `checkpoint.json` last, so the directory always describes one complete,
 //! consistent checkpoint even if the process dies mid-write.
 
+pub mod fused;
 pub mod optim;
 pub mod presets;
 
@@ -353,6 +354,16 @@ pub struct Trainer {
     /// Not part of the run's identity: changing it changes only the order of
     /// floating-point sums.
     pub shards: usize,
+    /// The fused trainer, when the model qualifies (`fused`), with one
+    /// workspace and gradient set per shard; `None` steps through autograd.
+    fused: Option<FusedRun>,
+    /// Why the fused trainer does not run this model (or was turned off).
+    pub autograd_reason: Option<String>,
+}
+
+struct FusedRun {
+    plan: fused::Fused,
+    shards: Vec<(fused::Workspace, fused::Params)>,
 }
 
 impl Trainer {
@@ -456,7 +467,39 @@ impl Trainer {
             step,
             device,
             shards: 1,
-        })
+            fused: None,
+            autograd_reason: None,
+        }
+        .with_fused(true))
+    }
+
+    /// Step through the fused trainer when `on` and the model qualifies,
+    /// through candle's autograd otherwise (`autograd_reason` says why).
+    pub fn with_fused(mut self, on: bool) -> Self {
+        self.fused = None;
+        self.autograd_reason = Some("turned off".into());
+        if on {
+            match fused::Fused::new(&self.model, &self.store) {
+                Ok(plan) => {
+                    self.fused = Some(FusedRun {
+                        plan,
+                        shards: vec![],
+                    });
+                    self.autograd_reason = None;
+                }
+                Err(why) => self.autograd_reason = Some(why),
+            }
+        }
+        self
+    }
+
+    /// "fused" or "autograd".
+    pub fn executor(&self) -> &'static str {
+        if self.fused.is_some() {
+            "fused"
+        } else {
+            "autograd"
+        }
     }
 
     /// Continue from the checkpoint in `dir`; `steps` (if given) replaces the
@@ -494,6 +537,9 @@ impl Trainer {
         let mut total_w = 0f64;
         for b in &batches {
             total_w += b.n_target_tokens()? as f64;
+        }
+        if self.fused.is_some() && batches.iter().all(|b| matches!(b, Batch::Lm { .. })) {
+            return self.fused_step(&batches, total_w);
         }
         let (model, step, seed, smoothing) = (&self.model, self.step, c.seed, c.label_smoothing);
         let shard_step = |i: usize, batch: &Batch| -> Result<(f64, GradStore)> {
@@ -555,6 +601,95 @@ impl Trainer {
         };
         let lr = self.lr_at(self.step + 1);
         self.opt.step(&grads, lr, scale)?;
+        self.step += 1;
+        Ok(StepInfo {
+            step: self.step,
+            loss,
+            lr,
+            grad_norm: norm,
+            tokens: batches.iter().map(|b| b.n_tokens()).sum(),
+        })
+    }
+
+    /// `train_step` through the fused trainer: each shard's loss and
+    /// gradients on its own thread into its own buffers, summed in shard
+    /// order, then the same clipping and AdamW update.
+    fn fused_step(&mut self, batches: &[Batch], total_w: f64) -> Result<StepInfo> {
+        let lr = self.lr_at(self.step + 1);
+        let c = &self.train_cfg;
+        let run = self.fused.as_mut().expect("fused");
+        let params = run.plan.params(&self.store)?;
+        while run.shards.len() < batches.len() {
+            run.shards
+                .push((fused::Workspace::default(), run.plan.zero_grads()));
+        }
+        let (plan, smoothing) = (&run.plan, c.label_smoothing as f32);
+        let shard = |b: &Batch, ws: &mut fused::Workspace, g: &mut fused::Params| -> Result<f64> {
+            let Batch::Lm {
+                input,
+                target,
+                weight,
+            } = b
+            else {
+                unreachable!("fused steps take language-model batches")
+            };
+            let (nb, t) = input.dims2()?;
+            let ids = input.flatten_all()?.to_vec1::<u32>()?;
+            let tgt = target.flatten_all()?.to_vec1::<u32>()?;
+            let w = weight
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            g.iter_mut().for_each(|g| g.fill(0.0));
+            plan.loss_and_grads(
+                &params,
+                ws,
+                (nb, t),
+                &ids,
+                &tgt,
+                &w,
+                smoothing,
+                total_w as f32,
+                g,
+            )
+        };
+        let losses: Vec<Result<f64>> = if batches.len() == 1 {
+            let (ws, g) = &mut run.shards[0];
+            vec![shard(&batches[0], ws, g)]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = batches
+                    .iter()
+                    .zip(run.shards.iter_mut())
+                    .map(|(b, (ws, g))| s.spawn(|| shard(b, ws, g)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(Error::msg("a training thread panicked")))
+                    })
+                    .collect()
+            })
+        };
+        let mut loss = 0.0;
+        for l in losses {
+            loss += l?;
+        }
+        let (first, rest) = run.shards.split_at_mut(1);
+        let grads = &mut first[0].1;
+        for (_, g) in rest.iter().take(batches.len() - 1) {
+            for (a, b) in grads.iter_mut().zip(g) {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+            }
+        }
+        let norm = self.opt.grad_norm_flat(grads);
+        let scale = if c.clip > 0.0 && norm > c.clip {
+            c.clip / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        self.opt.step_flat(grads, lr, scale)?;
         self.step += 1;
         Ok(StepInfo {
             step: self.step,

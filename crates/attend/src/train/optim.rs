@@ -107,28 +107,77 @@ impl AdamW {
         Ok(sq.sqrt())
     }
 
+    /// `grad_norm` of gradients given as buffers in parameter order.
+    pub fn grad_norm_flat(&self, grads: &[Vec<f32>]) -> f64 {
+        grads
+            .iter()
+            .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+            .sum::<f64>()
+            .sqrt()
+    }
+
     /// One update with learning rate `lr`, gradients scaled by `grad_scale`
     /// (for clipping). Weight decay applies to matrices only, not to norms
     /// and biases.
     pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        let params: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|(_, p)| p.as_tensor().clone())
+            .collect();
+        self.update(lr, grad_scale, |i| {
+            grads
+                .get(&params[i])
+                .map(|g| -> Result<Vec<f32>> {
+                    Ok(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+                })
+                .transpose()
+                .map(|g| g.map(std::borrow::Cow::Owned))
+        })
+    }
+
+    /// `step` with gradients as buffers in parameter order (the fused
+    /// trainer's).
+    pub fn step_flat(&mut self, grads: &[Vec<f32>], lr: f64, grad_scale: f64) -> Result<()> {
+        if grads.len() != self.params.len() {
+            return Err(crate::error::Error::msg(format!(
+                "{} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            )));
+        }
+        self.update(lr, grad_scale, |i| {
+            Ok(Some(std::borrow::Cow::Borrowed(&grads[i])))
+        })
+    }
+
+    fn update<'g>(
+        &mut self,
+        lr: f64,
+        grad_scale: f64,
+        grad: impl Fn(usize) -> Result<Option<std::borrow::Cow<'g, [f32]>>>,
+    ) -> Result<()> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         // One fused pass per parameter over (θ, g, m, v) in plain slices:
         // the composed form costs a dozen tensor ops (and allocations) each.
         for (i, (_, p)) in self.params.iter().enumerate() {
-            let Some(g) = grads.get(p.as_tensor()) else {
+            let Some(g) = grad(i)? else {
                 continue;
             };
             let f32s = |t: &Tensor| -> Result<Vec<f32>> {
                 Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
             };
-            let (mut theta, g, mut m, mut v) = (
-                f32s(p.as_tensor())?,
-                f32s(g)?,
-                f32s(&self.m[i])?,
-                f32s(&self.v[i])?,
-            );
+            let (mut theta, mut m, mut v) =
+                (f32s(p.as_tensor())?, f32s(&self.m[i])?, f32s(&self.v[i])?);
+            if g.len() != theta.len() {
+                return Err(crate::error::Error::msg(format!(
+                    "gradient of {} numbers for a parameter of {}",
+                    g.len(),
+                    theta.len()
+                )));
+            }
             let decay = if p.rank() >= 2 {
                 self.weight_decay
             } else {

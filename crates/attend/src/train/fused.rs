@@ -1,0 +1,1133 @@
+//! The fused trainer: the loss and every gradient of a standard pre-norm
+//! decoder, written by hand on plain f32 buffers (the approach of
+//! Karpathy's llm.c), with candle's autograd left out of the step.
+//!
+//! At the sizes attend trains (d_model 64–256, a few hundred tokens a
+//! shard) a step through the graph executor is dominated by per-op cost:
+//! a fresh tensor per op, its zeroing and page faults, gradient sums
+//! allocated in the backward, GELU through libm's scalar `erf`. Here one
+//! workspace per shard is allocated once and reused every step; the
+//! matrix products go straight to gemm's AVX-512 kernels reading weights
+//! and activations in place through strides; norms, softmax, GELU and the
+//! loss are one vectorisable pass each, forward and backward.
+//!
+//! What qualifies (`Fused::new` says why not otherwise, and the trainer
+//! falls back to autograd): a decoder-only model, softmax attention in
+//! every layer (multi-head or grouped-query), pre-norm LayerNorm or
+//! RMSNorm, a ReLU, GELU, SwiGLU or GeGLU FFN, learned, sinusoidal or no
+//! additive positions, biases or not, tied or untied output, no dropout.
+//! The gradients equal autograd's (tests/fused.rs).
+//!
+//! Layout: a shard of b sequences of t tokens is n = b·t rows; every
+//! activation is row-major (n, width); heads are column blocks of q, k, v.
+
+use crate::config::{
+    FfnKind, MechanismConfig, ModelConfig, NormKind, NormPosition, PositionKind, Shape,
+};
+use crate::error::{Error, Result};
+use crate::kernels::dense::{exp, exp_shifted, softmax_row};
+use crate::kernels::rope::RopeTables;
+use crate::model::Transformer;
+use crate::nn::{with_f32, ParamStore};
+
+/// y (m, n) = α·y + a (m, k) · b (k, n), each operand given by its pointer
+/// and (row stride, column stride); `acc` false ignores y's contents.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn mm(
+    (m, n, k): (usize, usize, usize),
+    y: &mut [f32],
+    (y_rs, y_cs): (usize, usize),
+    acc: bool,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    scale: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // bounds: the last element each operand reaches
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(m, n, y_rs, y_cs) < y.len());
+    if k > 0 {
+        assert!(last(m, k, a_rs, a_cs) < a.len() && last(k, n, b_rs, b_cs) < b.len());
+    }
+    // Safety: every element read or written is inside its slice (asserted).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            y_cs as isize,
+            y_rs as isize,
+            acc,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// x (n, i) · wᵀ -> y (n, o), w (o, i) row-major as linear weights are
+/// stored; `b` adds a bias row.
+fn linear(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    (n, i, o): (usize, usize, usize),
+    y: &mut [f32],
+) {
+    let y = &mut y[..n * o];
+    let acc = match b {
+        Some(b) => {
+            y.chunks_exact_mut(o).for_each(|r| r.copy_from_slice(b));
+            true
+        }
+        None => false,
+    };
+    mm((n, o, i), y, (o, 1), acc, x, (i, 1), w, (1, i), 1.0);
+}
+
+/// The backward of `linear`: dw (o, i) += dyᵀ x, db += Σ rows of dy, and
+/// dx (n, i) = dy w (added to dx when `acc`).
+#[allow(clippy::too_many_arguments)]
+fn linear_bwd(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (n, i, o): (usize, usize, usize),
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    dx: Option<&mut [f32]>,
+    acc: bool,
+) {
+    mm((o, i, n), dw, (i, 1), true, dy, (1, o), x, (i, 1), 1.0);
+    if let Some(db) = db {
+        for r in dy[..n * o].chunks_exact(o) {
+            db.iter_mut().zip(r).for_each(|(d, v)| *d += v);
+        }
+    }
+    if let Some(dx) = dx {
+        mm(
+            (n, i, o),
+            &mut dx[..n * i],
+            (i, 1),
+            acc,
+            dy,
+            (o, 1),
+            w,
+            (i, 1),
+            1.0,
+        );
+    }
+}
+
+/// Σ f over a row in 16 lanes (vectorises).
+#[inline(always)]
+fn lanes(x: &[f32], f: impl Fn(usize, f32) -> f32) -> f32 {
+    let mut l = [0f32; 16];
+    let full = x.len() / 16 * 16;
+    for c in (0..full).step_by(16) {
+        for j in 0..16 {
+            l[j] += f(c + j, x[c + j]);
+        }
+    }
+    let mut s: f32 = (full..x.len()).map(|j| f(j, x[j])).sum();
+    s += l.iter().sum::<f32>();
+    s
+}
+
+/// The norm of the model's blocks.
+#[derive(Clone, Copy, Debug)]
+struct NormSpec {
+    center: bool,
+    eps: f32,
+}
+
+impl NormSpec {
+    /// y = γ x̂ + β per row of x (n, d), x̂ = (x − μ) r (μ = 0 for RMSNorm);
+    /// keeps μ and r per row for the backward.
+    fn fwd(
+        &self,
+        x: &[f32],
+        g: &[f32],
+        b: Option<&[f32]>,
+        y: &mut [f32],
+        mu: &mut [f32],
+        r: &mut [f32],
+    ) {
+        let d = g.len();
+        for (((xr, yr), m), rs) in x
+            .chunks_exact(d)
+            .zip(y.chunks_exact_mut(d))
+            .zip(mu.iter_mut())
+            .zip(r.iter_mut())
+        {
+            let mean = if self.center {
+                lanes(xr, |_, v| v) / d as f32
+            } else {
+                0.0
+            };
+            let var = lanes(xr, |_, v| (v - mean) * (v - mean)) / d as f32;
+            let inv = 1.0 / (var + self.eps).sqrt();
+            (*m, *rs) = (mean, inv);
+            match b {
+                Some(b) => {
+                    for j in 0..d {
+                        yr[j] = (xr[j] - mean) * inv * g[j] + b[j];
+                    }
+                }
+                None => {
+                    for j in 0..d {
+                        yr[j] = (xr[j] - mean) * inv * g[j];
+                    }
+                }
+            }
+        }
+    }
+
+    /// dx += r (γ dy − mean(γ dy) − x̂ mean(γ dy ⊙ x̂)) (no mean term for
+    /// RMSNorm); dγ += Σ dy ⊙ x̂, dβ += Σ dy.
+    #[allow(clippy::too_many_arguments)]
+    fn bwd(
+        &self,
+        x: &[f32],
+        g: &[f32],
+        mu: &[f32],
+        r: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        dg: &mut [f32],
+        mut db: Option<&mut [f32]>,
+    ) {
+        let d = g.len();
+        for ((((xr, dyr), dxr), &m), &inv) in x
+            .chunks_exact(d)
+            .zip(dy.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+            .zip(mu)
+            .zip(r)
+        {
+            let xh = |j: usize| (xr[j] - m) * inv;
+            let m1 = if self.center {
+                lanes(dyr, |j, v| v * g[j]) / d as f32
+            } else {
+                0.0
+            };
+            let m2 = lanes(dyr, |j, v| v * g[j] * xh(j)) / d as f32;
+            for j in 0..d {
+                let h = xh(j);
+                dg[j] += dyr[j] * h;
+                dxr[j] += inv * (dyr[j] * g[j] - m1 - h * m2);
+            }
+            if let Some(db) = db.as_deref_mut() {
+                db.iter_mut().zip(dyr).for_each(|(a, v)| *a += v);
+            }
+        }
+    }
+}
+
+/// erf(z) for z ≥ 0 as 1 − q, returning q = erfc(z) by Abramowitz & Stegun
+/// 7.1.26 (absolute error ≤ 1.5e-7), and e^{−z²}; branch-free.
+#[inline(always)]
+fn erfc_pos(z: f32) -> (f32, f32) {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_72,
+        1.421_413_8,
+        -1.453_152_1,
+        1.061_405_4,
+    ];
+    let t = 1.0 / (1.0 + P * z);
+    let mut poly = A[4];
+    for a in [A[3], A[2], A[1], A[0]] {
+        poly = poly * t + a;
+    }
+    let e = exp(-z * z);
+    (poly * t * e, e)
+}
+
+/// The FFN's activation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Act {
+    Relu,
+    /// x Φ(x), exact (erf)
+    Gelu,
+    /// GELU's tanh approximation (GeGLU)
+    GeluTanh,
+    Silu,
+}
+
+/// (f(u), f'(u)) of each activation, as free functions so that the loops
+/// below are monomorphic and vectorise (a `match` per element keeps them
+/// scalar; the derivative is dead code where only f is used).
+#[inline(always)]
+fn relu(u: f32) -> (f32, f32) {
+    if u > 0.0 {
+        (u, 1.0)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
+#[inline(always)]
+fn gelu(u: f32) -> (f32, f32) {
+    // Φ(u) = ½(1 + erf(u/√2)), φ(u) = e^{−u²/2}/√(2π)
+    let z = u.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let (q, e) = erfc_pos(z);
+    let cdf = if u >= 0.0 { 1.0 - 0.5 * q } else { 0.5 * q };
+    (u * cdf, cdf + u * e * 0.398_942_3)
+}
+
+#[inline(always)]
+fn gelu_tanh(u: f32) -> (f32, f32) {
+    const C: f32 = 0.797_884_6;
+    let w = C * (u + 0.044_715 * u * u * u);
+    let th = 1.0 - 2.0 / (exp(2.0 * w) + 1.0);
+    let dw = C * (1.0 + 3.0 * 0.044_715 * u * u);
+    (
+        0.5 * u * (1.0 + th),
+        0.5 * (1.0 + th) + 0.5 * u * (1.0 - th * th) * dw,
+    )
+}
+
+#[inline(always)]
+fn silu(u: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + exp(-u));
+    (u * s, s * (1.0 + u * (1.0 - s)))
+}
+
+/// `$body` with `$f` bound to the activation function of `$act`.
+macro_rules! per_act {
+    ($act:expr, $f:ident => $body:expr) => {
+        match $act {
+            Act::Relu => {
+                let $f = relu;
+                $body
+            }
+            Act::Gelu => {
+                let $f = gelu;
+                $body
+            }
+            Act::GeluTanh => {
+                let $f = gelu_tanh;
+                $body
+            }
+            Act::Silu => {
+                let $f = silu;
+                $body
+            }
+        }
+    };
+}
+
+/// Where each parameter's numbers live: its index in the store's
+/// parameter list (`ParamStore::vars` order, the optimizer's).
+#[derive(Clone, Debug)]
+struct Layer {
+    ln1: (usize, Option<usize>),
+    q: (usize, Option<usize>),
+    k: (usize, Option<usize>),
+    v: (usize, Option<usize>),
+    o: (usize, Option<usize>),
+    ln2: (usize, Option<usize>),
+    w1: (usize, Option<usize>),
+    w3: Option<(usize, Option<usize>)>,
+    w2: (usize, Option<usize>),
+}
+
+/// A model the fused trainer can run: its dimensions and where its
+/// parameters are.
+#[derive(Clone, Debug)]
+pub struct Fused {
+    d: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    d_ff: usize,
+    vocab: usize,
+    max_len: usize,
+    norm: NormSpec,
+    act: Act,
+    gated: bool,
+    embed_scale: f32,
+    embed: usize,
+    /// learned positions (a parameter)
+    pos: Option<usize>,
+    /// fixed positions (sinusoidal), (max_len, d)
+    pos_fixed: Option<Vec<f32>>,
+    /// RoPE on queries and keys
+    rope: Option<std::sync::Arc<RopeTables>>,
+    /// each layer's sliding window (None: full causal attention)
+    windows: Vec<Option<usize>>,
+    layers: Vec<Layer>,
+    ln_f: (usize, Option<usize>),
+    /// untied output projection
+    lm_head: Option<usize>,
+    /// elements of each parameter, in store order
+    sizes: Vec<usize>,
+}
+
+/// Finds a parameter by name and shape: its index in the store's list.
+type Find<'a> = dyn FnMut(String, &[usize]) -> std::result::Result<usize, String> + 'a;
+
+/// The numbers of every parameter (store order), copied once a step.
+pub type Params = Vec<Vec<f32>>;
+
+impl Fused {
+    /// The plan for `model` (its parameters in `store`), or why the fused
+    /// trainer cannot run it.
+    pub fn new(model: &Transformer, store: &ParamStore) -> std::result::Result<Self, String> {
+        let c: &ModelConfig = &model.cfg;
+        if c.shape != Shape::Decoder {
+            return Err("not a decoder-only model".into());
+        }
+        let n = c.n_decoder_layers;
+        let mut windows = vec![];
+        for i in 0..n {
+            windows.push(match c.layer_mechanism(false, i) {
+                MechanismConfig::Softmax => None,
+                MechanismConfig::Window(w) => Some(w.window),
+                _ => return Err(format!("layer {i} is not softmax attention")),
+            });
+        }
+        if c.norm_position != NormPosition::Pre {
+            return Err("not a pre-norm model".into());
+        }
+        if c.dropout > 0.0 {
+            return Err("dropout".into());
+        }
+        if c.qk_norm || c.embed_norm {
+            return Err("query/key or embedding norms".into());
+        }
+        if c.position == PositionKind::Alibi {
+            return Err("ALiBi positions".into());
+        }
+        if c.position == PositionKind::Rope && c.rope_theta_window.is_some() {
+            return Err("RoPE of another base in window layers".into());
+        }
+        if c.head_dim() % 2 == 1 && c.position == PositionKind::Rope {
+            return Err("RoPE on odd head widths".into());
+        }
+        if model.prune.active() {
+            return Err("pruned sublayers".into());
+        }
+        let vars = store.vars();
+        let sizes = vars.iter().map(|(_, v)| v.elem_count()).collect();
+        let mut used = vec![false; vars.len()];
+        let mut find = |name: String, shape: &[usize]| -> std::result::Result<usize, String> {
+            let i = vars
+                .iter()
+                .position(|(n, _)| *n == name)
+                .ok_or(format!("no parameter `{name}`"))?;
+            if vars[i].1.dims() != shape {
+                return Err(format!("`{name}` has shape {:?}", vars[i].1.dims()));
+            }
+            used[i] = true;
+            Ok(i)
+        };
+        let has = |name: &str| vars.iter().any(|(n, _)| n == name);
+        let (d, h, hk, hd, f) = (c.d_model, c.n_heads, c.kv_heads(), c.head_dim(), c.d_ff);
+        let norm =
+            |find: &mut Find, p: &str| -> std::result::Result<(usize, Option<usize>), String> {
+                let w = find(format!("{p}.weight"), &[d])?;
+                let b = match c.norm {
+                    NormKind::Layernorm => Some(find(format!("{p}.bias"), &[d])?),
+                    NormKind::Rmsnorm => None,
+                };
+                Ok((w, b))
+            };
+        let lin = |find: &mut Find,
+                   p: &str,
+                   o: usize,
+                   i: usize|
+         -> std::result::Result<(usize, Option<usize>), String> {
+            let w = find(format!("{p}.weight"), &[o, i])?;
+            let b = if has(&format!("{p}.bias")) {
+                Some(find(format!("{p}.bias"), &[o])?)
+            } else {
+                None
+            };
+            Ok((w, b))
+        };
+        let gated = matches!(c.ffn, FfnKind::Swiglu | FfnKind::Geglu);
+        let mut layers = vec![];
+        for i in 0..n {
+            let p = format!("decoder.{i}");
+            layers.push(Layer {
+                ln1: norm(&mut find, &format!("{p}.ln_1"))?,
+                q: lin(&mut find, &format!("{p}.self_attn.q_proj"), h * hd, d)?,
+                k: lin(&mut find, &format!("{p}.self_attn.k_proj"), hk * hd, d)?,
+                v: lin(&mut find, &format!("{p}.self_attn.v_proj"), hk * hd, d)?,
+                o: lin(&mut find, &format!("{p}.self_attn.o_proj"), d, h * hd)?,
+                ln2: norm(&mut find, &format!("{p}.ln_2"))?,
+                w1: lin(&mut find, &format!("{p}.ffn.w1"), f, d)?,
+                w3: if gated {
+                    Some(lin(&mut find, &format!("{p}.ffn.w3"), f, d)?)
+                } else {
+                    None
+                },
+                w2: lin(&mut find, &format!("{p}.ffn.w2"), d, f)?,
+            });
+        }
+        let embed = find("embed.weight".into(), &[c.vocab_size, d])?;
+        let pos = match c.position {
+            PositionKind::Learned => Some(find("pos_dec.weight".into(), &[c.max_len, d])?),
+            _ => None,
+        };
+        let pos_fixed = match (c.position, model.pos_dec()) {
+            (PositionKind::Sinusoidal, crate::position::Additive::Table(t)) => Some(
+                t.to_dtype(candle_core::DType::F32)
+                    .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                    .map_err(|e| e.to_string())?,
+            ),
+            _ => None,
+        };
+        let rope = (c.position == PositionKind::Rope).then(|| {
+            let factors = c.rope_scaling.as_ref().map(|r| r.factors(hd, c.rope_theta));
+            RopeTables::new(
+                hd,
+                c.max_len,
+                c.rope_theta,
+                factors.as_deref(),
+                c.rope_interleaved,
+            )
+        });
+        let ln_f = norm(&mut find, "dec_norm")?;
+        let lm_head = if c.tie_embeddings {
+            None
+        } else {
+            Some(find("lm_head.weight".into(), &[c.vocab_size, d])?)
+        };
+        if let Some(i) = used.iter().position(|u| !u) {
+            return Err(format!("parameter `{}` is not one it computes", vars[i].0));
+        }
+        Ok(Self {
+            d,
+            heads: h,
+            kv_heads: hk,
+            hd,
+            d_ff: f,
+            vocab: c.vocab_size,
+            max_len: c.max_len,
+            norm: NormSpec {
+                center: c.norm == NormKind::Layernorm,
+                eps: c.norm_eps as f32,
+            },
+            act: match c.ffn {
+                FfnKind::Relu => Act::Relu,
+                FfnKind::Gelu => Act::Gelu,
+                FfnKind::Geglu => Act::GeluTanh,
+                FfnKind::Swiglu => Act::Silu,
+            },
+            gated,
+            embed_scale: if c.scale_embeddings {
+                (d as f32).sqrt()
+            } else {
+                1.0
+            },
+            embed,
+            pos,
+            pos_fixed,
+            rope: rope.map(std::sync::Arc::new),
+            windows,
+            layers,
+            ln_f,
+            lm_head,
+            sizes,
+        })
+    }
+
+    /// Every parameter's numbers now (store order).
+    pub fn params(&self, store: &ParamStore) -> Result<Params> {
+        store
+            .vars()
+            .iter()
+            .map(|(_, v)| with_f32(v.as_tensor(), |s| s.to_vec()))
+            .collect()
+    }
+
+    /// Zeroed gradients, one per parameter (store order).
+    pub fn zero_grads(&self) -> Params {
+        self.sizes.iter().map(|&n| vec![0f32; n]).collect()
+    }
+
+    /// The loss of one shard — Σ over positions of weight · (per-position
+    /// cross-entropy with label smoothing `eps`) / `total_w` — and its
+    /// gradients added into `grads`. ids, target, weight: (b, t) row-major.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grads(
+        &self,
+        p: &Params,
+        ws: &mut Workspace,
+        (b, t): (usize, usize),
+        ids: &[u32],
+        target: &[u32],
+        weight: &[f32],
+        smoothing: f32,
+        total_w: f32,
+        grads: &mut Params,
+    ) -> Result<f64> {
+        let n = b * t;
+        if t > self.max_len {
+            return Err(Error::msg(format!(
+                "sequence of {t} tokens exceeds the model's max_len {}",
+                self.max_len
+            )));
+        }
+        if let Some(&bad) = ids
+            .iter()
+            .chain(target)
+            .find(|&&i| i as usize >= self.vocab)
+        {
+            return Err(Error::msg(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.vocab
+            )));
+        }
+        ws.fit(self, b, t);
+        let (d, f, v) = (self.d, self.d_ff, self.vocab);
+        let (qw, kw) = (self.heads * self.hd, self.kv_heads * self.hd);
+        let nl = self.layers.len();
+        let w = |s: usize| p[s].as_slice();
+        let wo = |s: Option<usize>| s.map(|s| p[s].as_slice());
+
+        // ---- forward ----
+        // x = s · E[ids] + P[pos]
+        {
+            let x = &mut ws.x[0][..n * d];
+            let e = w(self.embed);
+            let table = self.pos.map(&w).or(self.pos_fixed.as_deref());
+            for (r, (xr, &id)) in x.chunks_exact_mut(d).zip(ids).enumerate() {
+                let er = &e[id as usize * d..][..d];
+                match table {
+                    Some(pt) => {
+                        let pr = &pt[(r % t) * d..][..d];
+                        for j in 0..d {
+                            xr[j] = er[j] * self.embed_scale + pr[j];
+                        }
+                    }
+                    None => xr
+                        .iter_mut()
+                        .zip(er)
+                        .for_each(|(a, &b)| *a = b * self.embed_scale),
+                }
+            }
+        }
+        for (l, ly) in self.layers.iter().enumerate() {
+            let a = &mut ws.layer[l];
+            // attention sublayer
+            let (x_in, x_rest) = ws.x.split_at_mut(l + 1);
+            let x_in = &x_in[l][..n * d];
+            self.norm.fwd(
+                x_in,
+                w(ly.ln1.0),
+                wo(ly.ln1.1),
+                &mut a.a,
+                &mut a.mu1,
+                &mut a.r1,
+            );
+            linear(&a.a, w(ly.q.0), wo(ly.q.1), (n, d, qw), &mut a.q);
+            linear(&a.a, w(ly.k.0), wo(ly.k.1), (n, d, kw), &mut a.k);
+            linear(&a.a, w(ly.v.0), wo(ly.v.1), (n, d, kw), &mut a.v);
+            if let Some(rope) = &self.rope {
+                rotate_rows(rope, &mut a.q[..n * qw], qw, self.hd, t, false);
+                rotate_rows(rope, &mut a.k[..n * kw], kw, self.hd, t, false);
+            }
+            self.attention_fwd(a, b, t, self.windows[l]);
+            let x_mid = &mut a.x_mid;
+            linear(&a.o, w(ly.o.0), wo(ly.o.1), (n, qw, d), x_mid);
+            x_mid.iter_mut().zip(x_in).for_each(|(y, x)| *y += x);
+            // FFN sublayer
+            self.norm.fwd(
+                x_mid,
+                w(ly.ln2.0),
+                wo(ly.ln2.1),
+                &mut a.c,
+                &mut a.mu2,
+                &mut a.r2,
+            );
+            linear(&a.c, w(ly.w1.0), wo(ly.w1.1), (n, d, f), &mut a.u);
+            if let Some(w3) = ly.w3 {
+                linear(&a.c, w(w3.0), wo(w3.1), (n, d, f), &mut a.u3);
+            }
+            if self.gated {
+                per_act!(self.act, f => {
+                    for ((g, &u), &up) in a.g.iter_mut().zip(&a.u).zip(&a.u3) {
+                        *g = f(u).0 * up;
+                    }
+                })
+            } else {
+                per_act!(self.act, f => {
+                    for (g, &u) in a.g.iter_mut().zip(&a.u) {
+                        *g = f(u).0;
+                    }
+                })
+            }
+            let x_out = &mut x_rest[0][..n * d];
+            linear(&a.g, w(ly.w2.0), wo(ly.w2.1), (n, f, d), x_out);
+            x_out.iter_mut().zip(&a.x_mid).for_each(|(y, x)| *y += x);
+        }
+        self.norm.fwd(
+            &ws.x[nl][..n * d],
+            w(self.ln_f.0),
+            wo(self.ln_f.1),
+            &mut ws.xf,
+            &mut ws.muf,
+            &mut ws.rf,
+        );
+        // the scored rows only (MQAR scores a few positions a sequence)
+        ws.rows.clear();
+        ws.rows.extend((0..n).filter(|&r| weight[r] != 0.0));
+        let ns = ws.rows.len();
+        if ns == 0 {
+            return Err(Error::msg("batch has no scored positions"));
+        }
+        for (i, &r) in ws.rows.iter().enumerate() {
+            ws.hs[i * d..(i + 1) * d].copy_from_slice(&ws.xf[r * d..(r + 1) * d]);
+        }
+        let head = w(self.lm_head.unwrap_or(self.embed));
+        linear(&ws.hs[..ns * d], head, None, (ns, d, v), &mut ws.logits);
+        // loss, and dlogits = w/W · (softmax − (1−ε) onehot − ε/V) in place
+        let mut loss = 0f64;
+        for (i, &r) in ws.rows.iter().enumerate() {
+            let row = &mut ws.logits[i * v..(i + 1) * v];
+            let mean_logit = lanes(row, |_, x| x) / v as f32;
+            let tgt = target[r] as usize;
+            let z_tgt = row[tgt];
+            // row <- e^{x − max}, then the probabilities
+            let (max, sum) = exp_shifted(row);
+            let lse = max + sum.ln();
+            let nll = lse - z_tgt;
+            let uniform = lse - mean_logit; // −mean(log p)
+            let wr = weight[r];
+            loss += (wr * ((1.0 - smoothing) * nll + smoothing * uniform)) as f64;
+            let (k, inv, off) = (wr / total_w, 1.0 / sum, smoothing / v as f32);
+            row.iter_mut().for_each(|x| *x = (*x * inv - off) * k);
+            row[tgt] -= (1.0 - smoothing) * k;
+        }
+        loss /= total_w as f64;
+
+        // ---- backward ----
+        let dl = &ws.logits[..ns * v];
+        // d head += dlᵀ hs; d hs = dl head
+        linear_bwd(
+            &ws.hs[..ns * d],
+            head,
+            dl,
+            (ns, d, v),
+            &mut grads[self.lm_head.unwrap_or(self.embed)],
+            None,
+            Some(&mut ws.dhs),
+            false,
+        );
+        ws.dxf[..n * d].fill(0.0);
+        for (i, &r) in ws.rows.iter().enumerate() {
+            ws.dxf[r * d..(r + 1) * d].copy_from_slice(&ws.dhs[i * d..(i + 1) * d]);
+        }
+        ws.dx[..n * d].fill(0.0);
+        {
+            let (gw, gb) = two(grads, self.ln_f.0, self.ln_f.1);
+            self.norm.bwd(
+                &ws.x[nl][..n * d],
+                w(self.ln_f.0),
+                &ws.muf,
+                &ws.rf,
+                &ws.dxf[..n * d],
+                &mut ws.dx[..n * d],
+                gw,
+                gb,
+            );
+        }
+        for (l, ly) in self.layers.iter().enumerate().rev() {
+            let a = &mut ws.layer[l];
+            let s = &mut ws.scratch;
+            // FFN: dz = dx (the residual's gradient)
+            {
+                let (gw, gb) = two(grads, ly.w2.0, ly.w2.1);
+                linear_bwd(
+                    &a.g,
+                    w(ly.w2.0),
+                    &ws.dx,
+                    (n, f, d),
+                    gw,
+                    gb,
+                    Some(&mut s.dg),
+                    false,
+                );
+            }
+            if self.gated {
+                per_act!(self.act, f => {
+                    for (((dg, du3), &u), &up) in
+                        s.dg.iter_mut().zip(s.du3.iter_mut()).zip(&a.u).zip(&a.u3)
+                    {
+                        let (fu, dfu) = f(u);
+                        *du3 = *dg * fu;
+                        *dg *= up * dfu;
+                    }
+                })
+            } else {
+                per_act!(self.act, f => {
+                    for (dg, &u) in s.dg.iter_mut().zip(&a.u) {
+                        *dg *= f(u).1;
+                    }
+                })
+            }
+            {
+                let (gw, gb) = two(grads, ly.w1.0, ly.w1.1);
+                linear_bwd(
+                    &a.c,
+                    w(ly.w1.0),
+                    &s.dg,
+                    (n, d, f),
+                    gw,
+                    gb,
+                    Some(&mut s.dc),
+                    false,
+                );
+            }
+            if let Some(w3) = ly.w3 {
+                let (gw, gb) = two(grads, w3.0, w3.1);
+                linear_bwd(
+                    &a.c,
+                    w(w3.0),
+                    &s.du3,
+                    (n, d, f),
+                    gw,
+                    gb,
+                    Some(&mut s.dc),
+                    true,
+                );
+            }
+            {
+                let (gw, gb) = two(grads, ly.ln2.0, ly.ln2.1);
+                self.norm.bwd(
+                    &a.x_mid,
+                    w(ly.ln2.0),
+                    &a.mu2,
+                    &a.r2,
+                    &s.dc,
+                    &mut ws.dx,
+                    gw,
+                    gb,
+                );
+            }
+            // attention: dy = dx
+            {
+                let (gw, gb) = two(grads, ly.o.0, ly.o.1);
+                linear_bwd(
+                    &a.o,
+                    w(ly.o.0),
+                    &ws.dx,
+                    (n, qw, d),
+                    gw,
+                    gb,
+                    Some(&mut s.d_o),
+                    false,
+                );
+            }
+            self.attention_bwd(a, s, b, t, self.windows[l]);
+            if let Some(rope) = &self.rope {
+                rotate_rows(rope, &mut s.dq[..n * qw], qw, self.hd, t, true);
+                rotate_rows(rope, &mut s.dk[..n * kw], kw, self.hd, t, true);
+            }
+            for (k, (slot, dy, width)) in [(ly.q, &s.dq, qw), (ly.k, &s.dk, kw), (ly.v, &s.dv, kw)]
+                .into_iter()
+                .enumerate()
+            {
+                let (gw, gb) = two(grads, slot.0, slot.1);
+                linear_bwd(
+                    &a.a,
+                    w(slot.0),
+                    dy,
+                    (n, d, width),
+                    gw,
+                    gb,
+                    Some(&mut s.da),
+                    k > 0,
+                );
+            }
+            let x_in = &ws.x[l][..n * d];
+            let (gw, gb) = two(grads, ly.ln1.0, ly.ln1.1);
+            self.norm
+                .bwd(x_in, w(ly.ln1.0), &a.mu1, &a.r1, &s.da, &mut ws.dx, gw, gb);
+        }
+        // embeddings: dE[id] += s · dx, dP[pos] += dx
+        let dx = &ws.dx[..n * d];
+        for (r, (dr, &id)) in dx.chunks_exact(d).zip(ids).enumerate() {
+            let ge = &mut grads[self.embed][id as usize * d..][..d];
+            ge.iter_mut()
+                .zip(dr)
+                .for_each(|(g, v)| *g += v * self.embed_scale);
+            if let Some(pi) = self.pos {
+                let gp = &mut grads[pi][(r % t) * d..][..d];
+                gp.iter_mut().zip(dr).for_each(|(g, v)| *g += v);
+            }
+        }
+        Ok(loss)
+    }
+
+    /// Causal softmax attention of every (sequence, head): P = softmax(q kᵀ
+    /// / √hd) with future keys masked, kept for the backward; o = P v.
+    fn attention_fwd(&self, a: &mut LayerActs, b: usize, t: usize, window: Option<usize>) {
+        let (hd, h, g) = (self.hd, self.heads, self.heads / self.kv_heads);
+        let (qw, kw) = (h * hd, self.kv_heads * hd);
+        let scale = 1.0 / (hd as f32).sqrt();
+        for s in 0..b {
+            for head in 0..h {
+                let kh = head / g;
+                let p = &mut a.p[(s * h + head) * t * t..][..t * t];
+                let q = &a.q[s * t * qw + head * hd..];
+                let k = &a.k[s * t * kw + kh * hd..];
+                let v = &a.v[s * t * kw + kh * hd..];
+                mm((t, t, hd), p, (t, 1), false, q, (qw, 1), k, (1, kw), scale);
+                for (i, row) in p.chunks_exact_mut(t).enumerate() {
+                    let lo = first_key(i, window);
+                    row[..lo].fill(0.0);
+                    softmax_row(&mut row[lo..=i]);
+                    row[i + 1..].fill(0.0);
+                }
+                let o = &mut a.o[s * t * qw + head * hd..];
+                mm((t, hd, t), o, (qw, 1), false, p, (t, 1), v, (kw, 1), 1.0);
+            }
+        }
+    }
+
+    /// The backward of `attention_fwd`: from d_o, dq (set), dk and dv
+    /// (summed over the query heads sharing them).
+    fn attention_bwd(
+        &self,
+        a: &LayerActs,
+        s: &mut Scratch,
+        b: usize,
+        t: usize,
+        window: Option<usize>,
+    ) {
+        let (hd, h, g) = (self.hd, self.heads, self.heads / self.kv_heads);
+        let (qw, kw) = (h * hd, self.kv_heads * hd);
+        let scale = 1.0 / (hd as f32).sqrt();
+        s.dk.fill(0.0);
+        s.dv.fill(0.0);
+        for sq in 0..b {
+            for head in 0..h {
+                let kh = head / g;
+                let p = &a.p[(sq * h + head) * t * t..][..t * t];
+                let (qo, ko) = (sq * t * qw + head * hd, sq * t * kw + kh * hd);
+                let d_o = &s.d_o[qo..];
+                // dP = dO vᵀ
+                let dp = &mut s.dp[..t * t];
+                mm(
+                    (t, t, hd),
+                    dp,
+                    (t, 1),
+                    false,
+                    d_o,
+                    (qw, 1),
+                    &a.v[ko..],
+                    (1, kw),
+                    1.0,
+                );
+                // dv += Pᵀ dO
+                mm(
+                    (t, hd, t),
+                    &mut s.dv[ko..],
+                    (kw, 1),
+                    true,
+                    p,
+                    (1, t),
+                    d_o,
+                    (qw, 1),
+                    1.0,
+                );
+                // dS = P ⊙ (dP − Σ_j dP P) · scale (zero where masked: P = 0)
+                for (i, (dr, pr)) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
+                    let (lo, n) = (first_key(i, window), i + 1);
+                    let dot = lanes(&pr[lo..n], |j, pv| pv * dr[lo + j]);
+                    for j in lo..n {
+                        dr[j] = pr[j] * (dr[j] - dot) * scale;
+                    }
+                    dr[..lo].fill(0.0);
+                    dr[n..].fill(0.0);
+                }
+                // dq = dS k; dk += dSᵀ q
+                mm(
+                    (t, hd, t),
+                    &mut s.dq[qo..],
+                    (qw, 1),
+                    false,
+                    dp,
+                    (t, 1),
+                    &a.k[ko..],
+                    (kw, 1),
+                    1.0,
+                );
+                mm(
+                    (t, hd, t),
+                    &mut s.dk[ko..],
+                    (kw, 1),
+                    true,
+                    dp,
+                    (1, t),
+                    &a.q[qo..],
+                    (qw, 1),
+                    1.0,
+                );
+            }
+        }
+    }
+}
+
+/// The first key query i sees: 0, or i − w + 1 in a window of w.
+#[inline]
+fn first_key(i: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (i + 1).saturating_sub(w))
+}
+
+/// Rotate every head (hd wide) of every row of x (rows of `width`) to its
+/// position, row mod t; `back` applies the transpose (the backward).
+fn rotate_rows(rope: &RopeTables, x: &mut [f32], width: usize, hd: usize, t: usize, back: bool) {
+    for (r, row) in x.chunks_exact_mut(width).enumerate() {
+        for head in row.chunks_exact_mut(hd) {
+            if back {
+                rope.rotate_back(head, r % t);
+            } else {
+                rope.rotate(head, r % t);
+            }
+        }
+    }
+}
+
+/// A parameter's gradient and its bias's, borrowed together.
+fn two(g: &mut Params, w: usize, b: Option<usize>) -> (&mut [f32], Option<&mut [f32]>) {
+    match b {
+        None => (&mut g[w], None),
+        Some(b) if w < b => {
+            let (lo, hi) = g.split_at_mut(b);
+            (&mut lo[w], Some(&mut hi[0]))
+        }
+        Some(b) => {
+            let (lo, hi) = g.split_at_mut(w);
+            (&mut hi[0], Some(&mut lo[b]))
+        }
+    }
+}
+
+/// What one layer keeps from its forward for its backward.
+#[derive(Default)]
+struct LayerActs {
+    a: Vec<f32>,
+    mu1: Vec<f32>,
+    r1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// (b, heads, t, t) attention probabilities
+    p: Vec<f32>,
+    o: Vec<f32>,
+    x_mid: Vec<f32>,
+    c: Vec<f32>,
+    mu2: Vec<f32>,
+    r2: Vec<f32>,
+    u: Vec<f32>,
+    u3: Vec<f32>,
+    g: Vec<f32>,
+}
+
+/// Gradients of one layer's activations, reused layer after layer.
+#[derive(Default)]
+struct Scratch {
+    dg: Vec<f32>,
+    du3: Vec<f32>,
+    dc: Vec<f32>,
+    d_o: Vec<f32>,
+    dp: Vec<f32>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    da: Vec<f32>,
+}
+
+/// One shard's buffers, allocated at the first step and reused.
+#[derive(Default)]
+pub struct Workspace {
+    shape: (usize, usize),
+    /// the residual stream entering each layer, and leaving the last
+    x: Vec<Vec<f32>>,
+    layer: Vec<LayerActs>,
+    xf: Vec<f32>,
+    muf: Vec<f32>,
+    rf: Vec<f32>,
+    rows: Vec<usize>,
+    hs: Vec<f32>,
+    logits: Vec<f32>,
+    dhs: Vec<f32>,
+    dxf: Vec<f32>,
+    dx: Vec<f32>,
+    scratch: Scratch,
+}
+
+impl Workspace {
+    /// Size every buffer for shards of b sequences of t tokens.
+    fn fit(&mut self, m: &Fused, b: usize, t: usize) {
+        if self.shape == (b, t) && self.layer.len() == m.layers.len() {
+            return;
+        }
+        let n = b * t;
+        let (d, f, v) = (m.d, m.d_ff, m.vocab);
+        let (qw, kw) = (m.heads * m.hd, m.kv_heads * m.hd);
+        let z = |k: usize| vec![0f32; k];
+        self.shape = (b, t);
+        self.x = (0..=m.layers.len()).map(|_| z(n * d)).collect();
+        self.layer = (0..m.layers.len())
+            .map(|_| LayerActs {
+                a: z(n * d),
+                mu1: z(n),
+                r1: z(n),
+                q: z(n * qw),
+                k: z(n * kw),
+                v: z(n * kw),
+                p: z(b * m.heads * t * t),
+                o: z(n * qw),
+                x_mid: z(n * d),
+                c: z(n * d),
+                mu2: z(n),
+                r2: z(n),
+                u: z(n * f),
+                u3: if m.gated { z(n * f) } else { vec![] },
+                g: z(n * f),
+            })
+            .collect();
+        self.xf = z(n * d);
+        self.muf = z(n);
+        self.rf = z(n);
+        self.hs = z(n * d);
+        self.logits = z(n * v);
+        self.dhs = z(n * d);
+        self.dxf = z(n * d);
+        self.dx = z(n * d);
+        self.scratch = Scratch {
+            dg: z(n * f),
+            du3: if m.gated { z(n * f) } else { vec![] },
+            dc: z(n * d),
+            d_o: z(n * qw),
+            dp: z(t * t),
+            dq: z(n * qw),
+            dk: z(n * kw),
+            dv: z(n * kw),
+            da: z(n * d),
+        };
+    }
+}

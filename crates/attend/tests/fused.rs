@@ -1,0 +1,261 @@
+//! The fused trainer (train::fused) against candle's autograd on the same
+//! model and batch: the loss and the gradient of every parameter, for each
+//! kind of model it accepts; the models it refuses; and a few optimisation
+//! steps through each giving the same weights.
+
+mod common;
+
+use attend::config::{FfnKind, NormKind, PositionKind, Shape};
+use attend::tasks::Batch;
+use attend::train::fused::{Fused, Workspace};
+use attend::train::{batch_loss_sum, TrainConfig, Trainer};
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use rand::Rng;
+
+/// A language-model batch of b sequences of t tokens; `sparse` scores only
+/// every third position (as MQAR scores only its queries).
+fn lm_batch(seed: u64, b: usize, t: usize, vocab: usize, sparse: bool) -> Batch {
+    let mut r = rng(seed);
+    let input = random_ids(&mut r, b, t, vocab);
+    let target = random_ids(&mut r, b, t, vocab);
+    let w: Vec<f32> = (0..b * t)
+        .map(|i| {
+            if !sparse || i % 3 == 1 {
+                r.random_range(0.5f32..1.5)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Batch::Lm {
+        input,
+        target,
+        weight: Tensor::from_vec(w, (b, t), &Device::Cpu).unwrap(),
+    }
+}
+
+fn vecs(batch: &Batch) -> (Vec<u32>, Vec<u32>, Vec<f32>, (usize, usize)) {
+    let Batch::Lm {
+        input,
+        target,
+        weight,
+    } = batch
+    else {
+        unreachable!()
+    };
+    (
+        input.flatten_all().unwrap().to_vec1().unwrap(),
+        target.flatten_all().unwrap().to_vec1().unwrap(),
+        weight.flatten_all().unwrap().to_vec1().unwrap(),
+        input.dims2().unwrap(),
+    )
+}
+
+/// Loss and gradients of `cfg` on one batch, fused against autograd.
+fn check(cfg: &attend::ModelConfig, smoothing: f64, sparse: bool) {
+    let (model, store) = build(cfg, 7, DType::F32);
+    let plan = Fused::new(&model, &store).unwrap_or_else(|e| panic!("{cfg:?}: refused: {e}"));
+    let batch = lm_batch(3, 3, 12, cfg.vocab_size, sparse);
+    let total = batch.n_target_tokens().unwrap() as f64;
+    // autograd
+    let loss = (batch_loss_sum(&model, &batch, smoothing).unwrap() / total).unwrap();
+    let grads = loss.backward().unwrap();
+    let want_loss = loss.to_scalar::<f32>().unwrap() as f64;
+    // fused
+    let (ids, tgt, w, bt) = vecs(&batch);
+    let params = plan.params(&store).unwrap();
+    let mut got = plan.zero_grads();
+    let mut ws = Workspace::default();
+    let got_loss = plan
+        .loss_and_grads(
+            &params,
+            &mut ws,
+            bt,
+            &ids,
+            &tgt,
+            &w,
+            smoothing as f32,
+            total as f32,
+            &mut got,
+        )
+        .unwrap();
+    assert!(
+        (got_loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
+        "{cfg:?}: loss {got_loss} vs {want_loss}"
+    );
+    for (i, (name, var)) in store.vars().iter().enumerate() {
+        let want: Vec<f32> = match grads.get(var.as_tensor()) {
+            Some(g) => g.flatten_all().unwrap().to_vec1().unwrap(),
+            None => vec![0.0; var.elem_count()],
+        };
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        let err = got[i]
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 2e-4 * scale,
+            "{:?} {:?}: gradient of `{name}` off by {err} (largest {scale})",
+            cfg.ffn,
+            cfg.position
+        );
+    }
+    // the workspace is reused: a second call on another batch still agrees
+    let batch2 = lm_batch(4, 3, 12, cfg.vocab_size, sparse);
+    let total2 = batch2.n_target_tokens().unwrap() as f64;
+    let want2 = (batch_loss_sum(&model, &batch2, smoothing).unwrap() / total2)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let (ids, tgt, w, bt) = vecs(&batch2);
+    let got2 = plan
+        .loss_and_grads(
+            &params,
+            &mut ws,
+            bt,
+            &ids,
+            &tgt,
+            &w,
+            smoothing as f32,
+            total2 as f32,
+            &mut plan.zero_grads(),
+        )
+        .unwrap();
+    assert!((got2 - want2).abs() < 1e-5 * want2.abs().max(1.0));
+}
+
+#[test]
+fn gradients_equal_autograd() {
+    let base = attend::ModelConfig {
+        n_heads: 2,
+        ..tiny(Shape::Decoder)
+    };
+    let configs = [
+        // nanoGPT's block: LayerNorm, GELU, learned positions, biases, tied
+        attend::ModelConfig {
+            position: PositionKind::Learned,
+            ffn: FfnKind::Gelu,
+            ..base.clone()
+        },
+        // no biases, untied, sinusoidal positions, ReLU
+        attend::ModelConfig {
+            bias: false,
+            tie_embeddings: false,
+            ..base.clone()
+        },
+        // Llama-like: RMSNorm, SwiGLU, grouped-query, no positions
+        attend::ModelConfig {
+            position: PositionKind::None,
+            norm: NormKind::Rmsnorm,
+            ffn: FfnKind::Swiglu,
+            n_heads: 4,
+            n_kv_heads: Some(2),
+            bias: false,
+            scale_embeddings: false,
+            ..base.clone()
+        },
+        // GeGLU, a head width that is not d_model / heads, three layers
+        attend::ModelConfig {
+            position: PositionKind::Learned,
+            ffn: FfnKind::Geglu,
+            head_dim: Some(6),
+            n_decoder_layers: 3,
+            ..base.clone()
+        },
+        // RoPE (both layouts), sliding-window layers between full ones
+        attend::ModelConfig {
+            position: PositionKind::Rope,
+            layer_mechanisms: vec!["window:w=5".parse().unwrap(), Default::default()],
+            ..base.clone()
+        },
+        attend::ModelConfig {
+            position: PositionKind::Rope,
+            rope_interleaved: true,
+            norm: NormKind::Rmsnorm,
+            mechanism: "window:w=3".parse().unwrap(),
+            ..base.clone()
+        },
+    ];
+    for cfg in &configs {
+        check(cfg, 0.0, false);
+        check(cfg, 0.1, true);
+    }
+}
+
+#[test]
+fn refuses_what_it_does_not_compute() {
+    let base = tiny(Shape::Decoder);
+    for (cfg, why) in [
+        (tiny(Shape::EncoderDecoder), "decoder-only"),
+        (
+            attend::ModelConfig {
+                position: PositionKind::Alibi,
+                ..base.clone()
+            },
+            "ALiBi",
+        ),
+        (
+            attend::ModelConfig {
+                dropout: 0.1,
+                ..base.clone()
+            },
+            "dropout",
+        ),
+        (
+            attend::ModelConfig {
+                mechanism: "linear".parse().unwrap(),
+                ..base.clone()
+            },
+            "not softmax",
+        ),
+        (
+            attend::ModelConfig {
+                norm_position: attend::config::NormPosition::Post,
+                ..base.clone()
+            },
+            "pre-norm",
+        ),
+    ] {
+        let (model, store) = build(&cfg, 1, DType::F32);
+        let e = Fused::new(&model, &store).unwrap_err();
+        assert!(e.contains(why), "{e}");
+    }
+}
+
+/// Ten AdamW steps on the MQAR task through each trainer: the same losses
+/// and weights (up to float summation order).
+#[test]
+fn training_steps_match_autograd() {
+    let (m, t, tr) = attend::train::presets::preset("mqar").unwrap();
+    let model = attend::ModelConfig {
+        d_model: 32,
+        d_ff: 64,
+        ffn: FfnKind::Gelu,
+        ..m
+    };
+    let train = TrainConfig {
+        batch_size: 8,
+        steps: 10,
+        label_smoothing: 0.1,
+        ..tr
+    };
+    let mut a = Trainer::new(model.clone(), t.clone(), train.clone()).unwrap();
+    let mut b = Trainer::new(model, t, train).unwrap().with_fused(false);
+    assert_eq!((a.executor(), b.executor()), ("fused", "autograd"));
+    a.shards = 2;
+    for _ in 0..10 {
+        let (sa, sb) = (a.train_step().unwrap(), b.train_step().unwrap());
+        assert!(
+            (sa.loss - sb.loss).abs() < 1e-4 * sb.loss,
+            "{} vs {}",
+            sa.loss,
+            sb.loss
+        );
+        assert!((sa.grad_norm - sb.grad_norm).abs() < 1e-3 * sb.grad_norm);
+    }
+    for ((name, va), (_, vb)) in a.store.vars().iter().zip(b.store.vars()) {
+        let d = max_abs_diff(va.as_tensor(), vb.as_tensor());
+        assert!(d < 1e-3, "`{name}` differs by {d}");
+    }
+}

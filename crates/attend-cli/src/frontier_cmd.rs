@@ -12,32 +12,42 @@ use std::path::PathBuf;
 #[derive(Args)]
 pub struct FrontierArgs {
     /// Mechanism specs to sweep (as `attend train --mechanism`), separated
-    /// by `;` (default: softmax, windows, Taylor linear attention, BASED,
-    /// RetNet decay and GLA at two sizes each where they have a size knob).
+    /// by `;`; `SPEC@D` trains that one at width D only (instead of every
+    /// --d-model). Default: softmax; windows of 16 and 64; Taylor linear
+    /// attention of feature dimension 8 and 16; the BASED stack at two
+    /// sizes; RetNet decay; GLA, DeltaNet, Gated DeltaNet and Mamba2 at
+    /// widths 64 and 128 (their state grows with the width).
     #[arg(long, value_delimiter = ';')]
     mechanisms: Vec<String>,
-    /// Key–value pairs per sequence (default 4 and 16; 4 with --quick).
+    /// Key–value pairs per sequence (default 16 and 64; 4 with --quick).
     #[arg(long, value_delimiter = ',')]
     pairs: Vec<usize>,
-    /// Model width.
-    #[arg(long, default_value_t = 64)]
-    d_model: usize,
-    /// Sequence length (default 64; 32 with --quick).
+    /// Model widths to sweep, e.g. 64,128 (each mechanism without an `@D`
+    /// at each; the state of linear and recurrent mixers grows with the
+    /// width).
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    d_model: Vec<usize>,
+    /// Sequence length (default 256; 32 with --quick).
     #[arg(long)]
     seq_len: Option<usize>,
-    /// Vocabulary: keys and values (default 64; 32 with --quick).
+    /// Vocabulary: keys and values (default 1024: 512 keys, eight times the
+    /// most pairs a sequence holds; 32 with --quick).
     #[arg(long)]
     vocab: Option<usize>,
-    /// Training steps per model (default 1500; 400 with --quick).
+    /// Training steps per model (default 1000; 400 with --quick).
     #[arg(long)]
     steps: Option<u64>,
+    /// Sequences per step (default 32; the MQAR preset's 64 with --quick).
+    #[arg(long)]
+    batch_size: Option<usize>,
     #[arg(long, default_value_t = 500)]
     n_eval: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Peak learning rates to sweep for every (mechanism, pairs): each is
     /// trained at each, the table lists every run and the plots the best
-    /// (default: the MQAR preset's, 1e-3).
+    /// (default: 1e-3 and 3e-3 for the default sweep; the MQAR preset's 3e-3
+    /// with --quick or --mechanisms).
     #[arg(long, value_delimiter = ',')]
     lrs: Vec<f64>,
     /// Four small models at 4 pairs: about 2 minutes.
@@ -49,18 +59,31 @@ pub struct FrontierArgs {
     /// Print results.json to stdout.
     #[arg(long)]
     json: bool,
+    /// Keep the runs already in --out's results.json (same sequence length,
+    /// vocabulary, steps, seed and evaluation size) and train only the rest:
+    /// a long sweep continues where it stopped. The reports are rewritten
+    /// after every run either way.
+    #[arg(long)]
+    resume: bool,
 }
 
-const DEFAULT: [&str; 9] = [
-    "softmax",
-    "window:w=8",
-    "window:w=32",
-    "linear:map=taylor,dim=8",
-    "linear:map=taylor,dim=16",
-    "based:dim=8,w=8",
-    "based:dim=16,w=16",
-    "decay",
-    "gla",
+const DEFAULT: [&str; 16] = [
+    "softmax@64",
+    "window:w=16@64",
+    "window:w=64@64",
+    "linear:map=taylor,dim=8@64",
+    "linear:map=taylor,dim=16@64",
+    "based-stack:dim=8,w=16@64",
+    "based-stack:dim=16,w=64@64",
+    "decay@64",
+    "gla@64",
+    "deltanet@64",
+    "gated-deltanet@64",
+    "mamba2@64",
+    "gla@128",
+    "deltanet@128",
+    "gated-deltanet@128",
+    "mamba2@128",
 ];
 const QUICK: [&str; 4] = [
     "softmax",
@@ -82,17 +105,37 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
     } else if a.quick {
         vec![4]
     } else {
-        vec![4, 16]
+        vec![16, 64]
     };
     let setup = FrontierSetup {
-        seq_len: a.seq_len.unwrap_or(if a.quick { 32 } else { 64 }),
-        vocab: a.vocab.unwrap_or(if a.quick { 32 } else { 64 }),
-        steps: a.steps.unwrap_or(if a.quick { 400 } else { 1500 }),
+        seq_len: a.seq_len.unwrap_or(if a.quick { 32 } else { 256 }),
+        vocab: a.vocab.unwrap_or(if a.quick { 32 } else { 1024 }),
+        steps: a.steps.unwrap_or(if a.quick { 400 } else { 1000 }),
         n_eval: a.n_eval,
         seed: a.seed,
         shards: crate::train_cmd::threads(),
+        // (the MQAR preset's batch with --quick)
+        batch_size: Some(match (a.batch_size, a.quick) {
+            (Some(b), _) => b,
+            (None, true) => attend::train::presets::preset("mqar")?.2.batch_size,
+            (None, false) => 32,
+        }),
     };
+    if setup.batch_size == Some(0) {
+        bail!("--batch-size must be at least 1");
+    }
+    // `SPEC@D`: that mechanism at width D only
+    let mut specs: Vec<(String, Option<usize>)> = vec![];
     for m in &mechanisms {
+        specs.push(match m.rsplit_once('@') {
+            Some((spec, d)) => match d.parse::<usize>() {
+                Ok(d) if d > 0 => (spec.to_string(), Some(d)),
+                _ => bail!("--mechanisms: `{m}`: the width after `@` must be a positive number"),
+            },
+            None => (m.clone(), None),
+        });
+    }
+    for (m, _) in &specs {
         if attend::config::stack_preset(m, 1)
             .map_err(|e| anyhow::anyhow!("--mechanisms: {e}"))?
             .is_none()
@@ -120,23 +163,56 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
     if let Some(lr) = a.lrs.iter().find(|l| !(l.is_finite() && **l > 0.0)) {
         bail!("--lrs: {lr} is not a positive learning rate");
     }
-    let lrs: Vec<Option<f64>> = if a.lrs.is_empty() {
+    let lrs: Vec<Option<f64>> = if !a.lrs.is_empty() {
+        a.lrs.iter().map(|&l| Some(l)).collect()
+    } else if a.quick || !a.mechanisms.is_empty() {
         vec![None]
     } else {
-        a.lrs.iter().map(|&l| Some(l)).collect()
+        vec![Some(1e-3), Some(3e-3)]
     };
+    if let Some(&d) = a.d_model.iter().find(|&&d| d == 0) {
+        bail!("--d-model: {d} is not a width");
+    }
     let mut points: Vec<FrontierPoint> = vec![];
     for &n_pairs in &pairs {
-        for m in &mechanisms {
-            for &lr in &lrs {
-                points.push(FrontierPoint {
-                    mechanism: m.clone(),
-                    d_model: a.d_model,
-                    n_pairs,
-                    lr,
-                });
+        for (m, width) in &specs {
+            let widths = match width {
+                Some(d) => std::slice::from_ref(d),
+                None => &a.d_model[..],
+            };
+            for &d_model in widths {
+                for &lr in &lrs {
+                    points.push(FrontierPoint {
+                        mechanism: m.clone(),
+                        d_model,
+                        n_pairs,
+                        lr,
+                    });
+                }
             }
         }
+    }
+    let mut results: Vec<FrontierResult> = if a.resume {
+        previous_runs(&a.out, &setup)?
+    } else {
+        vec![]
+    };
+    let done = |p: &FrontierPoint, r: &FrontierResult| {
+        r.mechanism == p.mechanism
+            && r.d_model == p.d_model
+            && r.n_pairs == p.n_pairs
+            && p.lr.is_none_or(|lr| (lr - r.lr).abs() <= 1e-12 * lr)
+    };
+    // keep earlier runs of this sweep's points only, in the sweep's order
+    results.retain(|r| points.iter().any(|p| done(p, r)));
+    points.retain(|p| !results.iter().any(|r| done(p, r)));
+    if a.resume && !results.is_empty() {
+        eprintln!(
+            "resuming: {} runs already in {}, {} to train",
+            results.len(),
+            a.out.join("results.json").display(),
+            points.len()
+        );
     }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("{}: cannot create", a.out.display()))?;
@@ -148,14 +224,17 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
         .expect("static template")
         .progress_chars("=> "),
     );
-    let mut results = vec![];
     for (i, p) in points.iter().enumerate() {
-        pb.set_message(format!("{} pairs={} lr={:?}", p.mechanism, p.n_pairs, p.lr));
+        pb.set_message(format!(
+            "{} d={} pairs={} lr={:?}",
+            p.mechanism, p.d_model, p.n_pairs, p.lr
+        ));
         let base = i as u64 * setup.steps;
         let r = run_point(p, &setup, |s| pb.set_position(base + s))?;
         let line = format!(
-            "{:<28} pairs {:>2} lr {:.0e}: accuracy {:6.2}%  state {:>9} bytes  ({:.0} s)",
+            "{:<28} d {:>3} pairs {:>2} lr {:.0e}: accuracy {:6.2}%  state {:>9} bytes  ({:.0} s)",
             r.mechanism,
+            r.d_model,
             r.n_pairs,
             r.lr,
             r.accuracy * 100.0,
@@ -164,10 +243,48 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
         );
         log_line(&pb, line);
         results.push(r);
+        // every finished run is on disk before the next starts
+        write_reports(&a, &setup, &pairs, &results)?;
     }
     pb.finish_and_clear();
     write_reports(&a, &setup, &pairs, &results)?;
     print_report(&a.out, a.json, "results.json,table.md,plot*.svg")
+}
+
+/// The runs in `out`/results.json, if it holds a sweep of the same setup
+/// (an absent file is an empty sweep; another setup is an error naming the
+/// field).
+fn previous_runs(out: &std::path::Path, s: &FrontierSetup) -> Result<Vec<FrontierResult>> {
+    let path = out.join("results.json");
+    if !path.exists() {
+        return Ok(vec![]);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    for (field, want) in [
+        ("seq_len", s.seq_len as u64),
+        ("vocab", s.vocab as u64),
+        ("steps", s.steps),
+        ("seed", s.seed),
+        ("n_eval", s.n_eval as u64),
+        ("batch_size", s.batch_size.unwrap_or_default() as u64),
+    ] {
+        let got = v.get(field).and_then(|x| x.as_u64());
+        if got != Some(want) {
+            bail!(
+                "{}: field `{field}` is {} but this sweep's is {want}; --resume continues the same sweep (or pick another --out)",
+                path.display(),
+                got.map_or("missing".into(), |g| g.to_string())
+            );
+        }
+    }
+    let runs = v
+        .get("runs")
+        .cloned()
+        .with_context(|| format!("{}: no `runs`", path.display()))?;
+    serde_json::from_value(runs).with_context(|| format!("{}: field `runs`", path.display()))
 }
 
 /// Each (mechanism, pairs) at the learning rate that scored best (the
@@ -175,10 +292,9 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
 fn best_runs(results: &[FrontierResult]) -> Vec<&FrontierResult> {
     let mut best: Vec<&FrontierResult> = vec![];
     for r in results {
-        match best
-            .iter_mut()
-            .find(|b| b.mechanism == r.mechanism && b.n_pairs == r.n_pairs)
-        {
+        match best.iter_mut().find(|b| {
+            b.mechanism == r.mechanism && b.n_pairs == r.n_pairs && b.d_model == r.d_model
+        }) {
             Some(b) if r.accuracy > b.accuracy => *b = r,
             Some(_) => {}
             None => best.push(r),
@@ -199,6 +315,8 @@ fn write_reports(
         "vocab": s.vocab,
         "steps": s.steps,
         "seed": s.seed,
+        "n_eval": s.n_eval,
+        "batch_size": s.batch_size.unwrap_or_default(),
         "command": crate::kv_cmd::command_line(),
         "runs": results,
     });
@@ -206,10 +324,11 @@ fn write_reports(
         &a.out.join("results.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
-    // mechanism, pairs, lr, state bytes, accuracy
+    // mechanism, d_model, pairs, lr, state bytes, accuracy
     let cells = |r: &FrontierResult| {
         vec![
             format!("`{}`", r.mechanism),
+            r.d_model.to_string(),
             r.n_pairs.to_string(),
             format!("{:.0e}", r.lr),
             r.state_bytes.to_string(),
@@ -225,15 +344,15 @@ fn write_reports(
         })
         .collect();
     let table = format!(
-        "MQAR, sequence length {}, vocabulary {}, {} steps, d_model {}, 2 layers; accuracy on {} held-out sequences; \
+        "MQAR, sequence length {}, vocabulary {}, {} steps of {} sequences, 2 layers; accuracy on {} held-out sequences; \
          state bytes after one sequence (batch 1), from the decode state's buffers.\n\n{}",
         s.seq_len,
         s.vocab,
         s.steps,
-        a.d_model,
+        s.batch_size.unwrap_or_default(),
         s.n_eval,
         markdown_table(
-            &["mechanism", "pairs", "lr", "state bytes", "accuracy %", "params", "train s"],
+            &["mechanism", "d_model", "pairs", "lr", "state bytes", "accuracy %", "params", "train s"],
             &rows
         )
     );
@@ -244,7 +363,14 @@ fn write_reports(
         format!(
             "{table}\nAt the best learning rate of each (what the plots show):\n\n{}",
             markdown_table(
-                &["mechanism", "pairs", "best lr", "state bytes", "accuracy %"],
+                &[
+                    "mechanism",
+                    "d_model",
+                    "pairs",
+                    "best lr",
+                    "state bytes",
+                    "accuracy %"
+                ],
                 &rows
             )
         )

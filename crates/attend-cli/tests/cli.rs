@@ -2050,6 +2050,82 @@ fn hugging_face_folders_run_in_int8() {
     std::fs::remove_dir_all(&text).ok();
 }
 
+/// `--resume` keeps the runs already in results.json and trains only the
+/// missing points; `SPEC@D` trains that mechanism at width D only; a sweep
+/// of another setup is refused naming the field.
+#[test]
+fn frontier_resumes_and_takes_widths_per_mechanism() {
+    let out_dir = tmp("frontier-resume");
+    let o = out_dir.to_str().unwrap();
+    let base = [
+        "frontier",
+        "--pairs",
+        "2",
+        "--seq-len",
+        "16",
+        "--vocab",
+        "16",
+        "--steps",
+        "20",
+        "--n-eval",
+        "10",
+        "--batch-size",
+        "16",
+        "--d-model",
+        "16,32",
+        "--out",
+        o,
+        "--json",
+    ];
+    let run = |mechanisms: &str, resume: bool| -> Vec<(String, u64, f64)> {
+        let mut args = base.to_vec();
+        args.extend(["--mechanisms", mechanisms]);
+        if resume {
+            args.push("--resume");
+        }
+        let v: serde_json::Value = serde_json::from_slice(&succeeds(&args).stdout).unwrap();
+        assert_eq!(v["batch_size"], 16);
+        v["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["mechanism"].as_str().unwrap().to_string(),
+                    r["d_model"].as_u64().unwrap(),
+                    r["seconds"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // softmax at both widths, deltanet at 16 only
+    let first = run("softmax;deltanet@16", false);
+    let names: Vec<(&str, u64)> = first.iter().map(|(m, d, _)| (m.as_str(), *d)).collect();
+    assert_eq!(names, [("softmax", 16), ("softmax", 32), ("deltanet", 16)]);
+    // resumed with one more point: the three runs kept as they were
+    let second = run("softmax;deltanet@16;gla@16", true);
+    assert_eq!(second.len(), 4);
+    assert_eq!(&second[..3], &first[..]);
+    assert_eq!((second[3].0.as_str(), second[3].1), ("gla", 16));
+    // another setup in the same directory
+    let mut args = base.to_vec();
+    args[8] = "30";
+    args.extend(["--mechanisms", "softmax", "--resume"]);
+    fails_with(&args, &["results.json", "`steps`", "--resume"]);
+    fails_with(
+        &[
+            "frontier",
+            "--quick",
+            "--mechanisms",
+            "softmax@x",
+            "--out",
+            o,
+        ],
+        &["softmax@x", "after `@`"],
+    );
+    std::fs::remove_dir_all(&out_dir).ok();
+}
+
 #[test]
 fn frontier_sweeps_learning_rates_and_plots_the_best() {
     let out_dir = tmp("frontier-lrs");

@@ -22,7 +22,7 @@ pub struct FrontierPoint {
     pub lr: Option<f64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct FrontierResult {
     pub mechanism: String,
     /// The mechanism's family (softmax, window, linear, based, decay, gla).
@@ -51,6 +51,8 @@ pub struct FrontierSetup {
     pub n_eval: usize,
     pub seed: u64,
     pub shards: usize,
+    /// Sequences per optimisation step (None: the MQAR preset's, 64).
+    pub batch_size: Option<usize>,
 }
 
 /// Train and evaluate one point; `on_step` after every optimisation step.
@@ -91,6 +93,7 @@ pub fn run_point(
         seed: s.seed,
         n_eval: s.n_eval,
         lr: p.lr.unwrap_or(base_train.lr),
+        batch_size: s.batch_size.unwrap_or(base_train.batch_size),
         ..base_train
     };
     let lr = train_cfg.lr;

@@ -13,10 +13,9 @@ use std::path::PathBuf;
 pub struct FrontierArgs {
     /// Mechanism specs to sweep (as `attend train --mechanism`), separated
     /// by `;`; `SPEC@D` trains that one at width D only (instead of every
-    /// --d-model). Default: softmax; windows of 16 and 64; Taylor linear
-    /// attention of feature dimension 8 and 16; the BASED stack at two
-    /// sizes; RetNet decay; GLA, DeltaNet, Gated DeltaNet and Mamba2 at
-    /// widths 64 and 128 (their state grows with the width).
+    /// --d-model). Default: softmax, a window of 64, Taylor linear attention
+    /// (feature dimension 16), the BASED stack, RetNet decay, GLA, DeltaNet,
+    /// Gated DeltaNet and Mamba2.
     #[arg(long, value_delimiter = ';')]
     mechanisms: Vec<String>,
     /// Key–value pairs per sequence (default 16 and 64; 4 with --quick).
@@ -30,11 +29,13 @@ pub struct FrontierArgs {
     /// Sequence length (default 256; 32 with --quick).
     #[arg(long)]
     seq_len: Option<usize>,
-    /// Vocabulary: keys and values (default 1024: 512 keys, eight times the
-    /// most pairs a sequence holds; 32 with --quick).
+    /// Vocabulary: keys and values (default 256: 127 keys, twice the most
+    /// pairs a sequence holds; 32 with --quick).
     #[arg(long)]
     vocab: Option<usize>,
-    /// Training steps per model (default 1000; 400 with --quick).
+    /// Training steps per model (default 4000: softmax attention's
+    /// induction circuit forms after ~2,500-3,000 steps of 32 sequences of
+    /// 256; 400 with --quick).
     #[arg(long)]
     steps: Option<u64>,
     /// Sequences per step (default 32; the MQAR preset's 64 with --quick).
@@ -46,8 +47,7 @@ pub struct FrontierArgs {
     seed: u64,
     /// Peak learning rates to sweep for every (mechanism, pairs): each is
     /// trained at each, the table lists every run and the plots the best
-    /// (default: 1e-3 and 3e-3 for the default sweep; the MQAR preset's 3e-3
-    /// with --quick or --mechanisms).
+    /// (default: the MQAR preset's, 3e-3).
     #[arg(long, value_delimiter = ',')]
     lrs: Vec<f64>,
     /// Four small models at 4 pairs: about 2 minutes.
@@ -67,23 +67,16 @@ pub struct FrontierArgs {
     resume: bool,
 }
 
-const DEFAULT: [&str; 16] = [
-    "softmax@64",
-    "window:w=16@64",
-    "window:w=64@64",
-    "linear:map=taylor,dim=8@64",
-    "linear:map=taylor,dim=16@64",
-    "based-stack:dim=8,w=16@64",
-    "based-stack:dim=16,w=64@64",
-    "decay@64",
-    "gla@64",
-    "deltanet@64",
-    "gated-deltanet@64",
-    "mamba2@64",
-    "gla@128",
-    "deltanet@128",
-    "gated-deltanet@128",
-    "mamba2@128",
+const DEFAULT: [&str; 9] = [
+    "softmax",
+    "window:w=64",
+    "linear:map=taylor,dim=16",
+    "based-stack",
+    "decay",
+    "gla",
+    "deltanet",
+    "gated-deltanet",
+    "mamba2",
 ];
 const QUICK: [&str; 4] = [
     "softmax",
@@ -109,8 +102,8 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
     };
     let setup = FrontierSetup {
         seq_len: a.seq_len.unwrap_or(if a.quick { 32 } else { 256 }),
-        vocab: a.vocab.unwrap_or(if a.quick { 32 } else { 1024 }),
-        steps: a.steps.unwrap_or(if a.quick { 400 } else { 1000 }),
+        vocab: a.vocab.unwrap_or(if a.quick { 32 } else { 256 }),
+        steps: a.steps.unwrap_or(if a.quick { 400 } else { 4000 }),
         n_eval: a.n_eval,
         seed: a.seed,
         shards: crate::train_cmd::threads(),
@@ -163,12 +156,10 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
     if let Some(lr) = a.lrs.iter().find(|l| !(l.is_finite() && **l > 0.0)) {
         bail!("--lrs: {lr} is not a positive learning rate");
     }
-    let lrs: Vec<Option<f64>> = if !a.lrs.is_empty() {
-        a.lrs.iter().map(|&l| Some(l)).collect()
-    } else if a.quick || !a.mechanisms.is_empty() {
+    let lrs: Vec<Option<f64>> = if a.lrs.is_empty() {
         vec![None]
     } else {
-        vec![Some(1e-3), Some(3e-3)]
+        a.lrs.iter().map(|&l| Some(l)).collect()
     };
     if let Some(&d) = a.d_model.iter().find(|&&d| d == 0) {
         bail!("--d-model: {d} is not a width");

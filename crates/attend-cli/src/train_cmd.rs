@@ -200,9 +200,36 @@ pub struct TrainArgs {
     /// Key–value pairs per sequence (mqar).
     #[arg(long, help_heading = "Task")]
     n_pairs: Option<usize>,
+    /// Train MQAR on a mixture of (sequence length:pairs) settings, as
+    /// Zoology does, e.g. 64:4,128:8,256:16 (shorter sequences right-padded);
+    /// the held-out set stays --seq-len/--n-pairs.
+    #[arg(long, help_heading = "Task", value_parser = parse_mix)]
+    train_mix: Option<Mix>,
     /// Held-out fraction of the text file (text).
     #[arg(long, help_heading = "Task")]
     val_fraction: Option<f64>,
+}
+
+/// (sequence length, pairs) settings of an MQAR training mixture.
+#[derive(Clone, Debug)]
+pub struct Mix(pub Vec<(usize, usize)>);
+
+/// `64:4,128:8`: an MQAR mixture.
+pub fn parse_mix(s: &str) -> std::result::Result<Mix, String> {
+    s.split(',')
+        .map(|part| {
+            let (l, p) = part
+                .split_once(':')
+                .ok_or(format!("`{part}`: expected SEQ_LEN:PAIRS, e.g. 64:4"))?;
+            let num = |x: &str| {
+                x.trim()
+                    .parse::<usize>()
+                    .map_err(|_| format!("`{part}`: `{x}` is not a count"))
+            };
+            Ok((num(l)?, num(p)?))
+        })
+        .collect::<std::result::Result<Vec<_>, String>>()
+        .map(Mix)
 }
 
 /// Resolve the preset for the task, then the config file, then flags.
@@ -291,6 +318,7 @@ fn resolve(a: &TrainArgs) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
             set!(c.vocab, a.vocab);
             set!(c.seq_len, a.seq_len);
             set!(c.n_pairs, a.n_pairs);
+            set!(c.train_mix, a.train_mix.clone().map(|m| m.0));
             if a.config.is_none() {
                 m.vocab_size = c.vocab;
                 m.max_len = m.max_len.max(c.seq_len);

@@ -2890,6 +2890,12 @@ fn flag_cases(f: &Fixtures, c: &mut Cases) {
         (&["--vocab", "1"][..], &["--vocab"][..]),
         (&["--seq-len", "0"][..], &["--seq-len"][..]),
         (&["--n-pairs", "1000"][..], &["--vocab", "n_pairs"][..]),
+        (
+            &["--train-mix", "64"][..],
+            &["--train-mix", "SEQ_LEN:PAIRS"][..],
+        ),
+        (&["--train-mix", "512:4"][..], &["train_mix", "longer"][..]),
+        (&["--train-mix", "16:8"][..], &["train_mix", "(16, 8)"][..]),
         (&["--position", "spiral"][..], &["--position", "spiral"][..]),
         (&["--schedule", "bogus"][..], &["--schedule", "bogus"][..]),
         (&["--norm", "bogus"][..], &["--norm", "bogus"][..]),

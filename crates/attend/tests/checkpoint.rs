@@ -63,6 +63,7 @@ fn resume_reproduces_the_uninterrupted_run() {
                 seq_len: 16,
                 n_pairs: 2,
                 power_a: 0.01,
+                train_mix: vec![],
             }),
             TrainConfig {
                 steps: 12,

@@ -662,6 +662,7 @@ fn tiny_checkpoint() -> Vec<(String, Vec<u8>)> {
         seq_len: 16,
         n_pairs: 2,
         power_a: 0.01,
+        train_mix: vec![],
     });
     let c = TrainConfig {
         steps: 2,

@@ -68,6 +68,7 @@ fn small_decoder_learns_associative_recall() {
         seq_len: 16,
         n_pairs: 2,
         power_a: 0.01,
+        train_mix: vec![],
     });
     let c = TrainConfig {
         steps: 400,

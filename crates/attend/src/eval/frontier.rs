@@ -87,6 +87,7 @@ pub fn run_point(
         seq_len: s.seq_len,
         n_pairs: p.n_pairs,
         power_a: 0.01,
+        train_mix: vec![],
     });
     let train_cfg = TrainConfig {
         steps: s.steps,

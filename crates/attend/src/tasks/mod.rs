@@ -45,6 +45,13 @@ pub struct MqarConfig {
     pub n_pairs: usize,
     /// Exponent of the power law that places queries (Zoology uses 0.01).
     pub power_a: f64,
+    /// Training mixture, as Zoology trains: each training sequence is drawn
+    /// from one of these (seq_len, n_pairs) settings at random (shorter
+    /// ones right-padded, unscored) instead of only from (seq_len,
+    /// n_pairs); the held-out set is always (seq_len, n_pairs). Empty: no
+    /// mixture.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub train_mix: Vec<(usize, usize)>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -134,6 +141,26 @@ impl TaskConfig {
                 }
                 if !crate::config::is_positive(c.power_a) {
                     return Err(Error::config("power_a", "must be positive"));
+                }
+                for &(seq_len, n_pairs) in &c.train_mix {
+                    let part = MqarConfig {
+                        seq_len,
+                        n_pairs,
+                        train_mix: vec![],
+                        ..c.clone()
+                    };
+                    if seq_len > c.seq_len {
+                        return Err(Error::config(
+                            "train_mix",
+                            format!(
+                                "({seq_len}, {n_pairs}) is longer than seq_len ({})",
+                                c.seq_len
+                            ),
+                        ));
+                    }
+                    TaskConfig::Mqar(part).validate().map_err(|e| {
+                        Error::config("train_mix", format!("({seq_len}, {n_pairs}): {e}"))
+                    })?;
                 }
             }
             TaskConfig::Text(c) => {
@@ -304,6 +331,9 @@ impl Task {
                     .map(lm_window)
                     .collect()
             }
+            TaskConfig::Mqar(c) => (0..self.n_eval)
+                .map(|_| mqar_example(c, &mut rng))
+                .collect(),
             _ => (0..self.n_eval).map(|_| self.sample(&mut rng)).collect(),
         }
     }
@@ -322,7 +352,33 @@ impl Task {
                 }
                 Example::Pair { src, tgt }
             }
-            TaskConfig::Mqar(c) => mqar_example(c, rng),
+            TaskConfig::Mqar(c) if c.train_mix.is_empty() => mqar_example(c, rng),
+            TaskConfig::Mqar(c) => {
+                let (seq_len, n_pairs) = c.train_mix[rng.random_range(0..c.train_mix.len())];
+                let part = MqarConfig {
+                    seq_len,
+                    n_pairs,
+                    train_mix: vec![],
+                    ..c.clone()
+                };
+                let Example::Lm {
+                    mut input,
+                    mut target,
+                    mut weight,
+                } = mqar_example(&part, rng)
+                else {
+                    unreachable!("MQAR examples are language-model examples")
+                };
+                // right padding: a causal model's earlier positions never see it
+                input.resize(c.seq_len, 0);
+                target.resize(c.seq_len, 0);
+                weight.resize(c.seq_len, 0.0);
+                Example::Lm {
+                    input,
+                    target,
+                    weight,
+                }
+            }
             TaskConfig::Text(c) => {
                 let train_len =
                     self.text.len() - (self.text.len() as f64 * c.val_fraction) as usize;
@@ -509,6 +565,7 @@ mod tests {
             seq_len: 64,
             n_pairs: 8,
             power_a: 0.01,
+            train_mix: vec![],
         };
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         for _ in 0..200 {
@@ -540,6 +597,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A training mixture: every example is one of the mixture's settings
+    /// (its pairs scored, padded past its own length, unscored), both
+    /// settings occur, and the held-out set is the main setting's.
+    #[test]
+    fn mqar_mixture_draws_each_setting_padded() {
+        let c = MqarConfig {
+            vocab: 64,
+            seq_len: 64,
+            n_pairs: 8,
+            power_a: 0.01,
+            train_mix: vec![(32, 2), (64, 4)],
+        };
+        let task = Task::new(TaskConfig::Mqar(c.clone()), 3, 20).unwrap();
+        let mut seen = HashSet::new();
+        for e in task.train_examples(0, 64) {
+            let Example::Lm { input, weight, .. } = e else {
+                panic!()
+            };
+            assert_eq!((input.len(), weight.len()), (64, 64));
+            let scored = weight.iter().filter(|&&w| w > 0.0).count();
+            let last = weight.iter().rposition(|&w| w > 0.0).unwrap();
+            match scored {
+                2 => assert!(last < 32 && input[32..].iter().all(|&t| t == 0)),
+                4 => {}
+                n => panic!("{n} scored positions"),
+            }
+            seen.insert(scored);
+        }
+        assert_eq!(seen.len(), 2);
+        for e in task.eval_set() {
+            let Example::Lm { weight, .. } = e else {
+                panic!()
+            };
+            assert_eq!(weight.iter().filter(|&&w| w > 0.0).count(), 8);
+        }
+        let bad = MqarConfig {
+            train_mix: vec![(128, 2)],
+            ..c.clone()
+        };
+        let e = TaskConfig::Mqar(bad).validate().unwrap_err().to_string();
+        assert!(e.contains("train_mix") && e.contains("longer"), "{e}");
+        let bad = MqarConfig {
+            train_mix: vec![(16, 8)],
+            ..c
+        };
+        let e = TaskConfig::Mqar(bad).validate().unwrap_err().to_string();
+        assert!(e.contains("train_mix") && e.contains("(16, 8)"), "{e}");
     }
 
     #[test]

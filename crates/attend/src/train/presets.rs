@@ -69,6 +69,7 @@ pub fn preset(task: &str) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
                 seq_len: 64,
                 n_pairs: 8,
                 power_a: 0.01,
+                train_mix: vec![],
             }),
             TrainConfig {
                 steps: 1500,

@@ -556,20 +556,16 @@ impl Trainer {
         let results: Vec<Result<(f64, GradStore)>> = if batches.len() == 1 {
             vec![shard_step(0, &batches[0])]
         } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = batches
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| s.spawn(move || shard_step(i, b)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(Error::msg("a training thread panicked")))
-                    })
-                    .collect()
-            })
+            // on the rayon pool's long-lived threads: a thread spawned per
+            // step starts with an empty allocator heap, and its first
+            // touches of fresh pages (kernel zeroing) cost more than the
+            // step's arithmetic for the recurrent mixers
+            use rayon::prelude::*;
+            batches
+                .par_iter()
+                .enumerate()
+                .map(|(i, b)| shard_step(i, b))
+                .collect()
         };
         let mut loss = 0.0;
         let mut merged: Option<GradStore> = None;
@@ -657,20 +653,12 @@ impl Trainer {
             let (ws, g) = &mut run.shards[0];
             vec![shard(&batches[0], ws, g)]
         } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = batches
-                    .iter()
-                    .zip(run.shards.iter_mut())
-                    .map(|(b, (ws, g))| s.spawn(|| shard(b, ws, g)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(Error::msg("a training thread panicked")))
-                    })
-                    .collect()
-            })
+            use rayon::prelude::*;
+            batches
+                .par_iter()
+                .zip(run.shards.par_iter_mut())
+                .map(|(b, (ws, g))| shard(b, ws, g))
+                .collect()
         };
         let mut loss = 0.0;
         for l in losses {

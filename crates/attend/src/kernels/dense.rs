@@ -167,6 +167,18 @@ pub fn exp_shifted(x: &mut [f32]) -> (f32, f32) {
 /// erf(z) = 1 - (a₁t + … + a₅t⁵) e^{-z²}, t = 1 / (1 + p z), z ≥ 0.
 #[inline(always)]
 pub fn gelu(x: &mut f32) {
+    let v = *x;
+    // erfc(|z|) = q; 1 + erf(z) = 2 - q for z ≥ 0 and q for z < 0
+    let (q, _) = erfc_pos(v.abs() * std::f32::consts::FRAC_1_SQRT_2);
+    let c = if v >= 0.0 { 2.0 - q } else { q };
+    *x = 0.5 * v * c;
+}
+
+/// (erfc(z), e^{−z²}) for z ≥ 0, erfc by Abramowitz & Stegun 7.1.26
+/// (absolute error ≤ 1.5e-7): (a₁t + … + a₅t⁵) e^{−z²}, t = 1 / (1 + p z).
+/// Branch-free.
+#[inline(always)]
+pub fn erfc_pos(z: f32) -> (f32, f32) {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
         0.254_829_6,
@@ -175,17 +187,13 @@ pub fn gelu(x: &mut f32) {
         -1.453_152_1,
         1.061_405_4,
     ];
-    let v = *x;
-    let z = v.abs() * std::f32::consts::FRAC_1_SQRT_2;
     let t = 1.0 / (1.0 + P * z);
     let mut poly = A[4];
     for a in [A[3], A[2], A[1], A[0]] {
         poly = poly * t + a;
     }
-    // erfc(|z|) = q; 1 + erf(z) = 2 - q for z ≥ 0 and q for z < 0
-    let q = poly * t * exp(-z * z);
-    let c = if v >= 0.0 { 2.0 - q } else { q };
-    *x = 0.5 * v * c;
+    let e = exp(-z * z);
+    (poly * t * e, e)
 }
 
 /// GELU by its tanh approximation (Hendrycks & Gimpel; Gemma's

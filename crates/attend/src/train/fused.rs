@@ -25,7 +25,7 @@ use crate::config::{
     FfnKind, MechanismConfig, ModelConfig, NormKind, NormPosition, PositionKind, Shape,
 };
 use crate::error::{Error, Result};
-use crate::kernels::dense::{exp, exp_shifted, softmax_row};
+use crate::kernels::dense::{erfc_pos, exp, exp_shifted, softmax_row};
 use crate::kernels::rope::RopeTables;
 use crate::model::Transformer;
 use crate::nn::{with_f32, ParamStore};
@@ -237,27 +237,6 @@ impl NormSpec {
             }
         }
     }
-}
-
-/// erf(z) for z ≥ 0 as 1 − q, returning q = erfc(z) by Abramowitz & Stegun
-/// 7.1.26 (absolute error ≤ 1.5e-7), and e^{−z²}; branch-free.
-#[inline(always)]
-fn erfc_pos(z: f32) -> (f32, f32) {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_72,
-        1.421_413_8,
-        -1.453_152_1,
-        1.061_405_4,
-    ];
-    let t = 1.0 / (1.0 + P * z);
-    let mut poly = A[4];
-    for a in [A[3], A[2], A[1], A[0]] {
-        poly = poly * t + a;
-    }
-    let e = exp(-z * z);
-    (poly * t * e, e)
 }
 
 /// The FFN's activation.

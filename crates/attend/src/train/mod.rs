@@ -330,6 +330,15 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(Transformer, Checkpoin
     Ok((model, meta))
 }
 
+/// The factor that clips gradients of global norm `norm` to `clip` (0: off).
+fn clip_scale(clip: f64, norm: f64) -> f64 {
+    if clip > 0.0 && norm > clip {
+        clip / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
 /// What one training step reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct StepInfo {
@@ -590,21 +599,21 @@ impl Trainer {
         }
         let grads = merged.ok_or_else(|| Error::msg("empty batch"))?;
         let norm = self.opt.grad_norm(&grads)?;
-        let scale = if c.clip > 0.0 && norm > c.clip {
-            c.clip / (norm + 1e-6)
-        } else {
-            1.0
-        };
         let lr = self.lr_at(self.step + 1);
-        self.opt.step(&grads, lr, scale)?;
+        self.opt.step(&grads, lr, clip_scale(c.clip, norm))?;
+        Ok(self.stepped(loss, lr, norm, &batches))
+    }
+
+    /// Count the step just taken and report it.
+    fn stepped(&mut self, loss: f64, lr: f64, grad_norm: f64, batches: &[Batch]) -> StepInfo {
         self.step += 1;
-        Ok(StepInfo {
+        StepInfo {
             step: self.step,
             loss,
             lr,
-            grad_norm: norm,
+            grad_norm,
             tokens: batches.iter().map(|b| b.n_tokens()).sum(),
-        })
+        }
     }
 
     /// `train_step` through the fused trainer: each shard's loss and
@@ -672,20 +681,8 @@ impl Trainer {
             }
         }
         let norm = self.opt.grad_norm_flat(grads);
-        let scale = if c.clip > 0.0 && norm > c.clip {
-            c.clip / (norm + 1e-6)
-        } else {
-            1.0
-        };
-        self.opt.step_flat(grads, lr, scale)?;
-        self.step += 1;
-        Ok(StepInfo {
-            step: self.step,
-            loss,
-            lr,
-            grad_norm: norm,
-            tokens: batches.iter().map(|b| b.n_tokens()).sum(),
-        })
+        self.opt.step_flat(grads, lr, clip_scale(c.clip, norm))?;
+        Ok(self.stepped(loss, lr, norm, batches))
     }
 
     /// Write a checkpoint to `dir` (created if needed).

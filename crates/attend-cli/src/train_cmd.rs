@@ -155,6 +155,10 @@ pub struct TrainArgs {
     /// relu | gelu | swiglu | geglu (GELU-tanh gate, Gemma)
     #[arg(long, value_parser = parse_enum::<attend::config::FfnKind>, help_heading = "Model")]
     ffn: Option<attend::config::FfnKind>,
+    /// The FFN's weight matrices: dense | lowrank:r=R (W = U V, rank R) |
+    /// blockdiag:b=B (B blocks; B divides d_model and d_ff).
+    #[arg(long, value_parser = |s: &str| s.parse::<attend::config::FfnWeights>(), help_heading = "Model")]
+    ffn_weights: Option<attend::config::FfnWeights>,
     /// layernorm | rmsnorm
     #[arg(long, value_parser = parse_enum::<attend::config::NormKind>, help_heading = "Model")]
     norm: Option<attend::config::NormKind>,
@@ -282,6 +286,7 @@ fn resolve(a: &TrainArgs) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
     set!(m.position, a.position);
     set!(m.rope_theta, a.rope_theta);
     set!(m.ffn, a.ffn);
+    set!(m.ffn_weights, a.ffn_weights);
     set!(m.norm, a.norm);
     set!(m.norm_position, a.norm_position);
     set!(m.dropout, a.dropout);

@@ -46,6 +46,45 @@ pub enum FfnKind {
     Geglu,
 }
 
+/// How the FFN's weight matrices are parameterised ("Building on Efficient
+/// Foundations"): dense, low-rank W = U V (U: out × r, V: r × in), or
+/// block-diagonal with b blocks (input and output split into b groups, each
+/// mapped by its own (out/b) × (in/b) matrix).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum FfnWeights {
+    #[default]
+    Dense,
+    Lowrank {
+        rank: usize,
+    },
+    Blockdiag {
+        blocks: usize,
+    },
+}
+
+impl std::str::FromStr for FfnWeights {
+    type Err = String;
+    /// `dense`, `lowrank:R` (or `lowrank:r=R`), `blockdiag:B` (or `blockdiag:b=B`).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (name, arg) = s.split_once(':').unwrap_or((s, ""));
+        let num = |key: &str| -> std::result::Result<usize, String> {
+            let v = arg.strip_prefix(&format!("{key}=")).unwrap_or(arg);
+            v.parse::<usize>().ok().filter(|&n| n > 0).ok_or(format!(
+                "`{s}`: `{name}` takes a positive {key}, e.g. `{name}:{key}=4`"
+            ))
+        };
+        match name {
+            "dense" if arg.is_empty() => Ok(Self::Dense),
+            "lowrank" => Ok(Self::Lowrank { rank: num("r")? }),
+            "blockdiag" => Ok(Self::Blockdiag { blocks: num("b")? }),
+            _ => Err(format!(
+                "unknown FFN weights `{s}` (expected dense, lowrank:r=R or blockdiag:b=B)"
+            )),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum NormKind {
@@ -720,6 +759,8 @@ pub struct ModelConfig {
     /// from `rope_theta` (Gemma 3: 10,000 local, 1,000,000 global).
     pub rope_theta_window: Option<f64>,
     pub ffn: FfnKind,
+    /// The FFN's weight matrices: dense, low-rank or block-diagonal.
+    pub ffn_weights: FfnWeights,
     pub norm: NormKind,
     pub norm_position: NormPosition,
     pub norm_eps: f64,
@@ -769,6 +810,7 @@ impl Default for ModelConfig {
             rope_theta: 10_000.0,
             rope_theta_window: None,
             ffn: FfnKind::Relu,
+            ffn_weights: FfnWeights::Dense,
             norm: NormKind::Layernorm,
             norm_position: NormPosition::Pre,
             norm_eps: 1e-5,
@@ -1187,6 +1229,28 @@ impl ModelConfig {
     /// Check every constraint the model code relies on.
     pub fn validate(&self) -> Result<()> {
         self.validate_shape()?;
+        match self.ffn_weights {
+            FfnWeights::Dense => {}
+            FfnWeights::Lowrank { rank } => {
+                if rank == 0 {
+                    return Err(Error::config("ffn_weights", "rank must be at least 1"));
+                }
+            }
+            FfnWeights::Blockdiag { blocks } => {
+                if blocks == 0
+                    || !self.d_model.is_multiple_of(blocks)
+                    || !self.d_ff.is_multiple_of(blocks)
+                {
+                    return Err(Error::config(
+                        "ffn_weights",
+                        format!(
+                            "{blocks} blocks must divide d_model ({}) and d_ff ({})",
+                            self.d_model, self.d_ff
+                        ),
+                    ));
+                }
+            }
+        }
         // what the mechanisms' settings alone ask for must fit
         let specs = || {
             let mut v: Vec<String> = self

@@ -178,7 +178,7 @@ impl ParamStore {
             Init::Normal(std) => (0..n).map(|_| std * normal(&mut *rng)).collect(),
             Init::XavierUniform => {
                 let (fan_out, fan_in) = match shape {
-                    [o, i] => (*o, *i),
+                    [o, i] | [_, o, i] => (*o, *i),
                     _ => (n, n),
                 };
                 let b = (6.0 / (fan_in + fan_out) as f64).sqrt();
@@ -285,6 +285,11 @@ pub enum Weight {
     /// Vector-wise int8, with LLM.int8's outlier columns when it has a
     /// threshold (`kernels::quant::int8`; inference only).
     Int8(Arc<crate::kernels::quant::int8::Int8Matrix>),
+    /// Low-rank W = up · down: down (r, in), up (out, r) (trainable).
+    LowRank { down: Tensor, up: Tensor },
+    /// Block-diagonal W: (b, out/b, in/b), block j mapping input columns
+    /// j·in/b.. to output columns j·out/b.. (trainable).
+    BlockDiag(Tensor),
 }
 
 impl Weight {
@@ -294,13 +299,48 @@ impl Weight {
             Weight::Dense(t) => t.dims2()?,
             Weight::Q(m) => (m.rows, m.cols),
             Weight::Int8(m) => (m.rows, m.cols),
+            Weight::LowRank { down, up } => (up.dim(0)?, down.dim(1)?),
+            Weight::BlockDiag(t) => {
+                let (b, o, i) = t.dims3()?;
+                (b * o, b * i)
+            }
+        })
+    }
+
+    /// The dense (out, in) matrix this weight stands for, when it is a
+    /// float one (dense, low-rank or block-diagonal).
+    pub fn to_dense(&self) -> Result<Option<Tensor>> {
+        Ok(match self {
+            Weight::Dense(t) => Some(t.clone()),
+            Weight::LowRank { down, up } => Some(up.matmul(down)?),
+            Weight::BlockDiag(t) => {
+                let (b, o, i) = t.dims3()?;
+                let mut rows = vec![];
+                for j in 0..b {
+                    let blk = t.get(j)?;
+                    let mut parts = vec![];
+                    if j > 0 {
+                        parts.push(Tensor::zeros((o, j * i), t.dtype(), t.device())?);
+                    }
+                    parts.push(blk);
+                    if j + 1 < b {
+                        parts.push(Tensor::zeros((o, (b - j - 1) * i), t.dtype(), t.device())?);
+                    }
+                    rows.push(Tensor::cat(&parts, 1)?);
+                }
+                Some(Tensor::cat(&rows, 0)?)
+            }
+            Weight::Q(_) | Weight::Int8(_) => None,
         })
     }
 
     /// Bytes the weight holds.
     pub fn bytes(&self) -> usize {
         match self {
-            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Dense(t) | Weight::BlockDiag(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::LowRank { down, up } => {
+                (down.elem_count() + up.elem_count()) * down.dtype().size_in_bytes()
+            }
             Weight::Q(m) => m.bytes(),
             Weight::Int8(m) => m.bytes(),
         }
@@ -328,6 +368,37 @@ impl Linear {
         Ok(Self { w, b })
     }
 
+    /// A layer whose weight is parameterised as `kind` says: dense, low-rank
+    /// (`down` (r, in) and `up` (out, r)) or block-diagonal (`blocks` (b,
+    /// out/b, in/b)).
+    pub fn structured(
+        vb: &Builder,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        kind: crate::config::FfnWeights,
+    ) -> Result<Self> {
+        use crate::config::FfnWeights;
+        let w = match kind {
+            FfnWeights::Dense => return Self::new(vb, d_in, d_out, bias),
+            FfnWeights::Lowrank { rank } => Weight::LowRank {
+                down: vb.get("down", &[rank, d_in], Init::XavierUniform)?,
+                up: vb.get("up", &[d_out, rank], Init::XavierUniform)?,
+            },
+            FfnWeights::Blockdiag { blocks } => Weight::BlockDiag(vb.get(
+                "blocks",
+                &[blocks, d_out / blocks, d_in / blocks],
+                Init::XavierUniform,
+            )?),
+        };
+        let b = if bias {
+            Some(vb.get("bias", &[d_out], Init::Zeros)?)
+        } else {
+            None
+        };
+        Ok(Self { w, b })
+    }
+
     /// x: (..., in) -> (..., out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -338,6 +409,17 @@ impl Linear {
             Weight::Dense(w) => x2.matmul(&w.t()?)?,
             Weight::Q(m) => m.matmul(&x2)?,
             Weight::Int8(m) => m.matmul(&x2)?,
+            Weight::LowRank { down, up } => x2.matmul(&down.t()?)?.matmul(&up.t()?)?,
+            Weight::BlockDiag(w) => {
+                // (rows, b, in/b) -> (b, rows, in/b) · (b, in/b, out/b) -> (rows, b·out/b)
+                let (b, o, i) = w.dims3()?;
+                x2.reshape((rows, b, i))?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .matmul(&w.transpose(1, 2)?)?
+                    .transpose(0, 1)?
+                    .reshape((rows, b * o))?
+            }
         };
         let y = match &self.b {
             Some(b) => crate::kernels::add_rows(&y, b)?,
@@ -347,6 +429,11 @@ impl Linear {
         *out.last_mut().unwrap() = y.dim(1)?;
         Ok(y.reshape(out)?)
     }
+}
+
+/// Embedding tables are dense or quantized, never factorised.
+fn structured_table() -> Error {
+    Error::msg("an embedding table cannot be low-rank or block-diagonal")
 }
 
 /// Token embedding table (vocab, d).
@@ -377,7 +464,9 @@ impl Embedding {
     /// Where the table lives (a quantized one on the CPU).
     pub fn device(&self) -> Device {
         match &self.w {
-            Weight::Dense(t) => t.device().clone(),
+            Weight::Dense(t) | Weight::BlockDiag(t) | Weight::LowRank { up: t, .. } => {
+                t.device().clone()
+            }
             Weight::Q(_) | Weight::Int8(_) => Device::Cpu,
         }
     }
@@ -388,6 +477,7 @@ impl Embedding {
         match &self.w {
             Weight::Dense(t) => t.device().is_cpu() && t.dtype() == DType::F32,
             Weight::Q(_) | Weight::Int8(_) => true,
+            Weight::LowRank { .. } | Weight::BlockDiag(_) => false,
         }
     }
 
@@ -416,6 +506,7 @@ impl Embedding {
                     row.copy_from_slice(&table[id as usize * d..][..d]);
                 }
             })?,
+            Weight::LowRank { .. } | Weight::BlockDiag(_) => return Err(structured_table()),
         }
         Ok(())
     }
@@ -429,6 +520,7 @@ impl Embedding {
                 let flat = ids.flatten_all()?;
                 Ok(table.index_select(&flat, 0)?.reshape((b, t, d))?)
             }
+            Weight::LowRank { .. } | Weight::BlockDiag(_) => Err(structured_table()),
             Weight::Q(_) | Weight::Int8(_) => {
                 let d = self.w.dims()?.1;
                 let ids = ids.flatten_all()?.to_vec1::<u32>()?;
@@ -553,6 +645,11 @@ impl Linear {
         let Weight::Dense(w) = &self.w else {
             let fmt = match &self.w {
                 Weight::Q(m) => m.fmt.name(),
+                Weight::LowRank { .. } | Weight::BlockDiag(_) => {
+                    return Err(Error::msg(
+                        "int8 takes dense weights; this model's FFN weights are low-rank or block-diagonal",
+                    ))
+                }
                 _ => "int8",
             };
             return Err(Error::msg(format!(

@@ -54,6 +54,15 @@ fn gradients_match_finite_differences() {
             position: PositionKind::Learned,
             ..tiny(Shape::Decoder)
         },
+        attend::ModelConfig {
+            ffn: FfnKind::Swiglu,
+            ffn_weights: attend::config::FfnWeights::Lowrank { rank: 3 },
+            ..tiny(Shape::Decoder)
+        },
+        attend::ModelConfig {
+            ffn_weights: attend::config::FfnWeights::Blockdiag { blocks: 4 },
+            ..tiny(Shape::EncoderDecoder)
+        },
     ];
     check_configs(configs.to_vec());
 }

@@ -351,6 +351,11 @@ fn output_rows(base: &Transformer, ids: &[u32], out: &mut [f32]) -> Result<()> {
                 row.copy_from_slice(&w[t as usize * d..][..d]);
             }
         })?,
+        Weight::LowRank { .. } | Weight::BlockDiag(_) => {
+            return Err(crate::error::Error::msg(
+                "draft heads need a dense or quantized output projection",
+            ))
+        }
     }
     Ok(())
 }

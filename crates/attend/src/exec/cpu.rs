@@ -292,6 +292,48 @@ impl Exec for Cpu {
                     }
                 })?,
                 (Weight::Q(_) | Weight::Int8(_), None) => {}
+                (Weight::LowRank { down, up }, b) => {
+                    // y = (x downᵀ) upᵀ
+                    let r = down.dim(0)?;
+                    let mut mid = vec![0f32; t * r];
+                    with_f32(down, |w| matmul_t(&x.data, w, None, (t, r, k), &mut mid))?;
+                    let bias = b
+                        .as_ref()
+                        .map(|b| with_f32(b, |b| b.to_vec()))
+                        .transpose()?;
+                    with_f32(up, |w| {
+                        matmul_t(&mid, w, bias.as_deref(), (t, n, r), &mut o.data)
+                    })?;
+                }
+                (Weight::BlockDiag(w), b) => {
+                    // block j: y[:, j·bo..] = x[:, j·bi..] W_jᵀ
+                    let (nb, bo, bi) = w.dims3()?;
+                    let (mut xs, mut ys) = (vec![0f32; t * bi], vec![0f32; t * bo]);
+                    with_f32(w, |w| {
+                        for j in 0..nb {
+                            for (dst, src) in xs.chunks_exact_mut(bi).zip(x.data.chunks_exact(k)) {
+                                dst.copy_from_slice(&src[j * bi..][..bi]);
+                            }
+                            matmul_t(
+                                &xs,
+                                &w[j * bo * bi..][..bo * bi],
+                                None,
+                                (t, bo, bi),
+                                &mut ys,
+                            );
+                            for (dst, src) in o.data.chunks_exact_mut(n).zip(ys.chunks_exact(bo)) {
+                                dst[j * bo..][..bo].copy_from_slice(src);
+                            }
+                        }
+                    })?;
+                    if let Some(b) = b {
+                        with_f32(b, |b| {
+                            for row in o.data.chunks_exact_mut(n) {
+                                row.iter_mut().zip(b).for_each(|(a, c)| *a += c);
+                            }
+                        })?;
+                    }
+                }
             }
         }
         Ok(outs)

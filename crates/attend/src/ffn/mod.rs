@@ -1,6 +1,7 @@
 //! Position-wise feed-forward networks: FFN(x) = W2 act(W1 x) for ReLU/GELU,
 //! and W2 (act(W1 x) ⊙ W3 x) for the gated forms (Shazeer 2020): SwiGLU
-//! with SiLU, GeGLU with GELU's tanh approximation (Gemma).
+//! with SiLU, GeGLU with GELU's tanh approximation (Gemma). Each weight
+//! matrix is dense, low-rank or block-diagonal (`FfnWeights`).
 
 use crate::config::{FfnKind, ModelConfig};
 use crate::error::Result;
@@ -17,15 +18,16 @@ pub struct Ffn {
 
 impl Ffn {
     pub fn new(vb: &Builder, cfg: &ModelConfig) -> Result<Self> {
-        let (d, f) = (cfg.d_model, cfg.d_ff);
+        let (d, f, shape) = (cfg.d_model, cfg.d_ff, cfg.ffn_weights);
+        let lin = |name: &str, i: usize, o: usize| {
+            Linear::structured(&vb.pp(name), i, o, cfg.bias, shape)
+        };
         Ok(Self {
             kind: cfg.ffn,
-            w1: Linear::new(&vb.pp("w1"), d, f, cfg.bias)?,
-            w2: Linear::new(&vb.pp("w2"), f, d, cfg.bias)?,
+            w1: lin("w1", d, f)?,
+            w2: lin("w2", f, d)?,
             w3: match cfg.ffn {
-                FfnKind::Swiglu | FfnKind::Geglu => {
-                    Some(Linear::new(&vb.pp("w3"), d, f, cfg.bias)?)
-                }
+                FfnKind::Swiglu | FfnKind::Geglu => Some(lin("w3", d, f)?),
                 _ => None,
             },
         })

@@ -389,6 +389,9 @@ impl Fused {
         if c.dropout > 0.0 {
             return Err("dropout".into());
         }
+        if c.ffn_weights != crate::config::FfnWeights::Dense {
+            return Err("low-rank or block-diagonal FFN weights".into());
+        }
         if c.qk_norm || c.embed_norm {
             return Err("query/key or embedding norms".into());
         }

@@ -120,6 +120,19 @@ pub fn variants(shape: Shape) -> Vec<ModelConfig> {
             ..tiny(shape)
         });
     }
+    // structured FFN weights: low-rank (SwiGLU) and block-diagonal (GELU)
+    out.push(ModelConfig {
+        ffn: FfnKind::Swiglu,
+        ffn_weights: FfnWeights::Lowrank { rank: 3 },
+        position: PositionKind::Rope,
+        ..tiny(shape)
+    });
+    out.push(ModelConfig {
+        ffn: FfnKind::Gelu,
+        ffn_weights: FfnWeights::Blockdiag { blocks: 4 },
+        norm: NormKind::Rmsnorm,
+        ..tiny(shape)
+    });
     out
 }
 

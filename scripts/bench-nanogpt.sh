@@ -4,7 +4,8 @@
 # cosine to 1e-4 after 100 warmup steps, weight decay 0.1, clip 1), attend
 # against nanoGPT's own train.py on the same machine, alternating, in rounds.
 # attend's model is nanoGPT's: pre-LayerNorm, GELU, learned positions, tied
-# embeddings, no biases (its text task reads bytes: vocabulary 256, not 65).
+# embeddings, no biases, AdamW β₂ 0.99 (its text task reads bytes: vocabulary
+# 256, not 65).
 #
 #   scripts/bench-nanogpt.sh PYTHON_WITH_TORCH NANOGPT_DIR [ROUNDS]
 #
@@ -45,7 +46,7 @@ for round in $(seq "$ROUNDS"); do
   start=$(date +%s.%N)
   "$ATTEND" train --task text --data "$DATA" --config "$work/nobias.json" --layers 4 --n-heads 4 \
     --d-model 128 --d-ff 512 --seq-len 64 --context 64 --batch-size 12 --steps 2000 --lr 1e-3 \
-    --schedule cosine --warmup 100 --weight-decay 0.1 --clip 1 --position learned --ffn gelu \
+    --schedule cosine --warmup 100 --weight-decay 0.1 --beta2 0.99 --clip 1 --position learned --ffn gelu \
     --norm layernorm --dropout 0 --out "$work/attend" --overwrite --json >"$work/attend.json"
   end=$(date +%s.%N)
   python3 - "$work/attend.json" "$(echo "$end - $start" | bc)" "$round" <<'EOF'

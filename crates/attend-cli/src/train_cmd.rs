@@ -99,6 +99,12 @@ pub struct TrainArgs {
     warmup: Option<u64>,
     #[arg(long, help_heading = "Training")]
     weight_decay: Option<f64>,
+    /// AdamW's β₁ (default 0.9).
+    #[arg(long, help_heading = "Training")]
+    beta1: Option<f64>,
+    /// AdamW's β₂ (default 0.98; nanoGPT's recipe uses 0.99).
+    #[arg(long, help_heading = "Training")]
+    beta2: Option<f64>,
     /// Clip the global gradient norm (0 = off).
     #[arg(long, help_heading = "Training")]
     clip: Option<f64>,
@@ -256,6 +262,8 @@ fn resolve(a: &TrainArgs) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
     set!(tr.schedule, a.schedule);
     set!(tr.warmup, a.warmup);
     set!(tr.weight_decay, a.weight_decay);
+    set!(tr.beta1, a.beta1);
+    set!(tr.beta2, a.beta2);
     set!(tr.clip, a.clip);
     set!(tr.label_smoothing, a.label_smoothing);
     set!(tr.seed, a.seed);

@@ -2876,6 +2876,8 @@ fn flag_cases(f: &Fixtures, c: &mut Cases) {
         (&["--steps", "-1"][..], &["--steps must be ≥ 0, got -1"][..]),
         (&["--lr", "0"][..], &["--lr"][..]),
         (&["--lr", "abc"][..], &["--lr", "abc"][..]),
+        (&["--beta2", "1.5"][..], &["beta2"][..]),
+        (&["--beta1", "-0.1"][..], &["beta1"][..]),
         (&["--dropout", "1.5"][..], &["--dropout"][..]),
         (&["--label-smoothing", "2"][..], &["--label-smoothing"][..]),
         (&["--layers", "0"][..], &["--layers"][..]),

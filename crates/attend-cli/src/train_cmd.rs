@@ -497,7 +497,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
     // the settings are valid and the model fits: now --out, before step 1
     check_out(&a.out, a.resume, a.overwrite)?;
     tr.shards = threads();
-    let mut tr = tr.with_fused(!a.autograd);
+    // (the trainer picked the fused path when it was built)
+    let mut tr = if a.autograd { tr.with_fused(false) } else { tr };
     if !a.json {
         eprintln!(
             "training {} on `{}`: {} parameters, {} steps of {} (from step {}), {}",

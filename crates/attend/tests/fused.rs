@@ -63,12 +63,12 @@ fn check(cfg: &attend::ModelConfig, smoothing: f64, sparse: bool) {
     let grads = loss.backward().unwrap();
     let want_loss = loss.to_scalar::<f32>().unwrap() as f64;
     // fused
-    let (ids, tgt, w, bt) = vecs(&batch);
     let params = plan.params(&store).unwrap();
     let mut got = plan.zero_grads();
     let mut ws = Workspace::default();
-    let got_loss = plan
-        .loss_and_grads(
+    let mut fused = |batch: &Batch, total: f64, grads: &mut attend::train::fused::Params| {
+        let (ids, tgt, w, bt) = vecs(batch);
+        plan.loss_and_grads(
             &params,
             &mut ws,
             bt,
@@ -77,9 +77,11 @@ fn check(cfg: &attend::ModelConfig, smoothing: f64, sparse: bool) {
             &w,
             smoothing as f32,
             total as f32,
-            &mut got,
+            grads,
         )
-        .unwrap();
+        .unwrap()
+    };
+    let got_loss = fused(&batch, total, &mut got);
     assert!(
         (got_loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
         "{cfg:?}: loss {got_loss} vs {want_loss}"
@@ -108,20 +110,7 @@ fn check(cfg: &attend::ModelConfig, smoothing: f64, sparse: bool) {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap() as f64;
-    let (ids, tgt, w, bt) = vecs(&batch2);
-    let got2 = plan
-        .loss_and_grads(
-            &params,
-            &mut ws,
-            bt,
-            &ids,
-            &tgt,
-            &w,
-            smoothing as f32,
-            total2 as f32,
-            &mut plan.zero_grads(),
-        )
-        .unwrap();
+    let got2 = fused(&batch2, total2, &mut plan.zero_grads());
     assert!((got2 - want2).abs() < 1e-5 * want2.abs().max(1.0));
 }
 

@@ -15,7 +15,8 @@ pub struct FrontierArgs {
     /// by `;`; `SPEC@D` trains that one at width D only (instead of every
     /// --d-model). Default: softmax, a window of 64, Taylor linear attention
     /// (feature dimension 16), the BASED stack, RetNet decay, GLA, DeltaNet,
-    /// Gated DeltaNet and Mamba2.
+    /// Gated DeltaNet and Mamba2 at width 64, and the last five again at
+    /// width 128 (4x their state).
     #[arg(long, value_delimiter = ';')]
     mechanisms: Vec<String>,
     /// Key–value pairs per sequence (default 16 and 64; 4 with --quick).
@@ -45,11 +46,19 @@ pub struct FrontierArgs {
     n_eval: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Peak learning rates to sweep for every (mechanism, pairs): each is
-    /// trained at each, the table lists every run and the plots the best
-    /// (default: the MQAR preset's, 3e-3).
-    #[arg(long, value_delimiter = ',')]
+    /// Peak learning rates to sweep for every (mechanism, pairs, width):
+    /// each is trained at each, the table lists every run and the plots the
+    /// best.
+    #[arg(long, value_delimiter = ',', conflicts_with = "tune_lrs")]
     lrs: Vec<f64>,
+    /// Peak learning rates to tune each mechanism with: each is tried at
+    /// the largest --pairs and the first --d-model only, and every other
+    /// point trains at the mechanism's best of them (ties: the first);
+    /// widths other than the first then run at the largest --pairs only.
+    /// Default without --lrs: 3e-3,1e-3 (the MQAR preset's and a third of
+    /// it); with --quick: the preset's alone.
+    #[arg(long, value_delimiter = ',')]
+    tune_lrs: Vec<f64>,
     /// Four small models at 4 pairs: about 2 minutes.
     #[arg(long)]
     quick: bool,
@@ -67,7 +76,7 @@ pub struct FrontierArgs {
     resume: bool,
 }
 
-const DEFAULT: [&str; 9] = [
+const DEFAULT: [&str; 14] = [
     "softmax",
     "window:w=64",
     "linear:map=taylor,dim=16",
@@ -77,7 +86,14 @@ const DEFAULT: [&str; 9] = [
     "deltanet",
     "gated-deltanet",
     "mamba2",
+    // the fixed-state families again at 4x the state
+    "decay@128",
+    "gla@128",
+    "deltanet@128",
+    "gated-deltanet@128",
+    "mamba2@128",
 ];
+const DEFAULT_TUNE_LRS: [f64; 2] = [3e-3, 1e-3];
 const QUICK: [&str; 4] = [
     "softmax",
     "window:w=4",
@@ -153,18 +169,41 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
             setup.seq_len
         );
     }
-    if let Some(lr) = a.lrs.iter().find(|l| !(l.is_finite() && **l > 0.0)) {
-        bail!("--lrs: {lr} is not a positive learning rate");
+    for (flag, lrs) in [("--lrs", &a.lrs), ("--tune-lrs", &a.tune_lrs)] {
+        if let Some(lr) = lrs.iter().find(|l| !(l.is_finite() && **l > 0.0)) {
+            bail!("{flag}: {lr} is not a positive learning rate");
+        }
     }
-    let lrs: Vec<Option<f64>> = if a.lrs.is_empty() {
-        vec![None]
+    let tune_lrs: Vec<f64> = match (a.tune_lrs.is_empty(), a.lrs.is_empty(), a.quick) {
+        (false, _, _) => a.tune_lrs.clone(),
+        (true, true, false) => DEFAULT_TUNE_LRS.to_vec(),
+        _ => vec![],
+    };
+    let lrs: Vec<Lr> = if !tune_lrs.is_empty() {
+        vec![Lr::Tuned]
+    } else if a.lrs.is_empty() {
+        vec![Lr::Fixed(None)]
     } else {
-        a.lrs.iter().map(|&l| Some(l)).collect()
+        a.lrs.iter().map(|&l| Lr::Fixed(Some(l))).collect()
     };
     if let Some(&d) = a.d_model.iter().find(|&&d| d == 0) {
         bail!("--d-model: {d} is not a width");
     }
-    let mut points: Vec<FrontierPoint> = vec![];
+    let max_pairs = pairs.iter().copied().max().unwrap_or(0);
+    let first_width = a.d_model[0];
+    let mut points: Vec<(FrontierPoint, Lr)> = vec![];
+    // tuning first: every mechanism at each --tune-lrs, at the largest
+    // pairs and the first width
+    for (m, width) in &specs {
+        if width.is_none_or(|d| d == first_width) {
+            for &lr in &tune_lrs {
+                points.push((
+                    point(m, first_width, max_pairs, Some(lr)),
+                    Lr::Fixed(Some(lr)),
+                ));
+            }
+        }
+    }
     for &n_pairs in &pairs {
         for (m, width) in &specs {
             let widths = match width {
@@ -172,13 +211,15 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
                 None => &a.d_model[..],
             };
             for &d_model in widths {
+                let tuned = !tune_lrs.is_empty();
+                if tuned && (d_model == first_width && n_pairs == max_pairs) {
+                    continue; // a tuning point
+                }
+                if tuned && d_model != first_width && n_pairs != max_pairs {
+                    continue; // other widths: the largest pairs only
+                }
                 for &lr in &lrs {
-                    points.push(FrontierPoint {
-                        mechanism: m.clone(),
-                        d_model,
-                        n_pairs,
-                        lr,
-                    });
+                    points.push((point(m, d_model, n_pairs, None), lr));
                 }
             }
         }
@@ -188,21 +229,24 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
     } else {
         vec![]
     };
-    let done = |p: &FrontierPoint, r: &FrontierResult| {
-        r.mechanism == p.mechanism
-            && r.d_model == p.d_model
-            && r.n_pairs == p.n_pairs
-            && p.lr.is_none_or(|lr| (lr - r.lr).abs() <= 1e-12 * lr)
+    // keep earlier runs of this sweep's points only (a tuned point: at one
+    // of the tuning rates), in the sweep's order
+    let candidates = |lr: Lr| -> Vec<Option<f64>> {
+        match lr {
+            Lr::Fixed(l) => vec![l],
+            Lr::Tuned => tune_lrs.iter().map(|&l| Some(l)).collect(),
+        }
     };
-    // keep earlier runs of this sweep's points only, in the sweep's order
-    results.retain(|r| points.iter().any(|p| done(p, r)));
-    points.retain(|p| !results.iter().any(|r| done(p, r)));
-    if a.resume && !results.is_empty() {
+    results.retain(|r| {
+        points
+            .iter()
+            .any(|(p, lr)| candidates(*lr).into_iter().any(|l| done(p, l, r)))
+    });
+    let already = results.len();
+    if a.resume && already > 0 {
         eprintln!(
-            "resuming: {} runs already in {}, {} to train",
-            results.len(),
+            "resuming: {already} runs already in {}",
             a.out.join("results.json").display(),
-            points.len()
         );
     }
     std::fs::create_dir_all(&a.out)
@@ -215,13 +259,34 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
         .expect("static template")
         .progress_chars("=> "),
     );
-    for (i, p) in points.iter().enumerate() {
+    for (i, (p, lr)) in points.iter().enumerate() {
+        let base = i as u64 * setup.steps;
+        // a tuned point takes its mechanism's best tuning rate, known by now
+        let p = match lr {
+            Lr::Fixed(lr) => FrontierPoint {
+                lr: *lr,
+                ..p.clone()
+            },
+            Lr::Tuned => FrontierPoint {
+                lr: Some(best_tuning_lr(
+                    &results,
+                    &p.mechanism,
+                    first_width,
+                    max_pairs,
+                    &tune_lrs,
+                )),
+                ..p.clone()
+            },
+        };
+        if results.iter().any(|r| done(&p, p.lr, r)) {
+            pb.set_position(base + setup.steps);
+            continue;
+        }
         pb.set_message(format!(
             "{} d={} pairs={} lr={:?}",
             p.mechanism, p.d_model, p.n_pairs, p.lr
         ));
-        let base = i as u64 * setup.steps;
-        let r = run_point(p, &setup, |s| pb.set_position(base + s))?;
+        let r = run_point(&p, &setup, |s| pb.set_position(base + s))?;
         let line = format!(
             "{:<28} d {:>3} pairs {:>2} lr {:.0e}: accuracy {:6.2}%  state {:>9} bytes  ({:.0} s)",
             r.mechanism,
@@ -240,6 +305,54 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
     pb.finish_and_clear();
     write_reports(&a, &setup, &pairs, &results)?;
     print_report(&a.out, a.json, "results.json,table.md,plot*.svg")
+}
+
+/// How a point's learning rate is chosen.
+#[derive(Clone, Copy, Debug)]
+enum Lr {
+    /// This one (None: the MQAR preset's).
+    Fixed(Option<f64>),
+    /// Its mechanism's best tuning rate.
+    Tuned,
+}
+
+fn point(m: &str, d_model: usize, n_pairs: usize, lr: Option<f64>) -> FrontierPoint {
+    FrontierPoint {
+        mechanism: m.to_string(),
+        d_model,
+        n_pairs,
+        lr,
+    }
+}
+
+/// Whether run r is point p at learning rate lr (None: any).
+fn done(p: &FrontierPoint, lr: Option<f64>, r: &FrontierResult) -> bool {
+    r.mechanism == p.mechanism
+        && r.d_model == p.d_model
+        && r.n_pairs == p.n_pairs
+        && lr.is_none_or(|lr| (lr - r.lr).abs() <= 1e-12 * lr)
+}
+
+/// The tuning rate at which `mechanism` scored best at (d_model, pairs)
+/// (the first on a tie, so the order of --tune-lrs breaks ties; a spec
+/// tuned only at another width takes the first rate).
+fn best_tuning_lr(
+    results: &[FrontierResult],
+    mechanism: &str,
+    d_model: usize,
+    n_pairs: usize,
+    tune_lrs: &[f64],
+) -> f64 {
+    let mut best: Option<(f64, f64)> = None; // (accuracy, lr)
+    for &lr in tune_lrs {
+        let p = point(mechanism, d_model, n_pairs, Some(lr));
+        if let Some(r) = results.iter().find(|r| done(&p, Some(lr), r)) {
+            if best.is_none_or(|(acc, _)| r.accuracy > acc) {
+                best = Some((r.accuracy, lr));
+            }
+        }
+    }
+    best.map_or(tune_lrs[0], |(_, lr)| lr)
 }
 
 /// The runs in `out`/results.json, if it holds a sweep of the same setup

@@ -2073,6 +2073,8 @@ fn frontier_resumes_and_takes_widths_per_mechanism() {
         "16",
         "--d-model",
         "16,32",
+        "--lrs",
+        "3e-3",
         "--out",
         o,
         "--json",
@@ -2122,6 +2124,90 @@ fn frontier_resumes_and_takes_widths_per_mechanism() {
             o,
         ],
         &["softmax@x", "after `@`"],
+    );
+    std::fs::remove_dir_all(&out_dir).ok();
+}
+
+/// `--tune-lrs`: the rates are tried at the largest pairs and the first
+/// width, every other point trains at its mechanism's best of them, and
+/// other widths run at the largest pairs only.
+#[test]
+fn frontier_tunes_each_mechanism_then_trains_the_rest_at_its_best_rate() {
+    let out_dir = tmp("frontier-tune");
+    let out = succeeds(&[
+        "frontier",
+        "--mechanisms",
+        "softmax;deltanet;deltanet@32",
+        "--pairs",
+        "2,3",
+        "--d-model",
+        "16,32",
+        "--seq-len",
+        "16",
+        "--vocab",
+        "16",
+        "--steps",
+        "30",
+        "--n-eval",
+        "20",
+        "--tune-lrs",
+        "1e-3,1e-2",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs: Vec<(String, u64, u64, f64, f64)> = v["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["mechanism"].as_str().unwrap().to_string(),
+                r["d_model"].as_u64().unwrap(),
+                r["n_pairs"].as_u64().unwrap(),
+                r["lr"].as_f64().unwrap(),
+                r["accuracy"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let key = |r: &(String, u64, u64, f64, f64)| (r.0.clone(), r.1, r.2, r.3);
+    let tuning: Vec<_> = runs[..4].iter().map(key).collect();
+    assert_eq!(
+        tuning,
+        [
+            ("softmax".to_string(), 16, 3, 1e-3),
+            ("softmax".into(), 16, 3, 1e-2),
+            ("deltanet".into(), 16, 3, 1e-3),
+            ("deltanet".into(), 16, 3, 1e-2)
+        ]
+    );
+    // the best tuning rate of a mechanism: highest accuracy, the first on a tie
+    let best = |m: &str| {
+        let t: Vec<_> = runs[..4].iter().filter(|r| r.0 == m).collect();
+        if t[1].4 > t[0].4 {
+            t[1].3
+        } else {
+            t[0].3
+        }
+    };
+    let rest: Vec<_> = runs[4..].iter().map(key).collect();
+    assert_eq!(
+        rest,
+        [
+            ("softmax".to_string(), 16, 2, best("softmax")),
+            ("deltanet".into(), 16, 2, best("deltanet")),
+            ("softmax".into(), 32, 3, best("softmax")),
+            ("deltanet".into(), 32, 3, best("deltanet")),
+        ]
+    );
+    fails_with(
+        &["frontier", "--quick", "--lrs", "1e-3", "--tune-lrs", "1e-3"],
+        &["--tune-lrs"],
+    );
+    fails_with(
+        &["frontier", "--quick", "--tune-lrs", "-1"],
+        &["--tune-lrs", "not a positive learning rate"],
     );
     std::fs::remove_dir_all(&out_dir).ok();
 }

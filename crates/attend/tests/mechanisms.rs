@@ -17,7 +17,7 @@ use attend::config::*;
 use attend::nn::ParamStore;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 
 const LENGTHS: [usize; 4] = [1, 7, 13, 30];
 const CHUNK: usize = 8;
@@ -1269,4 +1269,73 @@ fn delta_rule_final_states_match_the_recurrence() {
             .all(|(a, b)| (a - b).abs() < 1e-12),
         "{read:?}"
     );
+}
+
+/// The fused recurrence (`kernels::recurrence`, forward and backward by
+/// hand) against the same recurrence written token by token in candle ops,
+/// differentiated by autograd: outputs and the gradients of every input,
+/// for a decay per key channel or one scalar, with and without the delta
+/// rule, two query heads per kv head.
+#[test]
+fn fused_recurrence_gradients_equal_autograd_of_the_recurrence() {
+    use attend::kernels::recurrence::fused_recurrence;
+    use candle_core::Var;
+    let dev = Device::Cpu;
+    let (b, h, h_kv, t, dk, dv) = (2, 4, 2, 37, 3, 5); // t: blocks of 16 and a partial one
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut rand = |shape: &[usize], lo: f64, hi: f64| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &dev).unwrap()).unwrap()
+    };
+    for (d_lambda, delta) in [(dk, false), (1, false), (1, true), (dk, true)] {
+        let q = rand(&[b, h, t, dk], -1.0, 1.0);
+        let k = rand(&[b, h_kv, t, dk], -0.7, 0.7);
+        let v = rand(&[b, h_kv, t, dv], -1.0, 1.0);
+        let la = rand(&[b, h_kv, t, d_lambda], -0.8, 0.0);
+        let beta = rand(&[b, h_kv, t, 1], 0.1, 0.9);
+        let w = rand(&[b, h, t, dv], -1.0, 1.0);
+        let fused = fused_recurrence(&q, &k, &v, &la, delta.then_some(beta.as_tensor())).unwrap();
+        // the reference: S (b, h_kv, d_k, d_v), q's g heads read the state of their kv head
+        let g = h / h_kv;
+        let mut s = Tensor::zeros((b, h_kv, dk, dv), DType::F64, &dev).unwrap();
+        let mut outs = vec![];
+        for i in 0..t {
+            let at = |x: &Tensor| x.narrow(2, i, 1).unwrap(); // (b, ·, 1, d)
+            let (ki, vi) = (at(&k), at(&v));
+            let decay = at(&la).exp().unwrap().transpose(2, 3).unwrap(); // (b, h_kv, d_λ, 1)
+            s = s.broadcast_mul(&decay).unwrap();
+            let u = if delta {
+                let r = ki.matmul(&s).unwrap(); // (b, h_kv, 1, d_v)
+                (vi - r).unwrap().broadcast_mul(&at(&beta)).unwrap()
+            } else {
+                vi
+            };
+            s = (s + ki.transpose(2, 3).unwrap().matmul(&u).unwrap()).unwrap();
+            let qi = at(&q).reshape((b, h_kv, g, dk)).unwrap();
+            outs.push(qi.matmul(&s).unwrap().reshape((b, h, 1, dv)).unwrap());
+        }
+        let want = Tensor::cat(&outs, 2).unwrap();
+        let case = format!("d_λ {d_lambda}, delta {delta}");
+        assert!(
+            max_abs_diff(&fused, &want) < 1e-12,
+            "{case}: outputs differ"
+        );
+        let loss = |o: &Tensor| (o * w.as_tensor()).unwrap().sum_all().unwrap();
+        let (gf, gw) = (
+            loss(&fused).backward().unwrap(),
+            loss(&want).backward().unwrap(),
+        );
+        let mut inputs = vec![("q", &q), ("k", &k), ("v", &v), ("log decay", &la)];
+        if delta {
+            inputs.push(("beta", &beta));
+        }
+        for (name, x) in inputs {
+            let (a, e) = (gf.get(x).unwrap(), gw.get(x).unwrap());
+            let scale = e.abs().unwrap().max_keepdim(3).unwrap().max_all().unwrap();
+            let scale = scale.to_scalar::<f64>().unwrap().max(1e-3);
+            let d = max_abs_diff(a, e);
+            assert!(d < 1e-10 * scale.max(1.0), "{case}: d{name} differs by {d}");
+        }
+    }
 }

@@ -15,6 +15,8 @@
 //!   (Q Kᵀ ⊙ D) V with D_ij = γ^(i-j) for j ≤ i; across chunks the state S,
 //!   read as (γ^(i+1) Q) S and carried as S ← γ^C S + (γ^(C-1-j) K)ᵀ V. All
 //!   powers of γ have non-negative exponents, so nothing overflows;
+//!   `forward` from a zero state (training, scoring) runs the fused
+//!   recurrence instead (`kernels::recurrence`), the same sum token by token;
 //! * `step`    — S ← γ S + k vᵀ, o = qᵀS;
 //! * the state is `RecurrentState` with S (b, h_kv, d_k, d_v).
 
@@ -22,6 +24,7 @@ use super::linear::{fold_heads, key_mask, unfold_heads, RecurrentState};
 use super::Heads;
 use crate::config::DecayConfig;
 use crate::error::{Error, Result};
+use crate::kernels::recurrence;
 use candle_core::{Device, Tensor};
 
 /// ε of the per-head RMS norm.
@@ -85,7 +88,7 @@ impl DecayAttention {
         key_padding: Option<&Tensor>,
         state: Option<&mut RecurrentState>,
     ) -> Result<Tensor> {
-        let (_, h, t, dk) = q.dims4()?;
+        let (b, h, t, dk) = q.dims4()?;
         let h_kv = k.dim(1)?;
         let g = h / h_kv;
         let dev = q.device();
@@ -94,6 +97,12 @@ impl DecayAttention {
             Some(m) => k.broadcast_mul(&m)?,
             None => k.clone(),
         };
+        if state.is_none() && recurrence::usable(&q) {
+            // from a zero state, nothing to leave behind: the fused recurrence
+            let la: Vec<f64> = self.gammas.iter().map(|g| g.ln()).collect();
+            let la = host(la, &[1, h_kv, 1, 1], &q, dev)?.broadcast_as((b, h_kv, t, 1))?;
+            return head_rms_norm(&recurrence::fused_recurrence(&q, &k, v, &la, None)?);
+        }
         let mut s = state.as_ref().and_then(|st| st.s.clone());
         let mut outs = vec![];
         for start in (0..t).step_by(self.chunk) {

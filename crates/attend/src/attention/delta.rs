@@ -25,6 +25,9 @@
 //!   S ← e^(γ_C) S + (e^(γ_C−γ_j) K)ᵀ U'. Every exponent is ≤ 0. The
 //!   intra-chunk parts of all chunks are computed at once; the scan over
 //!   chunks is four small products each;
+//!   From a zero state (training, scoring) `forward` runs the fused
+//!   recurrence instead (`kernels::recurrence`, forward and backward by
+//!   hand); the chunked form serves prefill;
 //! * `step`    — S ← α (S − β k (kᵀS)) + β k vᵀ, o = Sᵀq;
 //! * the state is `RecurrentState` with S (b, h_kv, d_k, d_v).
 
@@ -33,6 +36,7 @@ use super::linear::{causal_rows, fold_heads, key_mask, unfold_heads, Chunks, Rec
 use super::Heads;
 use crate::config::{DeltaConfig, ModelConfig};
 use crate::error::Result;
+use crate::kernels::recurrence;
 use crate::nn::{Builder, Linear};
 use candle_core::{Tensor, D};
 
@@ -122,6 +126,12 @@ impl DeltaRule {
             Some(m) => (k.broadcast_mul(&m)?, log_alpha.broadcast_mul(&m)?),
             None => (k.clone(), log_alpha.clone()),
         };
+        if state.is_none() && recurrence::usable(q) {
+            // from a zero state, nothing to leave behind: the fused recurrence
+            let q = (q * (1.0 / (dk as f64).sqrt()))?;
+            let o = recurrence::fused_recurrence(&q, &k, v, &la, Some(beta))?;
+            return head_rms_norm(&o);
+        }
         let q = (ch.queries(q, h_kv)? * (1.0 / (dk as f64).sqrt()))?; // (bk, n, g·l, d_k)
         let (k, v) = (ch.view(&k)?, ch.view(v)?);
         let (beta, la) = (ch.view(beta)?, ch.view(&la)?); // (bk, n, l, 1)

@@ -21,6 +21,9 @@
 //!   All chunks are computed at once; only the state update is a scan. The
 //!   intra-chunk term is explicit per channel, O(t·C·d_k), so chunks are
 //!   small (8 by default);
+//!   From a zero state (training, scoring) `forward` runs the fused
+//!   recurrence instead (`kernels::recurrence`): O(t·d_k·d_v), no
+//!   intermediate tensors; the chunked form serves prefill;
 //! * `step`    — S ← diag(α) S + k vᵀ, o = qᵀS;
 //! * the state is `RecurrentState` with S (b, h_kv, d_k, d_v).
 
@@ -29,6 +32,7 @@ use super::linear::{fold_heads, key_mask, unfold_heads, RecurrentState};
 use super::Heads;
 use crate::config::{GlaConfig, ModelConfig};
 use crate::error::Result;
+use crate::kernels::recurrence;
 use crate::nn::{Builder, Linear};
 use candle_core::Tensor;
 
@@ -106,6 +110,11 @@ impl Gla {
             Some(m) => (k.broadcast_mul(&m)?, log_alpha.broadcast_mul(&m)?),
             None => (k.clone(), log_alpha.clone()),
         };
+        if state.is_none() && recurrence::usable(q) {
+            // from a zero state, nothing to leave behind: the fused recurrence
+            let q = (q * (1.0 / (dk as f64).sqrt()))?;
+            return head_rms_norm(&recurrence::fused_recurrence(&q, &k, v, &la, None)?);
+        }
         // chunked views: q (bk, g, n, l, d_k), the rest (bk, n, l, ·)
         let chunks = |x: &Tensor, heads: usize| -> Result<Tensor> {
             let d = x.dim(3)?;

@@ -18,6 +18,9 @@
 //! * `forward` — chunked SSD: inside a chunk, with γ_i the cumulative
 //!   log-decay, Y = e^γ ⊙ (C S) + (C Bᵀ ⊙ e^(γ_i−γ_j) ⊙ M) X; across chunks
 //!   S ← e^(γ_C) S + (e^(γ_C−γ_j) B)ᵀ X (every exponent ≤ 0);
+//!   From a zero state (training, scoring) `forward` runs the fused
+//!   recurrence instead (`kernels::recurrence`); the chunked form serves
+//!   prefill;
 //! * `step`    — S ← a S + Δ B Xᵀ, y = SᵀC;
 //! * the state is `BasedState` (the conv inputs and S; no window).
 
@@ -27,6 +30,7 @@ use super::linear::{fold_heads, key_mask, unfold_heads, Chunks, RecurrentState};
 use super::{Attention, Heads};
 use crate::config::{Mamba2Config, ModelConfig};
 use crate::error::Result;
+use crate::kernels::recurrence;
 use crate::nn::{Builder, Init, Linear};
 use candle_core::Tensor;
 
@@ -143,6 +147,10 @@ impl Mamba2 {
             Some(m) => (k.broadcast_mul(&m)?, log_a.broadcast_mul(&m)?),
             None => (k, log_a.clone()),
         };
+        if state.is_none() && recurrence::usable(c) {
+            // from a zero state, nothing to leave behind: the fused recurrence
+            return Ok(recurrence::fused_recurrence(c, &k, xs, &la, None)?);
+        }
         let q = ch.queries(c, h_kv)?; // (bk, n, g·l, n_st)
         let (k, v, la) = (ch.view(&k)?, ch.view(xs)?, ch.view(&la)?);
         let gamma = la.cumsum(2)?; // (bk, n, l, 1)

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod dense;
 pub mod kv;
 pub mod quant;
+pub mod recurrence;
 pub mod rope;
 
 use candle_core::backend::BackendStorage;

@@ -129,3 +129,269 @@ fn structured_models_equal_dense_models_with_the_same_matrices() {
         }
     }
 }
+
+// ------------------------------------------------------ mixture of experts
+
+mod moe {
+    use attend::config::{FfnKind, ModelConfig};
+    use attend::exec::graph::Graph;
+    use attend::ffn::moe::{assign, Moe, Routing};
+    use attend::nn::ParamStore;
+    use candle_core::{DType, Device, Tensor, Var};
+
+    fn model(ffn: FfnKind) -> ModelConfig {
+        ModelConfig {
+            d_model: 8,
+            d_ff: 12,
+            ffn,
+            bias: true,
+            ..ModelConfig::default()
+        }
+    }
+
+    fn input(n: usize, d: usize, seed: u64) -> Tensor {
+        let mut r = super::rng(seed);
+        let v: Vec<f64> = (0..n * d)
+            .map(|_| rand::Rng::random_range(&mut r, -1.0..1.0))
+            .collect();
+        Tensor::from_vec(v, (n, d), &Device::Cpu).unwrap()
+    }
+
+    fn layer(ffn: FfnKind, routing: Routing, seed: u64) -> (ParamStore, Moe) {
+        let store = ParamStore::new(seed, DType::F64, Device::Cpu);
+        let m = Moe::new(&store.builder().pp("moe"), &model(ffn), routing).unwrap();
+        (store, m)
+    }
+
+    fn rows(t: &Tensor) -> Vec<Vec<f64>> {
+        t.to_vec2().unwrap()
+    }
+
+    fn diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// One expert and k = 1: the gate is 1 and the layer is that FFN.
+    #[test]
+    fn one_expert_top_1_is_the_dense_ffn() {
+        for ffn in [FfnKind::Relu, FfnKind::Swiglu] {
+            let r = Routing {
+                experts: 1,
+                top_k: 1,
+                capacity_factor: None,
+            };
+            let (_s, m) = layer(ffn, r, 1);
+            let x = input(10, 8, 2);
+            let (y, stats) = m.forward(&x).unwrap();
+            let dense = m.experts[0].forward(&Graph, &x).unwrap();
+            assert!(diff(&y, &dense) < 1e-12, "{ffn:?}");
+            // one expert takes everything: f = P = 1, L_aux = 1
+            let aux = stats.aux_loss.to_scalar::<f64>().unwrap();
+            assert!((aux - 1.0).abs() < 1e-12, "{aux}");
+        }
+    }
+
+    /// The layer against a per-token loop: each token's logits by hand, its
+    /// top k, the softmax of those k, and each chosen expert on that token
+    /// alone; with a capacity, slots beyond an expert's first ⌈c·k·n/E⌉
+    /// tokens (in token order) add nothing.
+    #[test]
+    fn top_k_routing_equals_a_per_token_loop() {
+        let (n, d) = (23, 8);
+        for (experts, top_k, capacity_factor) in [
+            (4, 1, None),
+            (4, 2, None),
+            (5, 3, None),
+            (4, 2, Some(0.6)),
+            (3, 1, Some(1.0)),
+        ] {
+            let r = Routing {
+                experts,
+                top_k,
+                capacity_factor,
+            };
+            let (_s, m) = layer(FfnKind::Swiglu, r, 3);
+            let x = input(n, d, 4);
+            let (y, stats) = m.forward(&x).unwrap();
+            let w = rows(&m.router.w.to_dense().unwrap().unwrap()); // (E, d)
+            let cap =
+                capacity_factor.map(|c| (c * (top_k * n) as f64 / experts as f64).ceil() as usize);
+            let mut load = vec![0usize; experts];
+            let mut want = vec![];
+            for (i, xi) in rows(&x).iter().enumerate() {
+                let l: Vec<f64> = w
+                    .iter()
+                    .map(|we| we.iter().zip(xi).map(|(a, b)| a * b).sum())
+                    .collect();
+                let mut order: Vec<usize> = (0..experts).collect();
+                order.sort_by(|&a, &b| l[b].partial_cmp(&l[a]).unwrap());
+                let top = &order[..top_k];
+                let mx = top.iter().map(|&e| l[e]).fold(f64::MIN, f64::max);
+                let z: f64 = top.iter().map(|&e| (l[e] - mx).exp()).sum();
+                let mut yi = vec![0.0; d];
+                for &e in top {
+                    if cap.is_some_and(|c| load[e] >= c) {
+                        continue;
+                    }
+                    load[e] += 1;
+                    let g = (l[e] - mx).exp() / z;
+                    let h = m.experts[e]
+                        .forward(&Graph, &x.narrow(0, i, 1).unwrap())
+                        .unwrap();
+                    for (a, b) in yi.iter_mut().zip(&rows(&h)[0]) {
+                        *a += g * b;
+                    }
+                }
+                want.push(yi);
+            }
+            let want = Tensor::new(want, &Device::Cpu).unwrap();
+            let case = format!("E {experts}, k {top_k}, capacity {capacity_factor:?}");
+            assert!(diff(&y, &want) < 1e-12, "{case}");
+            assert_eq!(stats.assignment.load, load, "{case}");
+            if capacity_factor == Some(0.6) {
+                assert!(
+                    stats.assignment.dropped > 0,
+                    "{case}: the capacity should bind"
+                );
+            }
+        }
+    }
+
+    /// L_aux = E Σ f_e P_e and L_z = mean (log Σ e^l)², from the logits by hand.
+    #[test]
+    fn auxiliary_losses_follow_their_formulas() {
+        let (n, experts, top_k) = (17, 4, 2);
+        let r = Routing {
+            experts,
+            top_k,
+            capacity_factor: None,
+        };
+        let (_s, m) = layer(FfnKind::Gelu, r, 5);
+        let x = input(n, 8, 6);
+        let (_, stats) = m.forward(&x).unwrap();
+        let logits = rows(&m.router.forward(&x).unwrap());
+        let (mut f, mut p, mut z) = (vec![0.0; experts], vec![0.0; experts], 0.0);
+        for l in &logits {
+            let mut order: Vec<usize> = (0..experts).collect();
+            order.sort_by(|&a, &b| l[b].partial_cmp(&l[a]).unwrap());
+            for &e in &order[..top_k] {
+                f[e] += 1.0 / (top_k * n) as f64;
+            }
+            let s: f64 = l.iter().map(|v| v.exp()).sum();
+            for (pe, v) in p.iter_mut().zip(l) {
+                *pe += v.exp() / s / n as f64;
+            }
+            z += s.ln().powi(2) / n as f64;
+        }
+        let aux: f64 = experts as f64 * f.iter().zip(&p).map(|(a, b)| a * b).sum::<f64>();
+        let got = stats.aux_loss.to_scalar::<f64>().unwrap();
+        assert!((got - aux).abs() < 1e-12, "{got} vs {aux}");
+        let got = stats.z_loss.to_scalar::<f64>().unwrap();
+        assert!((got - z).abs() < 1e-12, "{got} vs {z}");
+        // the assignment helper agrees with the sort above on the loads
+        let host: Vec<Vec<f32>> = logits
+            .iter()
+            .map(|l| l.iter().map(|&v| v as f32).collect())
+            .collect();
+        let a = assign(&host, &r);
+        let want: Vec<usize> = f
+            .iter()
+            .map(|v| (v * (top_k * n) as f64).round() as usize)
+            .collect();
+        assert_eq!(a.load, want);
+    }
+
+    /// Gradients of y·w + L_aux + L_z with respect to the input, the router
+    /// and every expert weight, against central differences (the routing
+    /// does not change under steps this small).
+    #[test]
+    fn grouped_expert_gradients_match_finite_differences() {
+        let r = Routing {
+            experts: 3,
+            top_k: 2,
+            capacity_factor: None,
+        };
+        let (store, m) = layer(FfnKind::Swiglu, r, 7);
+        let x = Var::from_tensor(&input(9, 8, 8)).unwrap();
+        let w = input(9, 8, 9);
+        let loss = |m: &Moe, x: &Tensor| -> Tensor {
+            let (y, s) = m.forward(x).unwrap();
+            ((y * &w).unwrap().sum_all().unwrap() + s.aux_loss + s.z_loss).unwrap()
+        };
+        let grads = loss(&m, x.as_tensor()).backward().unwrap();
+        let eps = 1e-6;
+        let mut checked = 0;
+        for (name, var) in store.vars() {
+            let g = grads
+                .get(var.as_tensor())
+                .expect(&name)
+                .flatten_all()
+                .unwrap();
+            let g: Vec<f64> = g.to_vec1().unwrap();
+            let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            for i in (0..base.len()).step_by(5) {
+                let at = |delta: f64| {
+                    let mut v = base.clone();
+                    v[i] += delta;
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    let l = loss(&m, x.as_tensor()).to_scalar::<f64>().unwrap();
+                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    l
+                };
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                assert!(
+                    (fd - g[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                    "{name}[{i}]: {} vs {fd}",
+                    g[i]
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 50, "{checked}");
+        let gx: Vec<f64> = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let base: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for i in (0..base.len()).step_by(7) {
+            let at = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                let xt = Tensor::from_vec(v, (9, 8), &Device::Cpu).unwrap();
+                loss(&m, &xt).to_scalar::<f64>().unwrap()
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+            assert!(
+                (fd - gx[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "x[{i}]: {} vs {fd}",
+                gx[i]
+            );
+        }
+    }
+
+    #[test]
+    fn bad_routing_is_refused_naming_the_field() {
+        for (experts, top_k, c) in [(0, 1, None), (4, 0, None), (2, 3, None), (4, 2, Some(0.0))] {
+            let store = ParamStore::new(0, DType::F64, Device::Cpu);
+            let r = Routing {
+                experts,
+                top_k,
+                capacity_factor: c,
+            };
+            let e = Moe::new(&store.builder(), &model(FfnKind::Relu), r).unwrap_err();
+            assert!(e.to_string().contains("moe"), "{e}");
+        }
+    }
+}

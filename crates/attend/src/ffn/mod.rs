@@ -3,6 +3,8 @@
 //! with SiLU, GeGLU with GELU's tanh approximation (Gemma). Each weight
 //! matrix is dense, low-rank or block-diagonal (`FfnWeights`).
 
+pub mod moe;
+
 use crate::config::{FfnKind, ModelConfig};
 use crate::error::Result;
 use crate::exec::{Act, Exec};

@@ -165,6 +165,14 @@ pub struct TrainArgs {
     /// blockdiag:b=B (B blocks; B divides d_model and d_ff).
     #[arg(long, value_parser = |s: &str| s.parse::<attend::config::FfnWeights>(), help_heading = "Model")]
     ffn_weights: Option<attend::config::FfnWeights>,
+    /// A mixture of experts in place of every FFN:
+    /// experts=E,k=K[,capacity=C][,aux=A][,z=Z] — E FFNs of --ffn's kind and
+    /// --d-ff, the top K per token (softmax over their router logits), each
+    /// taking at most C times its fair share of tokens (default: dropless);
+    /// Switch's load-balancing loss weighted A (0.01) and the router z-loss
+    /// Z (0.001). Each step's per-expert load shows in the progress line.
+    #[arg(long, value_parser = |s: &str| s.parse::<attend::config::MoeConfig>(), help_heading = "Model")]
+    moe: Option<attend::config::MoeConfig>,
     /// layernorm | rmsnorm
     #[arg(long, value_parser = parse_enum::<attend::config::NormKind>, help_heading = "Model")]
     norm: Option<attend::config::NormKind>,
@@ -295,6 +303,9 @@ fn resolve(a: &TrainArgs) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
     set!(m.rope_theta, a.rope_theta);
     set!(m.ffn, a.ffn);
     set!(m.ffn_weights, a.ffn_weights);
+    if a.moe.is_some() {
+        m.moe = a.moe;
+    }
     set!(m.norm, a.norm);
     set!(m.norm_position, a.norm_position);
     set!(m.dropout, a.dropout);
@@ -439,7 +450,8 @@ fn run_training(
         ema = Some(e);
         let tps = tokens as f64 / train_time.as_secs_f64();
         pb.set_position(info.step);
-        pb.set_message(format!("loss {e:.4} | {:.1}k tok/s", tps / 1e3));
+        let load = expert_load_line(&info.expert_load);
+        pb.set_message(format!("loss {e:.4} | {:.1}k tok/s{load}", tps / 1e3));
         let every = tr.train_cfg.checkpoint_every;
         if every > 0 && info.step.is_multiple_of(every) && info.step < until {
             tr.save(out, serde_json::json!({ "train_loss": info.loss }))?;
@@ -458,6 +470,20 @@ fn run_training(
         history,
         losses,
     })
+}
+
+/// " | experts: 31 25 40 32" — the tokens each expert took this step,
+/// summed over the MoE layers ("" without experts).
+fn expert_load_line(load: &[Vec<usize>]) -> String {
+    let Some(first) = load.first() else {
+        return String::new();
+    };
+    let mut sum = vec![0usize; first.len()];
+    for l in load {
+        sum.iter_mut().zip(l).for_each(|(a, b)| *a += b);
+    }
+    let cells: Vec<String> = sum.iter().map(|c| c.to_string()).collect();
+    format!(" | experts: {}", cells.join(" "))
 }
 
 /// Check `--out` before any work starts: a directory (or creatable as one)

@@ -85,6 +85,104 @@ impl std::str::FromStr for FfnWeights {
     }
 }
 
+/// A sparse mixture of experts in place of every block's FFN (`ffn::moe`):
+/// `experts` FFNs of the model's kind and d_ff, `top_k` of them per token.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub top_k: usize,
+    /// Tokens an expert takes, as a multiple of its fair share k·n/E; the
+    /// rest are dropped (None: dropless).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_factor: Option<f64>,
+    /// Weight of Switch's load-balancing loss in the training loss.
+    pub aux_weight: f64,
+    /// Weight of ST-MoE's router z-loss.
+    pub z_weight: f64,
+}
+
+impl Default for MoeConfig {
+    fn default() -> Self {
+        Self {
+            experts: 8,
+            top_k: 2,
+            capacity_factor: None,
+            aux_weight: 0.01,
+            z_weight: 0.001,
+        }
+    }
+}
+
+impl MoeConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.experts == 0 {
+            return Err(Error::config("moe", "experts must be at least 1"));
+        }
+        if self.top_k == 0 || self.top_k > self.experts {
+            return Err(Error::config(
+                "moe",
+                format!(
+                    "k must be in 1..={} (the experts), got {}",
+                    self.experts, self.top_k
+                ),
+            ));
+        }
+        if let Some(c) = self.capacity_factor {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(Error::config(
+                    "moe",
+                    format!("capacity factor must be positive, got {c}"),
+                ));
+            }
+        }
+        for (name, w) in [("aux weight", self.aux_weight), ("z weight", self.z_weight)] {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err(Error::config(
+                    "moe",
+                    format!("{name} must be non-negative, got {w}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for MoeConfig {
+    type Err = String;
+    /// `experts=E,k=K[,capacity=C][,aux=A][,z=Z]`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let mut c = Self::default();
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').ok_or(format!(
+                "`{part}`: expected key=value (experts, k, capacity, aux, z)"
+            ))?;
+            let int = || {
+                v.parse::<usize>()
+                    .map_err(|_| format!("`{part}`: `{k}` takes a whole number"))
+            };
+            let num = || {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x >= 0.0)
+                    .ok_or(format!("`{part}`: `{k}` takes a non-negative number"))
+            };
+            match k {
+                "experts" | "e" => c.experts = int()?,
+                "k" | "top_k" => c.top_k = int()?,
+                "capacity" => c.capacity_factor = Some(num()?),
+                "aux" => c.aux_weight = num()?,
+                "z" => c.z_weight = num()?,
+                _ => {
+                    return Err(format!(
+                        "unknown setting `{k}` (experts, k, capacity, aux, z)"
+                    ))
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum NormKind {
@@ -761,6 +859,9 @@ pub struct ModelConfig {
     pub ffn: FfnKind,
     /// The FFN's weight matrices: dense, low-rank or block-diagonal.
     pub ffn_weights: FfnWeights,
+    /// A mixture of experts in place of each block's FFN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
     pub norm: NormKind,
     pub norm_position: NormPosition,
     pub norm_eps: f64,
@@ -811,6 +912,7 @@ impl Default for ModelConfig {
             rope_theta_window: None,
             ffn: FfnKind::Relu,
             ffn_weights: FfnWeights::Dense,
+            moe: None,
             norm: NormKind::Layernorm,
             norm_position: NormPosition::Pre,
             norm_eps: 1e-5,
@@ -1249,6 +1351,15 @@ impl ModelConfig {
                         ),
                     ));
                 }
+            }
+        }
+        if let Some(m) = &self.moe {
+            m.validate()?;
+            if self.ffn_weights != FfnWeights::Dense {
+                return Err(Error::config(
+                    "moe",
+                    "experts are dense FFNs: low-rank or block-diagonal weights are not supported with them",
+                ));
             }
         }
         // what the mechanisms' settings alone ask for must fit

@@ -133,18 +133,25 @@ fn structured_models_equal_dense_models_with_the_same_matrices() {
 // ------------------------------------------------------ mixture of experts
 
 mod moe {
-    use attend::config::{FfnKind, ModelConfig};
+    use attend::config::{FfnKind, ModelConfig, MoeConfig};
     use attend::exec::graph::Graph;
-    use attend::ffn::moe::{assign, Moe, Routing};
+    use attend::ffn::moe::{assign, collect, MoeStats, Routing};
+    use attend::ffn::Ffn;
     use attend::nn::ParamStore;
     use candle_core::{DType, Device, Tensor, Var};
 
-    fn model(ffn: FfnKind) -> ModelConfig {
+    fn model(ffn: FfnKind, r: Routing) -> ModelConfig {
         ModelConfig {
             d_model: 8,
             d_ff: 12,
             ffn,
             bias: true,
+            moe: Some(MoeConfig {
+                experts: r.experts,
+                top_k: r.top_k,
+                capacity_factor: r.capacity_factor,
+                ..MoeConfig::default()
+            }),
             ..ModelConfig::default()
         }
     }
@@ -157,10 +164,18 @@ mod moe {
         Tensor::from_vec(v, (n, d), &Device::Cpu).unwrap()
     }
 
-    fn layer(ffn: FfnKind, routing: Routing, seed: u64) -> (ParamStore, Moe) {
+    fn layer(ffn: FfnKind, routing: Routing, seed: u64) -> (ParamStore, Ffn) {
         let store = ParamStore::new(seed, DType::F64, Device::Cpu);
-        let m = Moe::new(&store.builder().pp("moe"), &model(ffn), routing).unwrap();
-        (store, m)
+        let f = Ffn::new(&store.builder().pp("ffn"), &model(ffn, routing)).unwrap();
+        (store, f)
+    }
+
+    /// The layer's output and its one MoE layer's stats.
+    fn run(f: &Ffn, x: &Tensor) -> (Tensor, MoeStats) {
+        let moe = f.moe.as_ref().unwrap();
+        let (y, mut stats) = collect(|| moe.forward(f, x, None).unwrap());
+        assert_eq!(stats.len(), 1);
+        (y, stats.pop().unwrap())
     }
 
     fn rows(t: &Tensor) -> Vec<Vec<f64>> {
@@ -187,11 +202,15 @@ mod moe {
                 top_k: 1,
                 capacity_factor: None,
             };
-            let (_s, m) = layer(ffn, r, 1);
+            let (_s, f) = layer(ffn, r, 1);
             let x = input(10, 8, 2);
-            let (y, stats) = m.forward(&x).unwrap();
-            let dense = m.experts[0].forward(&Graph, &x).unwrap();
-            assert!(diff(&y, &dense) < 1e-12, "{ffn:?}");
+            let (y, stats) = run(&f, &x);
+            let dense = f.moe.as_ref().unwrap().expert(&f, 0).unwrap();
+            assert!(dense.moe.is_none());
+            assert!(
+                diff(&y, &dense.dense(&Graph, &x).unwrap()) < 1e-12,
+                "{ffn:?}"
+            );
             // one expert takes everything: f = P = 1, L_aux = 1
             let aux = stats.aux_loss.to_scalar::<f64>().unwrap();
             assert!((aux - 1.0).abs() < 1e-12, "{aux}");
@@ -217,10 +236,11 @@ mod moe {
                 top_k,
                 capacity_factor,
             };
-            let (_s, m) = layer(FfnKind::Swiglu, r, 3);
+            let (_s, f) = layer(FfnKind::Swiglu, r, 3);
+            let moe = f.moe.as_ref().unwrap();
             let x = input(n, d, 4);
-            let (y, stats) = m.forward(&x).unwrap();
-            let w = rows(&m.router.w.to_dense().unwrap().unwrap()); // (E, d)
+            let (y, stats) = run(&f, &x);
+            let w = rows(&moe.router.w.to_dense().unwrap().unwrap()); // (E, d)
             let cap =
                 capacity_factor.map(|c| (c * (top_k * n) as f64 / experts as f64).ceil() as usize);
             let mut load = vec![0usize; experts];
@@ -242,9 +262,8 @@ mod moe {
                     }
                     load[e] += 1;
                     let g = (l[e] - mx).exp() / z;
-                    let h = m.experts[e]
-                        .forward(&Graph, &x.narrow(0, i, 1).unwrap())
-                        .unwrap();
+                    let expert = moe.expert(&f, e).unwrap();
+                    let h = expert.dense(&Graph, &x.narrow(0, i, 1).unwrap()).unwrap();
                     for (a, b) in yi.iter_mut().zip(&rows(&h)[0]) {
                         *a += g * b;
                     }
@@ -264,6 +283,40 @@ mod moe {
         }
     }
 
+    /// Padded rows of a (b, t, d) input are neither routed nor counted and
+    /// come out zero; the others as without padding.
+    #[test]
+    fn padded_rows_are_not_routed() {
+        let r = Routing {
+            experts: 3,
+            top_k: 2,
+            capacity_factor: None,
+        };
+        let (_s, f) = layer(FfnKind::Gelu, r, 11);
+        let moe = f.moe.as_ref().unwrap();
+        let x = input(10, 8, 12).reshape((2, 5, 8)).unwrap();
+        let pad = Tensor::new(
+            &[[1f32, 1., 1., 0., 0.], [1., 1., 1., 1., 0.]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (y, stats) = collect(|| moe.forward(&f, &x, Some(&pad)).unwrap());
+        let (full, _) = collect(|| moe.forward(&f, &x, None).unwrap());
+        let total: usize = stats[0].assignment.load.iter().sum();
+        assert_eq!(total, 7 * 2);
+        for (bi, ti, padded) in [(0, 0, false), (0, 3, true), (1, 3, false), (1, 4, true)] {
+            let row = |t: &Tensor| t.get(bi).unwrap().get(ti).unwrap();
+            let got = row(&y);
+            let want = if padded {
+                got.zeros_like().unwrap()
+            } else {
+                row(&full)
+            };
+            let d = diff(&got, &want);
+            assert!(d < 1e-12, "({bi}, {ti}): {d}");
+        }
+    }
+
     /// L_aux = E Σ f_e P_e and L_z = mean (log Σ e^l)², from the logits by hand.
     #[test]
     fn auxiliary_losses_follow_their_formulas() {
@@ -273,16 +326,16 @@ mod moe {
             top_k,
             capacity_factor: None,
         };
-        let (_s, m) = layer(FfnKind::Gelu, r, 5);
+        let (_s, f) = layer(FfnKind::Gelu, r, 5);
         let x = input(n, 8, 6);
-        let (_, stats) = m.forward(&x).unwrap();
-        let logits = rows(&m.router.forward(&x).unwrap());
-        let (mut f, mut p, mut z) = (vec![0.0; experts], vec![0.0; experts], 0.0);
+        let (_, stats) = run(&f, &x);
+        let logits = rows(&f.moe.as_ref().unwrap().router.forward(&x).unwrap());
+        let (mut fr, mut p, mut z) = (vec![0.0; experts], vec![0.0; experts], 0.0);
         for l in &logits {
             let mut order: Vec<usize> = (0..experts).collect();
             order.sort_by(|&a, &b| l[b].partial_cmp(&l[a]).unwrap());
             for &e in &order[..top_k] {
-                f[e] += 1.0 / (top_k * n) as f64;
+                fr[e] += 1.0 / (top_k * n) as f64;
             }
             let s: f64 = l.iter().map(|v| v.exp()).sum();
             for (pe, v) in p.iter_mut().zip(l) {
@@ -290,7 +343,7 @@ mod moe {
             }
             z += s.ln().powi(2) / n as f64;
         }
-        let aux: f64 = experts as f64 * f.iter().zip(&p).map(|(a, b)| a * b).sum::<f64>();
+        let aux: f64 = experts as f64 * fr.iter().zip(&p).map(|(a, b)| a * b).sum::<f64>();
         let got = stats.aux_loss.to_scalar::<f64>().unwrap();
         assert!((got - aux).abs() < 1e-12, "{got} vs {aux}");
         let got = stats.z_loss.to_scalar::<f64>().unwrap();
@@ -301,7 +354,7 @@ mod moe {
             .map(|l| l.iter().map(|&v| v as f32).collect())
             .collect();
         let a = assign(&host, &r);
-        let want: Vec<usize> = f
+        let want: Vec<usize> = fr
             .iter()
             .map(|v| (v * (top_k * n) as f64).round() as usize)
             .collect();
@@ -318,14 +371,14 @@ mod moe {
             top_k: 2,
             capacity_factor: None,
         };
-        let (store, m) = layer(FfnKind::Swiglu, r, 7);
+        let (store, f) = layer(FfnKind::Swiglu, r, 7);
         let x = Var::from_tensor(&input(9, 8, 8)).unwrap();
         let w = input(9, 8, 9);
-        let loss = |m: &Moe, x: &Tensor| -> Tensor {
-            let (y, s) = m.forward(x).unwrap();
+        let loss = |x: &Tensor| -> Tensor {
+            let (y, s) = run(&f, x);
             ((y * &w).unwrap().sum_all().unwrap() + s.aux_loss + s.z_loss).unwrap()
         };
-        let grads = loss(&m, x.as_tensor()).backward().unwrap();
+        let grads = loss(x.as_tensor()).backward().unwrap();
         let eps = 1e-6;
         let mut checked = 0;
         for (name, var) in store.vars() {
@@ -342,7 +395,7 @@ mod moe {
                     v[i] += delta;
                     var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
                         .unwrap();
-                    let l = loss(&m, x.as_tensor()).to_scalar::<f64>().unwrap();
+                    let l = loss(x.as_tensor()).to_scalar::<f64>().unwrap();
                     var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
                         .unwrap();
                     l
@@ -369,8 +422,9 @@ mod moe {
             let at = |delta: f64| {
                 let mut v = base.clone();
                 v[i] += delta;
-                let xt = Tensor::from_vec(v, (9, 8), &Device::Cpu).unwrap();
-                loss(&m, &xt).to_scalar::<f64>().unwrap()
+                loss(&Tensor::from_vec(v, (9, 8), &Device::Cpu).unwrap())
+                    .to_scalar::<f64>()
+                    .unwrap()
             };
             let fd = (at(eps) - at(-eps)) / (2.0 * eps);
             assert!(
@@ -384,14 +438,31 @@ mod moe {
     #[test]
     fn bad_routing_is_refused_naming_the_field() {
         for (experts, top_k, c) in [(0, 1, None), (4, 0, None), (2, 3, None), (4, 2, Some(0.0))] {
-            let store = ParamStore::new(0, DType::F64, Device::Cpu);
             let r = Routing {
                 experts,
                 top_k,
                 capacity_factor: c,
             };
-            let e = Moe::new(&store.builder(), &model(FfnKind::Relu), r).unwrap_err();
+            let e = model(FfnKind::Relu, r).validate().unwrap_err();
             assert!(e.to_string().contains("moe"), "{e}");
+        }
+        let mut bad = model(
+            FfnKind::Relu,
+            Routing {
+                experts: 2,
+                top_k: 1,
+                capacity_factor: None,
+            },
+        );
+        bad.ffn_weights = attend::config::FfnWeights::Lowrank { rank: 2 };
+        assert!(bad.validate().unwrap_err().to_string().contains("moe"));
+        for (spec, field) in [
+            ("experts=4,k=x", "`k`"),
+            ("experts=4,foo=1", "`foo`"),
+            ("4", "key=value"),
+        ] {
+            let e = spec.parse::<MoeConfig>().unwrap_err();
+            assert!(e.contains(field), "{spec}: {e}");
         }
     }
 }

@@ -9,18 +9,37 @@ use crate::config::{FfnKind, ModelConfig};
 use crate::error::Result;
 use crate::exec::{Act, Exec};
 use crate::nn::{Builder, Linear};
+use moe::Moe;
 
 #[derive(Clone, Debug)]
 pub struct Ffn {
-    kind: FfnKind,
+    pub kind: FfnKind,
+    /// With `moe`, every expert's matrix stacked by rows: w1 and w3
+    /// (E·d_ff, d), w2 (E·d, d_ff), so expert e's are row blocks (and each
+    /// row belongs to one expert, as row-wise int8 wants).
     pub w1: Linear,
     pub w2: Linear,
     pub w3: Option<Linear>,
+    /// The router of a mixture of experts (`moe`).
+    pub moe: Option<Moe>,
 }
 
 impl Ffn {
     pub fn new(vb: &Builder, cfg: &ModelConfig) -> Result<Self> {
         let (d, f, shape) = (cfg.d_model, cfg.d_ff, cfg.ffn_weights);
+        let gated = matches!(cfg.ffn, FfnKind::Swiglu | FfnKind::Geglu);
+        if let Some(m) = &cfg.moe {
+            let e = m.experts;
+            return Ok(Self {
+                kind: cfg.ffn,
+                w1: moe::stacked(&vb.pp("w1"), e, f, d, cfg.bias)?,
+                w2: moe::stacked(&vb.pp("w2"), e, d, f, cfg.bias)?,
+                w3: gated
+                    .then(|| moe::stacked(&vb.pp("w3"), e, f, d, cfg.bias))
+                    .transpose()?,
+                moe: Some(Moe::new(&vb.pp("router"), d, m)?),
+            });
+        }
         let lin = |name: &str, i: usize, o: usize| {
             Linear::structured(&vb.pp(name), i, o, cfg.bias, shape)
         };
@@ -28,15 +47,22 @@ impl Ffn {
             kind: cfg.ffn,
             w1: lin("w1", d, f)?,
             w2: lin("w2", f, d)?,
-            w3: match cfg.ffn {
-                FfnKind::Swiglu | FfnKind::Geglu => Some(lin("w3", d, f)?),
-                _ => None,
-            },
+            w3: gated.then(|| lin("w3", d, f)).transpose()?,
+            moe: None,
         })
     }
 
-    /// x (tokens, d) -> (tokens, d) on executor `e`.
-    pub fn forward<E: Exec>(&self, e: &E, x: &E::X) -> Result<E::X> {
+    /// x (tokens, d) -> (tokens, d) on executor `e` (a mixture of experts
+    /// runs in its graph form).
+    pub fn forward<E: Exec>(&self, e: &E, x: &E::X, b: &E::Batch) -> Result<E::X> {
+        match &self.moe {
+            Some(m) => e.graph(x, b, &mut |x, ctx| m.forward(self, x, ctx.padding)),
+            None => self.dense(e, x),
+        }
+    }
+
+    /// The dense FFN: x (tokens, d) -> (tokens, d).
+    pub fn dense<E: Exec>(&self, e: &E, x: &E::X) -> Result<E::X> {
         let h = match (self.kind, &self.w3) {
             (FfnKind::Swiglu | FfnKind::Geglu, Some(w3)) => {
                 let mut gu = e.linear(x, &[&self.w1, w3])?;

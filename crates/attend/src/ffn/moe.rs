@@ -21,14 +21,17 @@
 //! Experts run as grouped products: the tokens routed to an expert are
 //! gathered into one matrix, the expert's FFN runs on it, and its gated
 //! outputs are added back at their rows (`index_select` / `index_add`,
-//! both differentiable).
+//! both differentiable). The experts' matrices are stacked by rows in the
+//! owning `Ffn` (w1, w3: (E·d_ff, d); w2: (E·d, d_ff); expert e's are row
+//! blocks), so an upcycled dense FFN is its matrices repeated E times.
 
-use crate::config::ModelConfig;
+use crate::config::MoeConfig;
 use crate::error::{Error, Result};
 use crate::exec::graph::Graph;
 use crate::ffn::Ffn;
-use crate::nn::{Builder, Linear};
+use crate::nn::{Builder, Init, Linear, Weight};
 use candle_core::{DType, Tensor, D};
+use std::cell::RefCell;
 
 /// How the experts are routed.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -40,29 +43,25 @@ pub struct Routing {
     pub capacity_factor: Option<f64>,
 }
 
+impl From<&MoeConfig> for Routing {
+    fn from(m: &MoeConfig) -> Self {
+        Self {
+            experts: m.experts,
+            top_k: m.top_k,
+            capacity_factor: m.capacity_factor,
+        }
+    }
+}
+
 impl Routing {
     pub fn validate(&self) -> Result<()> {
-        if self.experts == 0 {
-            return Err(Error::config("moe", "experts must be at least 1"));
+        MoeConfig {
+            experts: self.experts,
+            top_k: self.top_k,
+            capacity_factor: self.capacity_factor,
+            ..MoeConfig::default()
         }
-        if self.top_k == 0 || self.top_k > self.experts {
-            return Err(Error::config(
-                "moe",
-                format!(
-                    "k must be in 1..={} (the experts), got {}",
-                    self.experts, self.top_k
-                ),
-            ));
-        }
-        if let Some(c) = self.capacity_factor {
-            if !(c.is_finite() && c > 0.0) {
-                return Err(Error::config(
-                    "moe",
-                    format!("capacity factor must be positive, got {c}"),
-                ));
-            }
-        }
-        Ok(())
+        .validate()
     }
 
     /// The most tokens an expert takes from n (None: no limit).
@@ -70,6 +69,31 @@ impl Routing {
         self.capacity_factor
             .map(|c| (c * (self.top_k * n) as f64 / self.experts as f64).ceil() as usize)
     }
+}
+
+/// E matrices (o, i) stacked by rows as one (E·o, i) linear map, each
+/// initialised as its own (o, i) matrix (Xavier on o and i); biases (E·o).
+pub fn stacked(vb: &Builder, e: usize, o: usize, i: usize, bias: bool) -> Result<Linear> {
+    let w = vb.get("weight", &[e, o, i], Init::XavierUniform)?;
+    Ok(Linear {
+        w: Weight::Dense(w.reshape((e * o, i))?),
+        b: bias
+            .then(|| vb.get("bias", &[e * o], Init::Zeros))
+            .transpose()?,
+    })
+}
+
+/// Rows [e·n, (e+1)·n) of a stacked linear map.
+fn expert_rows(l: &Linear, e: usize, n: usize) -> Result<Linear> {
+    let Weight::Dense(w) = &l.w else {
+        return Err(Error::msg(
+            "a mixture of experts needs float expert weights (not quantized ones)",
+        ));
+    };
+    Ok(Linear {
+        w: Weight::Dense(w.narrow(0, e * n, n)?),
+        b: l.b.as_ref().map(|b| b.narrow(0, e * n, n)).transpose()?,
+    })
 }
 
 /// Where each token goes: for token i, `experts[i]` are its top-k experts
@@ -125,33 +149,91 @@ pub struct MoeStats {
     pub aux_loss: Tensor,
     /// ST-MoE's router z-loss, mean (logsumexp l)².
     pub z_loss: Tensor,
+    /// Their weights in the training loss.
+    pub aux_weight: f64,
+    pub z_weight: f64,
     pub assignment: Assignment,
 }
 
+thread_local! {
+    /// The stats of every MoE layer run on this thread while collecting.
+    static SINK: RefCell<Option<Vec<MoeStats>>> = const { RefCell::new(None) };
+}
+
+/// Run f, collecting the stats of every MoE layer it runs on this thread
+/// (the trainer adds their losses; each training shard runs on its own
+/// thread).
+pub fn collect<R>(f: impl FnOnce() -> R) -> (R, Vec<MoeStats>) {
+    let before = SINK.with(|s| s.borrow_mut().replace(vec![]));
+    let r = f();
+    let stats = SINK.with(|s| std::mem::replace(&mut *s.borrow_mut(), before));
+    (r, stats.unwrap_or_default())
+}
+
+/// The router of a mixture of experts; the experts themselves are the
+/// owning `Ffn`'s stacked matrices.
 #[derive(Clone, Debug)]
 pub struct Moe {
     /// W_r: d_model -> E, no bias.
     pub router: Linear,
-    pub experts: Vec<Ffn>,
     pub routing: Routing,
+    pub aux_weight: f64,
+    pub z_weight: f64,
 }
 
 impl Moe {
-    /// Experts `experts.{e}.{w1,w2,w3}` of the model's FFN kind and d_ff,
-    /// the router `router`.
-    pub fn new(vb: &Builder, cfg: &ModelConfig, routing: Routing) -> Result<Self> {
+    pub fn new(vb: &Builder, d_model: usize, cfg: &MoeConfig) -> Result<Self> {
+        let routing = Routing::from(cfg);
         routing.validate()?;
         Ok(Self {
-            router: Linear::new(&vb.pp("router"), cfg.d_model, routing.experts, false)?,
-            experts: (0..routing.experts)
-                .map(|e| Ffn::new(&vb.pp(format!("experts.{e}")), cfg))
-                .collect::<Result<_>>()?,
+            router: Linear::new(vb, d_model, routing.experts, false)?,
             routing,
+            aux_weight: cfg.aux_weight,
+            z_weight: cfg.z_weight,
         })
     }
 
-    /// x (n, d) -> y (n, d) and the losses and load.
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, MoeStats)> {
+    /// Expert e of `ffn` as a dense FFN of its own.
+    pub fn expert(&self, ffn: &Ffn, e: usize) -> Result<Ffn> {
+        let f = ffn.w1.w.dims()?.0 / self.routing.experts;
+        let d = ffn.w2.w.dims()?.0 / self.routing.experts;
+        Ok(Ffn {
+            kind: ffn.kind,
+            w1: expert_rows(&ffn.w1, e, f)?,
+            w2: expert_rows(&ffn.w2, e, d)?,
+            w3: ffn.w3.as_ref().map(|w| expert_rows(w, e, f)).transpose()?,
+            moe: None,
+        })
+    }
+
+    /// x (..., d) -> (..., d) through `ffn`'s experts; `padding` (b, t), 1 =
+    /// token, when x is (b, t, d): padded rows are neither routed nor
+    /// counted, and come out zero. Pushes its stats to `collect`'s sink.
+    pub fn forward(&self, ffn: &Ffn, x: &Tensor, padding: Option<&Tensor>) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / d;
+        let flat = x.reshape((rows, d))?;
+        let keep: Option<Vec<u32>> = match padding {
+            Some(p) => {
+                let p: Vec<f32> = p.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                (p.len() == rows && p.contains(&0.0))
+                    .then(|| (0..rows as u32).filter(|&i| p[i as usize] != 0.0).collect())
+            }
+            None => None,
+        };
+        let y = match keep {
+            None => self.tokens(ffn, &flat)?,
+            Some(keep) => {
+                let idx = Tensor::new(keep.as_slice(), x.device())?;
+                let y = self.tokens(ffn, &flat.index_select(&idx, 0)?)?;
+                flat.zeros_like()?.index_add(&idx, &y, 0)?
+            }
+        };
+        Ok(y.reshape(x.shape())?)
+    }
+
+    /// x (n, d) -> y (n, d), every row a token.
+    pub fn tokens(&self, ffn: &Ffn, x: &Tensor) -> Result<Tensor> {
         let (n, _) = x.dims2()?;
         let (e_n, k) = (self.routing.experts, self.routing.top_k);
         let logits = self.router.forward(x)?; // (n, E)
@@ -162,7 +244,7 @@ impl Moe {
         let idx = Tensor::from_vec(idx, (n, k), x.device())?;
         let gates = crate::nn::softmax_last(&logits.gather(&idx, 1)?)?.flatten_all()?;
         let mut y = x.zeros_like()?;
-        for (e, expert) in self.experts.iter().enumerate() {
+        for e in 0..e_n {
             let (mut rows, mut slots) = (vec![], vec![]);
             for (i, (ex, kp)) in a.experts.iter().zip(&a.kept).enumerate() {
                 for (j, (&ej, &ok)) in ex.iter().zip(kp).enumerate() {
@@ -178,7 +260,10 @@ impl Moe {
             let m = rows.len();
             let rows = Tensor::from_vec(rows, m, x.device())?;
             let slots = Tensor::from_vec(slots, m, x.device())?;
-            let h = expert.forward(&Graph, &x.index_select(&rows, 0)?)?; // (m, d)
+            // the expert's tokens as one matrix: a grouped product
+            let h = self
+                .expert(ffn, e)?
+                .dense(&Graph, &x.index_select(&rows, 0)?)?; // (m, d)
             let g = gates.index_select(&slots, 0)?.unsqueeze(1)?; // (m, 1)
             y = y.index_add(&rows, &h.broadcast_mul(&g)?, 0)?;
         }
@@ -197,13 +282,17 @@ impl Moe {
             .log()?
             + m)?; // (n, 1)
         let z_loss = lse.sqr()?.mean_all()?;
-        Ok((
-            y,
-            MoeStats {
-                aux_loss,
-                z_loss,
-                assignment: a,
-            },
-        ))
+        SINK.with(|s| {
+            if let Some(v) = s.borrow_mut().as_mut() {
+                v.push(MoeStats {
+                    aux_loss,
+                    z_loss,
+                    aux_weight: self.aux_weight,
+                    z_weight: self.z_weight,
+                    assignment: a,
+                });
+            }
+        });
+        Ok(y)
     }
 }

@@ -218,9 +218,9 @@ impl Block {
 
     /// Channel mixing: x (tokens, d) -> (tokens, d), the FFN with its
     /// residual.
-    fn mix_channels<E: Exec>(&self, e: &E, x: E::X) -> Result<E::X> {
+    fn mix_channels<E: Exec>(&self, e: &E, x: E::X, b: &E::Batch) -> Result<E::X> {
         self.sublayer(e, x, &self.ln_2, self.ln_2_post.as_ref(), |h| {
-            self.ffn.forward(e, h)
+            self.ffn.forward(e, h, b)
         })
     }
 }
@@ -504,7 +504,7 @@ impl Transformer {
                 // nothing measured per token: drops alone need no copies
                 x = block.mix_tokens(e, x, b, mixer, cross, skip_attn)?;
                 if !skip_ffn {
-                    x = block.mix_channels(e, x)?;
+                    x = block.mix_channels(e, x, b)?;
                 }
                 continue;
             }
@@ -528,7 +528,7 @@ impl Transformer {
                 continue;
             }
             let before = x.clone();
-            let mut y = block.mix_channels(e, x)?;
+            let mut y = block.mix_channels(e, x, b)?;
             if let Some(p) = &plan {
                 y = e.keep_rows(y, &before, p)?;
             }

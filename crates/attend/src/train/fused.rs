@@ -389,6 +389,9 @@ impl Fused {
         if c.dropout > 0.0 {
             return Err("dropout".into());
         }
+        if c.moe.is_some() {
+            return Err("a mixture of experts".into());
+        }
         if c.ffn_weights != crate::config::FfnWeights::Dense {
             return Err("low-rank or block-diagonal FFN weights".into());
         }

@@ -343,10 +343,15 @@ fn clip_scale(clip: f64, norm: f64) -> f64 {
 #[derive(Clone, Debug, Serialize)]
 pub struct StepInfo {
     pub step: u64,
+    /// The training loss, with a mixture of experts' weighted auxiliary
+    /// losses.
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens: usize,
+    /// Tokens each expert took this step, per MoE layer in model order
+    /// (empty without experts).
+    pub expert_load: Vec<Vec<usize>>,
 }
 
 pub struct Trainer {
@@ -551,18 +556,27 @@ impl Trainer {
             return self.fused_step(&batches, total_w);
         }
         let (model, step, seed, smoothing) = (&self.model, self.step, c.seed, c.label_smoothing);
-        let shard_step = |i: usize, batch: &Batch| -> Result<(f64, GradStore)> {
+        type Shard = (f64, GradStore, Vec<Vec<usize>>);
+        let shard_step = |i: usize, batch: &Batch| -> Result<Shard> {
             model.set_train_seed(Some(derive_seed(
                 seed,
                 STREAM_DROPOUT,
                 step * 1024 + i as u64,
             )));
-            let loss = (batch_loss_sum(model, batch, smoothing)? / total_w)?;
+            let (loss, moe) = crate::ffn::moe::collect(|| batch_loss_sum(model, batch, smoothing));
+            let mut loss = (loss? / total_w)?;
+            // a mixture of experts' losses, weighted by this shard's share
+            let share = batch.n_target_tokens()? as f64 / total_w;
+            for s in &moe {
+                loss = (loss + (&s.aux_loss * (s.aux_weight * share))?)?;
+                loss = (loss + (&s.z_loss * (s.z_weight * share))?)?;
+            }
             let grads = loss.backward()?;
             model.set_train_seed(None);
-            Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
+            let load = moe.into_iter().map(|s| s.assignment.load).collect();
+            Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads, load))
         };
-        let results: Vec<Result<(f64, GradStore)>> = if batches.len() == 1 {
+        let results: Vec<Result<Shard>> = if batches.len() == 1 {
             vec![shard_step(0, &batches[0])]
         } else {
             // on the rayon pool's long-lived threads: a thread spawned per
@@ -578,9 +592,17 @@ impl Trainer {
         };
         let mut loss = 0.0;
         let mut merged: Option<GradStore> = None;
+        let mut expert_load: Vec<Vec<usize>> = vec![];
         for r in results {
-            let (l, g) = r?;
+            let (l, g, load) = r?;
             loss += l;
+            if expert_load.is_empty() {
+                expert_load = load;
+            } else {
+                for (a, b) in expert_load.iter_mut().zip(load) {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                }
+            }
             merged = Some(match merged {
                 None => g,
                 Some(mut acc) => {
@@ -601,7 +623,9 @@ impl Trainer {
         let norm = self.opt.grad_norm(&grads)?;
         let lr = self.lr_at(self.step + 1);
         self.opt.step(&grads, lr, clip_scale(c.clip, norm))?;
-        Ok(self.stepped(loss, lr, norm, &batches))
+        let mut info = self.stepped(loss, lr, norm, &batches);
+        info.expert_load = expert_load;
+        Ok(info)
     }
 
     /// Count the step just taken and report it.
@@ -613,6 +637,7 @@ impl Trainer {
             lr,
             grad_norm,
             tokens: batches.iter().map(|b| b.n_tokens()).sum(),
+            expert_load: vec![],
         }
     }
 

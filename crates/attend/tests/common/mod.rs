@@ -133,6 +133,17 @@ pub fn variants(shape: Shape) -> Vec<ModelConfig> {
         norm: NormKind::Rmsnorm,
         ..tiny(shape)
     });
+    // a dropless mixture of 4 SwiGLU experts, 2 per token
+    out.push(ModelConfig {
+        ffn: FfnKind::Swiglu,
+        moe: Some(attend::config::MoeConfig {
+            experts: 4,
+            top_k: 2,
+            ..Default::default()
+        }),
+        position: PositionKind::Rope,
+        ..tiny(shape)
+    });
     out
 }
 

@@ -155,6 +155,9 @@ enum Cmd {
     /// prefix caching), a chat page at /, Prometheus metrics.
     #[command(allow_negative_numbers = true)]
     Serve(Box<serve_cmd::ServeArgs>),
+    /// Turn a trained dense checkpoint into a mixture of experts whose
+    /// experts start as copies of each FFN (sparse upcycling), and train on.
+    Upcycle(train_cmd::UpcycleArgs),
     /// Train MQAR models over attention mechanisms × sizes × key–value
     /// pairs: recall against decode-state bytes, as results.json, table.md
     /// and plots (`--quick`: about 2 minutes).
@@ -214,7 +217,12 @@ fn main() {
     // on one thread per data-parallel shard; inference gives it every thread.
     let training = matches!(
         cli.cmd,
-        Cmd::Train(_) | Cmd::Demo(_) | Cmd::Eval(_) | Cmd::Sample(_) | Cmd::Frontier(_)
+        Cmd::Train(_)
+            | Cmd::Upcycle(_)
+            | Cmd::Demo(_)
+            | Cmd::Eval(_)
+            | Cmd::Sample(_)
+            | Cmd::Frontier(_)
     );
     std::env::set_var(
         "CANDLE_NUM_THREADS",
@@ -244,6 +252,7 @@ fn main() {
         Cmd::KvSweep(a) => kv_cmd::kv_sweep_cmd(a).context("kv-sweep failed"),
         Cmd::PruneSweep(a) => prune_cmd::prune_sweep_cmd(a).context("prune-sweep failed"),
         Cmd::Frontier(a) => frontier_cmd::frontier_cmd(a).context("frontier failed"),
+        Cmd::Upcycle(a) => train_cmd::upcycle(a).context("upcycle failed"),
         Cmd::Serve(a) => serve_cmd::serve_cmd(*a).context("serve failed"),
         Cmd::TrainDraftHeads(a) => {
             draft_cmd::train_heads_cmd(a).context("train-draft-heads failed")

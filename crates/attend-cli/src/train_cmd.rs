@@ -525,6 +525,28 @@ pub fn train(a: TrainArgs) -> Result<()> {
     tr.shards = threads();
     // (the trainer picked the fused path when it was built)
     let mut tr = if a.autograd { tr.with_fused(false) } else { tr };
+    let run = Run {
+        out: &a.out,
+        json: a.json,
+        no_eval: a.no_eval,
+        stop_after: a.stop_after,
+        eval_every: a.eval_every,
+    };
+    train_and_report(&mut tr, &run, serde_json::json!({}))
+}
+
+/// Where and how a run trains and reports.
+struct Run<'a> {
+    out: &'a Path,
+    json: bool,
+    no_eval: bool,
+    stop_after: Option<u64>,
+    eval_every: u64,
+}
+
+/// Train `tr` to the end, evaluate, checkpoint and report (`extra`'s
+/// fields join the JSON summary).
+fn train_and_report(tr: &mut Trainer, a: &Run, extra: serde_json::Value) -> Result<()> {
     if !a.json {
         eprintln!(
             "training {} on `{}`: {} parameters, {} steps of {} (from step {}), {}",
@@ -546,7 +568,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         seconds: secs,
         history,
         losses,
-    } = run_training(&mut tr, &a.out, a.stop_after, a.eval_every, "train")?;
+    } = run_training(tr, a.out, a.stop_after, a.eval_every, "train")?;
     let metrics = if a.no_eval || tr.step < tr.train_cfg.steps {
         None
     } else {
@@ -564,7 +586,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
         "history": history,
         "checkpoint": a.out,
     });
-    tr.save(&a.out, summary.clone())?;
+    let mut summary = summary;
+    if let (Some(s), Some(x)) = (summary.as_object_mut(), extra.as_object()) {
+        s.extend(x.clone());
+    }
+    tr.save(a.out, summary.clone())?;
     if a.json {
         // every step's loss goes to stdout, not into the checkpoint
         let mut summary = summary;
@@ -583,6 +609,63 @@ pub fn train(a: TrainArgs) -> Result<()> {
         outln!("checkpoint: {}", a.out.display());
     }
     Ok(())
+}
+
+#[derive(Args)]
+pub struct UpcycleArgs {
+    /// A trained dense checkpoint directory (`attend train --out`).
+    #[arg(long)]
+    from: PathBuf,
+    /// Where the mixture-of-experts checkpoint goes.
+    #[arg(long)]
+    out: PathBuf,
+    /// The mixture: experts=E,k=K[,capacity=C][,aux=A][,z=Z] (as `attend
+    /// train --moe`); every expert starts as a copy of its block's FFN.
+    #[arg(long, value_parser = |s: &str| s.parse::<attend::config::MoeConfig>())]
+    moe: attend::config::MoeConfig,
+    /// Steps to train the mixture for, from step 0 with fresh AdamW
+    /// moments and the dense run's schedule (default: the dense run's
+    /// steps; 0 writes the upcycled checkpoint untrained).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Replace a checkpoint already in --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// Also evaluate every N steps.
+    #[arg(long, default_value_t = 0)]
+    eval_every: u64,
+    /// Print the final metrics as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `attend upcycle`: a dense checkpoint as a mixture of experts (sparse
+/// upcycling), scored before training (dropless, it equals the dense
+/// model) and trained on.
+pub fn upcycle(a: UpcycleArgs) -> Result<()> {
+    let mut tr = attend::train::upcycle(&a.from, a.moe, a.steps)
+        .with_context(|| format!("cannot upcycle {}", a.from.display()))?;
+    check_out(&a.out, false, a.overwrite)?;
+    tr.shards = threads();
+    let before = evaluate(&tr.model, &tr.task, &EvalOptions::default())?;
+    if !a.json {
+        eprintln!(
+            "upcycled {}: {} experts, top {}; held-out before training: {}",
+            a.from.display(),
+            a.moe.experts,
+            a.moe.top_k,
+            format_metrics(&before)
+        );
+    }
+    let run = Run {
+        out: &a.out,
+        json: a.json,
+        no_eval: false,
+        stop_after: None,
+        eval_every: a.eval_every,
+    };
+    let extra = serde_json::json!({ "upcycled_from": a.from, "eval_before": before });
+    train_and_report(&mut tr, &run, extra)
 }
 
 fn shape_name(m: &ModelConfig) -> String {

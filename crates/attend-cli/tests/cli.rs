@@ -2263,3 +2263,87 @@ fn frontier_sweeps_learning_rates_and_plots_the_best() {
     );
     std::fs::remove_dir_all(&out_dir).ok();
 }
+
+/// `train --moe` trains a mixture (through autograd) and reports; `upcycle`
+/// turns a dense checkpoint into one that scores as the dense model did
+/// before training, then trains it; bad specs name the flag.
+#[test]
+fn moe_trains_and_upcycles_a_dense_checkpoint() {
+    let root = tmp("moe");
+    let (dense, up, moe) = (root.join("dense"), root.join("up"), root.join("moe"));
+    let small = [
+        "--task",
+        "mqar",
+        "--steps",
+        "30",
+        "--d-model",
+        "32",
+        "--d-ff",
+        "64",
+        "--ffn",
+        "swiglu",
+        "--json",
+    ];
+    let json = |out: &std::process::Output| -> serde_json::Value {
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let mut args = vec![
+        "train",
+        "--out",
+        moe.to_str().unwrap(),
+        "--moe",
+        "experts=4,k=2",
+    ];
+    args.extend(small);
+    let m = json(&succeeds(&args));
+    assert_eq!(m["trainer"], "autograd");
+    assert!(m["eval"]["accuracy"].as_f64().is_some());
+    let mut args = vec!["train", "--out", dense.to_str().unwrap()];
+    args.extend(small);
+    let d = json(&succeeds(&args));
+    let u = json(&succeeds(&[
+        "upcycle",
+        "--from",
+        dense.to_str().unwrap(),
+        "--out",
+        up.to_str().unwrap(),
+        "--moe",
+        "experts=3,k=2",
+        "--steps",
+        "10",
+        "--json",
+    ]));
+    // the same predictions on the held-out set (the library test compares logits)
+    let (before, was) = (&u["eval_before"]["accuracy"], &d["eval"]["accuracy"]);
+    assert_eq!(before, was, "upcycled vs dense held-out accuracy");
+    assert_eq!(u["step"], 10);
+    let ckpt: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(up.join("checkpoint.json")).unwrap())
+            .unwrap();
+    assert_eq!(ckpt["model"]["moe"]["experts"], 3);
+    fails_with(
+        &[
+            "train",
+            "--task",
+            "mqar",
+            "--out",
+            root.join("x").to_str().unwrap(),
+            "--moe",
+            "experts=2,k=3",
+        ],
+        &["moe", "k must be in 1..=2"],
+    );
+    fails_with(
+        &[
+            "upcycle",
+            "--from",
+            up.to_str().unwrap(),
+            "--out",
+            root.join("y").to_str().unwrap(),
+            "--moe",
+            "experts=2,k=1",
+        ],
+        &["already a mixture of experts"],
+    );
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -466,3 +466,86 @@ mod moe {
         }
     }
 }
+
+/// Sparse upcycling: every expert a copy of its block's FFN, so before any
+/// further training the mixture computes the dense model's logits (the
+/// gates of a token sum to 1 over identical experts); a second upcycle of
+/// an MoE checkpoint is refused.
+#[test]
+fn upcycled_moe_equals_the_dense_model_before_training() {
+    use attend::config::{FfnKind, ModelConfig, MoeConfig, PositionKind};
+    use attend::tasks::{MqarConfig, TaskConfig};
+    use attend::train::{upcycle, TrainConfig, Trainer};
+    let dir = std::env::temp_dir().join(format!("attend-test-upcycle-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for ffn in [FfnKind::Swiglu, FfnKind::Gelu] {
+        let m = ModelConfig {
+            d_model: 16,
+            n_heads: 2,
+            d_ff: 24,
+            vocab_size: 16,
+            max_len: 16,
+            ffn,
+            position: PositionKind::Learned,
+            ..ModelConfig::default()
+        };
+        let t = TaskConfig::Mqar(MqarConfig {
+            vocab: 16,
+            seq_len: 16,
+            n_pairs: 2,
+            power_a: 0.01,
+            train_mix: vec![],
+        });
+        let c = TrainConfig {
+            steps: 5,
+            batch_size: 4,
+            n_eval: 8,
+            ..TrainConfig::default()
+        };
+        let mut dense = Trainer::new(m, t, c).unwrap();
+        for _ in 0..5 {
+            dense.train_step().unwrap();
+        }
+        dense.save(&dir, serde_json::json!({})).unwrap();
+        let moe = MoeConfig {
+            experts: 3,
+            top_k: 2,
+            ..MoeConfig::default()
+        };
+        let up = upcycle(&dir, moe, Some(7)).unwrap();
+        assert_eq!(up.step, 0);
+        assert_eq!(up.train_cfg.steps, 7);
+        assert_eq!(up.model_cfg.moe, Some(moe));
+        let ids = Tensor::new(
+            &[[1u32, 5, 2, 7, 3, 9, 1, 4], [2, 2, 8, 1, 6, 3, 5, 0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let logits = |tr: &Trainer| {
+            let h = tr.model.decode_hidden(&ids, None).unwrap();
+            tr.model.logits(&h).unwrap()
+        };
+        let (a, b) = (logits(&dense), logits(&up));
+        let d = max_abs_diff(&a, &b);
+        assert!(d < 1e-5, "{ffn:?}: upcycled logits differ by {d}");
+        // and the mixture has E times the FFN parameters plus a router
+        let ffn_params = |tr: &Trainer| -> usize {
+            tr.store
+                .vars()
+                .iter()
+                .filter(|(n, _)| n.contains(".ffn."))
+                .map(|(_, v)| v.elem_count())
+                .sum()
+        };
+        let routers = 2 * 16 * 3;
+        assert_eq!(ffn_params(&up), 3 * ffn_params(&dense) + routers);
+        // an MoE checkpoint is not upcycled again
+        up.save(&dir, serde_json::json!({})).unwrap();
+        let e = upcycle(&dir, moe, None).err().expect("refused");
+        assert!(
+            e.to_string().contains("already a mixture of experts"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

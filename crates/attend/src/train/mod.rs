@@ -788,3 +788,71 @@ pub fn check_compatible(cfg: &ModelConfig, task: &Task) -> Result<()> {
     }
     Ok(())
 }
+
+/// Sparse upcycling (Komatsuzaki et al. 2023; BAM, Zhang et al. 2024):
+/// the dense checkpoint in `from` as a mixture of experts whose every
+/// expert starts as a copy of its block's FFN (weights and biases), the
+/// router freshly initialised, everything else copied. Dropless, it
+/// computes what the dense model computes: the gates of a token sum to 1
+/// over identical experts. Training restarts at step 0 with fresh AdamW
+/// moments, `steps` (default: the dense run's) on the same task. (BAM's
+/// attention experts are not built.)
+pub fn upcycle(from: &Path, moe: crate::config::MoeConfig, steps: Option<u64>) -> Result<Trainer> {
+    let meta = CheckpointMeta::read(from)?;
+    let cfg_path = from.join("checkpoint.json");
+    if meta.model.moe.is_some() {
+        return Err(Error::file(&cfg_path, "is already a mixture of experts"));
+    }
+    if meta.model.ffn_weights != crate::config::FfnWeights::Dense {
+        return Err(Error::file(
+            &cfg_path,
+            "has low-rank or block-diagonal FFN weights; upcycling copies dense FFNs",
+        ));
+    }
+    let model = ModelConfig {
+        moe: Some(moe),
+        ..meta.model.clone()
+    };
+    let mut train = meta.train.clone();
+    if let Some(s) = steps {
+        train.steps = s;
+    }
+    let tr = Trainer::new(model, meta.task.clone(), train)?;
+    let weights = from.join(&meta.weights);
+    let dense = load_safetensors(&weights, &Device::Cpu)?;
+    let e = moe.experts;
+    for (name, var) in tr.store.vars() {
+        if name.contains(".ffn.router.") {
+            continue; // fresh
+        }
+        let src = dense.get(&name).ok_or_else(|| {
+            Error::file(&weights, format!("has no parameter `{name}` to upcycle"))
+        })?;
+        let stacked = [".ffn.w1.", ".ffn.w2.", ".ffn.w3."]
+            .iter()
+            .any(|p| name.contains(p));
+        let t = if stacked {
+            // (o, i) -> (E, o, i); a bias (o) -> (E·o)
+            let mut shape = vec![e];
+            shape.extend(src.dims());
+            src.unsqueeze(0)?
+                .broadcast_as(shape)?
+                .contiguous()?
+                .reshape(var.shape())?
+        } else {
+            src.clone()
+        };
+        if t.dims() != var.dims() {
+            return Err(Error::file(
+                &weights,
+                format!(
+                    "parameter `{name}` has shape {:?}, the MoE model needs {:?}",
+                    src.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(tr)
+}

@@ -158,6 +158,9 @@ enum Cmd {
     /// Turn a trained dense checkpoint into a mixture of experts whose
     /// experts start as copies of each FFN (sparse upcycling), and train on.
     Upcycle(train_cmd::UpcycleArgs),
+    /// Write a MatFormer model's submodel (a FFN width per block,
+    /// Mix'n'Match) as a standalone checkpoint.
+    Extract(train_cmd::ExtractArgs),
     /// Train MQAR models over attention mechanisms × sizes × key–value
     /// pairs: recall against decode-state bytes, as results.json, table.md
     /// and plots (`--quick`: about 2 minutes).
@@ -219,6 +222,7 @@ fn main() {
         cli.cmd,
         Cmd::Train(_)
             | Cmd::Upcycle(_)
+            | Cmd::Extract(_)
             | Cmd::Demo(_)
             | Cmd::Eval(_)
             | Cmd::Sample(_)
@@ -253,6 +257,7 @@ fn main() {
         Cmd::PruneSweep(a) => prune_cmd::prune_sweep_cmd(a).context("prune-sweep failed"),
         Cmd::Frontier(a) => frontier_cmd::frontier_cmd(a).context("frontier failed"),
         Cmd::Upcycle(a) => train_cmd::upcycle(a).context("upcycle failed"),
+        Cmd::Extract(a) => train_cmd::extract(a).context("extract failed"),
         Cmd::Serve(a) => serve_cmd::serve_cmd(*a).context("serve failed"),
         Cmd::TrainDraftHeads(a) => {
             draft_cmd::train_heads_cmd(a).context("train-draft-heads failed")

@@ -173,6 +173,12 @@ pub struct TrainArgs {
     /// Z (0.001). Each step's per-expert load shows in the progress line.
     #[arg(long, value_parser = |s: &str| s.parse::<attend::config::MoeConfig>(), help_heading = "Model")]
     moe: Option<attend::config::MoeConfig>,
+    /// MatFormer: nested FFN widths trained jointly, largest first and the
+    /// first equal to --d-ff, e.g. 512,256,128,64; each step trains one of
+    /// them (drawn from the seed) in every layer. `attend extract` then
+    /// writes a submodel at a width per layer (Mix'n'Match).
+    #[arg(long, value_delimiter = ',', help_heading = "Model")]
+    matformer: Vec<usize>,
     /// layernorm | rmsnorm
     #[arg(long, value_parser = parse_enum::<attend::config::NormKind>, help_heading = "Model")]
     norm: Option<attend::config::NormKind>,
@@ -305,6 +311,9 @@ fn resolve(a: &TrainArgs) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
     set!(m.ffn_weights, a.ffn_weights);
     if a.moe.is_some() {
         m.moe = a.moe;
+    }
+    if !a.matformer.is_empty() {
+        m.matformer = a.matformer.clone();
     }
     set!(m.norm, a.norm);
     set!(m.norm_position, a.norm_position);
@@ -666,6 +675,67 @@ pub fn upcycle(a: UpcycleArgs) -> Result<()> {
     };
     let extra = serde_json::json!({ "upcycled_from": a.from, "eval_before": before });
     train_and_report(&mut tr, &run, extra)
+}
+
+#[derive(Args)]
+pub struct ExtractArgs {
+    /// A checkpoint directory, typically a MatFormer model (`attend train
+    /// --matformer`).
+    #[arg(long)]
+    from: PathBuf,
+    /// FFN widths: one for every block, or one per block (encoder blocks
+    /// first) — MatFormer's Mix'n'Match. Block i keeps its first widths[i]
+    /// hidden units.
+    #[arg(long, value_delimiter = ',', required = true)]
+    widths: Vec<usize>,
+    /// Where the standalone submodel's checkpoint goes.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace a checkpoint already in --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// Also evaluate the submodel on the task's held-out set.
+    #[arg(long)]
+    eval: bool,
+    /// Print what was written as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `attend extract`: a MatFormer submodel as a checkpoint of its own.
+pub fn extract(a: ExtractArgs) -> Result<()> {
+    let tr = attend::train::extract(&a.from, &a.widths)
+        .with_context(|| format!("cannot extract from {}", a.from.display()))?;
+    check_out(&a.out, false, a.overwrite)?;
+    let metrics = if a.eval {
+        Some(evaluate(&tr.model, &tr.task, &EvalOptions::default())?)
+    } else {
+        None
+    };
+    let summary = serde_json::json!({
+        "extracted_from": a.from,
+        "widths": a.widths,
+        "d_ff": tr.model_cfg.d_ff,
+        "layer_d_ff": tr.model_cfg.layer_d_ff,
+        "params": tr.store.num_params(),
+        "eval": metrics,
+        "checkpoint": a.out,
+    });
+    tr.save(&a.out, summary.clone())?;
+    if a.json {
+        outln!("{summary}");
+    } else {
+        if let Some(m) = &metrics {
+            outln!("held-out: {}", format_metrics(m));
+        }
+        outln!(
+            "checkpoint: {} ({} parameters, FFN widths {:?})",
+            a.out.display(),
+            tr.store.num_params(),
+            a.widths
+        );
+    }
+    Ok(())
 }
 
 fn shape_name(m: &ModelConfig) -> String {

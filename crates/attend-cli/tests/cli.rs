@@ -2347,3 +2347,85 @@ fn moe_trains_and_upcycles_a_dense_checkpoint() {
     );
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// `train --matformer` trains nested widths (through autograd); `extract`
+/// writes a submodel at one width or a width per block, which `eval` loads
+/// and scores as `extract --eval` did; bad widths name the flag.
+#[test]
+fn matformer_trains_and_extracts_submodels() {
+    let root = tmp("matformer");
+    let (full, sub, mixed) = (root.join("full"), root.join("sub"), root.join("mixed"));
+    let t: serde_json::Value = serde_json::from_slice(
+        &succeeds(&[
+            "train",
+            "--task",
+            "mqar",
+            "--steps",
+            "20",
+            "--d-model",
+            "32",
+            "--d-ff",
+            "64",
+            "--matformer",
+            "64,32,16",
+            "--out",
+            full.to_str().unwrap(),
+            "--json",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(t["trainer"], "autograd");
+    for (out, widths, d_ff) in [(&sub, "16", 16), (&mixed, "64,16", 64)] {
+        let e: serde_json::Value = serde_json::from_slice(
+            &succeeds(&[
+                "extract",
+                "--from",
+                full.to_str().unwrap(),
+                "--widths",
+                widths,
+                "--out",
+                out.to_str().unwrap(),
+                "--eval",
+                "--json",
+            ])
+            .stdout,
+        )
+        .unwrap();
+        assert_eq!(e["d_ff"], d_ff);
+        assert!(e["params"].as_u64().unwrap() < t["params"].as_u64().unwrap());
+        let v: serde_json::Value = serde_json::from_slice(
+            &succeeds(&["eval", "--checkpoint", out.to_str().unwrap(), "--json"]).stdout,
+        )
+        .unwrap();
+        assert!(v["accuracy"].is_number(), "{v}");
+        assert_eq!(v["accuracy"], e["eval"]["accuracy"], "{widths}: {v}");
+    }
+    fails_with(
+        &[
+            "extract",
+            "--from",
+            full.to_str().unwrap(),
+            "--widths",
+            "128",
+            "--out",
+            root.join("x").to_str().unwrap(),
+        ],
+        &["widths", "not in 1..=64"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--task",
+            "mqar",
+            "--d-ff",
+            "64",
+            "--matformer",
+            "32,16",
+            "--out",
+            root.join("y").to_str().unwrap(),
+        ],
+        &["matformer", "start at d_ff"],
+    );
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -862,6 +862,15 @@ pub struct ModelConfig {
     /// A mixture of experts in place of each block's FFN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
+    /// MatFormer: nested FFN widths trained jointly (each step samples one
+    /// for every layer), largest first, the first d_ff; each width m uses
+    /// the first m hidden units. Empty: an ordinary FFN.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matformer: Vec<usize>,
+    /// The FFN width of each block, encoder blocks first (Mix'n'Match
+    /// submodels extracted from a MatFormer); empty: d_ff everywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_d_ff: Vec<usize>,
     pub norm: NormKind,
     pub norm_position: NormPosition,
     pub norm_eps: f64,
@@ -913,6 +922,8 @@ impl Default for ModelConfig {
             ffn: FfnKind::Relu,
             ffn_weights: FfnWeights::Dense,
             moe: None,
+            matformer: vec![],
+            layer_d_ff: vec![],
             norm: NormKind::Layernorm,
             norm_position: NormPosition::Pre,
             norm_eps: 1e-5,
@@ -1198,7 +1209,16 @@ impl ModelConfig {
             .checked_mul(qd)?
             .checked_mul(2)?
             .checked_add(d.checked_mul(kvd)?.checked_mul(2)?)?;
-        let ffn = d.checked_mul(f)?.checked_mul(3)?;
+        // (the widest block's FFN for every block; E experts and a router)
+        let f = self.layer_d_ff.iter().copied().max().unwrap_or(f).max(f);
+        let ffn = match &self.moe {
+            Some(m) => d
+                .checked_mul(f)?
+                .checked_mul(3)?
+                .checked_mul(m.experts)?
+                .checked_add(d.checked_mul(m.experts)?)?,
+            None => d.checked_mul(f)?.checked_mul(3)?,
+        };
         // (an upper bound: every norm kind and position, biases, q/k norms)
         let block = attn
             .checked_add(ffn)?
@@ -1328,6 +1348,11 @@ impl ModelConfig {
         rope.checked_add(sin)
     }
 
+    /// The FFN width of block `i` (encoder blocks first).
+    pub fn block_d_ff(&self, i: usize) -> usize {
+        self.layer_d_ff.get(i).copied().unwrap_or(self.d_ff)
+    }
+
     /// Check every constraint the model code relies on.
     pub fn validate(&self) -> Result<()> {
         self.validate_shape()?;
@@ -1351,6 +1376,50 @@ impl ModelConfig {
                         ),
                     ));
                 }
+            }
+        }
+        if !self.matformer.is_empty() {
+            let w = &self.matformer;
+            if w[0] != self.d_ff || w.windows(2).any(|p| p[1] >= p[0]) || w.contains(&0) {
+                return Err(Error::config(
+                    "matformer",
+                    format!(
+                        "nested widths must start at d_ff ({}) and strictly decrease, got {w:?}",
+                        self.d_ff
+                    ),
+                ));
+            }
+            if self.moe.is_some() || self.ffn_weights != FfnWeights::Dense {
+                return Err(Error::config(
+                    "matformer",
+                    "nested widths slice dense FFN weights: not with a mixture of experts or structured weights",
+                ));
+            }
+        }
+        if !self.layer_d_ff.is_empty() {
+            let layers = if self.has_encoder() {
+                self.n_encoder_layers
+            } else {
+                0
+            } + if self.has_decoder() {
+                self.n_decoder_layers
+            } else {
+                0
+            };
+            if self.layer_d_ff.len() != layers || self.layer_d_ff.contains(&0) {
+                return Err(Error::config(
+                    "layer_d_ff",
+                    format!(
+                        "needs one positive width per block ({layers}), got {:?}",
+                        self.layer_d_ff
+                    ),
+                ));
+            }
+            if self.moe.is_some() || self.ffn_weights != FfnWeights::Dense {
+                return Err(Error::config(
+                    "layer_d_ff",
+                    "per-layer widths are for dense FFNs only",
+                ));
             }
         }
         if let Some(m) = &self.moe {

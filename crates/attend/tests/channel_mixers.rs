@@ -549,3 +549,135 @@ fn upcycled_moe_equals_the_dense_model_before_training() {
         std::fs::remove_dir_all(&dir).ok();
     }
 }
+
+/// MatFormer: the nested FFN of width m equals a dense FFN built from the
+/// first m hidden units (w1's and w3's first m rows, w2's first m columns),
+/// for gated and plain FFNs with biases.
+#[test]
+fn nested_widths_equal_dense_ffns_of_their_first_units() {
+    use attend::config::{FfnKind, ModelConfig};
+    use attend::exec::graph::Graph;
+    use attend::ffn::Ffn;
+    let dev = Device::Cpu;
+    for kind in [FfnKind::Swiglu, FfnKind::Gelu] {
+        let cfg = |f: usize| ModelConfig {
+            d_model: 8,
+            d_ff: f,
+            ffn: kind,
+            bias: true,
+            ..ModelConfig::default()
+        };
+        let big_store = ParamStore::new(3, DType::F32, dev.clone());
+        let big = Ffn::new(&big_store.builder().pp("ffn"), &cfg(16)).unwrap();
+        // non-zero biases, so that their slices are checked too
+        for (name, var) in big_store.vars() {
+            if name.ends_with("bias") {
+                let n = var.elem_count();
+                var.set(&random((1, n), 7).squeeze(0).unwrap()).unwrap();
+            }
+        }
+        let params: BTreeMap<String, Tensor> = big_store
+            .vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        let x = random((5, 8), 11);
+        for m in [16, 8, 4, 1] {
+            let small_store = ParamStore::new(0, DType::F32, dev.clone());
+            let small = Ffn::new(&small_store.builder().pp("ffn"), &cfg(m)).unwrap();
+            for (name, var) in small_store.vars() {
+                let t = &params[&name];
+                let t = if name == "ffn.w2.weight" {
+                    t.narrow(1, 0, m).unwrap()
+                } else if name == "ffn.w2.bias" {
+                    t.clone()
+                } else {
+                    t.narrow(0, 0, m).unwrap()
+                };
+                var.set(&t.contiguous().unwrap()).unwrap();
+            }
+            let want = small.dense(&Graph, &x).unwrap();
+            let got = big.nested(m).unwrap().dense(&Graph, &x).unwrap();
+            let d = max_abs_diff(&got, &want);
+            assert!(d < 1e-6, "{kind:?} m={m}: {d}");
+        }
+    }
+}
+
+/// `extract` round-trips: a trained MatFormer model's submodel, one width
+/// for every block or one per block (Mix'n'Match), as a standalone model
+/// gives the logits the nested model gives at those widths — and fewer
+/// parameters; widths that do not fit are refused naming the field.
+#[test]
+fn extracted_submodels_equal_the_nested_model_at_their_widths() {
+    use attend::config::{FfnKind, ModelConfig, PositionKind};
+    use attend::ffn::with_widths;
+    use attend::tasks::{MqarConfig, TaskConfig};
+    use attend::train::{extract, TrainConfig, Trainer};
+    let dir = std::env::temp_dir().join(format!("attend-test-extract-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let m = ModelConfig {
+        d_model: 16,
+        n_heads: 2,
+        n_decoder_layers: 3,
+        d_ff: 32,
+        matformer: vec![32, 16, 8],
+        vocab_size: 16,
+        max_len: 16,
+        ffn: FfnKind::Swiglu,
+        position: PositionKind::Learned,
+        ..ModelConfig::default()
+    };
+    let t = TaskConfig::Mqar(MqarConfig {
+        vocab: 16,
+        seq_len: 16,
+        n_pairs: 2,
+        power_a: 0.01,
+        train_mix: vec![],
+    });
+    let c = TrainConfig {
+        steps: 6,
+        batch_size: 4,
+        n_eval: 8,
+        ..TrainConfig::default()
+    };
+    let mut full = Trainer::new(m, t, c).unwrap();
+    for _ in 0..6 {
+        full.train_step().unwrap();
+    }
+    full.save(&dir, serde_json::json!({})).unwrap();
+    let ids = Tensor::new(
+        &[[1u32, 5, 2, 7, 3, 9, 1, 4], [2, 2, 8, 1, 6, 3, 5, 0]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let logits = |tr: &Trainer| {
+        let h = tr.model.decode_hidden(&ids, None).unwrap();
+        tr.model.logits(&h).unwrap()
+    };
+    for widths in [vec![16], vec![8], vec![8, 32, 16]] {
+        let sub = extract(&dir, &widths).unwrap();
+        let want = with_widths(&widths, || logits(&full));
+        let d = max_abs_diff(&logits(&sub), &want);
+        assert!(d < 1e-5, "{widths:?}: {d}");
+        assert!(sub.model_cfg.matformer.is_empty());
+        if widths.len() == 1 {
+            assert_eq!(sub.model_cfg.d_ff, widths[0]);
+        } else {
+            assert_eq!(sub.model_cfg.layer_d_ff, widths);
+        }
+        assert!(sub.store.num_params() < full.store.num_params());
+        // and the nested model at a narrower width is a different function
+        let wider = with_widths(&[32], || logits(&full));
+        assert!(max_abs_diff(&wider, &want) > 1e-4, "{widths:?}");
+    }
+    for (widths, field) in [
+        (vec![64], "widths"),
+        (vec![8, 8], "widths"),
+        (vec![0], "widths"),
+    ] {
+        let e = extract(&dir, &widths).err().expect("refused");
+        assert!(e.to_string().contains(field), "{widths:?}: {e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -22,11 +22,54 @@ pub struct Ffn {
     pub w3: Option<Linear>,
     /// The router of a mixture of experts (`moe`).
     pub moe: Option<Moe>,
+    /// The block it belongs to (encoder blocks first): which nested width
+    /// it runs at under `with_widths`.
+    pub block: usize,
+}
+
+thread_local! {
+    /// MatFormer: the nested FFN widths this thread runs (empty: the full
+    /// ones; one: every block; else one per block, encoder first).
+    static ACTIVE_WIDTHS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run f with every FFN on this thread at its first `width` hidden units
+/// (MatFormer's nested submodel; None, or a width at least an FFN's own:
+/// the whole FFN).
+pub fn with_width<R>(width: Option<usize>, f: impl FnOnce() -> R) -> R {
+    with_widths(width.as_slice(), f)
+}
+
+/// As `with_width`, block i at `widths[i]` (Mix'n'Match); one width: every
+/// block.
+pub fn with_widths<R>(widths: &[usize], f: impl FnOnce() -> R) -> R {
+    let before = ACTIVE_WIDTHS.with(|w| w.replace(widths.to_vec()));
+    let r = f();
+    ACTIVE_WIDTHS.with(|w| *w.borrow_mut() = before);
+    r
+}
+
+/// The nested width block `i` runs at on this thread (None: its own).
+pub fn active_width(i: usize) -> Option<usize> {
+    ACTIVE_WIDTHS.with(|w| {
+        let w = w.borrow();
+        match w.len() {
+            0 => None,
+            1 => Some(w[0]),
+            _ => w.get(i).copied(),
+        }
+    })
 }
 
 impl Ffn {
+    /// Block 0's FFN (every block's, unless the model has per-layer widths).
     pub fn new(vb: &Builder, cfg: &ModelConfig) -> Result<Self> {
-        let (d, f, shape) = (cfg.d_model, cfg.d_ff, cfg.ffn_weights);
+        Self::for_block(vb, cfg, 0)
+    }
+
+    /// The FFN of block `i` (encoder blocks first), `cfg.block_d_ff(i)` wide.
+    pub fn for_block(vb: &Builder, cfg: &ModelConfig, i: usize) -> Result<Self> {
+        let (d, f, shape) = (cfg.d_model, cfg.block_d_ff(i), cfg.ffn_weights);
         let gated = matches!(cfg.ffn, FfnKind::Swiglu | FfnKind::Geglu);
         if let Some(m) = &cfg.moe {
             let e = m.experts;
@@ -38,6 +81,7 @@ impl Ffn {
                     .then(|| moe::stacked(&vb.pp("w3"), e, f, d, cfg.bias))
                     .transpose()?,
                 moe: Some(Moe::new(&vb.pp("router"), d, m)?),
+                block: i,
             });
         }
         let lin = |name: &str, i: usize, o: usize| {
@@ -49,6 +93,7 @@ impl Ffn {
             w2: lin("w2", f, d)?,
             w3: gated.then(|| lin("w3", d, f)).transpose()?,
             moe: None,
+            block: i,
         })
     }
 
@@ -57,8 +102,47 @@ impl Ffn {
     pub fn forward<E: Exec>(&self, e: &E, x: &E::X, b: &E::Batch) -> Result<E::X> {
         match &self.moe {
             Some(m) => e.graph(x, b, &mut |x, ctx| m.forward(self, x, ctx.padding)),
-            None => self.dense(e, x),
+            None => match active_width(self.block) {
+                Some(m) if m < self.width()? => self.nested(m)?.dense(e, x),
+                _ => self.dense(e, x),
+            },
         }
+    }
+
+    /// d_ff: the hidden width.
+    pub fn width(&self) -> Result<usize> {
+        Ok(self.w1.w.dims()?.0)
+    }
+
+    /// MatFormer's nested FFN of the first m hidden units: rows [0, m) of
+    /// w1 and w3, columns [0, m) of w2 (views of the same parameters, so
+    /// training it trains them).
+    pub fn nested(&self, m: usize) -> Result<Ffn> {
+        let dense = |l: &Linear| -> Result<candle_core::Tensor> {
+            match &l.w {
+                crate::nn::Weight::Dense(w) => Ok(w.clone()),
+                _ => Err(crate::error::Error::msg(
+                    "a nested (MatFormer) FFN needs dense float weights",
+                )),
+            }
+        };
+        let rows = |l: &Linear| -> Result<Linear> {
+            Ok(Linear {
+                w: crate::nn::Weight::Dense(dense(l)?.narrow(0, 0, m)?),
+                b: l.b.as_ref().map(|b| b.narrow(0, 0, m)).transpose()?,
+            })
+        };
+        Ok(Ffn {
+            kind: self.kind,
+            w1: rows(&self.w1)?,
+            w2: Linear {
+                w: crate::nn::Weight::Dense(dense(&self.w2)?.narrow(1, 0, m)?),
+                b: self.w2.b.clone(),
+            },
+            w3: self.w3.as_ref().map(rows).transpose()?,
+            moe: None,
+            block: self.block,
+        })
     }
 
     /// The dense FFN: x (tokens, d) -> (tokens, d).

@@ -203,6 +203,7 @@ impl Moe {
             w2: expert_rows(&ffn.w2, e, d)?,
             w3: ffn.w3.as_ref().map(|w| expert_rows(w, e, f)).transpose()?,
             moe: None,
+            block: ffn.block,
         })
     }
 

@@ -123,9 +123,11 @@ pub struct Block {
 }
 
 impl Block {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         vb: &Builder,
         cfg: &ModelConfig,
+        index: usize,
         mechanism: &MechanismConfig,
         causal: bool,
         cross: bool,
@@ -151,7 +153,7 @@ impl Block {
                 None
             },
             ln_2: norm("ln_2")?,
-            ffn: Ffn::new(&vb.pp("ffn"), cfg)?,
+            ffn: Ffn::for_block(&vb.pp("ffn"), cfg, index)?,
             ln_1_post: sandwich.then(|| norm("ln_1_post")).transpose()?,
             ln_2_post: sandwich.then(|| norm("ln_2_post")).transpose()?,
             norm_position: cfg.norm_position,
@@ -305,6 +307,11 @@ impl Transformer {
                 Ok(None)
             }
         };
+        let enc_blocks = if cfg.has_encoder() {
+            cfg.n_encoder_layers
+        } else {
+            0
+        };
         let stack = |name: &str, n: usize, causal: bool, cross: bool| -> Result<Vec<Block>> {
             (0..n)
                 .map(|i| {
@@ -313,9 +320,12 @@ impl Transformer {
                         MechanismConfig::Window(_) => rope_window.clone(),
                         _ => rope.clone(),
                     };
+                    // block index over the whole model, encoder first
+                    let index = if name == "encoder" { i } else { enc_blocks + i };
                     Block::new(
                         &vb.pp(name).pp(i),
                         cfg,
+                        index,
                         mechanism,
                         causal,
                         cross,

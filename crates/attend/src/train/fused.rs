@@ -392,6 +392,9 @@ impl Fused {
         if c.moe.is_some() {
             return Err("a mixture of experts".into());
         }
+        if !c.matformer.is_empty() || !c.layer_d_ff.is_empty() {
+            return Err("nested or per-layer FFN widths".into());
+        }
         if c.ffn_weights != crate::config::FfnWeights::Dense {
             return Err("low-rank or block-diagonal FFN weights".into());
         }

@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 
 const STREAM_INIT: u64 = 10;
 const STREAM_DROPOUT: u64 = 11;
+/// MatFormer: which nested width each step trains.
+const STREAM_MATFORMER: u64 = 12;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -556,6 +558,11 @@ impl Trainer {
             return self.fused_step(&batches, total_w);
         }
         let (model, step, seed, smoothing) = (&self.model, self.step, c.seed, c.label_smoothing);
+        // MatFormer: one nested width per step, every layer, every shard
+        let widths = &self.model_cfg.matformer;
+        let width = (!widths.is_empty()).then(|| {
+            widths[(derive_seed(seed, STREAM_MATFORMER, step) % widths.len() as u64) as usize]
+        });
         type Shard = (f64, GradStore, Vec<Vec<usize>>);
         let shard_step = |i: usize, batch: &Batch| -> Result<Shard> {
             model.set_train_seed(Some(derive_seed(
@@ -563,7 +570,9 @@ impl Trainer {
                 STREAM_DROPOUT,
                 step * 1024 + i as u64,
             )));
-            let (loss, moe) = crate::ffn::moe::collect(|| batch_loss_sum(model, batch, smoothing));
+            let (loss, moe) = crate::ffn::moe::collect(|| {
+                crate::ffn::with_width(width, || batch_loss_sum(model, batch, smoothing))
+            });
             let mut loss = (loss? / total_w)?;
             // a mixture of experts' losses, weighted by this shard's share
             let share = batch.n_target_tokens()? as f64 / total_w;
@@ -853,6 +862,98 @@ pub fn upcycle(from: &Path, moe: crate::config::MoeConfig, steps: Option<u64>) -
             ));
         }
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(tr)
+}
+
+/// MatFormer's Mix'n'Match: the submodel of the checkpoint in `from` whose
+/// block i keeps the first `widths[i]` hidden units of its FFN (one width:
+/// every block), as a standalone model of its own — nested widths cleared,
+/// per-layer widths where they differ. It computes what the nested model
+/// computes at those widths. The returned trainer is at step 0 with fresh
+/// AdamW moments (for further training or saving).
+pub fn extract(from: &Path, widths: &[usize]) -> Result<Trainer> {
+    let meta = CheckpointMeta::read(from)?;
+    let cfg_path = from.join("checkpoint.json");
+    let m = &meta.model;
+    if m.moe.is_some() || m.ffn_weights != crate::config::FfnWeights::Dense {
+        return Err(Error::file(
+            &cfg_path,
+            "extraction slices dense FFNs; this model has experts or structured weights",
+        ));
+    }
+    let enc = if m.has_encoder() {
+        m.n_encoder_layers
+    } else {
+        0
+    };
+    let blocks = enc
+        + if m.has_decoder() {
+            m.n_decoder_layers
+        } else {
+            0
+        };
+    let widths: Vec<usize> = match widths.len() {
+        1 => vec![widths[0]; blocks],
+        n if n == blocks => widths.to_vec(),
+        n => {
+            return Err(Error::config(
+                "widths",
+                format!("give one width or one per block ({blocks}), got {n}"),
+            ))
+        }
+    };
+    for (i, &w) in widths.iter().enumerate() {
+        if w == 0 || w > m.block_d_ff(i) {
+            return Err(Error::config(
+                "widths",
+                format!("block {i}: width {w} is not in 1..={}", m.block_d_ff(i)),
+            ));
+        }
+    }
+    let uniform = widths.iter().all(|&w| w == widths[0]);
+    let model = ModelConfig {
+        matformer: vec![],
+        d_ff: if uniform {
+            widths[0]
+        } else {
+            *widths.iter().max().unwrap_or(&0)
+        },
+        layer_d_ff: if uniform { vec![] } else { widths.clone() },
+        ..m.clone()
+    };
+    let tr = Trainer::new(model, meta.task.clone(), meta.train.clone())?;
+    let weights = from.join(&meta.weights);
+    let full = load_safetensors(&weights, &Device::Cpu)?;
+    for (name, var) in tr.store.vars() {
+        let src = full
+            .get(&name)
+            .ok_or_else(|| Error::file(&weights, format!("has no parameter `{name}`")))?;
+        // "encoder.3.ffn.w1.weight": block 3 of the encoder
+        let block = || -> Option<usize> {
+            let mut parts = name.split('.');
+            let stack = parts.next()?;
+            let i: usize = parts.next()?.parse().ok()?;
+            Some(if stack == "encoder" { i } else { enc + i })
+        };
+        let t = if name.contains(".ffn.w2.weight") {
+            src.narrow(1, 0, widths[block().unwrap_or(0)])?
+        } else if [".ffn.w1.", ".ffn.w3."].iter().any(|p| name.contains(p)) {
+            src.narrow(0, 0, widths[block().unwrap_or(0)])?
+        } else {
+            src.clone()
+        };
+        if t.dims() != var.dims() {
+            return Err(Error::file(
+                &weights,
+                format!(
+                    "parameter `{name}`: {:?} does not fit {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+        var.set(&t.contiguous()?.to_dtype(var.dtype())?)?;
     }
     Ok(tr)
 }

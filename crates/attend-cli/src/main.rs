@@ -40,6 +40,7 @@ mod out {
 
 mod bench_cmd;
 mod draft_cmd;
+mod ffn_sweep_cmd;
 mod frontier_cmd;
 mod kv_cmd;
 mod load;
@@ -158,6 +159,11 @@ enum Cmd {
     /// Turn a trained dense checkpoint into a mixture of experts whose
     /// experts start as copies of each FFN (sparse upcycling), and train on.
     Upcycle(train_cmd::UpcycleArgs),
+    /// Train channel mixers (dense, MoE, MatFormer, low-rank,
+    /// block-diagonal FFNs) on one token budget and compare held-out loss
+    /// against FLOPs, time and active parameters (`--quick`: ~1.5 minutes).
+    #[command(allow_negative_numbers = true)]
+    FfnSweep(ffn_sweep_cmd::FfnSweepArgs),
     /// Write a MatFormer model's submodel (a FFN width per block,
     /// Mix'n'Match) as a standalone checkpoint.
     Extract(train_cmd::ExtractArgs),
@@ -222,6 +228,7 @@ fn main() {
         cli.cmd,
         Cmd::Train(_)
             | Cmd::Upcycle(_)
+            | Cmd::FfnSweep(_)
             | Cmd::Extract(_)
             | Cmd::Demo(_)
             | Cmd::Eval(_)
@@ -257,6 +264,7 @@ fn main() {
         Cmd::PruneSweep(a) => prune_cmd::prune_sweep_cmd(a).context("prune-sweep failed"),
         Cmd::Frontier(a) => frontier_cmd::frontier_cmd(a).context("frontier failed"),
         Cmd::Upcycle(a) => train_cmd::upcycle(a).context("upcycle failed"),
+        Cmd::FfnSweep(a) => ffn_sweep_cmd::ffn_sweep_cmd(a).context("ffn-sweep failed"),
         Cmd::Extract(a) => train_cmd::extract(a).context("extract failed"),
         Cmd::Serve(a) => serve_cmd::serve_cmd(*a).context("serve failed"),
         Cmd::TrainDraftHeads(a) => {

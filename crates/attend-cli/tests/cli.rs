@@ -2429,3 +2429,86 @@ fn matformer_trains_and_extracts_submodels() {
     );
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// `ffn-sweep --quick`: every kind trains and is scored (a MatFormer at
+/// each nested width, its full width agreeing with itself), FLOPs follow
+/// the active parameters, the reports and plots are written; bad kinds
+/// name the flag.
+#[test]
+fn ffn_sweep_quick_scores_every_channel_mixer() {
+    let out_dir = tmp("ffn-sweep");
+    let data = corpus();
+    let v: serde_json::Value = serde_json::from_slice(
+        &succeeds(&[
+            "ffn-sweep",
+            "--quick",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--json",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    let specs: Vec<(&str, u64)> = runs
+        .iter()
+        .map(|r| (r["spec"].as_str().unwrap(), r["d_ff"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        specs,
+        [
+            ("dense:64", 64),
+            ("dense:256", 256),
+            ("moe:64,e=4,k=1", 64),
+            ("matformer:256,n=3", 256),
+            ("matformer:256,n=3", 128),
+            ("matformer:256,n=3", 64),
+            ("lowrank:256,r=16", 256),
+            ("blockdiag:256,b=4", 256)
+        ]
+    );
+    let f = |i: usize, k: &str| runs[i][k].as_f64().unwrap();
+    for r in runs {
+        // every model learned something: below a uniform guess over bytes
+        assert!(r["loss"].as_f64().unwrap() < 256f64.ln() - 1.0, "{r}");
+    }
+    // one expert of four per token: the active parameters of dense:64 plus the router
+    assert_eq!(
+        f(2, "active_params") - f(0, "active_params"),
+        (2 * 64 * 4) as f64
+    );
+    assert!(f(2, "total_params") > 1.5 * f(0, "total_params"));
+    assert!(f(2, "max_load") >= 1.0);
+    // the MatFormer: agreement 1 with itself, the nested widths smaller
+    assert_eq!(f(3, "agreement"), 1.0);
+    assert!(f(5, "agreement") < 1.0 && f(5, "agreement") > 0.3);
+    assert!(f(5, "total_params") < f(3, "total_params"));
+    assert_eq!(f(3, "train_flops"), f(5, "train_flops"));
+    for file in [
+        "table.md",
+        "plot-flops.svg",
+        "plot-time.svg",
+        "plot-params.svg",
+    ] {
+        assert!(out_dir.join(file).is_file(), "{file}");
+    }
+    fails_with(
+        &["ffn-sweep", "--kinds", "moe:64,e=4", "--quick"],
+        &["--kinds", "needs k="],
+    );
+    fails_with(
+        &["ffn-sweep", "--quick", "--data", "/nonexistent.txt"],
+        &["--data", "no such file"],
+    );
+    fails_with(
+        &["ffn-sweep", "--kinds", "sparse:64", "--quick"],
+        &["--kinds", "unknown FFN kind"],
+    );
+    fails_with(
+        &["ffn-sweep", "--kinds", "blockdiag:100,b=3", "--quick"],
+        &["--kinds", "blocks"],
+    );
+    std::fs::remove_dir_all(&out_dir).ok();
+}

@@ -1,5 +1,6 @@
 //! Held-out evaluation of trained checkpoints.
 
+pub mod ffn_sweep;
 pub mod frontier;
 pub mod report;
 pub mod streaming;

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use attend::config::{MechanismConfig, ModelConfig};
+use attend::decode::speculative::{generate_speculative, ModelDraft};
 use attend::decode::{beam_search, generate, Sampler, SamplingParams};
 use attend::eval::{evaluate, EvalOptions, Metrics};
 use attend::tasks::{Example, Task, TaskConfig, BOS, EOS};
@@ -863,6 +864,15 @@ pub struct SampleArgs {
     /// Checkpoint directory written by `attend train`.
     #[arg(long)]
     checkpoint: PathBuf,
+    /// Text models: speculative decoding with a smaller checkpoint of the
+    /// same vocabulary drafting --draft-k tokens a pass — e.g. a MatFormer
+    /// submodel from `attend extract`. Greedy output is the same as
+    /// without it; the acceptance goes to stderr (and --json).
+    #[arg(long)]
+    draft: Option<PathBuf>,
+    /// Tokens the draft proposes a pass.
+    #[arg(long, default_value_t = 4)]
+    draft_k: usize,
     /// Text for `text` models; space-separated token ids for the other tasks.
     /// Without it: a few held-out examples.
     #[arg(long)]
@@ -942,6 +952,20 @@ fn join(ids: &[u32]) -> String {
 
 pub fn sample(a: SampleArgs) -> Result<()> {
     let (model, meta) = load_model(&a.checkpoint, &Device::Cpu)?;
+    let drafter = match &a.draft {
+        None => None,
+        Some(d) => {
+            if !matches!(meta.task, TaskConfig::Text(_)) {
+                bail!("--draft: speculative sampling is for text checkpoints");
+            }
+            if a.draft_k == 0 {
+                bail!("--draft-k must be at least 1");
+            }
+            let (dm, _) =
+                load_model(d, &Device::Cpu).with_context(|| format!("--draft {}", d.display()))?;
+            Some(std::sync::Arc::new(dm))
+        }
+    };
     let mut sampler = Sampler::new(SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -1008,32 +1032,77 @@ pub fn sample(a: SampleArgs) -> Result<()> {
                 out!("{prompt_text}");
             }
             let mut pending: Vec<u8> = vec![];
-            let out = generate(
-                &model,
-                &prompt,
-                None,
-                a.max_tokens,
-                &mut sampler,
-                None,
-                |id| {
-                    if !a.json {
-                        // bytes may split a UTF-8 character: print whole characters only
-                        pending.push(id as u8);
-                        if let Ok(s) = std::str::from_utf8(&pending) {
-                            out!("{s}");
-                            stdout.flush().ok();
-                            pending.clear();
-                        }
+            let on_token = |id: u32| {
+                if !a.json {
+                    // bytes may split a UTF-8 character: print whole characters only
+                    pending.push(id as u8);
+                    if let Ok(s) = std::str::from_utf8(&pending) {
+                        out!("{s}");
+                        stdout.flush().ok();
+                        pending.clear();
                     }
-                    Ok(())
-                },
-            )?;
+                }
+                Ok(())
+            };
+            let (out, spec) = match &drafter {
+                None => (
+                    generate(
+                        &model,
+                        &prompt,
+                        None,
+                        a.max_tokens,
+                        &mut sampler,
+                        None,
+                        on_token,
+                    )?,
+                    None,
+                ),
+                Some(dm) => {
+                    let mut draft = ModelDraft::new(dm.clone(), model.cfg.vocab_size)
+                        .with_context(|| {
+                            format!(
+                                "--draft {}",
+                                a.draft
+                                    .as_ref()
+                                    .map_or(String::new(), |p| p.display().to_string())
+                            )
+                        })?;
+                    let (ids, st) = generate_speculative(
+                        &model,
+                        model.new_state(None)?,
+                        &prompt,
+                        a.max_tokens,
+                        &mut sampler,
+                        None,
+                        &mut draft,
+                        a.draft_k,
+                        on_token,
+                    )?;
+                    (ids, Some(st))
+                }
+            };
+            let spec_json = spec.as_ref().map(|st| {
+                serde_json::json!({
+                    "passes": st.passes + st.plain_steps,
+                    "drafted": st.drafted,
+                    "accepted": st.accepted,
+                    "tokens_per_pass": st.tokens_per_pass(),
+                })
+            });
+            if let (Some(st), false) = (&spec, a.json) {
+                eprintln!(
+                    "\n[draft: {} of {} drafted tokens accepted, {:.2} tokens per pass]",
+                    st.accepted,
+                    st.drafted,
+                    st.tokens_per_pass()
+                );
+            }
             let text = String::from_utf8_lossy(&out.iter().map(|&i| i as u8).collect::<Vec<_>>())
                 .to_string();
             if a.json {
                 outln!(
                     "{}",
-                    serde_json::json!({ "prompt_ids": prompt, "ids": out, "text": text })
+                    serde_json::json!({ "prompt_ids": prompt, "ids": out, "text": text, "draft": spec_json })
                 );
             } else {
                 outln!();

@@ -2512,3 +2512,90 @@ fn ffn_sweep_quick_scores_every_channel_mixer() {
     );
     std::fs::remove_dir_all(&out_dir).ok();
 }
+
+/// MatFormer's submodel as a speculative draft for its full model
+/// (`sample --draft`): greedy output identical to sampling without it,
+/// the acceptance reported; a draft for a non-text checkpoint is refused.
+#[test]
+fn an_extracted_matformer_submodel_drafts_for_its_full_model() {
+    let root = tmp("matformer-draft");
+    let (full, sub) = (root.join("full"), root.join("sub"));
+    let data = corpus();
+    succeeds(&[
+        "train",
+        "--task",
+        "text",
+        "--data",
+        data.to_str().unwrap(),
+        "--steps",
+        "40",
+        "--d-model",
+        "32",
+        "--n-heads",
+        "2",
+        "--d-ff",
+        "128",
+        "--matformer",
+        "128,32",
+        "--no-eval",
+        "--out",
+        full.to_str().unwrap(),
+    ]);
+    succeeds(&[
+        "extract",
+        "--from",
+        full.to_str().unwrap(),
+        "--widths",
+        "32",
+        "--out",
+        sub.to_str().unwrap(),
+    ]);
+    let sample = |draft: bool| -> serde_json::Value {
+        let mut args = vec![
+            "sample",
+            "--checkpoint",
+            full.to_str().unwrap(),
+            "--prompt",
+            "KING:",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "40",
+            "--json",
+        ];
+        if draft {
+            args.extend(["--draft", sub.to_str().unwrap(), "--draft-k", "3"]);
+        }
+        serde_json::from_slice(&succeeds(&args).stdout).unwrap()
+    };
+    let (plain, drafted) = (sample(false), sample(true));
+    assert_eq!(plain["ids"], drafted["ids"]);
+    assert_eq!(plain["ids"].as_array().unwrap().len(), 40);
+    assert!(plain["draft"].is_null());
+    let tpp = drafted["draft"]["tokens_per_pass"].as_f64().unwrap();
+    assert!((1.0..=4.0).contains(&tpp), "{tpp}");
+    let mqar = root.join("mqar");
+    succeeds(&[
+        "train",
+        "--task",
+        "mqar",
+        "--steps",
+        "2",
+        "--no-eval",
+        "--out",
+        mqar.to_str().unwrap(),
+    ]);
+    fails_with(
+        &[
+            "sample",
+            "--checkpoint",
+            mqar.to_str().unwrap(),
+            "--prompt",
+            "1 2",
+            "--draft",
+            sub.to_str().unwrap(),
+        ],
+        &["--draft", "text checkpoints"],
+    );
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -58,8 +58,17 @@ fn check(cfg: &attend::ModelConfig, smoothing: f64, sparse: bool) {
     let plan = Fused::new(&model, &store).unwrap_or_else(|e| panic!("{cfg:?}: refused: {e}"));
     let batch = lm_batch(3, 3, 12, cfg.vocab_size, sparse);
     let total = batch.n_target_tokens().unwrap() as f64;
-    // autograd
-    let loss = (batch_loss_sum(&model, &batch, smoothing).unwrap() / total).unwrap();
+    // autograd (with a mixture's weighted aux and z losses)
+    let autograd_loss = |batch: &Batch, total: f64| {
+        let (l, stats) = attend::ffn::moe::collect(|| batch_loss_sum(&model, batch, smoothing));
+        let mut loss = (l.unwrap() / total).unwrap();
+        for s in stats {
+            loss = (loss + (s.aux_loss * s.aux_weight).unwrap()).unwrap();
+            loss = (loss + (s.z_loss * s.z_weight).unwrap()).unwrap();
+        }
+        loss
+    };
+    let loss = autograd_loss(&batch, total);
     let grads = loss.backward().unwrap();
     let want_loss = loss.to_scalar::<f32>().unwrap() as f64;
     // fused
@@ -106,10 +115,7 @@ fn check(cfg: &attend::ModelConfig, smoothing: f64, sparse: bool) {
     // the workspace is reused: a second call on another batch still agrees
     let batch2 = lm_batch(4, 3, 12, cfg.vocab_size, sparse);
     let total2 = batch2.n_target_tokens().unwrap() as f64;
-    let want2 = (batch_loss_sum(&model, &batch2, smoothing).unwrap() / total2)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
+    let want2 = autograd_loss(&batch2, total2).to_scalar::<f32>().unwrap() as f64;
     let got2 = fused(&batch2, total2, &mut plan.zero_grads());
     assert!((got2 - want2).abs() < 1e-5 * want2.abs().max(1.0));
 }
@@ -165,6 +171,21 @@ fn gradients_equal_autograd() {
             mechanism: "window:w=3".parse().unwrap(),
             ..base.clone()
         },
+        // mixtures of experts: SwiGLU experts top-2 with biases, GELU
+        // experts top-1 without; heavy aux and z weights so that their
+        // gradients count
+        attend::ModelConfig {
+            position: PositionKind::Learned,
+            ffn: FfnKind::Swiglu,
+            moe: Some("experts=4,k=2,aux=0.5,z=0.1".parse().unwrap()),
+            ..base.clone()
+        },
+        attend::ModelConfig {
+            ffn: FfnKind::Gelu,
+            bias: false,
+            moe: Some("experts=3,k=1,aux=0.3,z=0.05".parse().unwrap()),
+            ..base.clone()
+        },
     ];
     for cfg in &configs {
         check(cfg, 0.0, false);
@@ -204,6 +225,13 @@ fn refuses_what_it_does_not_compute() {
                 ..base.clone()
             },
             "pre-norm",
+        ),
+        (
+            attend::ModelConfig {
+                moe: Some("experts=4,k=2,capacity=1.0".parse().unwrap()),
+                ..base.clone()
+            },
+            "capacity",
         ),
     ] {
         let (model, store) = build(&cfg, 1, DType::F32);

@@ -326,6 +326,18 @@ struct Layer {
     w1: (usize, Option<usize>),
     w3: Option<(usize, Option<usize>)>,
     w2: (usize, Option<usize>),
+    /// A mixture of experts' router (E, d); w1, w3 and w2 then hold every
+    /// expert's matrix stacked: (E, f, d), (E, f, d), (E, d, f).
+    router: Option<usize>,
+}
+
+/// A dropless mixture of experts in every block (`ffn::moe`).
+#[derive(Clone, Copy, Debug)]
+struct MoeSpec {
+    experts: usize,
+    top_k: usize,
+    aux_weight: f32,
+    z_weight: f32,
 }
 
 /// A model the fused trainer can run: its dimensions and where its
@@ -358,6 +370,7 @@ pub struct Fused {
     lm_head: Option<usize>,
     /// elements of each parameter, in store order
     sizes: Vec<usize>,
+    moe: Option<MoeSpec>,
 }
 
 /// Finds a parameter by name and shape: its index in the store's list.
@@ -389,9 +402,18 @@ impl Fused {
         if c.dropout > 0.0 {
             return Err("dropout".into());
         }
-        if c.moe.is_some() {
-            return Err("a mixture of experts".into());
-        }
+        let moe = match &c.moe {
+            None => None,
+            Some(m) if m.capacity_factor.is_some() => {
+                return Err("a mixture of experts with a capacity (token dropping)".into())
+            }
+            Some(m) => Some(MoeSpec {
+                experts: m.experts,
+                top_k: m.top_k,
+                aux_weight: m.aux_weight as f32,
+                z_weight: m.z_weight as f32,
+            }),
+        };
         if !c.matformer.is_empty() || !c.layer_d_ff.is_empty() {
             return Err("nested or per-layer FFN widths".into());
         }
@@ -452,6 +474,26 @@ impl Fused {
             Ok((w, b))
         };
         let gated = matches!(c.ffn, FfnKind::Swiglu | FfnKind::Geglu);
+        // the FFN's matrices, stacked over experts in a mixture
+        let ffn = |find: &mut Find,
+                   p: &str,
+                   o: usize,
+                   i: usize|
+         -> std::result::Result<(usize, Option<usize>), String> {
+            match moe {
+                None => lin(find, p, o, i),
+                Some(m) => {
+                    let e = m.experts;
+                    let w = find(format!("{p}.weight"), &[e, o, i])?;
+                    let b = if has(&format!("{p}.bias")) {
+                        Some(find(format!("{p}.bias"), &[e * o])?)
+                    } else {
+                        None
+                    };
+                    Ok((w, b))
+                }
+            }
+        };
         let mut layers = vec![];
         for i in 0..n {
             let p = format!("decoder.{i}");
@@ -462,13 +504,17 @@ impl Fused {
                 v: lin(&mut find, &format!("{p}.self_attn.v_proj"), hk * hd, d)?,
                 o: lin(&mut find, &format!("{p}.self_attn.o_proj"), d, h * hd)?,
                 ln2: norm(&mut find, &format!("{p}.ln_2"))?,
-                w1: lin(&mut find, &format!("{p}.ffn.w1"), f, d)?,
+                w1: ffn(&mut find, &format!("{p}.ffn.w1"), f, d)?,
                 w3: if gated {
-                    Some(lin(&mut find, &format!("{p}.ffn.w3"), f, d)?)
+                    Some(ffn(&mut find, &format!("{p}.ffn.w3"), f, d)?)
                 } else {
                     None
                 },
-                w2: lin(&mut find, &format!("{p}.ffn.w2"), d, f)?,
+                w2: ffn(&mut find, &format!("{p}.ffn.w2"), d, f)?,
+                router: match moe {
+                    Some(m) => Some(find(format!("{p}.ffn.router.weight"), &[m.experts, d])?),
+                    None => None,
+                },
             });
         }
         let embed = find("embed.weight".into(), &[c.vocab_size, d])?;
@@ -536,6 +582,7 @@ impl Fused {
             ln_f,
             lm_head,
             sizes,
+            moe,
         })
     }
 
@@ -588,6 +635,9 @@ impl Fused {
         }
         ws.fit(self, b, t);
         let (d, f, v) = (self.d, self.d_ff, self.vocab);
+        // a mixture's auxiliary losses, weighted by this shard's share
+        let share = weight.iter().map(|&x| x as f64).sum::<f64>() / total_w as f64;
+        let mut aux = 0f64;
         let (qw, kw) = (self.heads * self.hd, self.kv_heads * self.hd);
         let nl = self.layers.len();
         let w = |s: usize| p[s].as_slice();
@@ -648,24 +698,17 @@ impl Fused {
                 &mut a.mu2,
                 &mut a.r2,
             );
+            let x_out = &mut x_rest[0][..n * d];
+            if let (Some(m), Some(router)) = (self.moe, ly.router) {
+                let (l_aux, l_z) = self.moe_fwd(m, ly, router, p, a, n, x_out);
+                aux += (m.aux_weight as f64 * l_aux + m.z_weight as f64 * l_z) * share;
+                continue;
+            }
             linear(&a.c, w(ly.w1.0), wo(ly.w1.1), (n, d, f), &mut a.u);
             if let Some(w3) = ly.w3 {
                 linear(&a.c, w(w3.0), wo(w3.1), (n, d, f), &mut a.u3);
             }
-            if self.gated {
-                per_act!(self.act, f => {
-                    for ((g, &u), &up) in a.g.iter_mut().zip(&a.u).zip(&a.u3) {
-                        *g = f(u).0 * up;
-                    }
-                })
-            } else {
-                per_act!(self.act, f => {
-                    for (g, &u) in a.g.iter_mut().zip(&a.u) {
-                        *g = f(u).0;
-                    }
-                })
-            }
-            let x_out = &mut x_rest[0][..n * d];
+            self.activate(a);
             linear(&a.g, w(ly.w2.0), wo(ly.w2.1), (n, f, d), x_out);
             x_out.iter_mut().zip(&a.x_mid).for_each(|(y, x)| *y += x);
         }
@@ -744,7 +787,9 @@ impl Fused {
             let a = &mut ws.layer[l];
             let s = &mut ws.scratch;
             // FFN: dz = dx (the residual's gradient)
-            {
+            if let (Some(m), Some(router)) = (self.moe, ly.router) {
+                self.moe_bwd(m, ly, router, p, a, s, n, &ws.dx, grads, share);
+            } else {
                 let (gw, gb) = two(grads, ly.w2.0, ly.w2.1);
                 linear_bwd(
                     &a.g,
@@ -756,25 +801,7 @@ impl Fused {
                     Some(&mut s.dg),
                     false,
                 );
-            }
-            if self.gated {
-                per_act!(self.act, f => {
-                    for (((dg, du3), &u), &up) in
-                        s.dg.iter_mut().zip(s.du3.iter_mut()).zip(&a.u).zip(&a.u3)
-                    {
-                        let (fu, dfu) = f(u);
-                        *du3 = *dg * fu;
-                        *dg *= up * dfu;
-                    }
-                })
-            } else {
-                per_act!(self.act, f => {
-                    for (dg, &u) in s.dg.iter_mut().zip(&a.u) {
-                        *dg *= f(u).1;
-                    }
-                })
-            }
-            {
+                self.activate_bwd(a, s);
                 let (gw, gb) = two(grads, ly.w1.0, ly.w1.1);
                 linear_bwd(
                     &a.c,
@@ -786,19 +813,19 @@ impl Fused {
                     Some(&mut s.dc),
                     false,
                 );
-            }
-            if let Some(w3) = ly.w3 {
-                let (gw, gb) = two(grads, w3.0, w3.1);
-                linear_bwd(
-                    &a.c,
-                    w(w3.0),
-                    &s.du3,
-                    (n, d, f),
-                    gw,
-                    gb,
-                    Some(&mut s.dc),
-                    true,
-                );
+                if let Some(w3) = ly.w3 {
+                    let (gw, gb) = two(grads, w3.0, w3.1);
+                    linear_bwd(
+                        &a.c,
+                        w(w3.0),
+                        &s.du3,
+                        (n, d, f),
+                        gw,
+                        gb,
+                        Some(&mut s.dc),
+                        true,
+                    );
+                }
             }
             {
                 let (gw, gb) = two(grads, ly.ln2.0, ly.ln2.1);
@@ -865,7 +892,277 @@ impl Fused {
                 gp.iter_mut().zip(dr).for_each(|(g, v)| *g += v);
             }
         }
-        Ok(loss)
+        Ok(loss + aux)
+    }
+
+    /// g = act(u) (⊙ u3 when gated), over every row the buffers hold.
+    fn activate(&self, a: &mut LayerActs) {
+        if self.gated {
+            per_act!(self.act, f => {
+                for ((g, &u), &up) in a.g.iter_mut().zip(&a.u).zip(&a.u3) {
+                    *g = f(u).0 * up;
+                }
+            })
+        } else {
+            per_act!(self.act, f => {
+                for (g, &u) in a.g.iter_mut().zip(&a.u) {
+                    *g = f(u).0;
+                }
+            })
+        }
+    }
+
+    /// The backward of `activate`: dg (holding dL/dg) becomes dL/du, and
+    /// du3 = dg ⊙ act(u) when gated.
+    fn activate_bwd(&self, a: &LayerActs, s: &mut Scratch) {
+        if self.gated {
+            per_act!(self.act, f => {
+                for (((dg, du3), &u), &up) in
+                    s.dg.iter_mut().zip(s.du3.iter_mut()).zip(&a.u).zip(&a.u3)
+                {
+                    let (fu, dfu) = f(u);
+                    *du3 = *dg * fu;
+                    *dg *= up * dfu;
+                }
+            })
+        } else {
+            per_act!(self.act, f => {
+                for (dg, &u) in s.dg.iter_mut().zip(&a.u) {
+                    *dg *= f(u).1;
+                }
+            })
+        }
+    }
+
+    /// A mixture of experts' forward (`ffn::moe`, dropless): router logits
+    /// l = c W_rᵀ, each row's top k with the softmax of their logits as
+    /// gates, the rows sorted by expert (a counting sort) and gathered, each
+    /// expert's FFN as grouped GEMMs on its stacked matrices, and
+    /// x_out = x_mid + Σ gate · y. -> (L_aux, L_z) unweighted.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_fwd(
+        &self,
+        m: MoeSpec,
+        ly: &Layer,
+        router: usize,
+        p: &Params,
+        a: &mut LayerActs,
+        n: usize,
+        x_out: &mut [f32],
+    ) -> (f64, f64) {
+        let (d, f, e_n, k) = (self.d, self.d_ff, m.experts, m.top_k);
+        let w = |s: usize| p[s].as_slice();
+        linear(&a.c, w(router), None, (n, d, e_n), &mut a.probs);
+        a.load.iter_mut().for_each(|x| *x = 0);
+        let mut z = 0f64;
+        let mut idx: Vec<usize> = Vec::with_capacity(e_n);
+        for r in 0..n {
+            let row = &mut a.probs[r * e_n..(r + 1) * e_n];
+            idx.clear();
+            idx.extend(0..e_n);
+            // descending logit, ties to the lower index (a stable sort)
+            idx.sort_by(|&x, &y| row[y].total_cmp(&row[x]));
+            let mx = row[idx[0]];
+            let mut sum = 0f32;
+            for j in 0..k {
+                let g = (row[idx[j]] - mx).exp();
+                a.gate[r * k + j] = g;
+                a.top[r * k + j] = idx[j];
+                a.load[idx[j]] += 1;
+                sum += g;
+            }
+            a.gate[r * k..(r + 1) * k]
+                .iter_mut()
+                .for_each(|g| *g /= sum);
+            // softmax over all experts, and log Σ e^l
+            let all: f32 = row.iter().map(|&x| (x - mx).exp()).sum();
+            a.lse[r] = mx + all.ln();
+            row.iter_mut().for_each(|x| *x = (*x - mx).exp() / all);
+            z += (a.lse[r] as f64).powi(2);
+        }
+        // rows sorted by expert: order[pos] = slot (row·k + j)
+        a.offs[0] = 0;
+        for e in 0..e_n {
+            a.offs[e + 1] = a.offs[e] + a.load[e];
+        }
+        let mut next = a.offs[..e_n].to_vec();
+        for slot in 0..n * k {
+            let e = a.top[slot];
+            a.order[next[e]] = slot;
+            next[e] += 1;
+        }
+        for (pos, &slot) in a.order[..n * k].iter().enumerate() {
+            let r = slot / k;
+            a.cs[pos * d..(pos + 1) * d].copy_from_slice(&a.c[r * d..(r + 1) * d]);
+        }
+        let expert = |(wi, bi): (usize, Option<usize>), e: usize, o: usize, i: usize| {
+            (
+                &w(wi)[e * o * i..(e + 1) * o * i],
+                bi.map(|b| &w(b)[e * o..(e + 1) * o]),
+            )
+        };
+        for e in 0..e_n {
+            let (o, me) = (a.offs[e], a.load[e]);
+            if me == 0 {
+                continue;
+            }
+            let (w1, b1) = expert(ly.w1, e, f, d);
+            linear(
+                &a.cs[o * d..(o + me) * d],
+                w1,
+                b1,
+                (me, d, f),
+                &mut a.u[o * f..],
+            );
+            if let Some(w3) = ly.w3 {
+                let (w3, b3) = expert(w3, e, f, d);
+                linear(
+                    &a.cs[o * d..(o + me) * d],
+                    w3,
+                    b3,
+                    (me, d, f),
+                    &mut a.u3[o * f..],
+                );
+            }
+        }
+        self.activate(a);
+        for e in 0..e_n {
+            let (o, me) = (a.offs[e], a.load[e]);
+            if me == 0 {
+                continue;
+            }
+            let (w2, b2) = expert(ly.w2, e, d, f);
+            linear(
+                &a.g[o * f..(o + me) * f],
+                w2,
+                b2,
+                (me, f, d),
+                &mut a.y[o * d..],
+            );
+        }
+        x_out.copy_from_slice(&a.x_mid[..n * d]);
+        for (pos, &slot) in a.order[..n * k].iter().enumerate() {
+            let (r, g) = (slot / k, a.gate[slot]);
+            let (xr, yr) = (&mut x_out[r * d..(r + 1) * d], &a.y[pos * d..(pos + 1) * d]);
+            xr.iter_mut().zip(yr).for_each(|(x, y)| *x += g * y);
+        }
+        // L_aux = E Σ f_e P_e, f_e = load / (n k), P_e = mean softmax
+        let mut l_aux = 0f64;
+        for e in 0..e_n {
+            let pe: f64 = (0..n).map(|r| a.probs[r * e_n + e] as f64).sum::<f64>() / n as f64;
+            l_aux += a.load[e] as f64 / (n * k) as f64 * pe;
+        }
+        (e_n as f64 * l_aux, z / n as f64)
+    }
+
+    /// The backward of `moe_fwd`: from dx (the gradient of x_out), every
+    /// expert's and the router's gradients, and dc (set) for the norm.
+    /// `share`: this shard's weight in the loss (the aux losses' scale).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_bwd(
+        &self,
+        m: MoeSpec,
+        ly: &Layer,
+        router: usize,
+        p: &Params,
+        a: &LayerActs,
+        s: &mut Scratch,
+        n: usize,
+        dx: &[f32],
+        grads: &mut Params,
+        share: f64,
+    ) {
+        let (d, f, e_n, k) = (self.d, self.d_ff, m.experts, m.top_k);
+        let w = |s: usize| p[s].as_slice();
+        // y's gradient (gate · dx) and each gate's (dx · y)
+        for (pos, &slot) in a.order[..n * k].iter().enumerate() {
+            let r = slot / k;
+            let (dxr, yr) = (&dx[r * d..(r + 1) * d], &a.y[pos * d..(pos + 1) * d]);
+            s.dgate[slot] = lanes(dxr, |j, v| v * yr[j]);
+            let g = a.gate[slot];
+            s.dy[pos * d..(pos + 1) * d]
+                .iter_mut()
+                .zip(dxr)
+                .for_each(|(o, v)| *o = g * v);
+        }
+        for e in 0..e_n {
+            let (o, me) = (a.offs[e], a.load[e]);
+            if me == 0 {
+                continue;
+            }
+            let (gw, gb) = two(grads, ly.w2.0, ly.w2.1);
+            linear_bwd(
+                &a.g[o * f..(o + me) * f],
+                &w(ly.w2.0)[e * d * f..(e + 1) * d * f],
+                &s.dy[o * d..(o + me) * d],
+                (me, f, d),
+                &mut gw[e * d * f..(e + 1) * d * f],
+                gb.map(|b| &mut b[e * d..(e + 1) * d]),
+                Some(&mut s.dg[o * f..]),
+                false,
+            );
+        }
+        self.activate_bwd(a, s);
+        for e in 0..e_n {
+            let (o, me) = (a.offs[e], a.load[e]);
+            if me == 0 {
+                continue;
+            }
+            for (ix, (slot, dsrc)) in [(Some(ly.w1), &s.dg), (ly.w3, &s.du3)]
+                .into_iter()
+                .enumerate()
+            {
+                let Some((wi, bi)) = slot else { continue };
+                let (gw, gb) = two(grads, wi, bi);
+                linear_bwd(
+                    &a.cs[o * d..(o + me) * d],
+                    &w(wi)[e * f * d..(e + 1) * f * d],
+                    &dsrc[o * f..(o + me) * f],
+                    (me, d, f),
+                    &mut gw[e * f * d..(e + 1) * f * d],
+                    gb.map(|b| &mut b[e * f..(e + 1) * f]),
+                    Some(&mut s.dcs[o * d..]),
+                    ix > 0,
+                );
+            }
+        }
+        s.dc[..n * d].fill(0.0);
+        for (pos, &slot) in a.order[..n * k].iter().enumerate() {
+            let r = slot / k;
+            let (dcr, src) = (
+                &mut s.dc[r * d..(r + 1) * d],
+                &s.dcs[pos * d..(pos + 1) * d],
+            );
+            dcr.iter_mut().zip(src).for_each(|(x, y)| *x += y);
+        }
+        // the router: through the gates (softmax over the chosen logits),
+        // L_aux (through P) and L_z
+        let f_e: Vec<f32> = a.load.iter().map(|&c| c as f32 / (n * k) as f32).collect();
+        let c_aux = (share * m.aux_weight as f64 * e_n as f64 / n as f64) as f32;
+        let c_z = (share * m.z_weight as f64 * 2.0 / n as f64) as f32;
+        for r in 0..n {
+            let (gs, dgs) = (&a.gate[r * k..(r + 1) * k], &s.dgate[r * k..(r + 1) * k]);
+            let dot: f32 = gs.iter().zip(dgs).map(|(g, dg)| g * dg).sum();
+            let pr = &a.probs[r * e_n..(r + 1) * e_n];
+            let pf: f32 = pr.iter().zip(&f_e).map(|(p, f)| p * f).sum();
+            let dl = &mut s.dlog[r * e_n..(r + 1) * e_n];
+            for e in 0..e_n {
+                dl[e] = c_aux * pr[e] * (f_e[e] - pf) + c_z * a.lse[r] * pr[e];
+            }
+            for j in 0..k {
+                dl[a.top[r * k + j]] += gs[j] * (dgs[j] - dot);
+            }
+        }
+        linear_bwd(
+            &a.c,
+            w(router),
+            &s.dlog,
+            (n, d, e_n),
+            &mut grads[router],
+            None,
+            Some(&mut s.dc),
+            true,
+        );
     }
 
     /// Causal softmax attention of every (sequence, head): P = softmax(q kᵀ
@@ -1032,6 +1329,19 @@ struct LayerActs {
     u: Vec<f32>,
     u3: Vec<f32>,
     g: Vec<f32>,
+    // a mixture of experts (empty otherwise): router softmax (n, E),
+    // log Σ e^l (n), each row's experts and gates (n, k), the slots in
+    // expert order (n·k), where each expert's rows start (E + 1), its
+    // tokens per step (E), the gathered inputs and expert outputs (n·k, d)
+    probs: Vec<f32>,
+    lse: Vec<f32>,
+    top: Vec<usize>,
+    gate: Vec<f32>,
+    order: Vec<usize>,
+    offs: Vec<usize>,
+    load: Vec<usize>,
+    cs: Vec<f32>,
+    y: Vec<f32>,
 }
 
 /// Gradients of one layer's activations, reused layer after layer.
@@ -1046,6 +1356,11 @@ struct Scratch {
     dk: Vec<f32>,
     dv: Vec<f32>,
     da: Vec<f32>,
+    // a mixture of experts: (n·k, d), (n·k, d), (n, E), (n, k)
+    dcs: Vec<f32>,
+    dy: Vec<f32>,
+    dlog: Vec<f32>,
+    dgate: Vec<f32>,
 }
 
 /// One shard's buffers, allocated at the first step and reused.
@@ -1068,6 +1383,16 @@ pub struct Workspace {
 }
 
 impl Workspace {
+    /// Tokens each expert took in the last call, per MoE layer (empty
+    /// without experts).
+    pub fn expert_load(&self) -> Vec<Vec<usize>> {
+        self.layer
+            .iter()
+            .filter(|l| !l.load.is_empty())
+            .map(|l| l.load.clone())
+            .collect()
+    }
+
     /// Size every buffer for shards of b sequences of t tokens.
     fn fit(&mut self, m: &Fused, b: usize, t: usize) {
         if self.shape == (b, t) && self.layer.len() == m.layers.len() {
@@ -1077,6 +1402,9 @@ impl Workspace {
         let (d, f, v) = (m.d, m.d_ff, m.vocab);
         let (qw, kw) = (m.heads * m.hd, m.kv_heads * m.hd);
         let z = |k: usize| vec![0f32; k];
+        // FFN rows: one per token, or per (token, chosen expert)
+        let (e_n, k) = m.moe.map_or((0, 0), |m| (m.experts, m.top_k));
+        let rows = if m.moe.is_some() { n * k } else { n };
         self.shape = (b, t);
         self.x = (0..=m.layers.len()).map(|_| z(n * d)).collect();
         self.layer = (0..m.layers.len())
@@ -1093,9 +1421,18 @@ impl Workspace {
                 c: z(n * d),
                 mu2: z(n),
                 r2: z(n),
-                u: z(n * f),
-                u3: if m.gated { z(n * f) } else { vec![] },
-                g: z(n * f),
+                u: z(rows * f),
+                u3: if m.gated { z(rows * f) } else { vec![] },
+                g: z(rows * f),
+                probs: z(n * e_n),
+                lse: z(if e_n > 0 { n } else { 0 }),
+                top: vec![0; n * k],
+                gate: z(n * k),
+                order: vec![0; n * k],
+                offs: vec![0; e_n + 1],
+                load: vec![0; e_n],
+                cs: z(n * k * d),
+                y: z(n * k * d),
             })
             .collect();
         self.xf = z(n * d);
@@ -1107,8 +1444,8 @@ impl Workspace {
         self.dxf = z(n * d);
         self.dx = z(n * d);
         self.scratch = Scratch {
-            dg: z(n * f),
-            du3: if m.gated { z(n * f) } else { vec![] },
+            dg: z(rows * f),
+            du3: if m.gated { z(rows * f) } else { vec![] },
             dc: z(n * d),
             d_o: z(n * qw),
             dp: z(t * t),
@@ -1116,6 +1453,10 @@ impl Workspace {
             dk: z(n * kw),
             dv: z(n * kw),
             da: z(n * d),
+            dcs: z(n * k * d),
+            dy: z(n * k * d),
+            dlog: z(n * e_n),
+            dgate: z(n * k),
         };
     }
 }

@@ -707,6 +707,17 @@ impl Trainer {
         for l in losses {
             loss += l?;
         }
+        let mut expert_load: Vec<Vec<usize>> = vec![];
+        for (ws, _) in run.shards.iter().take(batches.len()) {
+            let load = ws.expert_load();
+            if expert_load.is_empty() {
+                expert_load = load;
+            } else {
+                for (a, b) in expert_load.iter_mut().zip(load) {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                }
+            }
+        }
         let (first, rest) = run.shards.split_at_mut(1);
         let grads = &mut first[0].1;
         for (_, g) in rest.iter().take(batches.len() - 1) {
@@ -716,7 +727,9 @@ impl Trainer {
         }
         let norm = self.opt.grad_norm_flat(grads);
         self.opt.step_flat(grads, lr, clip_scale(c.clip, norm))?;
-        Ok(self.stepped(loss, lr, norm, batches))
+        let mut info = self.stepped(loss, lr, norm, batches);
+        info.expert_load = expert_load;
+        Ok(info)
     }
 
     /// Write a checkpoint to `dir` (created if needed).

@@ -187,7 +187,7 @@ fn write_reports(a: &FfnSweepArgs, s: &FfnSetup, results: &[FfnResult]) -> Resul
                 r.active_params.to_string(),
                 r.total_params.to_string(),
                 format!("{:.2e}", r.train_flops),
-                format!("{:.0}", r.train_seconds),
+                format!("{:.0} ({})", r.train_seconds, r.trainer),
                 format!("{:.0}", r.eval_tokens_per_s),
                 r.agreement
                     .map_or("".into(), |x| format!("{:.1}%", 100.0 * x)),
@@ -216,7 +216,7 @@ fn write_reports(a: &FfnSweepArgs, s: &FfnSetup, results: &[FfnResult]) -> Resul
                 "active params",
                 "total params",
                 "train FLOPs",
-                "train s",
+                "train s (trainer)",
                 "eval tok/s",
                 "top-1 = full",
                 "busiest expert"

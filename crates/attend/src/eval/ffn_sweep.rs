@@ -150,6 +150,8 @@ pub struct FfnResult {
     pub train_flops: f64,
     pub train_seconds: f64,
     pub train_tokens: u64,
+    /// `fused` or `autograd` (wall times compare fairly within one).
+    pub trainer: String,
     /// Held-out tokens scored per second (a batched forward pass).
     pub eval_tokens_per_s: f64,
     /// MatFormer: the fraction of held-out positions where this width's
@@ -289,6 +291,7 @@ pub fn run_spec(
             train_flops: mean_flops * tokens as f64,
             train_seconds,
             train_tokens: tokens,
+            trainer: tr.executor().to_string(),
             eval_tokens_per_s: eval_tokens / eval_s.max(1e-9),
             agreement,
             max_load,

@@ -2264,7 +2264,7 @@ fn frontier_sweeps_learning_rates_and_plots_the_best() {
     std::fs::remove_dir_all(&out_dir).ok();
 }
 
-/// `train --moe` trains a mixture (through autograd) and reports; `upcycle`
+/// `train --moe` trains a mixture (on the fused trainer) and reports; `upcycle`
 /// turns a dense checkpoint into one that scores as the dense model did
 /// before training, then trains it; bad specs name the flag.
 #[test]
@@ -2296,7 +2296,7 @@ fn moe_trains_and_upcycles_a_dense_checkpoint() {
     ];
     args.extend(small);
     let m = json(&succeeds(&args));
-    assert_eq!(m["trainer"], "autograd");
+    assert_eq!(m["trainer"], "fused");
     assert!(m["eval"]["accuracy"].as_f64().is_some());
     let mut args = vec!["train", "--out", dense.to_str().unwrap()];
     args.extend(small);

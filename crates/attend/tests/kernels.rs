@@ -112,6 +112,66 @@ fn norms_match_composed() {
     );
 }
 
+/// Taylor linear attention's causal in-chunk weights, (1 + s + s²/2) ⊙ M,
+/// against the composed form with the mask written out by its definition
+/// (key j ≤ query position, rows = g heads × l positions), values and
+/// gradients, below and above the parallel threshold; a mask off by one
+/// position or a missing s²/2 term fails it.
+#[test]
+fn taylor_causal_weights_match_composed() {
+    for (b, g, l) in [(2usize, 3usize, 7usize), (2, 2, 200)] {
+        for dtype in [DType::F32, DType::F64] {
+            let mask: Vec<f32> = (0..b * g * l)
+                .flat_map(|r| (0..l).map(move |j| if j <= r % l { 1.0 } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (b, g * l, l), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let composed = |s: &Tensor| {
+                ((s + 1.0).unwrap() + (s.sqr().unwrap() * 0.5).unwrap())
+                    .unwrap()
+                    .mul(&mask)
+                    .unwrap()
+            };
+            let name = format!("taylor ({b}, {g}·{l}, {l})");
+            let fused = |s: &Tensor| kernels::taylor_causal(s).unwrap();
+            let x = Var::from_tensor(
+                &Tensor::randn(0f32, 2.0, (b, g * l, l), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let w = Tensor::randn(0f32, 1.0, (b, g * l, l), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let (yf, yc) = (fused(x.as_tensor()), composed(x.as_tensor()));
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+            assert!(
+                max_diff(&yf, &yc) < tol,
+                "{name} {dtype:?} values: {}",
+                max_diff(&yf, &yc)
+            );
+            let gf = (yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (yc * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gf, gc) = (
+                gf.get(x.as_tensor()).unwrap(),
+                gc.get(x.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_diff(gf, gc) < tol * 10.0,
+                "{name} {dtype:?} grads: {}",
+                max_diff(gf, gc)
+            );
+        }
+    }
+    // scores whose rows are not g whole chunks are refused, not misread
+    let bad = Tensor::zeros((5, 7), DType::F32, &Device::Cpu).unwrap();
+    assert!(kernels::taylor_causal(&bad).is_err());
+}
+
 #[test]
 fn kernels_accept_non_contiguous_inputs() {
     let x = Tensor::randn(0f32, 1.0, (5, 6), &Device::Cpu).unwrap();

@@ -636,6 +636,29 @@ fn forward_equals_naive_for_every_mechanism() {
     }
 }
 
+/// The Taylor map's F = 1 + d' + d'² makes a short sequence cheapest as one
+/// chunk (the quadratic form) when no state is kept, so the lengths above
+/// all run that way; a sequence past the break-even must run chunked, and
+/// equal the naive form too (padded, across chunk edges, GQA), in f64 and
+/// through the fused kernel in f32.
+#[test]
+fn taylor_long_sequences_run_chunked_and_equal_naive() {
+    let (b, h, h_kv, t) = (2, 4, 2, 61);
+    for (dtype, tol) in [(DType::F64, 1e-9), (DType::F32, 1e-4)] {
+        let m = LinearM::new(FeatureMap::Taylor, 6, dtype);
+        // F = 43, d_v = 5: break-even 2·43·6 / 12 = 43 tokens
+        assert_eq!(m.m.chunk_len(40, 6, 5, false), 40);
+        assert_eq!(m.m.chunk_len(t, 6, 5, false), CHUNK);
+        assert_eq!(m.m.chunk_len(40, 6, 5, true), CHUNK);
+        let (x, xt) = inputs(11, b, h, h_kv, t, 6, 5, m.la_range(), dtype);
+        let p = padding(b, t);
+        let got = to4(&m.forward(&xt, true, Some(&p), None));
+        let want = m.naive(&x, true, &|bi, j| !padded(bi, j, t));
+        let err = rel_err(&got, &want);
+        assert!(err < tol, "Taylor {dtype:?} t {t}: relative error {err}");
+    }
+}
+
 #[test]
 fn forward_equals_naive_in_f32() {
     let (b, h, h_kv, t) = (2, 4, 2, 30);

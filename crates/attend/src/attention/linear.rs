@@ -242,19 +242,45 @@ impl LinearAttention {
         })
     }
 
-    /// The attention weights φ(q_i)·φ(k_j) of a chunk: q (b, h, l, d'),
-    /// k (b, h_kv, l, d') -> (b, h_kv, g·l, l). For the Taylor map they come
-    /// from the kernel itself, 1 + s + s²/2 with s = q·k/√d', a d'-wide
-    /// matmul instead of an F = 1 + d' + d'²-wide one (the same numbers).
-    fn weights(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+    /// The causal attention weights φ(q_i)·φ(k_j), j ≤ i, of a chunk of l
+    /// tokens: q (b, h, l, d'), k (b, h_kv, l, d') -> (b, h_kv, g·l, l).
+    /// For the Taylor map they come from the kernel itself, 1 + s + s²/2
+    /// with s = q·k/√d', a d'-wide matmul instead of an F = 1 + d' + d'²-wide
+    /// one (the same numbers), and on a CPU one fused pass for the rest.
+    fn causal_weights(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
         let h_kv = k.dim(1)?;
+        let (_, h, l, _) = q.dims4()?;
+        let mask = || causal_rows(h / h_kv, l, q.dtype(), q.device());
         match self.feature_map {
             FeatureMap::Taylor => {
                 let d = q.dim(D::Minus1)? as f64;
-                let s = (fold_heads(q, h_kv)?.matmul(&k.t()?)? / d.sqrt())?;
-                Ok(((&s + 1.0)? + (s.sqr()? * 0.5)?)?)
+                let s = (fold_heads(q, h_kv)? / d.sqrt())?.matmul(&k.t()?)?;
+                if crate::kernels::usable_cpu(&s) {
+                    return Ok(crate::kernels::taylor_causal(&s)?);
+                }
+                Ok(((&s + 1.0)? + (s.sqr()? * 0.5)?)?.broadcast_mul(&mask()?)?)
             }
-            _ => Ok(fold_heads(&self.phi(q)?, h_kv)?.matmul(&self.phi(k)?.t()?)?),
+            _ => Ok(fold_heads(&self.phi(q)?, h_kv)?
+                .matmul(&self.phi(k)?.t()?)?
+                .broadcast_mul(&mask()?)?),
+        }
+    }
+
+    /// The chunk length `forward` uses on t tokens with q, k of width d' and
+    /// v of width d_v. Carrying a state costs O(F·(d_v + 1)) a token (φ(q)S
+    /// and φ(k)ᵀ[V, 1]) against O(l·(d' + d_v + 1)) for the chunk's own
+    /// weights, so with F large (the Taylor map's 1 + d' + d'²) a
+    /// sequence no longer than 2F(d_v + 1)/(d' + d_v + 1) tokens is cheapest
+    /// as one chunk: the quadratic form, no φ at all. A sequence that must
+    /// leave its state behind (prefill) keeps the configured chunk.
+    pub fn chunk_len(&self, t: usize, d_k: usize, d_v: usize, keep_state: bool) -> usize {
+        let chunk = self.chunk.max(1);
+        let f = self.feature_size(d_k);
+        let break_even = 2 * f * (d_v + 1) / (d_k + d_v + 1);
+        if !keep_state && t <= break_even {
+            t.max(1)
+        } else {
+            chunk
         }
     }
 
@@ -278,7 +304,6 @@ impl LinearAttention {
     ) -> Result<Tensor> {
         let (_, h, t, _) = q.dims4()?;
         let h_kv = k.dim(1)?;
-        let g = h / h_kv;
         // [V, 1] with padded rows zeroed (mask (b, 1, t, 1)): padded keys
         // add nothing to S or z
         let mask = key_mask(key_padding, q.dtype())?;
@@ -298,15 +323,14 @@ impl LinearAttention {
         }
         let keep_state = state.is_some();
         let mut s = state.as_ref().and_then(|st| st.s.clone());
-        let chunk = self.chunk.max(1);
+        let chunk = self.chunk_len(t, q.dim(3)?, v.dim(3)?, keep_state);
         let mut outs = Vec::with_capacity(t.div_ceil(chunk));
         for start in (0..t).step_by(chunk) {
             let l = chunk.min(t - start);
             let qc = q.narrow(2, start, l)?; // (b, h, l, d')
             let kc = k.narrow(2, start, l)?; // (b, h_kv, l, d')
             let vc = v1.narrow(2, start, l)?; // (b, h_kv, l, d + 1)
-            let causal_mask = causal_rows(g, l, q.dtype(), q.device())?;
-            let w = self.weights(&qc, &kc)?.broadcast_mul(&causal_mask)?;
+            let w = self.causal_weights(&qc, &kc)?;
             let mut o = w.matmul(&vc)?; // (b, h_kv, g·l, d + 1)
             if let Some(s) = &s {
                 o = (o + fold_heads(&self.phi(&qc)?, h_kv)?.matmul(s)?)?;

@@ -248,6 +248,152 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax)
 }
 
+// ------------------------------------------------- Taylor kernel weights
+
+/// The in-chunk weights of Taylor linear attention (BASED's feature map):
+/// w_ij = 1 + s_ij + s_ij²/2 where key j ≤ query i, else 0, over scores s
+/// (..., g·l, l) whose rows are g query heads × l positions (row r is
+/// position r mod l). Composed, this is six tensor ops and a mask product
+/// forward and as many again backward, each a full (g·l × l) tensor.
+struct TaylorCausal {
+    l: usize,
+}
+
+impl TaylorCausal {
+    fn check(&self, layout: &Layout) -> Result<()> {
+        let dims = layout.dims();
+        let r = dims.len();
+        if r < 2 || dims[r - 1] != self.l || !dims[r - 2].is_multiple_of(self.l) {
+            candle_core::bail!(
+                "taylor weights: scores {dims:?} are not (…, g·{0}, {0})",
+                self.l
+            )
+        }
+        Ok(())
+    }
+}
+
+/// Apply `f(row_index, a_row, b_row, dst_row)` to every row of the last
+/// dimension (b may be empty: then b_row is too).
+fn map_rows_at<T: Send + Sync + Copy + Default>(
+    a: &[T],
+    b: &[T],
+    n: usize,
+    f: impl Fn(usize, &[T], &[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut dst = vec![T::default(); a.len()];
+    let row_b = |i: usize| {
+        if b.is_empty() {
+            &b[..0]
+        } else {
+            &b[i * n..(i + 1) * n]
+        }
+    };
+    if a.len() >= PAR_MIN {
+        a.par_chunks(n)
+            .zip(dst.par_chunks_mut(n))
+            .enumerate()
+            .for_each(|(i, (x, d))| f(i, x, row_b(i), d));
+    } else {
+        a.chunks(n)
+            .zip(dst.chunks_mut(n))
+            .enumerate()
+            .for_each(|(i, (x, d))| f(i, x, row_b(i), d));
+    }
+    dst
+}
+
+impl CustomOp1 for TaylorCausal {
+    fn name(&self) -> &'static str {
+        "attend-taylor-causal"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.check(l)?;
+        let n = self.l;
+        match s {
+            CpuStorage::F32(x) => Ok((
+                CpuStorage::F32(taylor_fwd(contiguous(x, l)?, n)),
+                l.shape().clone(),
+            )),
+            CpuStorage::F64(x) => Ok((
+                CpuStorage::F64(taylor_fwd(contiguous(x, l)?, n)),
+                l.shape().clone(),
+            )),
+            other => candle_core::bail!("fused kernel: unsupported dtype {:?}", other.dtype()),
+        }
+    }
+    fn bwd(&self, s: &Tensor, _w: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let op = TaylorCausalBwd { l: self.l };
+        Ok(Some(
+            s.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &op)?,
+        ))
+    }
+}
+
+fn taylor_fwd<T: Float + Send + Sync + Default>(s: &[T], l: usize) -> Vec<T> {
+    let half = T::from(0.5).unwrap_or_else(T::zero);
+    map_rows_at(s, &[], l, |r, s, _, d| {
+        let i = r % l;
+        for (o, &x) in d[..=i].iter_mut().zip(&s[..=i]) {
+            *o = T::one() + x + half * x * x;
+        }
+    })
+}
+
+/// ds = g ⊙ (1 + s) where j ≤ i, else 0.
+struct TaylorCausalBwd {
+    l: usize,
+}
+
+impl CustomOp2 for TaylorCausalBwd {
+    fn name(&self) -> &'static str {
+        "attend-taylor-causal-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        TaylorCausal { l: self.l }.check(l1)?;
+        let n = self.l;
+        match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => Ok((
+                CpuStorage::F32(taylor_bwd(contiguous(a, l1)?, contiguous(b, l2)?, n)),
+                l1.shape().clone(),
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => Ok((
+                CpuStorage::F64(taylor_bwd(contiguous(a, l1)?, contiguous(b, l2)?, n)),
+                l1.shape().clone(),
+            )),
+            _ => candle_core::bail!("fused kernel: unsupported or mismatched dtypes"),
+        }
+    }
+}
+
+fn taylor_bwd<T: Float + Send + Sync + Default>(s: &[T], g: &[T], l: usize) -> Vec<T> {
+    map_rows_at(s, g, l, |r, s, g, d| {
+        let i = r % l;
+        for ((o, &x), &dy) in d[..=i].iter_mut().zip(&s[..=i]).zip(&g[..=i]) {
+            *o = dy * (T::one() + x);
+        }
+    })
+}
+
+/// Taylor linear attention's causal in-chunk weights from its scores:
+/// s (..., g·l, l) -> w (..., g·l, l), w = (1 + s + s²/2) ⊙ M (M: key
+/// j ≤ query r mod l). CPU f32/f64 only (see `usable_cpu`).
+pub fn taylor_causal(s: &Tensor) -> Result<Tensor> {
+    let l = s.dim(candle_core::D::Minus1)?;
+    s.contiguous()?.apply_op1(TaylorCausal { l })
+}
+
+/// Whether the fused CPU kernels take this tensor (CPU, f32 or f64).
+pub fn usable_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
 // ------------------------------------------------------------ log-softmax
 
 struct LogSoftmax;

@@ -863,6 +863,7 @@ pub struct EmbedArgs {
     /// Embed this text instead of reading one text per line from stdin.
     #[arg(long)]
     text: Option<String>,
+    /// Texts embedded together in one padding-free batch.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Print a JSON array of vectors, in input order.
@@ -871,6 +872,9 @@ pub struct EmbedArgs {
 }
 
 pub fn embed_cmd(a: EmbedArgs) -> Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
     let e = attend::formats::hf::Embedder::load(&a.model, &Device::Cpu)?;
     let texts: Vec<String> = match a.text {
         Some(t) => vec![t],

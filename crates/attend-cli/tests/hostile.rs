@@ -1721,6 +1721,20 @@ fn bert_cases(f: &Fixtures, c: &mut Cases) {
     );
     c.add(
         Flags,
+        "embed --batch-size 0",
+        &[
+            "embed",
+            "--model",
+            &s(&f.minilm),
+            "--text",
+            "hi",
+            "--batch-size",
+            "0",
+        ],
+        &["--batch-size"],
+    );
+    c.add(
+        Flags,
         "bench an encoder on a nonexistent --file",
         &[
             "bench",

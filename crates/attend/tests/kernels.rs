@@ -41,41 +41,51 @@ fn composed_norm(x: &Tensor, center: bool, eps: f64) -> Tensor {
         .unwrap()
 }
 
-/// Compare fused vs composed on values and on the gradient of a random
-/// weighted sum, for shapes below and above the parallel threshold.
+/// Compare fused vs composed on one random input of `shape` (entries of
+/// standard deviation `std`): values, and the gradient of a random weighted
+/// sum of the output.
+fn compare_at(
+    shape: &[usize],
+    dtype: DType,
+    std: f32,
+    fused: impl Fn(&Tensor) -> Tensor,
+    composed: impl Fn(&Tensor) -> Tensor,
+    name: &str,
+) {
+    let rand = |std: f32| {
+        Tensor::randn(0f32, std, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let x = Var::from_tensor(&rand(std)).unwrap();
+    let w = rand(1.0);
+    let yf = fused(x.as_tensor());
+    let yc = composed(x.as_tensor());
+    let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+    assert!(
+        max_diff(&yf, &yc) < tol,
+        "{name} {dtype:?} values: {}",
+        max_diff(&yf, &yc)
+    );
+    let gf = (yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (yc * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let (gf, gc) = (
+        gf.get(x.as_tensor()).unwrap(),
+        gc.get(x.as_tensor()).unwrap(),
+    );
+    assert!(
+        max_diff(gf, gc) < tol * 10.0,
+        "{name} {dtype:?} grads: {}",
+        max_diff(gf, gc)
+    );
+}
+
+/// `compare_at` for shapes below and above the parallel threshold, f32 and f64.
 fn check(fused: impl Fn(&Tensor) -> Tensor, composed: impl Fn(&Tensor) -> Tensor, name: &str) {
     for (rows, n) in [(3usize, 7usize), (256, 200)] {
         for dtype in [DType::F32, DType::F64] {
-            let x = Var::from_tensor(
-                &(Tensor::randn(0f32, 3.0, (rows, n), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()),
-            )
-            .unwrap();
-            let w = Tensor::randn(0f32, 1.0, (rows, n), &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let yf = fused(x.as_tensor());
-            let yc = composed(x.as_tensor());
-            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
-            assert!(
-                max_diff(&yf, &yc) < tol,
-                "{name} {dtype:?} values: {}",
-                max_diff(&yf, &yc)
-            );
-            let gf = (yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let gc = (yc * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let (gf, gc) = (
-                gf.get(x.as_tensor()).unwrap(),
-                gc.get(x.as_tensor()).unwrap(),
-            );
-            assert!(
-                max_diff(gf, gc) < tol * 10.0,
-                "{name} {dtype:?} grads: {}",
-                max_diff(gf, gc)
-            );
+            compare_at(&[rows, n], dtype, 3.0, &fused, &composed, name);
         }
     }
 }
@@ -136,35 +146,7 @@ fn taylor_causal_weights_match_composed() {
             };
             let name = format!("taylor ({b}, {g}·{l}, {l})");
             let fused = |s: &Tensor| kernels::taylor_causal(s).unwrap();
-            let x = Var::from_tensor(
-                &Tensor::randn(0f32, 2.0, (b, g * l, l), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap(),
-            )
-            .unwrap();
-            let w = Tensor::randn(0f32, 1.0, (b, g * l, l), &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let (yf, yc) = (fused(x.as_tensor()), composed(x.as_tensor()));
-            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
-            assert!(
-                max_diff(&yf, &yc) < tol,
-                "{name} {dtype:?} values: {}",
-                max_diff(&yf, &yc)
-            );
-            let gf = (yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let gc = (yc * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let (gf, gc) = (
-                gf.get(x.as_tensor()).unwrap(),
-                gc.get(x.as_tensor()).unwrap(),
-            );
-            assert!(
-                max_diff(gf, gc) < tol * 10.0,
-                "{name} {dtype:?} grads: {}",
-                max_diff(gf, gc)
-            );
+            compare_at(&[b, g * l, l], dtype, 2.0, fused, composed, &name);
         }
     }
     // scores whose rows are not g whole chunks are refused, not misread

@@ -116,17 +116,7 @@ fn map_rows<T: Send + Sync + Copy + Default>(
     n: usize,
     f: impl Fn(&[T], &mut [T]) + Sync,
 ) -> Vec<T> {
-    let mut dst = vec![T::default(); src.len()];
-    if src.len() >= PAR_MIN {
-        src.par_chunks(n)
-            .zip(dst.par_chunks_mut(n))
-            .for_each(|(s, d)| f(s, d));
-    } else {
-        src.chunks(n)
-            .zip(dst.chunks_mut(n))
-            .for_each(|(s, d)| f(s, d));
-    }
-    dst
+    map_rows_at(src, &[], n, |_, s, _, d| f(s, d))
 }
 
 /// As `map_rows` with a second input of the same shape.
@@ -136,17 +126,36 @@ fn map_rows2<T: Send + Sync + Copy + Default>(
     n: usize,
     f: impl Fn(&[T], &[T], &mut [T]) + Sync,
 ) -> Vec<T> {
+    map_rows_at(a, b, n, |_, x, y, d| f(x, y, d))
+}
+
+/// Apply `f(row_index, a_row, b_row, dst_row)` to every row of the last
+/// dimension (b may be empty: then b_row is too); rows in parallel when
+/// there are `PAR_MIN` elements or more.
+fn map_rows_at<T: Send + Sync + Copy + Default>(
+    a: &[T],
+    b: &[T],
+    n: usize,
+    f: impl Fn(usize, &[T], &[T], &mut [T]) + Sync,
+) -> Vec<T> {
     let mut dst = vec![T::default(); a.len()];
+    let row_b = |i: usize| {
+        if b.is_empty() {
+            &b[..0]
+        } else {
+            &b[i * n..(i + 1) * n]
+        }
+    };
     if a.len() >= PAR_MIN {
         a.par_chunks(n)
-            .zip(b.par_chunks(n))
             .zip(dst.par_chunks_mut(n))
-            .for_each(|((x, y), d)| f(x, y, d));
+            .enumerate()
+            .for_each(|(i, (x, d))| f(i, x, row_b(i), d));
     } else {
         a.chunks(n)
-            .zip(b.chunks(n))
             .zip(dst.chunks_mut(n))
-            .for_each(|((x, y), d)| f(x, y, d));
+            .enumerate()
+            .for_each(|(i, (x, d))| f(i, x, row_b(i), d));
     }
     dst
 }
@@ -271,36 +280,6 @@ impl TaylorCausal {
         }
         Ok(())
     }
-}
-
-/// Apply `f(row_index, a_row, b_row, dst_row)` to every row of the last
-/// dimension (b may be empty: then b_row is too).
-fn map_rows_at<T: Send + Sync + Copy + Default>(
-    a: &[T],
-    b: &[T],
-    n: usize,
-    f: impl Fn(usize, &[T], &[T], &mut [T]) + Sync,
-) -> Vec<T> {
-    let mut dst = vec![T::default(); a.len()];
-    let row_b = |i: usize| {
-        if b.is_empty() {
-            &b[..0]
-        } else {
-            &b[i * n..(i + 1) * n]
-        }
-    };
-    if a.len() >= PAR_MIN {
-        a.par_chunks(n)
-            .zip(dst.par_chunks_mut(n))
-            .enumerate()
-            .for_each(|(i, (x, d))| f(i, x, row_b(i), d));
-    } else {
-        a.chunks(n)
-            .zip(dst.chunks_mut(n))
-            .enumerate()
-            .for_each(|(i, (x, d))| f(i, x, row_b(i), d));
-    }
-    dst
 }
 
 impl CustomOp1 for TaylorCausal {

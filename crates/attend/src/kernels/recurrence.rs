@@ -485,7 +485,7 @@ impl CustomOp3 for RecurrenceBwd {
 
 /// Whether the fused form runs on this tensor's device and dtype.
 pub fn usable(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+    super::usable_cpu(x)
 }
 
 /// The whole sequence from a zero state. q: (b, h, t, d_k) (already

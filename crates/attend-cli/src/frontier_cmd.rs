@@ -15,8 +15,10 @@ pub struct FrontierArgs {
     /// by `;`; `SPEC@D` trains that one at width D only (instead of every
     /// --d-model). Default: softmax, a window of 64, Taylor linear attention
     /// (feature dimension 16), the BASED stack, RetNet decay, GLA, DeltaNet,
-    /// Gated DeltaNet and Mamba2 at width 64, and the last five again at
-    /// width 128 (4x their state).
+    /// Gated DeltaNet and Mamba2 at width 64, the last five again at
+    /// width 128 (4x their state), and windows of 16 and 128, the Taylor
+    /// map of 8 dimensions and a smaller BASED stack (dim 8, window 32), so
+    /// that every fixed-state family spans a range of state sizes.
     #[arg(long, value_delimiter = ';')]
     mechanisms: Vec<String>,
     /// Key–value pairs per sequence (default 8 and 16: at sequence 256
@@ -53,10 +55,12 @@ pub struct FrontierArgs {
     /// best.
     #[arg(long, value_delimiter = ',', conflicts_with = "tune_lrs")]
     lrs: Vec<f64>,
-    /// Peak learning rates to tune each mechanism with: each is tried at
-    /// the largest --pairs and the first --d-model only, and every other
-    /// point trains at the mechanism's best of them (ties: the first);
-    /// widths other than the first then run at the largest --pairs only.
+    /// Peak learning rates to tune each family with: the family's first
+    /// spec that runs at the first --d-model (its tuner) tries each at the
+    /// largest --pairs, and every other point of the family trains at the
+    /// tuner's best of them (ties: the first); the family's other widths
+    /// and settings (`window:w=16` after `window:w=64`) run at the largest
+    /// --pairs only.
     /// Default without --lrs: 3e-3,1e-3 (the MQAR preset's and a third of
     /// it); with --quick: the preset's alone.
     #[arg(long, value_delimiter = ',')]
@@ -78,7 +82,7 @@ pub struct FrontierArgs {
     resume: bool,
 }
 
-const DEFAULT: [&str; 14] = [
+const DEFAULT: [&str; 18] = [
     "softmax",
     "window:w=64",
     "linear:map=taylor,dim=16",
@@ -94,6 +98,12 @@ const DEFAULT: [&str; 14] = [
     "deltanet@128",
     "gated-deltanet@128",
     "mamba2@128",
+    // the others at other sizes: a window of 16 (the fixed states' 16 KB)
+    // and 128, the Taylor map of 8 dimensions, a smaller BASED stack
+    "window:w=16",
+    "window:w=128",
+    "linear:map=taylor,dim=8",
+    "based-stack:dim=8,w=32",
 ];
 const DEFAULT_TUNE_LRS: [f64; 2] = [3e-3, 1e-3];
 const QUICK: [&str; 4] = [
@@ -193,35 +203,53 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
     }
     let max_pairs = pairs.iter().copied().max().unwrap_or(0);
     let first_width = a.d_model[0];
-    let mut points: Vec<(FrontierPoint, Lr)> = vec![];
-    // tuning first: every mechanism at each --tune-lrs, at the largest
-    // pairs and the first width
-    for (m, width) in &specs {
-        if width.is_none_or(|d| d == first_width) {
+    // tuning is per family: the first spec of each family that runs at the
+    // first width is its family's tuner; the family's other specs (other
+    // settings, other widths) train at the tuner's best rate
+    let tuner: Vec<Option<String>> = specs
+        .iter()
+        .map(|(m, _)| {
+            let f = attend::eval::frontier::family(m);
+            specs
+                .iter()
+                .find(|(t, w)| {
+                    attend::eval::frontier::family(t) == f && w.is_none_or(|d| d == first_width)
+                })
+                .map(|(t, _)| t.clone())
+        })
+        .collect();
+    let mut points: Vec<(FrontierPoint, Lr, Option<String>)> = vec![];
+    // tuning first: every family's tuner at each --tune-lrs, at the
+    // largest pairs and the first width
+    for ((m, _), t) in specs.iter().zip(&tuner) {
+        if t.as_deref() == Some(m.as_str()) {
             for &lr in &tune_lrs {
                 points.push((
                     point(m, first_width, max_pairs, Some(lr)),
                     Lr::Fixed(Some(lr)),
+                    None,
                 ));
             }
         }
     }
     for &n_pairs in &pairs {
-        for (m, width) in &specs {
+        for ((m, width), t) in specs.iter().zip(&tuner) {
+            let is_tuner = t.as_deref() == Some(m.as_str());
             let widths = match width {
                 Some(d) => std::slice::from_ref(d),
                 None => &a.d_model[..],
             };
             for &d_model in widths {
                 let tuned = !tune_lrs.is_empty();
-                if tuned && (d_model == first_width && n_pairs == max_pairs) {
+                let variant = d_model != first_width || !is_tuner;
+                if tuned && !variant && n_pairs == max_pairs {
                     continue; // a tuning point
                 }
-                if tuned && d_model != first_width && n_pairs != max_pairs {
-                    continue; // other widths: the largest pairs only
+                if tuned && variant && n_pairs != max_pairs {
+                    continue; // other widths and settings: the largest pairs only
                 }
                 for &lr in &lrs {
-                    points.push((point(m, d_model, n_pairs, None), lr));
+                    points.push((point(m, d_model, n_pairs, None), lr, t.clone()));
                 }
             }
         }
@@ -242,7 +270,7 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
     results.retain(|r| {
         points
             .iter()
-            .any(|(p, lr)| candidates(*lr).into_iter().any(|l| done(p, l, r)))
+            .any(|(p, lr, _)| candidates(*lr).into_iter().any(|l| done(p, l, r)))
     });
     let already = results.len();
     if a.resume && already > 0 {
@@ -261,9 +289,9 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
         .expect("static template")
         .progress_chars("=> "),
     );
-    for (i, (p, lr)) in points.iter().enumerate() {
+    for (i, (p, lr, t)) in points.iter().enumerate() {
         let base = i as u64 * setup.steps;
-        // a tuned point takes its mechanism's best tuning rate, known by now
+        // a tuned point takes its family tuner's best rate, known by now
         let p = match lr {
             Lr::Fixed(lr) => FrontierPoint {
                 lr: *lr,
@@ -272,7 +300,7 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
             Lr::Tuned => FrontierPoint {
                 lr: Some(best_tuning_lr(
                     &results,
-                    &p.mechanism,
+                    t.as_deref().unwrap_or(&p.mechanism),
                     first_width,
                     max_pairs,
                     &tune_lrs,
@@ -314,7 +342,7 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
 enum Lr {
     /// This one (None: the MQAR preset's).
     Fixed(Option<f64>),
-    /// Its mechanism's best tuning rate.
+    /// Its family tuner's best tuning rate.
     Tuned,
 }
 

@@ -2129,15 +2129,16 @@ fn frontier_resumes_and_takes_widths_per_mechanism() {
 }
 
 /// `--tune-lrs`: the rates are tried at the largest pairs and the first
-/// width, every other point trains at its mechanism's best of them, and
-/// other widths run at the largest pairs only.
+/// width by each family's first spec, every other point trains at its
+/// family's best of them, and other widths and settings of a family run at
+/// the largest pairs only.
 #[test]
-fn frontier_tunes_each_mechanism_then_trains_the_rest_at_its_best_rate() {
+fn frontier_tunes_each_family_then_trains_the_rest_at_its_best_rate() {
     let out_dir = tmp("frontier-tune");
     let out = succeeds(&[
         "frontier",
         "--mechanisms",
-        "softmax;deltanet;deltanet@32",
+        "softmax;deltanet;deltanet@32;window:w=4;window:w=8",
         "--pairs",
         "2,3",
         "--d-model",
@@ -2172,33 +2173,40 @@ fn frontier_tunes_each_mechanism_then_trains_the_rest_at_its_best_rate() {
         })
         .collect();
     let key = |r: &(String, u64, u64, f64, f64)| (r.0.clone(), r.1, r.2, r.3);
-    let tuning: Vec<_> = runs[..4].iter().map(key).collect();
+    let tuning: Vec<_> = runs[..6].iter().map(key).collect();
     assert_eq!(
         tuning,
         [
             ("softmax".to_string(), 16, 3, 1e-3),
             ("softmax".into(), 16, 3, 1e-2),
             ("deltanet".into(), 16, 3, 1e-3),
-            ("deltanet".into(), 16, 3, 1e-2)
+            ("deltanet".into(), 16, 3, 1e-2),
+            ("window:w=4".into(), 16, 3, 1e-3),
+            ("window:w=4".into(), 16, 3, 1e-2)
         ]
     );
-    // the best tuning rate of a mechanism: highest accuracy, the first on a tie
+    // the best tuning rate of a family: highest accuracy, the first on a tie
     let best = |m: &str| {
-        let t: Vec<_> = runs[..4].iter().filter(|r| r.0 == m).collect();
+        let t: Vec<_> = runs[..6].iter().filter(|r| r.0 == m).collect();
         if t[1].4 > t[0].4 {
             t[1].3
         } else {
             t[0].3
         }
     };
-    let rest: Vec<_> = runs[4..].iter().map(key).collect();
+    let rest: Vec<_> = runs[6..].iter().map(key).collect();
     assert_eq!(
         rest,
         [
             ("softmax".to_string(), 16, 2, best("softmax")),
             ("deltanet".into(), 16, 2, best("deltanet")),
+            ("window:w=4".into(), 16, 2, best("window:w=4")),
             ("softmax".into(), 32, 3, best("softmax")),
             ("deltanet".into(), 32, 3, best("deltanet")),
+            ("window:w=4".into(), 32, 3, best("window:w=4")),
+            // another setting of the window family: its tuner's rate
+            ("window:w=8".into(), 16, 3, best("window:w=4")),
+            ("window:w=8".into(), 32, 3, best("window:w=4")),
         ]
     );
     fails_with(

@@ -55,6 +55,12 @@ pub struct FrontierSetup {
     pub batch_size: Option<usize>,
 }
 
+/// A mechanism spec's family: the name before its settings
+/// (`window:w=16` -> `window`, `based-stack:dim=8` -> `based-stack`).
+pub fn family(mechanism: &str) -> &str {
+    mechanism.split([':', ',']).next().unwrap_or_default()
+}
+
 /// Train and evaluate one point; `on_step` after every optimisation step.
 pub fn run_point(
     p: &FrontierPoint,
@@ -118,12 +124,7 @@ pub fn run_point(
     }
     Ok(FrontierResult {
         mechanism: p.mechanism.clone(),
-        family: p
-            .mechanism
-            .split([':', ','])
-            .next()
-            .unwrap_or_default()
-            .to_string(),
+        family: family(&p.mechanism).to_string(),
         d_model: p.d_model,
         n_layers: model_cfg.n_decoder_layers,
         seq_len: s.seq_len,

@@ -181,6 +181,8 @@ fn train_eval_sample_with_a_mixed_stack() {
         "2",
         "--n-eval",
         "10",
+        "--curriculum",
+        "3:1",
         "--layer-mechanisms",
         "based:dim=4,w=4,chunk=4,gla:rank=2,chunk=4",
         "--json",
@@ -189,6 +191,7 @@ fn train_eval_sample_with_a_mixed_stack() {
     assert!(v["eval"]["accuracy"].is_number(), "{v}");
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("checkpoint.json")).unwrap()).unwrap();
+    assert_eq!(meta["task"]["curriculum"], serde_json::json!([3, 1]));
     let layers = meta["model"]["layer_mechanisms"].to_string();
     assert!(
         layers.contains("based") && layers.contains("gla"),
@@ -197,6 +200,17 @@ fn train_eval_sample_with_a_mixed_stack() {
     let out = succeeds(&["eval", "--checkpoint", d, "--json"]);
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(m["accuracy"], v["eval"]["accuracy"]);
+    // the same model on 3 pairs a sequence: 10 sequences, 30 queries
+    let out = succeeds(&["eval", "--checkpoint", d, "--n-pairs", "3", "--json"]);
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hits = m["accuracy"].as_f64().unwrap() * 30.0;
+    assert!((hits - hits.round()).abs() < 1e-6, "{m}");
+    assert_eq!(m["n_examples"], 10);
+    // 9 pairs need 9 keys of the 7 a vocabulary of 16 has
+    fails_with(
+        &["eval", "--checkpoint", d, "--n-pairs", "9"],
+        &["--n-pairs", "n_pairs"],
+    );
     succeeds(&[
         "sample",
         "--checkpoint",
@@ -324,6 +338,24 @@ fn train_eval_sample_round_trip_and_truncated_checkpoint() {
     assert_eq!(v["step"], 30);
     assert!(v["eval"]["exact_match"].is_number() && v["tokens_per_sec"].as_f64().unwrap() > 0.0);
 
+    fails_with(
+        &["eval", "--checkpoint", d, "--n-pairs", "2"],
+        &["--n-pairs", "mqar"],
+    );
+    let fresh = format!("{d}-curriculum");
+    fails_with(
+        &[
+            "train",
+            "--task",
+            "copy",
+            "--out",
+            &fresh,
+            "--curriculum",
+            "3:1",
+        ],
+        &["--curriculum", "mqar"],
+    );
+    assert!(!std::path::Path::new(&fresh).exists());
     let out = succeeds(&["eval", "--checkpoint", d, "--beam", "2", "--json"]);
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for k in ["exact_match", "token_accuracy", "beam_exact_match"] {
@@ -2087,6 +2119,7 @@ fn frontier_resumes_and_takes_widths_per_mechanism() {
         }
         let v: serde_json::Value = serde_json::from_slice(&succeeds(&args).stdout).unwrap();
         assert_eq!(v["batch_size"], 16);
+        assert_eq!(v["d_ff_mult"], 4);
         v["runs"]
             .as_array()
             .unwrap()
@@ -2128,14 +2161,16 @@ fn frontier_resumes_and_takes_widths_per_mechanism() {
     std::fs::remove_dir_all(&out_dir).ok();
 }
 
-/// `--tune-lrs`: the rates are tried at the largest pairs and the first
-/// width by each family's first spec, every other point trains at its
-/// family's best of them, and other widths and settings of a family run at
-/// the largest pairs only.
+/// `--tune-lrs`: the rates are tried at the first width by each family's
+/// first spec, every other point (other widths and settings of a family)
+/// trains at its family's best of them; every model is trained once, on
+/// the mixture of --pairs after a curriculum on the fewest, and scored at
+/// each.
 #[test]
 fn frontier_tunes_each_family_then_trains_the_rest_at_its_best_rate() {
     let out_dir = tmp("frontier-tune");
-    let out = succeeds(&[
+    let o = out_dir.to_str().unwrap();
+    let args = [
         "frontier",
         "--mechanisms",
         "softmax;deltanet;deltanet@32;window:w=4;window:w=8",
@@ -2154,11 +2189,17 @@ fn frontier_tunes_each_family_then_trains_the_rest_at_its_best_rate() {
         "--tune-lrs",
         "1e-3,1e-2",
         "--out",
-        out_dir.to_str().unwrap(),
+        o,
         "--json",
-    ]);
+    ];
+    let out = succeeds(&args);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let runs: Vec<(String, u64, u64, f64, f64)> = v["runs"]
+    // the default curriculum: 60% of the steps on the fewest pairs
+    assert_eq!(v["pairs"], serde_json::json!([2, 3]));
+    assert_eq!(v["curriculum"], serde_json::json!([18, 2]));
+    let training = v["training"].as_str().unwrap();
+    assert!(training.contains("18 on 2 pairs") && training.contains("mixture of 2, 3"));
+    let runs: Vec<(String, u64, u64, f64, f64, f64)> = v["runs"]
         .as_array()
         .unwrap()
         .iter()
@@ -2169,45 +2210,70 @@ fn frontier_tunes_each_family_then_trains_the_rest_at_its_best_rate() {
                 r["n_pairs"].as_u64().unwrap(),
                 r["lr"].as_f64().unwrap(),
                 r["accuracy"].as_f64().unwrap(),
+                r["seconds"].as_f64().unwrap(),
             )
         })
         .collect();
-    let key = |r: &(String, u64, u64, f64, f64)| (r.0.clone(), r.1, r.2, r.3);
-    let tuning: Vec<_> = runs[..6].iter().map(key).collect();
+    // one row a pair count, the two rows of a model with one training time
+    for m in runs.chunks(2) {
+        assert_eq!((m[0].2, m[1].2), (2, 3));
+        assert_eq!((&m[0].0, m[0].1, m[0].3), (&m[1].0, m[1].1, m[1].3));
+        assert_eq!(m[0].5, m[1].5);
+    }
+    let models: Vec<(String, u64, f64)> = runs
+        .chunks(2)
+        .map(|m| (m[0].0.clone(), m[0].1, m[0].3))
+        .collect();
     assert_eq!(
-        tuning,
+        models[..6],
         [
-            ("softmax".to_string(), 16, 3, 1e-3),
-            ("softmax".into(), 16, 3, 1e-2),
-            ("deltanet".into(), 16, 3, 1e-3),
-            ("deltanet".into(), 16, 3, 1e-2),
-            ("window:w=4".into(), 16, 3, 1e-3),
-            ("window:w=4".into(), 16, 3, 1e-2)
+            ("softmax".to_string(), 16, 1e-3),
+            ("softmax".into(), 16, 1e-2),
+            ("deltanet".into(), 16, 1e-3),
+            ("deltanet".into(), 16, 1e-2),
+            ("window:w=4".into(), 16, 1e-3),
+            ("window:w=4".into(), 16, 1e-2)
         ]
     );
-    // the best tuning rate of a family: highest accuracy, the first on a tie
+    // the best tuning rate of a family: the highest mean accuracy over the
+    // pairs, the first on a tie
     let best = |m: &str| {
-        let t: Vec<_> = runs[..6].iter().filter(|r| r.0 == m).collect();
-        if t[1].4 > t[0].4 {
-            t[1].3
+        let mean = |lr: f64| {
+            runs.iter()
+                .filter(|r| r.0 == m && r.1 == 16 && r.3 == lr)
+                .map(|r| r.4)
+                .sum::<f64>()
+        };
+        if mean(1e-2) > mean(1e-3) {
+            1e-2
         } else {
-            t[0].3
+            1e-3
         }
     };
-    let rest: Vec<_> = runs[6..].iter().map(key).collect();
     assert_eq!(
-        rest,
+        models[6..],
         [
-            ("softmax".to_string(), 16, 2, best("softmax")),
-            ("deltanet".into(), 16, 2, best("deltanet")),
-            ("window:w=4".into(), 16, 2, best("window:w=4")),
-            ("softmax".into(), 32, 3, best("softmax")),
-            ("deltanet".into(), 32, 3, best("deltanet")),
-            ("window:w=4".into(), 32, 3, best("window:w=4")),
+            ("softmax".to_string(), 32, best("softmax")),
+            ("deltanet".into(), 32, best("deltanet")),
+            // `deltanet@32` is the same model: trained once
+            ("window:w=4".into(), 32, best("window:w=4")),
             // another setting of the window family: its tuner's rate
-            ("window:w=8".into(), 16, 3, best("window:w=4")),
-            ("window:w=8".into(), 32, 3, best("window:w=4")),
+            ("window:w=8".into(), 16, best("window:w=4")),
+            ("window:w=8".into(), 32, best("window:w=4")),
         ]
+    );
+    // a sweep of other pairs is not resumed into this one
+    let mut other = args.to_vec();
+    other[4] = "2,4";
+    other.push("--resume");
+    fails_with(&other, &["results.json", "`pairs`", "--resume"]);
+    fails_with(
+        &["frontier", "--quick", "--curriculum", "10:x"],
+        &["--curriculum", "`x`"],
+    );
+    fails_with(
+        &["frontier", "--quick", "--curriculum", "10:40"],
+        &["--curriculum", "40 pairs"],
     );
     fails_with(
         &["frontier", "--quick", "--lrs", "1e-3", "--tune-lrs", "1e-3"],

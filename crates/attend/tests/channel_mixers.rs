@@ -495,6 +495,7 @@ fn upcycled_moe_equals_the_dense_model_before_training() {
             n_pairs: 2,
             power_a: 0.01,
             train_mix: vec![],
+            curriculum: None,
         });
         let c = TrainConfig {
             steps: 5,
@@ -634,6 +635,7 @@ fn extracted_submodels_equal_the_nested_model_at_their_widths() {
         n_pairs: 2,
         power_a: 0.01,
         train_mix: vec![],
+        curriculum: None,
     });
     let c = TrainConfig {
         steps: 6,

@@ -64,6 +64,7 @@ fn resume_reproduces_the_uninterrupted_run() {
                 n_pairs: 2,
                 power_a: 0.01,
                 train_mix: vec![],
+                curriculum: None,
             }),
             TrainConfig {
                 steps: 12,

@@ -663,6 +663,7 @@ fn tiny_checkpoint() -> Vec<(String, Vec<u8>)> {
         n_pairs: 2,
         power_a: 0.01,
         train_mix: vec![],
+        curriculum: None,
     });
     let c = TrainConfig {
         steps: 2,

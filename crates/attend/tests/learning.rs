@@ -69,6 +69,7 @@ fn small_decoder_learns_associative_recall() {
         n_pairs: 2,
         power_a: 0.01,
         train_mix: vec![],
+        curriculum: None,
     });
     let c = TrainConfig {
         steps: 400,

@@ -52,6 +52,14 @@ pub struct MqarConfig {
     /// mixture.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub train_mix: Vec<(usize, usize)>,
+    /// A curriculum `(steps, n_pairs)`: the first `steps` training steps
+    /// draw only (seq_len, n_pairs) sequences, the later ones the training
+    /// distribution above. Softmax attention's induction circuit forms on
+    /// few pairs and then extends to many in a few hundred steps, where
+    /// trained on many pairs from the start it does not form in thousands
+    /// (BENCHMARKS.md). None: no curriculum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curriculum: Option<(u64, usize)>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -147,6 +155,7 @@ impl TaskConfig {
                         seq_len,
                         n_pairs,
                         train_mix: vec![],
+                        curriculum: None,
                         ..c.clone()
                     };
                     if seq_len > c.seq_len {
@@ -160,6 +169,17 @@ impl TaskConfig {
                     }
                     TaskConfig::Mqar(part).validate().map_err(|e| {
                         Error::config("train_mix", format!("({seq_len}, {n_pairs}): {e}"))
+                    })?;
+                }
+                if let Some((_, n_pairs)) = c.curriculum {
+                    let part = MqarConfig {
+                        n_pairs,
+                        train_mix: vec![],
+                        curriculum: None,
+                        ..c.clone()
+                    };
+                    TaskConfig::Mqar(part).validate().map_err(|e| {
+                        Error::config("curriculum", format!("{n_pairs} pairs: {e}"))
                     })?;
                 }
             }
@@ -334,12 +354,13 @@ impl Task {
             TaskConfig::Mqar(c) => (0..self.n_eval)
                 .map(|_| mqar_example(c, &mut rng))
                 .collect(),
-            _ => (0..self.n_eval).map(|_| self.sample(&mut rng)).collect(),
+            _ => (0..self.n_eval).map(|_| self.sample(0, &mut rng)).collect(),
         }
     }
 
-    /// One random example from the task's training distribution.
-    fn sample(&self, rng: &mut ChaCha8Rng) -> Example {
+    /// One random example from the task's training distribution at
+    /// training step `step`.
+    fn sample(&self, step: u64, rng: &mut ChaCha8Rng) -> Example {
         match &self.cfg {
             TaskConfig::Copy(c) | TaskConfig::Reverse(c) => {
                 let len = rng.random_range(c.min_len..=c.max_len);
@@ -352,6 +373,16 @@ impl Task {
                 }
                 Example::Pair { src, tgt }
             }
+            TaskConfig::Mqar(c) if c.curriculum.is_some_and(|(until, _)| step < until) => {
+                let (_, n_pairs) = c.curriculum.unwrap_or_default();
+                mqar_example(
+                    &MqarConfig {
+                        n_pairs,
+                        ..c.clone()
+                    },
+                    rng,
+                )
+            }
             TaskConfig::Mqar(c) if c.train_mix.is_empty() => mqar_example(c, rng),
             TaskConfig::Mqar(c) => {
                 let (seq_len, n_pairs) = c.train_mix[rng.random_range(0..c.train_mix.len())];
@@ -359,6 +390,7 @@ impl Task {
                     seq_len,
                     n_pairs,
                     train_mix: vec![],
+                    curriculum: None,
                     ..c.clone()
                 };
                 let Example::Lm {
@@ -393,7 +425,7 @@ impl Task {
         let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(self.seed, STREAM_TRAIN, step));
         let mut out = Vec::with_capacity(batch_size);
         while out.len() < batch_size {
-            let e = self.sample(&mut rng);
+            let e = self.sample(step, &mut rng);
             if let Example::Pair { src, .. } = &e {
                 if self.held_out.contains(src) {
                     continue;
@@ -566,6 +598,7 @@ mod tests {
             n_pairs: 8,
             power_a: 0.01,
             train_mix: vec![],
+            curriculum: None,
         };
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         for _ in 0..200 {
@@ -610,6 +643,7 @@ mod tests {
             n_pairs: 8,
             power_a: 0.01,
             train_mix: vec![(32, 2), (64, 4)],
+            curriculum: None,
         };
         let task = Task::new(TaskConfig::Mqar(c.clone()), 3, 20).unwrap();
         let mut seen = HashSet::new();
@@ -646,6 +680,66 @@ mod tests {
         };
         let e = TaskConfig::Mqar(bad).validate().unwrap_err().to_string();
         assert!(e.contains("train_mix") && e.contains("(16, 8)"), "{e}");
+    }
+
+    /// A curriculum: before its last step every training example has the
+    /// curriculum's pairs, from then on the mixture's; the held-out set is
+    /// the main setting's throughout.
+    #[test]
+    fn mqar_curriculum_trains_on_few_pairs_first() {
+        let c = MqarConfig {
+            vocab: 64,
+            seq_len: 64,
+            n_pairs: 8,
+            power_a: 0.01,
+            train_mix: vec![(64, 4), (64, 8)],
+            curriculum: Some((10, 2)),
+        };
+        let task = Task::new(TaskConfig::Mqar(c.clone()), 3, 20).unwrap();
+        let scored = |step: u64| -> HashSet<usize> {
+            task.train_examples(step, 32)
+                .into_iter()
+                .map(|e| match e {
+                    Example::Lm { weight, .. } => weight.iter().filter(|&&w| w > 0.0).count(),
+                    _ => panic!(),
+                })
+                .collect()
+        };
+        for step in [0, 5, 9] {
+            assert_eq!(scored(step), HashSet::from([2]), "step {step}");
+        }
+        for step in [10, 11, 500] {
+            assert_eq!(scored(step), HashSet::from([4, 8]), "step {step}");
+        }
+        for e in task.eval_set() {
+            let Example::Lm { weight, .. } = e else {
+                panic!()
+            };
+            assert_eq!(weight.iter().filter(|&&w| w > 0.0).count(), 8);
+        }
+        // without a mixture the curriculum hands over to n_pairs
+        let plain = Task::new(
+            TaskConfig::Mqar(MqarConfig {
+                train_mix: vec![],
+                ..c.clone()
+            }),
+            3,
+            20,
+        )
+        .unwrap();
+        let n = |e: &Example| match e {
+            Example::Lm { weight, .. } => weight.iter().filter(|&&w| w > 0.0).count(),
+            _ => panic!(),
+        };
+        assert!(plain.train_examples(9, 8).iter().all(|e| n(e) == 2));
+        assert!(plain.train_examples(10, 8).iter().all(|e| n(e) == 8));
+        // curriculum pairs that do not fit are refused, naming the field
+        let bad = MqarConfig {
+            curriculum: Some((10, 40)),
+            ..c
+        };
+        let e = TaskConfig::Mqar(bad).validate().unwrap_err().to_string();
+        assert!(e.contains("curriculum") && e.contains("40 pairs"), "{e}");
     }
 
     #[test]

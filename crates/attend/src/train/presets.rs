@@ -70,6 +70,7 @@ pub fn preset(task: &str) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
                 n_pairs: 8,
                 power_a: 0.01,
                 train_mix: vec![],
+                curriculum: None,
             }),
             TrainConfig {
                 steps: 1500,

@@ -696,15 +696,13 @@ mod tests {
             curriculum: Some((10, 2)),
         };
         let task = Task::new(TaskConfig::Mqar(c.clone()), 3, 20).unwrap();
-        let scored = |step: u64| -> HashSet<usize> {
-            task.train_examples(step, 32)
-                .into_iter()
-                .map(|e| match e {
-                    Example::Lm { weight, .. } => weight.iter().filter(|&&w| w > 0.0).count(),
-                    _ => panic!(),
-                })
-                .collect()
+        // the scored positions of an example: its number of pairs
+        let n = |e: &Example| match e {
+            Example::Lm { weight, .. } => weight.iter().filter(|&&w| w > 0.0).count(),
+            _ => panic!(),
         };
+        let scored =
+            |step: u64| -> HashSet<usize> { task.train_examples(step, 32).iter().map(n).collect() };
         for step in [0, 5, 9] {
             assert_eq!(scored(step), HashSet::from([2]), "step {step}");
         }
@@ -727,10 +725,6 @@ mod tests {
             20,
         )
         .unwrap();
-        let n = |e: &Example| match e {
-            Example::Lm { weight, .. } => weight.iter().filter(|&&w| w > 0.0).count(),
-            _ => panic!(),
-        };
         assert!(plain.train_examples(9, 8).iter().all(|e| n(e) == 2));
         assert!(plain.train_examples(10, 8).iter().all(|e| n(e) == 8));
         // curriculum pairs that do not fit are refused, naming the field

@@ -145,20 +145,17 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
     } else {
         vec![16, 32, 64]
     };
+    let steps = a.steps.unwrap_or(if a.quick { 400 } else { 5000 });
     let curriculum = match a.curriculum.as_deref() {
         Some("none") => None,
         Some(c) => Some(
             crate::train_cmd::parse_curriculum(c)
                 .map_err(|e| anyhow::anyhow!("--curriculum: {e}"))?,
         ),
+        // the default: 60% of the steps on the fewest pairs, when there
+        // are several (3000:16 by default)
+        None if pairs.len() > 1 => pairs.iter().min().map(|&fewest| (steps * 3 / 5, fewest)),
         None => None,
-    };
-    let steps = a.steps.unwrap_or(if a.quick { 400 } else { 5000 });
-    // the default curriculum: 60% of the steps on the fewest pairs, when
-    // there are several (3000:16 by default)
-    let curriculum = match (a.curriculum.is_some(), pairs.iter().min()) {
-        (false, Some(&fewest)) if pairs.len() > 1 => Some((steps * 3 / 5, fewest)),
-        _ => curriculum,
     };
     let setup = FrontierSetup {
         seq_len: a.seq_len.unwrap_or(if a.quick { 32 } else { 256 }),

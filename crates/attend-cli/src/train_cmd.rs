@@ -385,9 +385,7 @@ fn resolve(a: &TrainArgs) -> Result<(ModelConfig, TaskConfig, TrainConfig)> {
             set!(c.seq_len, a.seq_len);
             set!(c.n_pairs, a.n_pairs);
             set!(c.train_mix, a.train_mix.clone().map(|m| m.0));
-            if a.curriculum.is_some() {
-                c.curriculum = a.curriculum;
-            }
+            set!(c.curriculum, a.curriculum.map(Some));
             if a.config.is_none() {
                 m.vocab_size = c.vocab;
                 m.max_len = m.max_len.max(c.seq_len);

@@ -373,16 +373,18 @@ impl Task {
                 }
                 Example::Pair { src, tgt }
             }
-            TaskConfig::Mqar(c) if c.curriculum.is_some_and(|(until, _)| step < until) => {
-                let (_, n_pairs) = c.curriculum.unwrap_or_default();
-                mqar_example(
-                    &MqarConfig {
-                        n_pairs,
-                        ..c.clone()
-                    },
-                    rng,
-                )
-            }
+            TaskConfig::Mqar(
+                c @ MqarConfig {
+                    curriculum: Some((until, n_pairs)),
+                    ..
+                },
+            ) if step < *until => mqar_example(
+                &MqarConfig {
+                    n_pairs: *n_pairs,
+                    ..c.clone()
+                },
+                rng,
+            ),
             TaskConfig::Mqar(c) if c.train_mix.is_empty() => mqar_example(c, rng),
             TaskConfig::Mqar(c) => {
                 let (seq_len, n_pairs) = c.train_mix[rng.random_range(0..c.train_mix.len())];

@@ -78,8 +78,10 @@ pub struct TrainArgs {
     /// Step through candle's autograd even where the fused trainer applies.
     /// The fused trainer (hand-written forward and backward on reused
     /// buffers, gradients equal to autograd's) runs decoder-only models with
-    /// softmax attention, pre-norm, no dropout and learned, sinusoidal or no
-    /// positions; everything else always steps through autograd.
+    /// softmax or sliding-window attention or the recurrent mixers (decay,
+    /// GLA, DeltaNet, Gated DeltaNet, Mamba2), pre-norm, no dropout and
+    /// learned, sinusoidal, RoPE or no positions; everything else (linear
+    /// and BASED layers, encoders, ALiBi, …) always steps through autograd.
     #[arg(long)]
     autograd: bool,
 

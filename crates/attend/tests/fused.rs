@@ -186,6 +186,51 @@ fn gradients_equal_autograd() {
             moe: Some("experts=3,k=1,aux=0.3,z=0.05".parse().unwrap()),
             ..base.clone()
         },
+        // the recurrent mixers (`train::fused::mix`): RetNet's decay, GLA
+        // with RoPE, DeltaNet grouped-query with RMSNorm, Gated DeltaNet
+        // between softmax layers, Mamba2 with and without RoPE
+        attend::ModelConfig {
+            position: PositionKind::Learned,
+            mechanism: "decay".parse().unwrap(),
+            ..base.clone()
+        },
+        attend::ModelConfig {
+            position: PositionKind::Rope,
+            ffn: FfnKind::Swiglu,
+            mechanism: "gla".parse().unwrap(),
+            ..base.clone()
+        },
+        attend::ModelConfig {
+            norm: NormKind::Rmsnorm,
+            n_heads: 4,
+            n_kv_heads: Some(2),
+            bias: false,
+            mechanism: "deltanet".parse().unwrap(),
+            ..base.clone()
+        },
+        attend::ModelConfig {
+            position: PositionKind::Learned,
+            n_decoder_layers: 3,
+            layer_mechanisms: vec![
+                Default::default(),
+                "gated-deltanet".parse().unwrap(),
+                "window:w=4".parse().unwrap(),
+            ],
+            ..base.clone()
+        },
+        attend::ModelConfig {
+            position: PositionKind::Learned,
+            mechanism: "mamba2".parse().unwrap(),
+            ..base.clone()
+        },
+        attend::ModelConfig {
+            position: PositionKind::Rope,
+            n_heads: 4,
+            n_kv_heads: Some(2),
+            tie_embeddings: false,
+            mechanism: "mamba2".parse().unwrap(),
+            ..base.clone()
+        },
     ];
     for cfg in &configs {
         check(cfg, 0.0, false);
@@ -217,7 +262,7 @@ fn refuses_what_it_does_not_compute() {
                 mechanism: "linear".parse().unwrap(),
                 ..base.clone()
             },
-            "not softmax",
+            "mechanism `linear` is not one it computes",
         ),
         (
             attend::ModelConfig {
@@ -241,38 +286,42 @@ fn refuses_what_it_does_not_compute() {
 }
 
 /// Ten AdamW steps on the MQAR task through each trainer: the same losses
-/// and weights (up to float summation order).
+/// and weights (up to float summation order), with softmax attention and
+/// with a recurrent mixer.
 #[test]
 fn training_steps_match_autograd() {
-    let (m, t, tr) = attend::train::presets::preset("mqar").unwrap();
-    let model = attend::ModelConfig {
-        d_model: 32,
-        d_ff: 64,
-        ffn: FfnKind::Gelu,
-        ..m
-    };
-    let train = TrainConfig {
-        batch_size: 8,
-        steps: 10,
-        label_smoothing: 0.1,
-        ..tr
-    };
-    let mut a = Trainer::new(model.clone(), t.clone(), train.clone()).unwrap();
-    let mut b = Trainer::new(model, t, train).unwrap().with_fused(false);
-    assert_eq!((a.executor(), b.executor()), ("fused", "autograd"));
-    a.shards = 2;
-    for _ in 0..10 {
-        let (sa, sb) = (a.train_step().unwrap(), b.train_step().unwrap());
-        assert!(
-            (sa.loss - sb.loss).abs() < 1e-4 * sb.loss,
-            "{} vs {}",
-            sa.loss,
-            sb.loss
-        );
-        assert!((sa.grad_norm - sb.grad_norm).abs() < 1e-3 * sb.grad_norm);
-    }
-    for ((name, va), (_, vb)) in a.store.vars().iter().zip(b.store.vars()) {
-        let d = max_abs_diff(va.as_tensor(), vb.as_tensor());
-        assert!(d < 1e-3, "`{name}` differs by {d}");
+    for mechanism in ["softmax", "gated-deltanet"] {
+        let (m, t, tr) = attend::train::presets::preset("mqar").unwrap();
+        let model = attend::ModelConfig {
+            d_model: 32,
+            d_ff: 64,
+            ffn: FfnKind::Gelu,
+            mechanism: mechanism.parse().unwrap(),
+            ..m
+        };
+        let train = TrainConfig {
+            batch_size: 8,
+            steps: 10,
+            label_smoothing: 0.1,
+            ..tr
+        };
+        let mut a = Trainer::new(model.clone(), t.clone(), train.clone()).unwrap();
+        let mut b = Trainer::new(model, t, train).unwrap().with_fused(false);
+        assert_eq!((a.executor(), b.executor()), ("fused", "autograd"));
+        a.shards = 2;
+        for _ in 0..10 {
+            let (sa, sb) = (a.train_step().unwrap(), b.train_step().unwrap());
+            assert!(
+                (sa.loss - sb.loss).abs() < 1e-4 * sb.loss,
+                "{mechanism}: {} vs {}",
+                sa.loss,
+                sb.loss
+            );
+            assert!((sa.grad_norm - sb.grad_norm).abs() < 1e-3 * sb.grad_norm);
+        }
+        for ((name, va), (_, vb)) in a.store.vars().iter().zip(b.store.vars()) {
+            let d = max_abs_diff(va.as_tensor(), vb.as_tensor());
+            assert!(d < 1e-3, "{mechanism}: `{name}` differs by {d}");
+        }
     }
 }

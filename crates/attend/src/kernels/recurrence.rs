@@ -300,14 +300,28 @@ impl Recurrence {
         rows: usize,
         t: usize,
     ) -> Vec<T> {
+        let mut o = vec![T::zero(); rows * self.g * t * self.d_v];
+        self.forward_into(q, k, side, t, &mut o);
+        o
+    }
+
+    /// The forward on plain buffers (the fused trainer's entry): q (rows,
+    /// g, t, d_k), k (rows, t, d_k), side (rows, t, W) -> o (rows, g, t,
+    /// d_v), one rayon task per row (sequence and kv head).
+    pub fn forward_into<T: Float + Send + Sync>(
+        &self,
+        q: &[T],
+        k: &[T],
+        side: &[T],
+        t: usize,
+        o: &mut [T],
+    ) {
         let (g, dk, dv, ws) = (self.g, self.d_k, self.d_v, self.side_width());
-        let mut o = vec![T::zero(); rows * g * t * dv];
         q.par_chunks(g * t * dk)
             .zip(k.par_chunks(t * dk))
             .zip(side.par_chunks(t * ws))
             .zip(o.par_chunks_mut(g * t * dv))
             .for_each(|(((q, k), side), o)| self.forward_row(q, k, side, o));
-        o
     }
 
     /// -> [dq | dk | dside] in one buffer.
@@ -319,11 +333,29 @@ impl Recurrence {
         rows: usize,
         t: usize,
     ) -> Vec<T> {
-        let (g, dk, dv, ws) = (self.g, self.d_k, self.d_v, self.side_width());
-        let (k, side) = kside.split_at(rows * t * dk);
+        let (k, side) = kside.split_at(rows * t * self.d_k);
         let mut grads = vec![T::zero(); q.len() + kside.len()];
         let (dq, rest) = grads.split_at_mut(q.len());
         let (dk_, dside) = rest.split_at_mut(k.len());
+        self.backward_into(q, k, side, dout, t, dq, dk_, dside);
+        grads
+    }
+
+    /// The backward on plain buffers: q, k, side as `forward_into`, dout
+    /// (rows, g, t, d_v) -> dq, dk, dside (each overwritten).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_into<T: Float + Send + Sync>(
+        &self,
+        q: &[T],
+        k: &[T],
+        side: &[T],
+        dout: &[T],
+        t: usize,
+        dq: &mut [T],
+        dk_: &mut [T],
+        dside: &mut [T],
+    ) {
+        let (g, dk, dv, ws) = (self.g, self.d_k, self.d_v, self.side_width());
         q.par_chunks(g * t * dk)
             .zip(k.par_chunks(t * dk))
             .zip(side.par_chunks(t * ws))
@@ -334,7 +366,6 @@ impl Recurrence {
             .for_each(|((((((q, k), side), d), dq), dk), ds)| {
                 self.backward_row(q, k, side, d, dq, dk, ds)
             });
-        grads
     }
 }
 

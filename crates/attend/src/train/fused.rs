@@ -12,8 +12,10 @@
 //! loss are one vectorisable pass each, forward and backward.
 //!
 //! What qualifies (`Fused::new` says why not otherwise, and the trainer
-//! falls back to autograd): a decoder-only model, softmax attention in
-//! every layer (multi-head or grouped-query), pre-norm LayerNorm or
+//! falls back to autograd): a decoder-only model, softmax attention
+//! (multi-head or grouped-query, full or in a sliding window) or one of the
+//! recurrent mixers of `mix` (decay, GLA, DeltaNet, Gated DeltaNet, Mamba2)
+//! in every layer, pre-norm LayerNorm or
 //! RMSNorm, a ReLU, GELU, SwiGLU or GeGLU FFN, learned, sinusoidal or no
 //! additive positions, biases or not, tied or untied output, no dropout.
 //! The gradients equal autograd's (tests/fused.rs).
@@ -29,6 +31,8 @@ use crate::kernels::dense::{erfc_pos, exp, exp_shifted, softmax_row};
 use crate::kernels::rope::RopeTables;
 use crate::model::Transformer;
 use crate::nn::{with_f32, ParamStore};
+
+mod mix;
 
 /// y (m, n) = α·y + a (m, k) · b (k, n), each operand given by its pointer
 /// and (row stride, column stride); `acc` false ignores y's contents.
@@ -331,6 +335,14 @@ struct Layer {
     router: Option<usize>,
 }
 
+/// A layer's token mixer: softmax attention (in a sliding window or not)
+/// or one of the recurrent mixers (`mix`).
+#[derive(Clone, Debug)]
+enum Mixer {
+    Attention(Option<usize>),
+    Recurrent(Box<mix::Rec>),
+}
+
 /// A dropless mixture of experts in every block (`ffn::moe`).
 #[derive(Clone, Copy, Debug)]
 struct MoeSpec {
@@ -362,8 +374,8 @@ pub struct Fused {
     pos_fixed: Option<Vec<f32>>,
     /// RoPE on queries and keys
     rope: Option<std::sync::Arc<RopeTables>>,
-    /// each layer's sliding window (None: full causal attention)
-    windows: Vec<Option<usize>>,
+    /// each layer's mixer
+    mixers: Vec<Mixer>,
     layers: Vec<Layer>,
     ln_f: (usize, Option<usize>),
     /// untied output projection
@@ -388,14 +400,6 @@ impl Fused {
             return Err("not a decoder-only model".into());
         }
         let n = c.n_decoder_layers;
-        let mut windows = vec![];
-        for i in 0..n {
-            windows.push(match c.layer_mechanism(false, i) {
-                MechanismConfig::Softmax => None,
-                MechanismConfig::Window(w) => Some(w.window),
-                _ => return Err(format!("layer {i} is not softmax attention")),
-            });
-        }
         if c.norm_position != NormPosition::Pre {
             return Err("not a pre-norm model".into());
         }
@@ -495,8 +499,30 @@ impl Fused {
             }
         };
         let mut layers = vec![];
+        let mut mixers = vec![];
         for i in 0..n {
             let p = format!("decoder.{i}");
+            let mech = c.layer_mechanism(false, i);
+            mixers.push(match mech {
+                MechanismConfig::Softmax => Mixer::Attention(None),
+                MechanismConfig::Window(w) => Mixer::Attention(Some(w.window)),
+                m => match mix::Rec::plan(
+                    m,
+                    &format!("{p}.self_attn"),
+                    &mut find,
+                    &has,
+                    (d, h, hk, hd),
+                )? {
+                    Some(r) => Mixer::Recurrent(Box::new(r)),
+                    None => {
+                        return Err(format!(
+                            "layer {i}'s mechanism `{}` is not one it computes (softmax, \
+                             window, decay, GLA, DeltaNet, Gated DeltaNet, Mamba2)",
+                            m.name()
+                        ))
+                    }
+                },
+            });
             layers.push(Layer {
                 ln1: norm(&mut find, &format!("{p}.ln_1"))?,
                 q: lin(&mut find, &format!("{p}.self_attn.q_proj"), h * hd, d)?,
@@ -577,7 +603,7 @@ impl Fused {
             pos,
             pos_fixed,
             rope: rope.map(std::sync::Arc::new),
-            windows,
+            mixers,
             layers,
             ln_f,
             lm_head,
@@ -678,14 +704,28 @@ impl Fused {
                 &mut a.mu1,
                 &mut a.r1,
             );
-            linear(&a.a, w(ly.q.0), wo(ly.q.1), (n, d, qw), &mut a.q);
-            linear(&a.a, w(ly.k.0), wo(ly.k.1), (n, d, kw), &mut a.k);
-            linear(&a.a, w(ly.v.0), wo(ly.v.1), (n, d, kw), &mut a.v);
-            if let Some(rope) = &self.rope {
-                rotate_rows(rope, &mut a.q[..n * qw], qw, self.hd, t, false);
-                rotate_rows(rope, &mut a.k[..n * kw], kw, self.hd, t, false);
+            match &self.mixers[l] {
+                Mixer::Attention(window) => {
+                    linear(&a.a, w(ly.q.0), wo(ly.q.1), (n, d, qw), &mut a.q);
+                    linear(&a.a, w(ly.k.0), wo(ly.k.1), (n, d, kw), &mut a.k);
+                    linear(&a.a, w(ly.v.0), wo(ly.v.1), (n, d, kw), &mut a.v);
+                    if let Some(rope) = &self.rope {
+                        rotate_rows(rope, &mut a.q[..n * qw], qw, self.hd, t, false);
+                        rotate_rows(rope, &mut a.k[..n * kw], kw, self.hd, t, false);
+                    }
+                    self.attention_fwd(a, b, t, *window);
+                }
+                Mixer::Recurrent(rec) => rec.fwd(
+                    self,
+                    ly,
+                    p,
+                    &a.a,
+                    (&mut a.q, &mut a.k, &mut a.v),
+                    &mut a.o,
+                    &mut a.rec,
+                    (b, t),
+                ),
             }
-            self.attention_fwd(a, b, t, self.windows[l]);
             let x_mid = &mut a.x_mid;
             linear(&a.o, w(ly.o.0), wo(ly.o.1), (n, qw, d), x_mid);
             x_mid.iter_mut().zip(x_in).for_each(|(y, x)| *y += x);
@@ -854,26 +894,46 @@ impl Fused {
                     false,
                 );
             }
-            self.attention_bwd(a, s, b, t, self.windows[l]);
-            if let Some(rope) = &self.rope {
-                rotate_rows(rope, &mut s.dq[..n * qw], qw, self.hd, t, true);
-                rotate_rows(rope, &mut s.dk[..n * kw], kw, self.hd, t, true);
-            }
-            for (k, (slot, dy, width)) in [(ly.q, &s.dq, qw), (ly.k, &s.dk, kw), (ly.v, &s.dv, kw)]
-                .into_iter()
-                .enumerate()
-            {
-                let (gw, gb) = two(grads, slot.0, slot.1);
-                linear_bwd(
+            match &self.mixers[l] {
+                Mixer::Attention(window) => {
+                    self.attention_bwd(a, s, b, t, *window);
+                    if let Some(rope) = &self.rope {
+                        rotate_rows(rope, &mut s.dq[..n * qw], qw, self.hd, t, true);
+                        rotate_rows(rope, &mut s.dk[..n * kw], kw, self.hd, t, true);
+                    }
+                    for (k, (slot, dy, width)) in
+                        [(ly.q, &s.dq, qw), (ly.k, &s.dk, kw), (ly.v, &s.dv, kw)]
+                            .into_iter()
+                            .enumerate()
+                    {
+                        let (gw, gb) = two(grads, slot.0, slot.1);
+                        linear_bwd(
+                            &a.a,
+                            w(slot.0),
+                            dy,
+                            (n, d, width),
+                            gw,
+                            gb,
+                            Some(&mut s.da),
+                            k > 0,
+                        );
+                    }
+                }
+                Mixer::Recurrent(rec) => rec.bwd(
+                    self,
+                    ly,
+                    p,
                     &a.a,
-                    w(slot.0),
-                    dy,
-                    (n, d, width),
-                    gw,
-                    gb,
-                    Some(&mut s.da),
-                    k > 0,
-                );
+                    (&a.q, &a.k, &a.v),
+                    &a.o,
+                    &a.rec,
+                    &mut s.rec,
+                    &s.d_o,
+                    (&mut s.dq, &mut s.dk, &mut s.dv),
+                    &mut s.da,
+                    grads,
+                    (b, t),
+                ),
             }
             let x_in = &ws.x[l][..n * d];
             let (gw, gb) = two(grads, ly.ln1.0, ly.ln1.1);
@@ -1342,6 +1402,8 @@ struct LayerActs {
     load: Vec<usize>,
     cs: Vec<f32>,
     y: Vec<f32>,
+    /// a recurrent mixer's (empty for attention)
+    rec: mix::RecActs,
 }
 
 /// Gradients of one layer's activations, reused layer after layer.
@@ -1361,6 +1423,7 @@ struct Scratch {
     dy: Vec<f32>,
     dlog: Vec<f32>,
     dgate: Vec<f32>,
+    rec: mix::RecScratch,
 }
 
 /// One shard's buffers, allocated at the first step and reused.
@@ -1408,14 +1471,17 @@ impl Workspace {
         self.shape = (b, t);
         self.x = (0..=m.layers.len()).map(|_| z(n * d)).collect();
         self.layer = (0..m.layers.len())
-            .map(|_| LayerActs {
+            .map(|l| LayerActs {
                 a: z(n * d),
                 mu1: z(n),
                 r1: z(n),
                 q: z(n * qw),
                 k: z(n * kw),
                 v: z(n * kw),
-                p: z(b * m.heads * t * t),
+                p: match m.mixers[l] {
+                    Mixer::Attention(_) => z(b * m.heads * t * t),
+                    Mixer::Recurrent(_) => vec![],
+                },
                 o: z(n * qw),
                 x_mid: z(n * d),
                 c: z(n * d),
@@ -1433,6 +1499,7 @@ impl Workspace {
                 load: vec![0; e_n],
                 cs: z(n * k * d),
                 y: z(n * k * d),
+                rec: Default::default(),
             })
             .collect();
         self.xf = z(n * d);
@@ -1457,6 +1524,12 @@ impl Workspace {
             dy: z(n * k * d),
             dlog: z(n * e_n),
             dgate: z(n * k),
+            rec: Default::default(),
         };
+        for (mx, a) in m.mixers.iter().zip(self.layer.iter_mut()) {
+            if let Mixer::Recurrent(rec) = mx {
+                rec.fit(m, b, t, &mut a.rec, &mut self.scratch.rec);
+            }
+        }
     }
 }

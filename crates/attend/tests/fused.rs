@@ -194,6 +194,23 @@ fn gradients_equal_autograd() {
             mechanism: "decay".parse().unwrap(),
             ..base.clone()
         },
+        // Taylor linear attention (q, k narrower than the heads), grouped
+        // query; the BASED stack (conv + Taylor layers between windows)
+        attend::ModelConfig {
+            position: PositionKind::Learned,
+            n_heads: 4,
+            n_kv_heads: Some(2),
+            mechanism: "linear:map=taylor,dim=3".parse().unwrap(),
+            ..base.clone()
+        },
+        attend::ModelConfig {
+            position: PositionKind::Learned,
+            n_decoder_layers: 3,
+            layer_mechanisms: attend::config::stack_preset("based-stack:dim=6,w=4,conv=3", 3)
+                .unwrap()
+                .unwrap(),
+            ..base.clone()
+        },
         attend::ModelConfig {
             position: PositionKind::Rope,
             ffn: FfnKind::Swiglu,
@@ -263,6 +280,21 @@ fn refuses_what_it_does_not_compute() {
                 ..base.clone()
             },
             "mechanism `linear` is not one it computes",
+        ),
+        (
+            attend::ModelConfig {
+                mechanism: "based:dim=4,w=4".parse().unwrap(),
+                ..base.clone()
+            },
+            "mechanism `based` is not one it computes",
+        ),
+        (
+            attend::ModelConfig {
+                position: PositionKind::Rope,
+                mechanism: "linear:map=taylor".parse().unwrap(),
+                ..base.clone()
+            },
+            "RoPE on Taylor",
         ),
         (
             attend::ModelConfig {

@@ -53,6 +53,9 @@ struct Token<'a, T> {
     side: &'a [T],
 }
 
+/// Tokens per block of the backward's recomputation.
+const BLOCK: usize = 16;
+
 /// The most query heads per kv head the kernel takes.
 pub const MAX_G: usize = 16;
 
@@ -163,12 +166,26 @@ impl Recurrence {
 
     /// One sequence and kv head: q (g, t, d_k), k (t, d_k), side (t, W)
     /// -> o (g, t, d_v).
-    fn forward_row<T: Float>(&self, q: &[T], k: &[T], side: &[T], o: &mut [T]) {
+    /// With `starts`, S where each block of `BLOCK` tokens starts is kept
+    /// there (blocks · d_k · d_v) for the backward.
+    fn forward_row<T: Float>(
+        &self,
+        q: &[T],
+        k: &[T],
+        side: &[T],
+        o: &mut [T],
+        mut starts: Option<&mut [T]>,
+    ) {
         let (dk, dv) = (self.d_k, self.d_v);
-        let t = k.len() / dk;
-        let mut s = vec![T::zero(); dk * dv];
+        let (t, sz) = (k.len() / dk, dk * dv);
+        let mut s = vec![T::zero(); sz];
         let (mut r, mut u) = (vec![T::zero(); dv], vec![T::zero(); dv]);
         for tau in 0..t {
+            if let Some(st) = starts.as_deref_mut() {
+                if tau % BLOCK == 0 {
+                    st[tau / BLOCK * sz..(tau / BLOCK + 1) * sz].copy_from_slice(&s);
+                }
+            }
             let x = self.token(q, k, side, tau);
             self.step(&x, &mut s, None, &mut r, &mut u);
             for (j, qj) in x.q[..self.g].iter().enumerate() {
@@ -187,6 +204,7 @@ impl Recurrence {
     /// The forward pass keeps S only where each block of `BLOCK` tokens
     /// starts; the backward pass recomputes a block's S̃_t from there into
     /// a small buffer (it stays in cache) and runs the block backwards.
+    /// `kept`: the block starts `forward_row` kept, if it did.
     #[allow(clippy::too_many_arguments)]
     fn backward_row<T: Float>(
         &self,
@@ -197,21 +215,28 @@ impl Recurrence {
         dq: &mut [T],
         dkk: &mut [T],
         dside: &mut [T],
+        kept_starts: Option<&[T]>,
     ) {
-        const BLOCK: usize = 16;
         let (dk, dv, sz) = (self.d_k, self.d_v, self.d_k * self.d_v);
         let ws = self.side_width();
         let t = k.len() / dk;
         let blocks = t.div_ceil(BLOCK);
-        let mut starts = vec![T::zero(); blocks * sz];
         let mut s = vec![T::zero(); sz];
         let (mut r, mut u) = (vec![T::zero(); dv], vec![T::zero(); dv]);
-        for tau in 0..t {
-            if tau % BLOCK == 0 {
-                starts[tau / BLOCK * sz..(tau / BLOCK + 1) * sz].copy_from_slice(&s);
+        let mut own = vec![];
+        let starts: &[T] = match kept_starts {
+            Some(st) => st,
+            None => {
+                own.resize(blocks * sz, T::zero());
+                for tau in 0..t {
+                    if tau % BLOCK == 0 {
+                        own[tau / BLOCK * sz..(tau / BLOCK + 1) * sz].copy_from_slice(&s);
+                    }
+                    self.step(&self.token(q, k, side, tau), &mut s, None, &mut r, &mut u);
+                }
+                &own
             }
-            self.step(&self.token(q, k, side, tau), &mut s, None, &mut r, &mut u);
-        }
+        };
         let mut kept = vec![T::zero(); BLOCK * sz];
         let mut ds = vec![T::zero(); sz];
         let mut du = vec![T::zero(); dv];
@@ -301,13 +326,21 @@ impl Recurrence {
         t: usize,
     ) -> Vec<T> {
         let mut o = vec![T::zero(); rows * self.g * t * self.d_v];
-        self.forward_into(q, k, side, t, &mut o);
+        self.forward_into(q, k, side, t, &mut o, None);
         o
+    }
+
+    /// Numbers of S kept per row (sequence and kv head) for the backward:
+    /// one d_k × d_v state where each block of `BLOCK` tokens starts.
+    pub fn starts_len(&self, t: usize) -> usize {
+        t.div_ceil(BLOCK) * self.d_k * self.d_v
     }
 
     /// The forward on plain buffers (the fused trainer's entry): q (rows,
     /// g, t, d_k), k (rows, t, d_k), side (rows, t, W) -> o (rows, g, t,
-    /// d_v), one rayon task per row (sequence and kv head).
+    /// d_v), one rayon task per row (sequence and kv head). With `starts`
+    /// (rows · `starts_len`) it keeps the block starts, so that
+    /// `backward_into` need not run the forward again.
     pub fn forward_into<T: Float + Send + Sync>(
         &self,
         q: &[T],
@@ -315,13 +348,20 @@ impl Recurrence {
         side: &[T],
         t: usize,
         o: &mut [T],
+        starts: Option<&mut [T]>,
     ) {
         let (g, dk, dv, ws) = (self.g, self.d_k, self.d_v, self.side_width());
-        q.par_chunks(g * t * dk)
+        let rows = q
+            .par_chunks(g * t * dk)
             .zip(k.par_chunks(t * dk))
             .zip(side.par_chunks(t * ws))
-            .zip(o.par_chunks_mut(g * t * dv))
-            .for_each(|(((q, k), side), o)| self.forward_row(q, k, side, o));
+            .zip(o.par_chunks_mut(g * t * dv));
+        match starts {
+            Some(st) => rows
+                .zip(st.par_chunks_mut(self.starts_len(t)))
+                .for_each(|((((q, k), side), o), st)| self.forward_row(q, k, side, o, Some(st))),
+            None => rows.for_each(|(((q, k), side), o)| self.forward_row(q, k, side, o, None)),
+        }
     }
 
     /// -> [dq | dk | dside] in one buffer.
@@ -337,12 +377,13 @@ impl Recurrence {
         let mut grads = vec![T::zero(); q.len() + kside.len()];
         let (dq, rest) = grads.split_at_mut(q.len());
         let (dk_, dside) = rest.split_at_mut(k.len());
-        self.backward_into(q, k, side, dout, t, dq, dk_, dside);
+        self.backward_into(q, k, side, dout, t, dq, dk_, dside, None);
         grads
     }
 
     /// The backward on plain buffers: q, k, side as `forward_into`, dout
-    /// (rows, g, t, d_v) -> dq, dk, dside (each overwritten).
+    /// (rows, g, t, d_v) -> dq, dk, dside (each overwritten); `starts`: what
+    /// `forward_into` kept, if it was asked to.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_into<T: Float + Send + Sync>(
         &self,
@@ -354,18 +395,27 @@ impl Recurrence {
         dq: &mut [T],
         dk_: &mut [T],
         dside: &mut [T],
+        starts: Option<&[T]>,
     ) {
         let (g, dk, dv, ws) = (self.g, self.d_k, self.d_v, self.side_width());
-        q.par_chunks(g * t * dk)
+        let rows = q
+            .par_chunks(g * t * dk)
             .zip(k.par_chunks(t * dk))
             .zip(side.par_chunks(t * ws))
             .zip(dout.par_chunks(g * t * dv))
             .zip(dq.par_chunks_mut(g * t * dk))
             .zip(dk_.par_chunks_mut(t * dk))
-            .zip(dside.par_chunks_mut(t * ws))
-            .for_each(|((((((q, k), side), d), dq), dk), ds)| {
-                self.backward_row(q, k, side, d, dq, dk, ds)
-            });
+            .zip(dside.par_chunks_mut(t * ws));
+        match starts {
+            Some(st) => rows.zip(st.par_chunks(self.starts_len(t))).for_each(
+                |(((((((q, k), side), d), dq), dk), ds), st)| {
+                    self.backward_row(q, k, side, d, dq, dk, ds, Some(st))
+                },
+            ),
+            None => rows.for_each(|((((((q, k), side), d), dq), dk), ds)| {
+                self.backward_row(q, k, side, d, dq, dk, ds, None)
+            }),
+        }
     }
 }
 

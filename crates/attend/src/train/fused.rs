@@ -340,7 +340,27 @@ struct Layer {
 #[derive(Clone, Debug)]
 enum Mixer {
     Attention(Option<usize>),
+    /// BASED's Taylor linear attention (`attention::linear`, feature map
+    /// `taylor`) with q and k of width `dq` per head, after a short
+    /// convolution (the conv's weight, bias and kernel) in a BASED layer:
+    /// causal attention whose weights are f(s) = 1 + s + s²/2 (s = q·k/√dq)
+    /// normalised by Σ f + ε — the quadratic form of the linear recurrence,
+    /// exact at any length.
+    Taylor {
+        dq: usize,
+        conv: Option<((usize, usize), usize)>,
+    },
     Recurrent(Box<mix::Rec>),
+}
+
+impl Mixer {
+    /// Width of q and k per head.
+    fn qk_dim(&self, hd: usize) -> usize {
+        match self {
+            Mixer::Taylor { dq, .. } => *dq,
+            _ => hd,
+        }
+    }
 }
 
 /// A dropless mixture of experts in every block (`ffn::moe`).
@@ -503,9 +523,33 @@ impl Fused {
         for i in 0..n {
             let p = format!("decoder.{i}");
             let mech = c.layer_mechanism(false, i);
+            let taylor = |dq: usize| {
+                if c.position == PositionKind::Rope {
+                    return Err(format!("layer {i}: RoPE on Taylor linear attention"));
+                }
+                Ok(dq)
+            };
             mixers.push(match mech {
                 MechanismConfig::Softmax => Mixer::Attention(None),
                 MechanismConfig::Window(w) => Mixer::Attention(Some(w.window)),
+                MechanismConfig::Linear(l)
+                    if l.feature_map == crate::config::FeatureMap::Taylor =>
+                {
+                    Mixer::Taylor {
+                        dq: taylor(l.feature_dim)?,
+                        conv: None,
+                    }
+                }
+                MechanismConfig::Based(bc) if bc.window == 0 => Mixer::Taylor {
+                    dq: taylor(bc.feature_dim)?,
+                    conv: Some((
+                        (
+                            find(format!("{p}.self_attn.conv.weight"), &[d, bc.conv])?,
+                            find(format!("{p}.self_attn.conv.bias"), &[d])?,
+                        ),
+                        bc.conv,
+                    )),
+                },
                 m => match mix::Rec::plan(
                     m,
                     &format!("{p}.self_attn"),
@@ -517,16 +561,18 @@ impl Fused {
                     None => {
                         return Err(format!(
                             "layer {i}'s mechanism `{}` is not one it computes (softmax, \
-                             window, decay, GLA, DeltaNet, Gated DeltaNet, Mamba2)",
+                             window, Taylor linear attention, BASED without a window \
+                             branch, decay, GLA, DeltaNet, Gated DeltaNet, Mamba2)",
                             m.name()
                         ))
                     }
                 },
             });
+            let qk = mixers[i].qk_dim(hd);
             layers.push(Layer {
                 ln1: norm(&mut find, &format!("{p}.ln_1"))?,
-                q: lin(&mut find, &format!("{p}.self_attn.q_proj"), h * hd, d)?,
-                k: lin(&mut find, &format!("{p}.self_attn.k_proj"), hk * hd, d)?,
+                q: lin(&mut find, &format!("{p}.self_attn.q_proj"), h * qk, d)?,
+                k: lin(&mut find, &format!("{p}.self_attn.k_proj"), hk * qk, d)?,
                 v: lin(&mut find, &format!("{p}.self_attn.v_proj"), hk * hd, d)?,
                 o: lin(&mut find, &format!("{p}.self_attn.o_proj"), d, h * hd)?,
                 ln2: norm(&mut find, &format!("{p}.ln_2"))?,
@@ -714,6 +760,20 @@ impl Fused {
                         rotate_rows(rope, &mut a.k[..n * kw], kw, self.hd, t, false);
                     }
                     self.attention_fwd(a, b, t, *window);
+                }
+                Mixer::Taylor { dq, conv } => {
+                    let inp: &[f32] = match conv {
+                        Some((cw, kernel)) => {
+                            mix::conv_fwd(&a.a, w(cw.0), w(cw.1), *kernel, (b, t, d), &mut a.uc);
+                            &a.uc
+                        }
+                        None => &a.a,
+                    };
+                    let (tq, tk) = (self.heads * dq, self.kv_heads * dq);
+                    linear(inp, w(ly.q.0), wo(ly.q.1), (n, d, tq), &mut a.q);
+                    linear(inp, w(ly.k.0), wo(ly.k.1), (n, d, tk), &mut a.k);
+                    linear(inp, w(ly.v.0), wo(ly.v.1), (n, d, kw), &mut a.v);
+                    self.taylor_fwd(a, b, t, *dq);
                 }
                 Mixer::Recurrent(rec) => rec.fwd(
                     self,
@@ -916,6 +976,47 @@ impl Fused {
                             gb,
                             Some(&mut s.da),
                             k > 0,
+                        );
+                    }
+                }
+                Mixer::Taylor { dq, conv } => {
+                    self.taylor_bwd(a, s, b, t, *dq);
+                    let (tq, tk) = (self.heads * dq, self.kv_heads * dq);
+                    let inp: &[f32] = if conv.is_some() { &a.uc } else { &a.a };
+                    let din: &mut [f32] = if conv.is_some() {
+                        &mut s.duc
+                    } else {
+                        &mut s.da
+                    };
+                    for (k, (slot, dy, width)) in
+                        [(ly.q, &s.dq, tq), (ly.k, &s.dk, tk), (ly.v, &s.dv, kw)]
+                            .into_iter()
+                            .enumerate()
+                    {
+                        let (gw, gb) = two(grads, slot.0, slot.1);
+                        linear_bwd(
+                            inp,
+                            w(slot.0),
+                            &dy[..n * width],
+                            (n, d, width),
+                            gw,
+                            gb,
+                            Some(&mut *din),
+                            k > 0,
+                        );
+                    }
+                    if let Some((cw, kernel)) = conv {
+                        s.da[..n * d].fill(0.0);
+                        let (gw, gb) = two(grads, cw.0, Some(cw.1));
+                        mix::conv_bwd(
+                            &a.a,
+                            w(cw.0),
+                            &s.duc[..n * d],
+                            *kernel,
+                            (b, t, d),
+                            gw,
+                            gb.expect("conv bias"),
+                            &mut s.da,
                         );
                     }
                 }
@@ -1335,6 +1436,129 @@ impl Fused {
     }
 }
 
+impl Fused {
+    /// Causal Taylor attention of every (sequence, head), q and k dq wide
+    /// per head: s = q kᵀ / √dq (kept), f = 1 + s + s²/2, Z_i = Σ_{j≤i} f_ij
+    /// + ε (kept), P = f / Z (kept), o = P v.
+    fn taylor_fwd(&self, a: &mut LayerActs, b: usize, t: usize, dq: usize) {
+        let (hd, h, g) = (self.hd, self.heads, self.heads / self.kv_heads);
+        let (tq, tk, vw, ow) = (h * dq, self.kv_heads * dq, self.kv_heads * hd, h * hd);
+        let scale = 1.0 / (dq as f32).sqrt();
+        let eps = crate::attention::linear::EPS as f32;
+        for s in 0..b {
+            for head in 0..h {
+                let (kh, at) = (head / g, (s * h + head) * t);
+                let sc = &mut a.sc[at * t..][..t * t];
+                let q = &a.q[s * t * tq + head * dq..];
+                let k = &a.k[s * t * tk + kh * dq..];
+                mm((t, t, dq), sc, (t, 1), false, q, (tq, 1), k, (1, tk), scale);
+                let p = &mut a.p[at * t..][..t * t];
+                for (i, (pr, sr)) in p.chunks_exact_mut(t).zip(sc.chunks_exact(t)).enumerate() {
+                    let mut z = eps;
+                    for j in 0..=i {
+                        let f = 1.0 + sr[j] + 0.5 * sr[j] * sr[j];
+                        pr[j] = f;
+                        z += f;
+                    }
+                    let inv = 1.0 / z;
+                    pr[..=i].iter_mut().for_each(|x| *x *= inv);
+                    pr[i + 1..].fill(0.0);
+                    a.zr[at + i] = z;
+                }
+                let v = &a.v[s * t * vw + kh * hd..];
+                let o = &mut a.o[s * t * ow + head * hd..];
+                mm((t, hd, t), o, (ow, 1), false, p, (t, 1), v, (vw, 1), 1.0);
+            }
+        }
+    }
+
+    /// The backward of `taylor_fwd`: from d_o, dq (set), dk and dv (summed
+    /// over the query heads sharing them). With P = f/Z:
+    /// ∂L/∂f_ij = (dP_ij − Σ_l dP_il P_il) / Z_i, ds = ∂L/∂f · (1 + s) / √dq.
+    fn taylor_bwd(&self, a: &LayerActs, s: &mut Scratch, b: usize, t: usize, dq: usize) {
+        let (hd, h, g) = (self.hd, self.heads, self.heads / self.kv_heads);
+        let (tq, tk, vw, ow) = (h * dq, self.kv_heads * dq, self.kv_heads * hd, h * hd);
+        let scale = 1.0 / (dq as f32).sqrt();
+        s.dk[..b * t * tk].fill(0.0);
+        s.dv[..b * t * vw].fill(0.0);
+        for sq in 0..b {
+            for head in 0..h {
+                let (kh, at) = (head / g, (sq * h + head) * t);
+                let p = &a.p[at * t..][..t * t];
+                let sc = &a.sc[at * t..][..t * t];
+                let (qo, ko, vo, oo) = (
+                    sq * t * tq + head * dq,
+                    sq * t * tk + kh * dq,
+                    sq * t * vw + kh * hd,
+                    sq * t * ow + head * hd,
+                );
+                let d_o = &s.d_o[oo..];
+                let dp = &mut s.dp[..t * t];
+                // dP = dO vᵀ; dv += Pᵀ dO
+                mm(
+                    (t, t, hd),
+                    dp,
+                    (t, 1),
+                    false,
+                    d_o,
+                    (ow, 1),
+                    &a.v[vo..],
+                    (1, vw),
+                    1.0,
+                );
+                mm(
+                    (t, hd, t),
+                    &mut s.dv[vo..],
+                    (vw, 1),
+                    true,
+                    p,
+                    (1, t),
+                    d_o,
+                    (ow, 1),
+                    1.0,
+                );
+                for (i, ((dr, pr), sr)) in dp
+                    .chunks_exact_mut(t)
+                    .zip(p.chunks_exact(t))
+                    .zip(sc.chunks_exact(t))
+                    .enumerate()
+                {
+                    let n = i + 1;
+                    let dot = lanes(&pr[..n], |j, pv| pv * dr[j]);
+                    let inv = scale / a.zr[at + i];
+                    for j in 0..n {
+                        dr[j] = (dr[j] - dot) * inv * (1.0 + sr[j]);
+                    }
+                    dr[n..].fill(0.0);
+                }
+                // dq = ds k; dk += dsᵀ q
+                mm(
+                    (t, dq, t),
+                    &mut s.dq[qo..],
+                    (tq, 1),
+                    false,
+                    dp,
+                    (t, 1),
+                    &a.k[ko..],
+                    (tk, 1),
+                    1.0,
+                );
+                mm(
+                    (t, dq, t),
+                    &mut s.dk[ko..],
+                    (tk, 1),
+                    true,
+                    dp,
+                    (1, t),
+                    &a.q[qo..],
+                    (tq, 1),
+                    1.0,
+                );
+            }
+        }
+    }
+}
+
 /// The first key query i sees: 0, or i − w + 1 in a window of w.
 #[inline]
 fn first_key(i: usize, window: Option<usize>) -> usize {
@@ -1402,6 +1626,12 @@ struct LayerActs {
     load: Vec<usize>,
     cs: Vec<f32>,
     y: Vec<f32>,
+    /// Taylor attention: the scores s (b, heads, t, t), each row's
+    /// normaliser Σ f + ε (b, heads, t) and a BASED layer's conv output
+    /// (n, d); empty otherwise
+    sc: Vec<f32>,
+    zr: Vec<f32>,
+    uc: Vec<f32>,
     /// a recurrent mixer's (empty for attention)
     rec: mix::RecActs,
 }
@@ -1423,6 +1653,8 @@ struct Scratch {
     dy: Vec<f32>,
     dlog: Vec<f32>,
     dgate: Vec<f32>,
+    /// a BASED layer's conv output's gradient (n, d)
+    duc: Vec<f32>,
     rec: mix::RecScratch,
 }
 
@@ -1467,6 +1699,12 @@ impl Workspace {
         let z = |k: usize| vec![0f32; k];
         // FFN rows: one per token, or per (token, chosen expert)
         let (e_n, k) = m.moe.map_or((0, 0), |m| (m.experts, m.top_k));
+        let qk_max = m
+            .mixers
+            .iter()
+            .map(|x| x.qk_dim(m.hd))
+            .max()
+            .unwrap_or(m.hd);
         let rows = if m.moe.is_some() { n * k } else { n };
         self.shape = (b, t);
         self.x = (0..=m.layers.len()).map(|_| z(n * d)).collect();
@@ -1475,12 +1713,24 @@ impl Workspace {
                 a: z(n * d),
                 mu1: z(n),
                 r1: z(n),
-                q: z(n * qw),
-                k: z(n * kw),
+                q: z(n * m.heads * m.mixers[l].qk_dim(m.hd)),
+                k: z(n * m.kv_heads * m.mixers[l].qk_dim(m.hd)),
                 v: z(n * kw),
                 p: match m.mixers[l] {
-                    Mixer::Attention(_) => z(b * m.heads * t * t),
                     Mixer::Recurrent(_) => vec![],
+                    _ => z(b * m.heads * t * t),
+                },
+                sc: match m.mixers[l] {
+                    Mixer::Taylor { .. } => z(b * m.heads * t * t),
+                    _ => vec![],
+                },
+                zr: match m.mixers[l] {
+                    Mixer::Taylor { .. } => z(b * m.heads * t),
+                    _ => vec![],
+                },
+                uc: match m.mixers[l] {
+                    Mixer::Taylor { conv: Some(_), .. } => z(n * d),
+                    _ => vec![],
                 },
                 o: z(n * qw),
                 x_mid: z(n * d),
@@ -1516,14 +1766,15 @@ impl Workspace {
             dc: z(n * d),
             d_o: z(n * qw),
             dp: z(t * t),
-            dq: z(n * qw),
-            dk: z(n * kw),
+            dq: z(n * m.heads * qk_max),
+            dk: z(n * m.kv_heads * qk_max),
             dv: z(n * kw),
             da: z(n * d),
             dcs: z(n * k * d),
             dy: z(n * k * d),
             dlog: z(n * e_n),
             dgate: z(n * k),
+            duc: z(n * d),
             rec: Default::default(),
         };
         for (mx, a) in m.mixers.iter().zip(self.layer.iter_mut()) {

@@ -81,6 +81,8 @@ pub(super) struct RecActs {
     kp: Vec<f32>,
     side: Vec<f32>,
     op: Vec<f32>,
+    /// The recurrence's state at each block start, for its backward.
+    starts: Vec<f32>,
     /// GLA: W_down a (n, rank).
     z1: Vec<f32>,
     /// The gate's pre-activation: GLA (n, h_kv·d_k), Gated DeltaNet's α
@@ -204,7 +206,7 @@ fn l2_silu_bwd(x: &[f32], y: &[f32], r: &[f32], hd: usize, dx: &mut [f32]) {
 
 /// The short causal depthwise convolution of each sequence: y (b·t, d) =
 /// bias + Σ_j w[c, j] x[τ − K + 1 + j, c], zeros before the start.
-fn conv_fwd(
+pub(super) fn conv_fwd(
     x: &[f32],
     w: &[f32],
     bias: &[f32],
@@ -231,7 +233,7 @@ fn conv_fwd(
 
 /// The backward of `conv_fwd`: dw, db added; dx += the input's gradient.
 #[allow(clippy::too_many_arguments)]
-fn conv_bwd(
+pub(super) fn conv_bwd(
     x: &[f32],
     w: &[f32],
     dy: &[f32],
@@ -383,6 +385,7 @@ impl Rec {
             kp: z(n * kw),
             side: z(n * hk * ws),
             op: z(n * qw),
+            starts: z(b * hk * self.op.starts_len(t)),
             z1: z(n * rank),
             z: z(n * zw),
             beta: z(n * hk),
@@ -516,7 +519,8 @@ impl Rec {
         if self.op.delta {
             pack(&r.beta, (b, t, hk, 1), &mut r.side, (ws, hd + dl), 1.0);
         }
-        self.op.forward_into(&r.qp, &r.kp, &r.side, t, &mut r.op);
+        self.op
+            .forward_into(&r.qp, &r.kp, &r.side, t, &mut r.op, Some(&mut r.starts));
         unpack(&r.op, (hd, 0), (b, t, h, hd), &mut r.y, 1.0, false);
         if let Gates::Mamba2 { d_skip, z, .. } = self.gates {
             // y = (o + D v) ⊙ SiLU(W_z a)
@@ -627,6 +631,7 @@ impl Rec {
             &mut x.dqp[..n * qw],
             &mut x.dkp[..n * kw],
             &mut x.dside[..n * hk * ws],
+            Some(&r.starts),
         );
         let scale = if self.mamba() {
             1.0

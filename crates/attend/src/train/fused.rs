@@ -961,23 +961,8 @@ impl Fused {
                         rotate_rows(rope, &mut s.dq[..n * qw], qw, self.hd, t, true);
                         rotate_rows(rope, &mut s.dk[..n * kw], kw, self.hd, t, true);
                     }
-                    for (k, (slot, dy, width)) in
-                        [(ly.q, &s.dq, qw), (ly.k, &s.dk, kw), (ly.v, &s.dv, kw)]
-                            .into_iter()
-                            .enumerate()
-                    {
-                        let (gw, gb) = two(grads, slot.0, slot.1);
-                        linear_bwd(
-                            &a.a,
-                            w(slot.0),
-                            dy,
-                            (n, d, width),
-                            gw,
-                            gb,
-                            Some(&mut s.da),
-                            k > 0,
-                        );
-                    }
+                    let dys = [(&s.dq[..], qw), (&s.dk[..], kw), (&s.dv[..], kw)];
+                    qkv_bwd(ly, p, &a.a, dys, (n, d), &mut s.da, false, grads);
                 }
                 Mixer::Taylor { dq, conv } => {
                     self.taylor_bwd(a, s, b, t, *dq);
@@ -988,23 +973,8 @@ impl Fused {
                     } else {
                         &mut s.da
                     };
-                    for (k, (slot, dy, width)) in
-                        [(ly.q, &s.dq, tq), (ly.k, &s.dk, tk), (ly.v, &s.dv, kw)]
-                            .into_iter()
-                            .enumerate()
-                    {
-                        let (gw, gb) = two(grads, slot.0, slot.1);
-                        linear_bwd(
-                            inp,
-                            w(slot.0),
-                            &dy[..n * width],
-                            (n, d, width),
-                            gw,
-                            gb,
-                            Some(&mut *din),
-                            k > 0,
-                        );
-                    }
+                    let dys = [(&s.dq[..], tq), (&s.dk[..], tk), (&s.dv[..], kw)];
+                    qkv_bwd(ly, p, inp, dys, (n, d), din, false, grads);
                     if let Some((cw, kernel)) = conv {
                         s.da[..n * d].fill(0.0);
                         let (gw, gb) = two(grads, cw.0, Some(cw.1));
@@ -1362,73 +1332,97 @@ impl Fused {
         t: usize,
         window: Option<usize>,
     ) {
+        let scale = 1.0 / (self.hd as f32).sqrt();
+        // dS = P ⊙ (dP − Σ_j dP P) · scale (zero where masked: P = 0)
+        self.scores_bwd(a, s, b, t, self.hd, |_, i, dr, pr| {
+            let (lo, n) = (first_key(i, window), i + 1);
+            let dot = lanes(&pr[lo..n], |j, pv| pv * dr[lo + j]);
+            for j in lo..n {
+                dr[j] = pr[j] * (dr[j] - dot) * scale;
+            }
+            dr[..lo].fill(0.0);
+            dr[n..].fill(0.0);
+        });
+    }
+
+    /// What the backward of every attention-shaped mixer (softmax, window,
+    /// Taylor) shares, per (sequence, head) with q and k dq wide per head
+    /// and P (kept in a.p) the weights o = P v: dP = dO vᵀ, dv += Pᵀ dO,
+    /// then `row(at, i, dP_i, P_i)` turns row i of dP into the scores'
+    /// gradient dS_i in place (at: the (sequence, head)'s first row), and
+    /// dq = dS k (set), dk += dSᵀ q.
+    fn scores_bwd(
+        &self,
+        a: &LayerActs,
+        s: &mut Scratch,
+        b: usize,
+        t: usize,
+        dq: usize,
+        row: impl Fn(usize, usize, &mut [f32], &[f32]),
+    ) {
         let (hd, h, g) = (self.hd, self.heads, self.heads / self.kv_heads);
-        let (qw, kw) = (h * hd, self.kv_heads * hd);
-        let scale = 1.0 / (hd as f32).sqrt();
-        s.dk.fill(0.0);
-        s.dv.fill(0.0);
+        let (tq, tk, vw, ow) = (h * dq, self.kv_heads * dq, self.kv_heads * hd, h * hd);
+        s.dk[..b * t * tk].fill(0.0);
+        s.dv[..b * t * vw].fill(0.0);
         for sq in 0..b {
             for head in 0..h {
-                let kh = head / g;
-                let p = &a.p[(sq * h + head) * t * t..][..t * t];
-                let (qo, ko) = (sq * t * qw + head * hd, sq * t * kw + kh * hd);
-                let d_o = &s.d_o[qo..];
-                // dP = dO vᵀ
+                let (kh, at) = (head / g, (sq * h + head) * t);
+                let p = &a.p[at * t..][..t * t];
+                let (qo, ko, vo, oo) = (
+                    sq * t * tq + head * dq,
+                    sq * t * tk + kh * dq,
+                    sq * t * vw + kh * hd,
+                    sq * t * ow + head * hd,
+                );
+                let d_o = &s.d_o[oo..];
                 let dp = &mut s.dp[..t * t];
+                // dP = dO vᵀ; dv += Pᵀ dO
                 mm(
                     (t, t, hd),
                     dp,
                     (t, 1),
                     false,
                     d_o,
-                    (qw, 1),
-                    &a.v[ko..],
-                    (1, kw),
+                    (ow, 1),
+                    &a.v[vo..],
+                    (1, vw),
                     1.0,
                 );
-                // dv += Pᵀ dO
                 mm(
                     (t, hd, t),
-                    &mut s.dv[ko..],
-                    (kw, 1),
+                    &mut s.dv[vo..],
+                    (vw, 1),
                     true,
                     p,
                     (1, t),
                     d_o,
-                    (qw, 1),
+                    (ow, 1),
                     1.0,
                 );
-                // dS = P ⊙ (dP − Σ_j dP P) · scale (zero where masked: P = 0)
                 for (i, (dr, pr)) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
-                    let (lo, n) = (first_key(i, window), i + 1);
-                    let dot = lanes(&pr[lo..n], |j, pv| pv * dr[lo + j]);
-                    for j in lo..n {
-                        dr[j] = pr[j] * (dr[j] - dot) * scale;
-                    }
-                    dr[..lo].fill(0.0);
-                    dr[n..].fill(0.0);
+                    row(at, i, dr, pr);
                 }
                 // dq = dS k; dk += dSᵀ q
                 mm(
-                    (t, hd, t),
+                    (t, dq, t),
                     &mut s.dq[qo..],
-                    (qw, 1),
+                    (tq, 1),
                     false,
                     dp,
                     (t, 1),
                     &a.k[ko..],
-                    (kw, 1),
+                    (tk, 1),
                     1.0,
                 );
                 mm(
-                    (t, hd, t),
+                    (t, dq, t),
                     &mut s.dk[ko..],
-                    (kw, 1),
+                    (tk, 1),
                     true,
                     dp,
                     (1, t),
                     &a.q[qo..],
-                    (qw, 1),
+                    (tq, 1),
                     1.0,
                 );
             }
@@ -1476,86 +1470,16 @@ impl Fused {
     /// over the query heads sharing them). With P = f/Z:
     /// ∂L/∂f_ij = (dP_ij − Σ_l dP_il P_il) / Z_i, ds = ∂L/∂f · (1 + s) / √dq.
     fn taylor_bwd(&self, a: &LayerActs, s: &mut Scratch, b: usize, t: usize, dq: usize) {
-        let (hd, h, g) = (self.hd, self.heads, self.heads / self.kv_heads);
-        let (tq, tk, vw, ow) = (h * dq, self.kv_heads * dq, self.kv_heads * hd, h * hd);
         let scale = 1.0 / (dq as f32).sqrt();
-        s.dk[..b * t * tk].fill(0.0);
-        s.dv[..b * t * vw].fill(0.0);
-        for sq in 0..b {
-            for head in 0..h {
-                let (kh, at) = (head / g, (sq * h + head) * t);
-                let p = &a.p[at * t..][..t * t];
-                let sc = &a.sc[at * t..][..t * t];
-                let (qo, ko, vo, oo) = (
-                    sq * t * tq + head * dq,
-                    sq * t * tk + kh * dq,
-                    sq * t * vw + kh * hd,
-                    sq * t * ow + head * hd,
-                );
-                let d_o = &s.d_o[oo..];
-                let dp = &mut s.dp[..t * t];
-                // dP = dO vᵀ; dv += Pᵀ dO
-                mm(
-                    (t, t, hd),
-                    dp,
-                    (t, 1),
-                    false,
-                    d_o,
-                    (ow, 1),
-                    &a.v[vo..],
-                    (1, vw),
-                    1.0,
-                );
-                mm(
-                    (t, hd, t),
-                    &mut s.dv[vo..],
-                    (vw, 1),
-                    true,
-                    p,
-                    (1, t),
-                    d_o,
-                    (ow, 1),
-                    1.0,
-                );
-                for (i, ((dr, pr), sr)) in dp
-                    .chunks_exact_mut(t)
-                    .zip(p.chunks_exact(t))
-                    .zip(sc.chunks_exact(t))
-                    .enumerate()
-                {
-                    let n = i + 1;
-                    let dot = lanes(&pr[..n], |j, pv| pv * dr[j]);
-                    let inv = scale / a.zr[at + i];
-                    for j in 0..n {
-                        dr[j] = (dr[j] - dot) * inv * (1.0 + sr[j]);
-                    }
-                    dr[n..].fill(0.0);
-                }
-                // dq = ds k; dk += dsᵀ q
-                mm(
-                    (t, dq, t),
-                    &mut s.dq[qo..],
-                    (tq, 1),
-                    false,
-                    dp,
-                    (t, 1),
-                    &a.k[ko..],
-                    (tk, 1),
-                    1.0,
-                );
-                mm(
-                    (t, dq, t),
-                    &mut s.dk[ko..],
-                    (tk, 1),
-                    true,
-                    dp,
-                    (1, t),
-                    &a.q[qo..],
-                    (tq, 1),
-                    1.0,
-                );
+        self.scores_bwd(a, s, b, t, dq, |at, i, dr, pr| {
+            let (n, sr) = (i + 1, &a.sc[(at + i) * t..][..t]);
+            let dot = lanes(&pr[..n], |j, pv| pv * dr[j]);
+            let inv = scale / a.zr[at + i];
+            for j in 0..n {
+                dr[j] = (dr[j] - dot) * inv * (1.0 + sr[j]);
             }
-        }
+            dr[n..].fill(0.0);
+        });
     }
 }
 
@@ -1576,6 +1500,35 @@ fn rotate_rows(rope: &RopeTables, x: &mut [f32], width: usize, hd: usize, t: usi
                 rope.rotate(head, r % t);
             }
         }
+    }
+}
+
+/// The backward of a layer's q, k and v projections of `inp` (n, d):
+/// their gradients added, and d inp = Σ dy W set (added to when `acc`).
+/// `dys`: each projection's output gradient and width.
+#[allow(clippy::too_many_arguments)]
+fn qkv_bwd(
+    ly: &Layer,
+    p: &Params,
+    inp: &[f32],
+    dys: [(&[f32], usize); 3],
+    (n, d): (usize, usize),
+    din: &mut [f32],
+    acc: bool,
+    grads: &mut Params,
+) {
+    for (ix, (slot, (dy, width))) in [ly.q, ly.k, ly.v].into_iter().zip(dys).enumerate() {
+        let (gw, gb) = two(grads, slot.0, slot.1);
+        linear_bwd(
+            inp,
+            &p[slot.0],
+            &dy[..n * width],
+            (n, d, width),
+            gw,
+            gb,
+            Some(&mut *din),
+            ix > 0 || acc,
+        );
     }
 }
 

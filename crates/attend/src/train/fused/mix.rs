@@ -24,7 +24,9 @@
 //! gathered into them and o scattered back; the backward mirrors it. The
 //! gradients equal autograd's (tests/fused.rs).
 
-use super::{lanes, linear, linear_bwd, rotate_rows, silu, two, Find, Fused, Layer, Params};
+use super::{
+    lanes, linear, linear_bwd, qkv_bwd, rotate_rows, silu, two, Find, Fused, Layer, Params,
+};
 use crate::attention::{decay, delta, mamba2};
 use crate::config::MechanismConfig;
 use crate::kernels::dense::exp;
@@ -123,6 +125,13 @@ fn log_sigmoid(x: f32) -> f32 {
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
+}
+
+/// The backward of λ = log σ(z) / τ: dz = dλ σ(−z) / τ (over z's length).
+fn log_sigmoid_bwd(dz: &mut [f32], dla: &[f32], z: &[f32], inv_tau: f32) {
+    for ((dz, &dla), &z) in dz.iter_mut().zip(dla).zip(z) {
+        *dz = dla * inv_tau * sigmoid(-z);
+    }
 }
 
 /// log(1 + e^x), stable for any x.
@@ -684,26 +693,9 @@ impl Rec {
         }
         // the projections, into du (Mamba2) or da
         let inp: &[f32] = if self.mamba() { &r.u } else { x_norm };
-        {
-            let din: &mut [f32] = if self.mamba() { &mut x.du } else { &mut *da };
-            let first_acc = !self.mamba() && da_set;
-            for (ix, (slot, dy, width)) in [(ly.q, &*dq, qw), (ly.k, &*dk, kw), (ly.v, &*dv, kw)]
-                .into_iter()
-                .enumerate()
-            {
-                let (gw, gb) = two(grads, slot.0, slot.1);
-                linear_bwd(
-                    inp,
-                    w(slot.0),
-                    dy,
-                    (n, d, width),
-                    gw,
-                    gb,
-                    Some(&mut *din),
-                    ix > 0 || first_acc,
-                );
-            }
-        }
+        let din: &mut [f32] = if self.mamba() { &mut x.du } else { &mut *da };
+        let dys = [(&dq[..], qw), (&dk[..], kw), (&dv[..], kw)];
+        qkv_bwd(ly, p, inp, dys, (n, d), din, !self.mamba() && da_set, grads);
         if !self.mamba() {
             da_set = true;
         }
@@ -716,9 +708,7 @@ impl Rec {
                 rank,
                 inv_tau,
             } => {
-                for ((dz, &dla), &z) in x.dz.iter_mut().zip(&x.dla).zip(&r.z) {
-                    *dz = dla * inv_tau * sigmoid(-z);
-                }
+                log_sigmoid_bwd(&mut x.dz, &x.dla, &r.z, *inv_tau);
                 let (gw, gb) = two(grads, up.0, up.1);
                 linear_bwd(
                     &r.z1,
@@ -758,9 +748,7 @@ impl Rec {
                     da_set,
                 );
                 if let Some((gt, inv_tau)) = gate {
-                    for ((dz, &dla), &z) in x.dz.iter_mut().zip(&x.dla).zip(&r.z) {
-                        *dz = dla * inv_tau * sigmoid(-z);
-                    }
+                    log_sigmoid_bwd(&mut x.dz, &x.dla, &r.z, *inv_tau);
                     let (gw, gb) = two(grads, gt.0, gt.1);
                     linear_bwd(
                         x_norm,

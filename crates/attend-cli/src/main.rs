@@ -169,7 +169,8 @@ enum Cmd {
     Extract(train_cmd::ExtractArgs),
     /// Train MQAR models over attention mechanisms × sizes × key–value
     /// pairs: recall against decode-state bytes, as results.json, table.md
-    /// and plots (`--quick`: about 2 minutes).
+    /// and plots (the default sweep: 27 models, about 3 hours on 2 cores;
+    /// `--resume` continues a stopped one; `--quick`: about 2 minutes).
     #[command(allow_negative_numbers = true)]
     Frontier(frontier_cmd::FrontierArgs),
     /// Train Hydra draft heads for a model on text it writes itself, for

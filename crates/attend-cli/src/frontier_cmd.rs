@@ -80,7 +80,7 @@ pub struct FrontierArgs {
     /// it); with --quick: the preset's alone.
     #[arg(long, value_delimiter = ',')]
     tune_lrs: Vec<f64>,
-    /// Four small models at 4 pairs: about 2 minutes.
+    /// Four small models at 4 pairs: about 30 seconds.
     #[arg(long)]
     quick: bool,
     /// Where results.json, table.md and the plots go.

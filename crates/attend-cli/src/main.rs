@@ -170,7 +170,7 @@ enum Cmd {
     /// Train MQAR models over attention mechanisms × sizes × key–value
     /// pairs: recall against decode-state bytes, as results.json, table.md
     /// and plots (the default sweep: 27 models, about 3 hours on 2 cores;
-    /// `--resume` continues a stopped one; `--quick`: about 2 minutes).
+    /// `--resume` continues a stopped one; `--quick`: about 30 seconds).
     #[command(allow_negative_numbers = true)]
     Frontier(frontier_cmd::FrontierArgs),
     /// Train Hydra draft heads for a model on text it writes itself, for
